@@ -1,0 +1,1 @@
+"""tokenlabel.bench (see design.md)."""

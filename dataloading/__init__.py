@@ -1,0 +1,1 @@
+"""tokenlabel.dataloading (see design.md)."""

@@ -1,0 +1,1 @@
+"""tokenlabel.kernels (see design.md)."""

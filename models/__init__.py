@@ -1,0 +1,1 @@
+"""tokenlabel.models (see design.md)."""

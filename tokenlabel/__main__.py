@@ -1,0 +1,3 @@
+from tokenlabel.cli import main
+
+raise SystemExit(main())
