@@ -74,8 +74,18 @@ def probe_triton() -> dict:
         return {"ok": False, "error": _short(e)}
     on_gpu = torch.cuda.is_available()
     if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        return {"ok": False, "mode": "none",
-                "error": "no CUDA GPU; Triton kernels run here only with TRITON_INTERPRET=1 (set it and rerun)"}
+        # The interpreter must be chosen before triton is imported: probe in a child process.
+        import subprocess
+
+        code = "import json, tokenlabel.env as e; print(json.dumps(e.probe_triton()))"
+        try:
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                 env={**os.environ, "TRITON_INTERPRET": "1"})
+            rep = json.loads(res.stdout.strip().splitlines()[-1])
+        except Exception as e:  # noqa: BLE001
+            return {"ok": False, "mode": "interpreter", "error": _short(e)}
+        rep["note"] = "no CUDA GPU: kernels run only under TRITON_INTERPRET=1 (slow; for tests)"
+        return rep
     try:
         @triton.jit
         def _add_one(x_ptr, n, BLOCK: tl.constexpr):
@@ -179,7 +189,8 @@ def _print(rep: dict) -> None:
     print("tokenlabel env")
     for k in ("python", "platform", "torch", "torch_cuda", "cudnn", "triton", "dali", "xformers", "timm",
               "torchvision", "numpy"):
-        print(f"  {k:12s} {v.get(k) if v.get(k) is not None else 'not installed'}")
+        missing = "none (CPU build of torch)" if k in ("torch_cuda", "cudnn") else "not installed"
+        print(f"  {k:12s} {v.get(k) if v.get(k) is not None else missing}")
     print(f"  {'cuda':12s} {'available' if v['cuda_available'] else 'not available'}")
     for g in v["gpus"]:
         print(f"  gpu {g['index']}: {g['name']}, {g['memory_gib']} GiB, sm_{g['capability'].replace('.', '')}, "

@@ -323,9 +323,12 @@ def check_data_dir(root: str) -> tuple[Path, Path]:
     if not r.is_dir():
         raise SystemExit(f"--data {root}: no such directory")
     train, val = r / "train", r / "val"
+    if not val.is_dir() and (r / "test").is_dir():
+        val = r / "test"  # e.g. the CIFAR-10 JPEG tree: train/ and test/
     for part in (train, val):
         if not part.is_dir():
-            raise SystemExit(f"--data {root}: expected an ImageFolder with train/ and val/; {part} is missing")
+            raise SystemExit(f"--data {root}: expected an ImageFolder with train/ and val/ (or test/); "
+                             f"{part} is missing")
         classes = [p for p in part.iterdir() if p.is_dir()]
         if not classes:
             raise SystemExit(f"--data {root}: {part} holds no class folders")
@@ -335,7 +338,7 @@ def check_data_dir(root: str) -> tuple[Path, Path]:
     vc = sorted(p.name for p in val.iterdir() if p.is_dir())
     if tc != vc:
         only_t, only_v = sorted(set(tc) - set(vc)), sorted(set(vc) - set(tc))
-        raise SystemExit(f"--data {root}: class folders differ between train/ ({len(tc)}) and val/ ({len(vc)}): "
+        raise SystemExit(f"--data {root}: class folders differ between train/ ({len(tc)}) and {val.name}/ ({len(vc)}): "
                          f"only in train: {only_t[:10]}, only in val: {only_v[:10]}")
     return train, val
 
@@ -418,20 +421,19 @@ def _check_store(cfg: dict) -> None:
 # ------------------------------------------------------------------------------------ the model
 
 def is_token_model(model: torch.nn.Module) -> bool:
-    return hasattr(model, "patch_grid")
+    return hasattr(model, "aux_head") and hasattr(model, "patch_grid")
 
 
 def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
     from tokenlabel.models import create_model
 
     kwargs = dict(cfg["model_kwargs"])
-    if cfg["model"].startswith("lvvit"):
-        kwargs.update(attn=cfg["attn"], img_size=cfg["img_size"], mix_token=cfg["mix_token"])
-        if cfg["drop_path"] is not None:
-            kwargs["drop_path_rate"] = cfg["drop_path"]
+    kwargs.update(attn=cfg["attn"], img_size=cfg["img_size"], mix_token=cfg["mix_token"])
+    if cfg["drop_path"] is not None:
+        kwargs["drop_path_rate"] = cfg["drop_path"]
     try:
         model = create_model(cfg["model"], num_classes=num_classes, **kwargs)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"--model {cfg['model']} {kwargs}: {e}") from None
     if is_token_model(model):
         L = int(model.patch_grid)
