@@ -1,0 +1,240 @@
+"""DALI pipeline (backend="dali"): JPEG bytes in, decoded + cropped + resized uint8 crops out.
+
+Division of labour (why it is built this way):
+* The Python sampler owns the order and the geometry (sampling.py), so exact epochs, sharding,
+  resume and DALI/PIL parity hold by construction. A producer thread reads the file bytes of the
+  next batches (a thread pool: file reads release the GIL), looks at each header once (size, and
+  whether the GPU decoder can take the file; the answer is cached per file), draws the
+  RandomResizedCrop boxes for the batch in a few vectorised numpy lines, reads and warps the label
+  maps, and queues the batch.
+* ``fn.external_source`` (batch mode) hands DALI the bytes, the crop window (anchor, shape in
+  pixels), the per-sample interpolation and the sample ids. ``fn.decoders.image_slice`` decodes
+  only the crop window (device "mixed": nvJPEG / the hardware decoder; "cpu" for tests), and
+  ``fn.resize`` scales it to image_size with the drawn interpolation. The returned box is exactly
+  this window, normalised by the header size (EXIF orientation is ignored on both sides).
+* The rest runs as batched tensor ops on the GPU in loader.finish_batch: RandAugment
+  (randaugment.apply_torch, the same draws as the PIL path), flip, normalise, random erasing.
+* Files the GPU decoder should not see (PNG/GIF/CMYK/truncated JPEGs with a .jpg name) are decoded
+  by PIL in the producer and handed over as lossless PNM bytes; files nothing can decode are
+  replaced by the next readable sample with one warning (sampling.warn_once).
+
+Sample ids travel through the pipeline with the images, and each output batch is checked against
+the metadata queued for it, so label maps always belong to the images they arrive with.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'tokenlabel[dali-cu13]' (CUDA 13) or "
+                "'tokenlabel[dali-cu12]' (CUDA 12), i.e. nvidia-dali-cuda130 / nvidia-dali-cuda120; "
+                "or use backend='torch' (--loader torch)")
+
+
+def import_dali():
+    try:
+        import nvidia.dali as dali  # noqa: F401
+        from nvidia.dali import fn, types, pipeline_def
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise ImportError(f"{INSTALL_HINT} ({e})") from e
+    return fn, types, pipeline_def
+
+
+def dali_available() -> bool:
+    try:
+        import_dali()
+        return True
+    except ImportError:
+        return False
+
+
+def _pnm_bytes(img) -> np.ndarray:
+    buf = io.BytesIO()
+    img.save(buf, format="PPM")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+class _Feeder:
+    """The external-source callable: pops prepared batches; StopIteration ends DALI's epoch."""
+
+    def __init__(self):
+        self.queue = None
+        self.pending = collections.deque()
+
+    def __call__(self):
+        if self.queue is None:
+            raise StopIteration
+        item = self.queue.get()
+        if item is None:
+            self.queue = None
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.queue = None
+            raise item
+        dali_inputs, meta = item
+        self.pending.append(meta)
+        return dali_inputs
+
+
+class DaliBackend:
+    """Yields (uint8 images [B,3,S,S] on the device, numpy metadata) per batch."""
+    applies_augment = False
+
+    def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=2):
+        fn, types, pipeline_def = import_dali()
+        self.fn, self.types, self.pipeline_def = fn, types, pipeline_def
+        self.source, self.sampler = source, sampler
+        self.device = torch.device(device)
+        self.gpu = self.device.type == "cuda"
+        cpus = os.cpu_count() or 2
+        self.num_threads = num_threads or (min(8, cpus) if self.gpu else min(4, cpus))
+        self.io_workers = io_workers or min(16, max(2, cpus))
+        self.prefetch = prefetch
+        n = len(source.dataset)
+        self._size = np.full((n, 2), -1, np.int64)  # header (H, W) cache
+        self._kind = np.zeros(n, np.int8)           # 0 unknown, 1 jpeg for the GPU decoder, 2 PIL fallback, 3 unreadable
+        self._pool = ThreadPoolExecutor(self.io_workers)
+        self.pipe = None
+        self._clean = False
+
+    # -------------------------------------------------------------------------------- pipeline
+    def _build(self):
+        fn, types = self.fn, self.types
+        S, train = self.source.image_size, self.source.train
+        dec = "mixed" if self.gpu else "cpu"
+        feeder = self.feeder = _Feeder()
+        scale = int(np.floor(S / self.source.crop_pct))
+
+        @self.pipeline_def(batch_size=self.sampler.batch_size, num_threads=self.num_threads,
+                           device_id=self.device.index if self.gpu else None,
+                           prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        def pipe():
+            if train:
+                data, anchor, shape, interp, ids = fn.external_source(source=feeder, num_outputs=5, batch=True)
+                images = fn.decoders.image_slice(data, anchor, shape, device=dec, output_type=types.RGB,
+                                                 normalized_anchor=False, normalized_shape=False,
+                                                 adjust_orientation=False)
+                images = fn.resize(images, size=[S, S], interp_type=fn.cast(interp, dtype=types.INTERP_TYPE),
+                                   antialias=True)
+            else:
+                data, ids = fn.external_source(source=feeder, num_outputs=2, batch=True)
+                images = fn.decoders.image(data, device=dec, output_type=types.RGB, adjust_orientation=False)
+                images = fn.resize(images, resize_shorter=scale, interp_type=types.INTERP_CUBIC, antialias=True)
+                images = fn.crop(images, crop=(S, S), crop_pos_x=0.5, crop_pos_y=0.5)
+            images = fn.transpose(images, perm=[2, 0, 1])
+            return images, ids
+
+        p = pipe()
+        p.build()
+        return p
+
+    # -------------------------------------------------------------------------------- producer
+    def _read(self, idx):
+        """-> (idx actually used, bytes for DALI, (H, W)); replaces unreadable files."""
+        src, n = self.source, len(self.source.dataset)
+        from .sampling import pil_open_rgb, probe_bytes, warn_once
+
+        j = int(idx)
+        for _ in range(n):
+            kind = self._kind[j]
+            if kind != 3:
+                path = src.dataset.path(j)
+                try:
+                    data = np.fromfile(path, dtype=np.uint8)
+                    if kind == 0:
+                        h, w, k = probe_bytes(data.tobytes())
+                        self._size[j] = (h, w)
+                        self._kind[j] = kind = 1 if k == "jpeg" else 2
+                    if kind == 1:
+                        return j, data, tuple(self._size[j])
+                    img = pil_open_rgb(data.tobytes())
+                    self._size[j] = (img.height, img.width)
+                    return j, _pnm_bytes(img), (img.height, img.width)
+                except Exception as e:  # noqa: BLE001 - any failure to read/decode means "skip this file"
+                    self._kind[j] = 3
+                    warn_once(path, f"{type(e).__name__}: {e}")
+            j = (j + 1) % n
+        raise RuntimeError("no readable image in the dataset")
+
+    def _prepare(self, epoch, idx):
+        got = list(self._pool.map(self._read, idx))
+        ids = np.array([g[0] for g in got], np.int64)
+        data = [g[1] for g in got]
+        hw = np.array([g[2] for g in got], np.int64).reshape(-1, 2)
+        src = self.source
+        if src.train:
+            meta = src.meta(epoch, ids, hw[:, 0], hw[:, 1])
+            crop = meta["crop"]
+            anchor = [np.array([c[1], c[0]], np.float32) for c in crop]  # (x, y)
+            shape = [np.array([c[3], c[2]], np.float32) for c in crop]   # (w, h)
+            interp = np.where(meta["interp"] == 1, int(self.types.INTERP_CUBIC),
+                              int(self.types.INTERP_LINEAR)).astype(np.int32)
+            dali_inputs = (data, anchor, shape, interp, ids)
+        else:
+            meta = dict(sample_ids=ids, classes=src.dataset.targets[ids])
+            dali_inputs = (data, ids)
+        return dali_inputs, meta
+
+    def _produce(self, q, epoch, start_batch, stop):
+        try:
+            for idx in self.sampler.batches(epoch, start_batch):
+                if stop.is_set():
+                    return
+                q.put(self._prepare(epoch, idx))
+            q.put(None)
+        except BaseException as e:  # surfaced to the consumer
+            q.put(e)
+
+    # -------------------------------------------------------------------------------- iteration
+    def batches(self, epoch, start_batch):
+        if self.pipe is None or not self._clean:
+            self.pipe = None
+            self.pipe = self._build()
+        self._clean = False
+        q = queue.Queue(maxsize=self.prefetch + 2)
+        stop = threading.Event()
+        self.feeder.queue = q
+        self.feeder.pending.clear()
+        th = threading.Thread(target=self._produce, args=(q, epoch, start_batch, stop), daemon=True)
+        th.start()
+        n = self.sampler.num_batches - start_batch
+        try:
+            for _ in range(n):
+                images, ids = self.pipe.run()
+                meta = self.feeder.pending.popleft()
+                got = np.asarray(ids.as_tensor()).reshape(-1)
+                if not np.array_equal(got, meta["sample_ids"]):
+                    raise RuntimeError("DALI output out of step with its metadata: "
+                                       f"ids {got[:4]}... vs {meta['sample_ids'][:4]}...")
+                yield self._to_torch(images), meta
+            try:  # drain DALI's end of epoch so the pipeline can be reused
+                self.pipe.run()
+                raise RuntimeError("DALI pipeline produced more batches than the sampler")
+            except StopIteration:
+                self.pipe.reset()
+                self._clean = True
+        finally:
+            stop.set()
+            if not self._clean:
+                while th.is_alive():  # unblock the producer
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        th.join(0.01)
+
+    def _to_torch(self, images):
+        if self.gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = images.as_tensor()
+            out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+            return out
+        return torch.from_numpy(np.array(images.as_tensor()))
