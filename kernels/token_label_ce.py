@@ -1,0 +1,543 @@
+"""Fused token-labeling cross-entropy: Triton kernels, launcher and autograd glue in one file.
+
+The math (token_labeling.md §2, §4), written once here
+======================================================
+Per sample b the teacher map is sparse: at each pixel (r, c) of the S x S map, k classes carry a
+logit, every other class logit 0. RoIAlign is linear and separable (see reference.py): the pooled
+logit of class c for output cell (p, q) is
+
+    z_c = sum_{r, c'} Wy[p, r] * Wx[q, c'] * M[c, r, c'],
+
+so z is non-zero only on U = the union of the top-k classes at the bilinear taps the cell touches
+(duplicate classes accumulate). With on = 1 - s + s/C and off = s/C the token target is
+
+    t_c = on * e^{z_c} / Z + off,     Z = sum_{c in U} e^{z_c} + (C - |U|),   sum_c t_c = 1 + s/C.
+
+The soft CE of one logits row x, loss = sum_c t_c * (lse(x) - x_c), therefore needs only lse(x),
+sum(x) and the gathers x_c for c in U:
+
+    loss = (1 + s/C) * lse(x) - on * [sum_{c in U} e^{z_c} x_c + (sum(x) - sum_{c in U} x_c)] / Z
+           - off * sum(x),
+
+and its gradient is d loss / d x_c = (1 + s/C) * softmax(x)_c - t_c (the target does not sum to 1).
+For numerical range every e^{z} is taken relative to m = max(0, max_U z).
+
+One program per logits row:
+ 1. read the row once: running max, sum of exponentials, sum(x), count of non-finite values;
+ 2. enumerate the taps (rows x cols x k entries of the map rectangle the cell touches), compute
+    each entry's weight Wy * Wx * value, and dedupe classes in registers with a [TB, TB] equality
+    mask (an entry counts towards U only at its first occurrence; duplicates add up into z);
+ 3. write the row's loss and the dense gradient (1 + s/C) * softmax(x) - on/Z - off, scaled;
+ 4. after a barrier, overwrite the |U| corrected entries (1 + s/C) * softmax(x)_c - t_c.
+The B cls rows (1 x 1 pooling) are pooled by B extra programs of the same launch into a [B, C]
+fp32 buffer (atomic adds: duplicates accumulate); a second, tiny launch then builds each cls target
+(softmax, smoothing, ground-truth blend, MixToken mixing with the batch-reversed partner), writes the
+cls loss and gradient and adds its sample's token losses into the scalar loss.
+
+The gradient is written during the forward, so backward is only a scale by grad_output, which the
+scale kernel reads on the device and skips when it is 1.0 (no host synchronisation anywhere).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _axis_geometry(start_n, size_n, S, L, p):
+    """RoIAlign along one axis for output cell p (torchvision, aligned=False, scale 1, adaptive grid).
+
+    start_n, size_n: the box on this axis, normalised to the map side (the reference's -0.5 applied).
+    Returns (first sample position - 0.5 * step, step between samples, grid, lowest tap, highest tap).
+    """
+    start = start_n * S - 0.5
+    roi = tl.maximum(size_n * S, 1.0)
+    bin_ = roi / L
+    grid_f = tl.maximum(tl.ceil(roi / L), 1.0)
+    step = bin_ / grid_f
+    base = start + p * bin_
+    y_first = tl.maximum(base + 0.5 * step, 0.0)
+    y_last = tl.maximum(base + (grid_f - 0.5) * step, 0.0)
+    lo = tl.minimum(tl.floor(y_first), S - 1.0).to(tl.int32)
+    hi = tl.minimum(tl.floor(y_last) + 1.0, S - 1.0).to(tl.int32)
+    return base, step, grid_f.to(tl.int32), lo, hi
+
+
+@triton.jit
+def _axis_weight(r, base, step, grid, S):
+    """Wy[r] = (1/grid) * sum_g valid(y_g) * (bilinear weight of sample y_g on map row r)."""
+    acc = tl.zeros(r.shape, dtype=tl.float32)
+    g = 0
+    while g < grid:  # while, not range: the interpreter cannot take a loaded bound in range()
+        y = base + (g + 0.5) * step
+        valid = (y >= -1.0) & (y <= S * 1.0)
+        y = tl.maximum(y, 0.0)
+        y_low = tl.floor(y).to(tl.int32)
+        top = y_low >= S - 1
+        y_low = tl.where(top, S - 1, y_low)
+        y_high = tl.where(top, y_low, y_low + 1)
+        ly = tl.where(top, 0.0, y - y_low.to(tl.float32))
+        w = tl.where(r == y_low, 1.0 - ly, 0.0) + tl.where(r == y_high, ly, 0.0)
+        acc += tl.where(valid, w, 0.0)
+        g += 1
+    return acc / grid.to(tl.float32)
+
+
+@triton.jit
+def _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b, S, C, flip):
+    """Class id, weight and validity of tap entries e (entry = (row, col, j) of the touched rectangle)."""
+    valid = e < n_ent
+    j = e % K
+    rc = e // K
+    c = c_lo + rc % ncols
+    r = r_lo + rc // ncols
+    w = _axis_weight(r, yb, ys, yg, S) * _axis_weight(c, xb, xs, xg, S)
+    cm = tl.where(flip != 0, S - 1 - c, c)  # the flip mirrors the map's columns
+    off = (j * S + r) * S + cm
+    v = tl.load(val_b + off, mask=valid, other=0.0).to(tl.float32)
+    cid = tl.load(idx_b + off, mask=valid, other=0).to(tl.int32)
+    bad = valid & ((cid < 0) | (cid >= C))
+    cid = tl.where(bad, 0, cid)  # never address outside the row; the loss becomes NaN instead
+    return cid, w * v, valid, bad
+
+
+@triton.jit
+def _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b, S, C, flip,
+                   TB: tl.constexpr):
+    """Entries [a0, a0+TB): class id, total pooled logit z of that class, first-occurrence flag."""
+    eA = a0 + tl.arange(0, TB)
+    cidA, wA, validA, badA = _entries(eA, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
+                                      S, C, flip)
+    zA = tl.zeros([TB], dtype=tl.float32)
+    dupA = tl.zeros([TB], dtype=tl.int32)
+    b0 = 0
+    while b0 < n_ent:
+        eB = b0 + tl.arange(0, TB)
+        cidB, wB, validB, _ = _entries(eB, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
+                                       S, C, flip)
+        eq = (cidA[:, None] == cidB[None, :]) & validB[None, :]
+        zA += tl.sum(tl.where(eq, wB[None, :], 0.0), axis=1)
+        dupA += tl.sum((eq & (eB[None, :] < eA[:, None])).to(tl.int32), axis=1)
+        b0 += TB
+    return cidA, zA, validA, validA & (dupA == 0), badA
+
+
+@triton.jit
+def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
+    """Box of sample b -> per-axis RoIAlign geometry for output cell (p, q), flip flag, bad-box flag."""
+    t = tl.load(box_ptr + b * 4 + 0).to(tl.float32)
+    l = tl.load(box_ptr + b * 4 + 1).to(tl.float32)
+    h = tl.load(box_ptr + b * 4 + 2).to(tl.float32)
+    w = tl.load(box_ptr + b * 4 + 3).to(tl.float32)
+    flip = tl.load(flip_ptr + b).to(tl.int32)
+    ok = (h > 0.0) & (w > 0.0) & (tl.abs(t) < float("inf")) & (tl.abs(l) < float("inf")) \
+        & (h < float("inf")) & (w < float("inf"))
+    t = tl.where(ok, t, 0.0)
+    l = tl.where(ok, l, 0.0)
+    h = tl.where(ok, h, 1.0)
+    w = tl.where(ok, w, 1.0)
+    l = tl.where(flip != 0, 1.0 - l - w, l)  # the reference's box in the flipped frame
+    if ORIGINAL:  # §2.4: map rows follow the crop's left/width, map columns its top/height
+        rs, rn, cs, cn = l, w, t, h
+    else:
+        rs, rn, cs, cn = t, h, l, w
+    yb, ys, yg, r_lo, r_hi = _axis_geometry(rs, rn, S, L, p)
+    xb, xs, xg, c_lo, c_hi = _axis_geometry(cs, cn, S, L, q)
+    return yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok
+
+
+# --------------------------------------------------------------------------------------------
+# kernel 1: token rows (loss + gradient) and cls pooling
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _token_rows_kernel(
+    x_ptr,  # aux logits [B*N, C], contiguous rows
+    grad_ptr,  # gradient of the aux logits [B*N, C] (written here)
+    row_loss_ptr,  # [B*N] fp32: scaled loss of each token row
+    zc_ptr,  # [B, C] fp32, zero on entry: pooled cls logits (atomically accumulated)
+    val_ptr,  # [B, K, S, S] teacher logits
+    idx_ptr,  # [B, K, S, S] class ids
+    box_ptr,  # [B, 4] fp32 (top, left, height, width), normalised, before the flip
+    flip_ptr,  # [B] uint8
+    B, N, L, C, S, K,
+    smoothing,  # label smoothing s
+    scale,  # dense_weight / (B * N)
+    ORIGINAL: tl.constexpr,  # box_order == "original"
+    BLOCK_C: tl.constexpr,  # columns per block of a logits row
+    SINGLE: tl.constexpr,  # the whole row fits one block (kept in registers between passes)
+    TB: tl.constexpr,  # tap entries per dedupe block
+):
+    pid = tl.program_id(0)
+    if pid < B:
+        # ---- cls pooling (1 x 1 RoIAlign) of sample b into zc[b, :]; duplicates accumulate
+        b = pid
+        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, 1,
+                                                                                     0, 0, ORIGINAL)
+        ncols = c_hi - c_lo + 1
+        n_ent = (r_hi - r_lo + 1) * ncols * K
+        val_b = val_ptr + b.to(tl.int64) * K * S * S
+        idx_b = idx_ptr + b.to(tl.int64) * K * S * S
+        zrow = zc_ptr + b.to(tl.int64) * C
+        nbad = 1 - ok.to(tl.int32)
+        a0 = 0
+        while a0 < n_ent:
+            e = a0 + tl.arange(0, TB)
+            cid, w, valid, bad = _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
+                                          S, C, flip)
+            tl.atomic_add(zrow + cid, w, mask=valid)
+            nbad += tl.sum(bad.to(tl.int32), axis=0)
+            a0 += TB
+        if nbad > 0:  # invalid class ids or box: poison the cls target so the loss is NaN
+            tl.atomic_add(zrow, float("nan"))
+        return
+
+    # ---- one token row: sample b, output cell (p, q)
+    row = pid - B
+    b = row // N
+    n = row % N
+    p = n // L
+    q = n % L
+    row64 = row.to(tl.int64)
+    x_row = x_ptr + row64 * C
+    g_row = grad_ptr + row64 * C
+    cols = tl.arange(0, BLOCK_C)
+    s_over_c = smoothing / C
+    on = 1.0 - smoothing + s_over_c
+    off = s_over_c
+    t_sum = 1.0 + s_over_c
+
+    # 1. one read of the row: log-sum-exp, sum(x), non-finite count
+    if SINGLE:
+        mask = cols < C
+        x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        mx = tl.max(x, axis=0)
+        se = tl.sum(tl.where(mask, tl.exp(x - mx), 0.0), axis=0)
+        sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
+        n_nonfinite = tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+    else:
+        mx = float("-inf")
+        se = 0.0
+        sum_x = 0.0
+        n_nonfinite = 0
+        c0 = 0
+        while c0 < C:
+            mask = c0 + cols < C
+            xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(mx, tl.max(xb_, axis=0))
+            se = se * tl.exp(mx - m_new) + tl.sum(tl.where(mask, tl.exp(xb_ - m_new), 0.0), axis=0)
+            mx = m_new
+            sum_x += tl.sum(tl.where(mask, xb_, 0.0), axis=0)
+            n_nonfinite += tl.sum((mask & ~(tl.abs(xb_) < float("inf"))).to(tl.int32), axis=0)
+            c0 += BLOCK_C
+    lse = mx + tl.log(se)
+
+    # 2. the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
+    yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, L,
+                                                                                 p, q, ORIGINAL)
+    ncols = c_hi - c_lo + 1
+    n_ent = (r_hi - r_lo + 1) * ncols * K
+    val_b = val_ptr + b.to(tl.int64) * K * S * S
+    idx_b = idx_ptr + b.to(tl.int64) * K * S * S
+    m = 0.0
+    sum_ez = 0.0
+    sum_ezx = 0.0
+    sum_xu = 0.0
+    n_u = 0
+    n_bad = 1 - ok.to(tl.int32)
+    a0 = 0
+    while a0 < n_ent:
+        cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
+                                                   val_b, idx_b, S, C, flip, TB)
+        xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(tl.where(first, z, 0.0), axis=0))
+        r = tl.exp(m - m_new)
+        ez = tl.where(first, tl.exp(z - m_new), 0.0)
+        sum_ez = sum_ez * r + tl.sum(ez, axis=0)
+        sum_ezx = sum_ezx * r + tl.sum(ez * xu, axis=0)
+        sum_xu += tl.sum(xu, axis=0)
+        n_u += tl.sum(first.to(tl.int32), axis=0)
+        n_bad += tl.sum(bad.to(tl.int32), axis=0)
+        m = m_new
+        a0 += TB
+    e_off = tl.exp(-m)  # e^{0 - m}: every class outside U
+    Z = sum_ez + (C - n_u).to(tl.float32) * e_off
+    loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
+    loss = tl.where((n_nonfinite + n_bad) > 0, float("nan"), loss)
+    tl.store(row_loss_ptr + row64, loss * scale)
+
+    # 3. dense gradient: every class gets the off-U target first
+    t_rest = on * e_off / Z + off
+    if SINGLE:
+        g = (t_sum * tl.exp(x - lse) - t_rest) * scale
+        tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        c0 = 0
+        while c0 < C:
+            mask = c0 + cols < C
+            xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            g = (t_sum * tl.exp(xb_ - lse) - t_rest) * scale
+            tl.store(g_row + c0 + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            c0 += BLOCK_C
+    tl.debug_barrier()
+
+    # 4. corrections at the classes of U (duplicates write the same value)
+    a0 = 0
+    while a0 < n_ent:
+        cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
+                                                   val_b, idx_b, S, C, flip, TB)
+        xu = tl.load(x_row + cid, mask=valid, other=0.0).to(tl.float32)
+        t_u = on * tl.exp(z - m) / Z + off
+        g = (t_sum * tl.exp(xu - lse) - t_u) * scale
+        tl.store(g_row + cid, g.to(grad_ptr.dtype.element_ty), mask=valid)
+        a0 += TB
+
+
+# --------------------------------------------------------------------------------------------
+# kernel 2: cls rows (target from the pooled logits, GT blend, MixToken) + loss reduction
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _cls_rows_kernel(
+    x_ptr,  # cls logits [B, C]
+    grad_ptr,  # gradient of the cls logits [B, C]
+    zc_ptr,  # [B, C] fp32 pooled cls logits from kernel 1
+    row_loss_ptr,  # [B*N] scaled token-row losses from kernel 1
+    loss_ptr,  # fp32 scalar, zero on entry
+    gt_ptr,  # [B] ground-truth classes (read only when GT)
+    mix_ptr,  # [4] MixToken box (r0, c0, r1, c1) (read only when MIX_FROM_PTR)
+    B, N, C,
+    smoothing,
+    lam_arg,  # lambda' = 1 - box area / N, when given on the host
+    scale,  # cls_weight / B
+    GT: tl.constexpr,
+    MIX_FROM_PTR: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    bp = B - 1 - b  # MixToken partner: the batch reversed
+    cols = tl.arange(0, BLOCK_C)
+    s_over_c = smoothing / C
+    on = 1.0 - smoothing + s_over_c
+    off = s_over_c
+    if MIX_FROM_PTR:
+        r0 = tl.load(mix_ptr + 0).to(tl.float32)
+        c0_ = tl.load(mix_ptr + 1).to(tl.float32)
+        r1 = tl.load(mix_ptr + 2).to(tl.float32)
+        c1_ = tl.load(mix_ptr + 3).to(tl.float32)
+        lam = 1.0 - (r1 - r0) * (c1_ - c0_) / N
+    else:
+        lam = lam_arg
+    b64 = b.to(tl.int64)
+    bp64 = bp.to(tl.int64)
+    z_b = zc_ptr + b64 * C
+    z_p = zc_ptr + bp64 * C
+    x_row = x_ptr + b64 * C
+    g_row = grad_ptr + b64 * C
+
+    # A. maxima (+ first argmax, torch's tie-breaking) of both pooled rows; online lse of x
+    mz_b = float("-inf")
+    mz_p = float("-inf")
+    az_b = 0
+    az_p = 0
+    mx = float("-inf")
+    se = 0.0
+    c0 = 0
+    while c0 < C:
+        mask = c0 + cols < C
+        zb = tl.load(z_b + c0 + cols, mask=mask, other=float("-inf"))
+        zp = tl.load(z_p + c0 + cols, mask=mask, other=float("-inf"))
+        vb = tl.max(zb, axis=0)
+        vp = tl.max(zp, axis=0)
+        ib = tl.argmax(zb, axis=0, tie_break_left=True) + c0
+        ip = tl.argmax(zp, axis=0, tie_break_left=True) + c0
+        az_b = tl.where(vb > mz_b, ib, az_b)
+        az_p = tl.where(vp > mz_p, ip, az_p)
+        mz_b = tl.maximum(mz_b, vb)
+        mz_p = tl.maximum(mz_p, vp)
+        xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(mx, tl.max(xb_, axis=0))
+        se = se * tl.exp(mx - m_new) + tl.sum(tl.where(mask, tl.exp(xb_ - m_new), 0.0), axis=0)
+        mx = m_new
+        c0 += BLOCK_C
+    lse = mx + tl.log(se)
+    # B. softmax denominators of the pooled rows (NaN-poisoned rows stay NaN)
+    sz_b = 0.0
+    sz_p = 0.0
+    nonfinite = 0
+    c0 = 0
+    while c0 < C:
+        mask = c0 + cols < C
+        zb = tl.load(z_b + c0 + cols, mask=mask, other=0.0)
+        zp = tl.load(z_p + c0 + cols, mask=mask, other=0.0)
+        sz_b += tl.sum(tl.where(mask, tl.exp(zb - mz_b), 0.0), axis=0)
+        sz_p += tl.sum(tl.where(mask, tl.exp(zp - mz_p), 0.0), axis=0)
+        xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        nonfinite += tl.sum((mask & ~(tl.abs(xb_) < float("inf"))).to(tl.int32), axis=0)
+        c0 += BLOCK_C
+    # ground-truth blend ratios (§2.6: 0.5 when the GT's argmax agrees with the target's, else 0.9)
+    if GT:
+        g_b = tl.load(gt_ptr + b).to(tl.int32)
+        g_p = tl.load(gt_ptr + bp).to(tl.int32)
+        ga_b = tl.where(on > off, g_b, 0)  # argmax of the smoothed one-hot column
+        ga_p = tl.where(on > off, g_p, 0)
+        r_b = tl.where(ga_b == az_b, 0.5, 0.9)
+        r_p = tl.where(ga_p == az_p, 0.5, 0.9)
+    else:
+        g_b = -1
+        g_p = -1
+        r_b = 1.0
+        r_p = 1.0
+    # sum of the final target: blended columns sum to r(1 + s/C) + (1 - r); mixing is convex
+    t_sum = lam * (r_b * (1.0 + s_over_c) + 1.0 - r_b) + (1.0 - lam) * (r_p * (1.0 + s_over_c) + 1.0 - r_p)
+    # C. target, loss and gradient
+    sum_tx = 0.0
+    c0 = 0
+    while c0 < C:
+        idx = c0 + cols
+        mask = idx < C
+        zb = tl.load(z_b + idx, mask=mask, other=0.0)
+        zp = tl.load(z_p + idx, mask=mask, other=0.0)
+        tb = r_b * (on * tl.exp(zb - mz_b) / sz_b + off) + (1.0 - r_b) * tl.where(idx == g_b, on, off)
+        tp = r_p * (on * tl.exp(zp - mz_p) / sz_p + off) + (1.0 - r_p) * tl.where(idx == g_p, on, off)
+        t = lam * tb + (1.0 - lam) * tp
+        xb_ = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
+        sum_tx += tl.sum(tl.where(mask, t * xb_, 0.0), axis=0)
+        g = (t_sum * tl.exp(xb_ - lse) - t) * scale
+        tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        c0 += BLOCK_C
+    loss = (t_sum * lse - sum_tx) * scale
+    loss = tl.where(nonfinite > 0, float("nan"), loss)
+    # D. this sample's token-row losses join the scalar
+    offs = tl.arange(0, BLOCK_N)
+    tok = 0.0
+    n0 = 0
+    while n0 < N:
+        tok += tl.sum(tl.load(row_loss_ptr + b64 * N + n0 + offs, mask=n0 + offs < N, other=0.0), axis=0)
+        n0 += BLOCK_N
+    tl.atomic_add(loss_ptr, loss + tok)
+
+
+@triton.jit
+def _scale_kernel(g_ptr, go_ptr, numel, BLOCK: tl.constexpr):
+    """g *= grad_output, read on the device; nothing is written when grad_output == 1."""
+    go = tl.load(go_ptr).to(tl.float32)
+    if go != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(g_ptr + offs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+_MAX_SINGLE_BLOCK = 8192
+_TB = 64
+
+
+def _row_block(C):
+    block = triton.next_power_of_2(C)
+    if block <= _MAX_SINGLE_BLOCK:
+        return block, True
+    return 4096, False
+
+
+def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
+                           gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original,
+                           grad_cls=None, grad_aux=None):
+    """Launch both kernels. Returns (loss fp32 scalar, grad_cls, grad_aux); inputs already validated.
+
+    ``grad_cls``/``grad_aux`` may be preallocated buffers (any rows-contiguous [.., C] tensor of the
+    logits' dtype); a caller that no longer needs the logits may pass the logits themselves only if
+    they are not read afterwards (the correction pass re-reads x at the classes of U, so in-place
+    use is NOT allowed here).
+    """
+    B, N, C = aux_logits.shape
+    L = int(round(N ** 0.5))
+    K, S = label_values.shape[1], label_values.shape[-1]
+    x_aux = aux_logits.reshape(B * N, C)
+    if not x_aux.is_contiguous():
+        x_aux = x_aux.contiguous()
+    x_cls = cls_logits.contiguous()
+    dev = aux_logits.device
+    if grad_aux is None:
+        grad_aux = torch.empty_like(x_aux)
+    if grad_cls is None:
+        grad_cls = torch.empty_like(x_cls)
+    zc = torch.zeros(B, C, device=dev, dtype=torch.float32)
+    loss = torch.zeros((), device=dev, dtype=torch.float32)
+    row_loss = torch.empty(B * N, device=dev, dtype=torch.float32)
+    values = label_values.contiguous()
+    indices = label_indices.contiguous()
+    boxes_f = boxes.to(torch.float32).contiguous()
+    flips_u8 = flips.to(torch.uint8).contiguous()
+    BLOCK_C, single = _row_block(C)
+    nw = 4 if BLOCK_C <= 1024 else 8
+    _token_rows_kernel[(B + B * N,)](
+        x_aux, grad_aux, row_loss, zc, values, indices, boxes_f, flips_u8,
+        B, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
+        ORIGINAL=bool(original), BLOCK_C=BLOCK_C, SINGLE=single, TB=_TB, num_warps=nw,
+    )
+    gt = gt_classes if (ground_truth and gt_classes is not None) else zc  # dummy pointer when unused
+    mix = mix_tensor if mix_tensor is not None else zc
+    BC2 = min(triton.next_power_of_2(C), 4096)
+    _cls_rows_kernel[(B,)](
+        x_cls, grad_cls, zc, row_loss, loss, gt, mix, B, N, C, float(smoothing), float(lam),
+        float(cls_weight) / B, GT=bool(ground_truth), MIX_FROM_PTR=mix_tensor is not None,
+        BLOCK_C=BC2, BLOCK_N=min(triton.next_power_of_2(N), 1024), num_warps=4 if BC2 <= 1024 else 8,
+    )
+    return loss, grad_cls, grad_aux.view(B, N, C)
+
+
+def scale_grad_(grad, grad_output):
+    """grad *= grad_output in place without a host sync (skipped on the device when it is 1)."""
+    if torch.compiler.is_compiling() or not (grad.is_cuda or _INTERPRET):
+        return grad * grad_output.to(grad.dtype)
+    flat = grad.view(-1)
+    BLOCK = 4096
+    go = grad_output.reshape(1).to(torch.float32)
+    _scale_kernel[(triton.cdiv(flat.numel(), BLOCK),)](flat, go, flat.numel(), BLOCK=BLOCK, num_warps=8)
+    return grad
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library op (torch.compile sees a fake), autograd: backward is only a scale
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("tokenlabel::token_label_ce", mutates_args=())
+def token_label_ce_op(cls_logits: torch.Tensor, aux_logits: torch.Tensor, label_values: torch.Tensor,
+                      label_indices: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+                      mix_tensor: Optional[torch.Tensor], gt_classes: Optional[torch.Tensor], lam: float,
+                      smoothing: float, dense_weight: float, cls_weight: float, ground_truth: bool,
+                      original: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
+                                  gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original)
+
+
+@token_label_ce_op.register_fake
+def _(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor, gt_classes, lam, smoothing,
+      dense_weight, cls_weight, ground_truth, original):
+    return (aux_logits.new_empty((), dtype=torch.float32), torch.empty_like(cls_logits),
+            torch.empty_like(aux_logits))
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_cls, grad_aux = output
+    ctx.save_for_backward(grad_cls, grad_aux)
+
+
+def _backward(ctx, grad_loss, _g_cls, _g_aux):
+    grad_cls, grad_aux = ctx.saved_tensors
+    return (scale_grad_(grad_cls, grad_loss), scale_grad_(grad_aux, grad_loss),
+            None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+token_label_ce_op.register_autograd(_backward, setup_context=_setup_context)
