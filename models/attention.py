@@ -1,0 +1,209 @@
+"""Multi-head attention backends for LV-ViT: "xformers", "sdpa", "math", and "auto".
+
+All backends take q, k, v as ``[B, N, H, Dh]`` views straight out of the fused qkv Linear
+(``qkv.view(B, N, 3, H, Dh).unbind(2)``: no copies) and return ``[B, N, H * Dh]``, ready for the
+output projection.
+
+* ``"xformers"``: ``xformers.ops.memory_efficient_attention``, whose native layout is [B, N, H, Dh],
+  so neither the inputs nor the output are transposed. Imported lazily, only when asked for.
+* ``"sdpa"``: ``F.scaled_dot_product_attention`` on [B, H, N, Dh] *views* (transpose of strides
+  only); PyTorch picks cuDNN / flash / memory-efficient kernels. The flash and cuDNN kernels keep
+  their output in [B, N, H, Dh] memory, so the final ``transpose(1, 2).reshape`` is free.
+* ``"math"``: the reference's plain code, ``softmax((q * scale) @ k^T) @ v``.
+* ``"auto"``: on CUDA, the fastest of the available backends for this shape (forward+backward when
+  gradients are on, forward otherwise), timed once per (shape, dtype, GPU name) and cached for the
+  process; on the CPU, and inside a ``torch.compile`` trace with nothing cached, it is "sdpa".
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+# (B, N, H, Dh, dtype, device name, grad) -> chosen backend; filled by "auto".
+_AUTO_CACHE: dict[tuple, str] = {}
+_AUTO_BY_SHAPE: dict[tuple, str] = {}  # the same without the GPU name, for lookups inside a trace
+_XFORMERS_STATE: dict[str, object] = {}  # "module" / "import_error" / "probe:<device>" -> result
+
+
+def check_backend(name: str) -> str:
+    """Return ``name`` if it is a known backend, else a ValueError listing the valid ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend attn={name!r}; valid: {', '.join(BACKENDS)}")
+    return name
+
+
+def _xformers_hint() -> str:
+    cuda = torch.version.cuda or "none (CPU build)"
+    return (f"xformers 0.0.35 is built for torch 2.10 and needs the CUDA 12 runtime; this is torch "
+            f"{torch.__version__} with CUDA {cuda}. Use attn='sdpa' (or 'auto', which falls back)")
+
+
+def _import_xformers():
+    """The ``xformers.ops`` module, or None with the reason recorded; never raises."""
+    if "module" in _XFORMERS_STATE:
+        return _XFORMERS_STATE["module"]
+    module, reason = None, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            import xformers.ops as xops  # noqa: PLC0415 (lazy on purpose)
+
+            module = xops
+        except Exception as exc:  # ImportError, OSError from a missing libcudart.so.12, ...
+            reason = f"import xformers.ops failed: {type(exc).__name__}: {exc}"
+    notes = [str(w.message) for w in caught if "xformers" in str(w.message).lower()]
+    if module is not None and notes:
+        # xformers imports even when its C++/CUDA extension does not load; it warns instead.
+        _XFORMERS_STATE["import_warning"] = " | ".join(notes)
+    _XFORMERS_STATE["module"] = module
+    _XFORMERS_STATE["import_error"] = reason
+    return module
+
+
+def xformers_status(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """(usable, reason): whether xformers' memory-efficient attention runs on ``device``.
+
+    Without a device only the import is checked. On a CUDA device a tiny attention call is run once
+    (the extension can import yet fail at the first call when built against another torch/CUDA).
+    """
+    xops = _import_xformers()
+    if xops is None:
+        return False, f"{_XFORMERS_STATE['import_error']}. {_xformers_hint()}"
+    if device is None:
+        return True, "imports"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"xformers memory_efficient_attention needs a CUDA device, got {device}"
+    key = f"probe:{device}"
+    if key not in _XFORMERS_STATE:
+        try:
+            q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16)
+            xops.memory_efficient_attention(q, q, q)
+            _XFORMERS_STATE[key] = (True, "works")
+        except Exception as exc:
+            extra = _XFORMERS_STATE.get("import_warning")
+            msg = f"xformers memory_efficient_attention failed on {device}: {type(exc).__name__}: {exc}"
+            if extra:
+                msg += f" (at import it warned: {extra})"
+            _XFORMERS_STATE[key] = (False, f"{msg}. {_xformers_hint()}")
+    return _XFORMERS_STATE[key]
+
+
+def _attention_math(q, k, v, scale):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, Dh] views
+    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return attn @ v  # [B, H, N, Dh]
+
+
+def _attention_sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+
+
+def _attention_xformers(q, k, v, scale):
+    ok, reason = xformers_status(q.device)
+    if not ok:
+        raise RuntimeError(f"attn='xformers' cannot run: {reason}")
+    return _XFORMERS_STATE["module"].memory_efficient_attention(q, k, v, scale=scale)  # [B, N, H, Dh]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for q, k, v ``[B, N, H, Dh]``; returns ``[B, N, H * Dh]``."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must be [B, N, H, Dh] of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, N, H, Dh = q.shape
+    scale = Dh ** -0.5 if scale is None else scale
+    if backend == "auto":
+        backend = resolve_auto(q)
+    if backend == "xformers":
+        return _attention_xformers(q, k, v, scale).reshape(B, N, H * Dh)
+    if backend == "sdpa":
+        out = _attention_sdpa(q, k, v, scale)
+    elif backend == "math":
+        out = _attention_math(q, k, v, scale)
+    else:
+        check_backend(backend)
+        raise AssertionError(backend)
+    return out.transpose(1, 2).reshape(B, N, H * Dh)
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Concrete backends that run on ``device`` ("xformers" only where it loads and runs)."""
+    out = ["sdpa", "math"]
+    if torch.device(device).type == "cuda" and xformers_status(device)[0]:
+        out.insert(0, "xformers")
+    return out
+
+
+def _time_backend(backend, q, k, v, grad: bool, reps: int = 10) -> float:
+    """Median milliseconds of one call (forward+backward when ``grad``), CUDA events."""
+    def step():
+        out = attention(q, k, v, backend)
+        if grad:
+            out.backward(gout)
+
+    gout = torch.randn(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], device=q.device, dtype=q.dtype)
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def select_backend(shape, dtype: torch.dtype, device, grad: bool = True) -> str:
+    """The fastest backend for q/k/v of ``shape`` [B, N, H, Dh] on ``device``; measured once, cached.
+
+    Falls back to "sdpa" for CPU devices. A backend that raises while being timed is skipped
+    (with a warning saying why).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "sdpa"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    B, N, H, Dh = (int(s) for s in shape)
+    key = (B, N, H, Dh, dtype, torch.cuda.get_device_name(device), bool(grad))
+    if key in _AUTO_CACHE:
+        return _AUTO_CACHE[key]
+    best, best_ms = "sdpa", math.inf
+    with torch.cuda.device(device), torch.autocast("cuda", enabled=False), torch.enable_grad() if grad else torch.no_grad():
+        qkv = [torch.randn(B, N, H, Dh, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
+        for backend in available_backends(device):
+            try:
+                ms = _time_backend(backend, *qkv, grad=grad)
+            except Exception as exc:  # e.g. a kernel without support for this head dim
+                warnings.warn(f"attn='auto': backend {backend!r} skipped for q of shape {key[:4]} "
+                              f"{dtype}: {type(exc).__name__}: {exc}", stacklevel=2)
+                continue
+            if ms < best_ms:
+                best, best_ms = backend, ms
+        del qkv
+    _AUTO_CACHE[key] = best
+    _AUTO_BY_SHAPE[(B, N, H, Dh, dtype, bool(grad))] = best
+    return best
+
+
+def resolve_auto(q: torch.Tensor) -> str:
+    """The concrete backend "auto" stands for, for this q ([B, N, H, Dh])."""
+    if not q.is_cuda:
+        return "sdpa"
+    grad = torch.is_grad_enabled()
+    if torch.compiler.is_compiling():
+        # No timing inside a trace: use what an eager call measured for this shape, else sdpa.
+        return _AUTO_BY_SHAPE.get((*q.shape, q.dtype, grad), "sdpa")
+    if torch.cuda.is_current_stream_capturing():
+        return _AUTO_BY_SHAPE.get((*q.shape, q.dtype, grad), "sdpa")
+    return select_backend(q.shape, q.dtype, q.device, grad)

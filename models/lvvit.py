@@ -1,0 +1,341 @@
+"""LV-ViT (arXiv 2104.10858) with MixToken, as the reference repo defines it (reference §3, §5).
+
+Module and parameter names are the reference's (``patch_embed.conv1``/``bn1``..``proj``,
+``blocks.i.attn.qkv``, ``head``, ``aux_head``, ``pos_embed``, ``cls_token``), so its released
+state dicts load as they are.
+
+MixToken: one box per batch on the token grid, drawn on the host from the model's own
+``numpy.random.RandomState`` (seed it with ``seed_mix_token``) with the reference's draws in the
+reference's order: ``lam ~ Beta(1, 1)``, then the row centre, then the column centre. The mixing
+itself is a ``torch.where`` with a token mask, so a compiled forward sees a tensor of fixed shape
+instead of new Python ints every step (no recompiles), and the host never waits on the device.
+The aux predictions are swapped back by swapping the final token features back before
+``aux_head``: the head is applied per token, so this gives exactly the reference's un-mixed
+``aux_head`` outputs, and the fused aux-head loss can take the features directly.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention, check_backend, xformers_status
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def rand_mix_box(rng: np.random.RandomState, grid_h: int, grid_w: int) -> tuple[int, int, int, int]:
+    """The reference's ``rand_bbox`` on an ``grid_h x grid_w`` token grid -> (r0, c0, r1, c1).
+
+    Rows [r0, r1) and columns [c0, c1). Draw order and integer rounding as the reference: the cut
+    sides are ``int(side * sqrt(1 - lam))``, the centre is uniform, and both ends are clipped.
+    """
+    lam = rng.beta(1.0, 1.0)
+    cut = np.sqrt(1.0 - lam)
+    cut_h, cut_w = int(grid_h * cut), int(grid_w * cut)
+    cr, cc = int(rng.randint(grid_h)), int(rng.randint(grid_w))
+    r0, r1 = (int(np.clip(cr + d, 0, grid_h)) for d in (-(cut_h // 2), cut_h // 2))
+    c0, c1 = (int(np.clip(cc + d, 0, grid_w)) for d in (-(cut_w // 2), cut_w // 2))
+    return r0, c0, r1, c1
+
+
+@torch.compiler.disable
+def mix_box_mask(mix_box, grid_h: int, grid_w: int, device) -> torch.Tensor:
+    """Token mask ``[1, N, 1]`` (bool, on ``device``) of a MixToken box (tuple of ints or int tensor [4])."""
+    if isinstance(mix_box, torch.Tensor):
+        if mix_box.numel() != 4:
+            raise ValueError(f"mix_box must hold 4 ints (r0, c0, r1, c1), got shape {tuple(mix_box.shape)}")
+        box = mix_box.reshape(4).to(device=device, non_blocking=True)
+        rows = torch.arange(grid_h, device=device)
+        cols = torch.arange(grid_w, device=device)
+        inside = ((rows >= box[0]) & (rows < box[2]))[:, None] & ((cols >= box[1]) & (cols < box[3]))[None, :]
+        return inside.reshape(1, grid_h * grid_w, 1)
+    if len(mix_box) != 4:
+        raise ValueError(f"mix_box must be (r0, c0, r1, c1), got {mix_box!r}")
+    r0, c0, r1, c1 = (int(v) for v in mix_box)
+    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
+    mask[r0:r1, c0:c1] = True
+    mask = mask.reshape(1, grid_h * grid_w, 1)
+    device = torch.device(device)
+    if device.type == "cuda":
+        # Pinned + non_blocking: the host does not wait for the GPU to drain its queue.
+        mask = mask.pin_memory().to(device, non_blocking=True)
+    return mask.to(device)
+
+
+class PatchEmbed4_2(nn.Module):
+    """The reference's "4_2" stem: conv7x7/2 -> BN -> ReLU -> (conv3x3 -> BN -> ReLU) x2 -> conv (p/2)x(p/2)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, stem_channels=64):
+        super().__init__()
+        if patch_size % 2:
+            raise ValueError(f"patch_size must be even (the stem has stride 2), got {patch_size}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid = img_size // patch_size
+        c = stem_channels
+        self.conv1 = nn.Conv2d(in_chans, c, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+
+    def forward(self, x):
+        if x.is_cuda:
+            # cuDNN's NHWC kernels; the [B, D, h, w] output is then [B, h, w, D] in memory, so
+            # flattening to tokens [B, N, D] below is a free view.
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = F.relu(self.bn3(self.conv3(x)), inplace=True)
+        return self.proj(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv Linear (no bias) and a pluggable kernel."""
+
+    def __init__(self, dim, num_heads, qkv_bias=False, attn="auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = check_backend(attn)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        return self.proj(attention(q, k, v, self.backend, self.scale))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (drops the whole residual branch of a sample)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with the reference's residual scaling: x += DropPath(f(LN(x))) / skip_lam."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=3.0, qkv_bias=False, drop_path=0.0, skip_lam=1.0, attn="auto"):
+        super().__init__()
+        self.skip_lam = skip_lam
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn=attn)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x))) / self.skip_lam
+        x = x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
+        return x
+
+
+class LVViT(nn.Module):
+    """LV-ViT: conv stem, cls token + learned position embedding, pre-LN blocks, cls head + aux head.
+
+    ``model.train()``: ``model(images) -> (cls_logits [B, C], aux_logits [B, N, C], mix_box)`` with
+    MixToken on (``mix_box`` = (r0, c0, r1, c1) Python ints, or None when MixToken is off).
+    ``model.eval()``: ``model(images) -> cls_logits + 0.5 * aux_logits.max(dim=1).values``.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384, depth=16,
+                 num_heads=6, mlp_ratio=3.0, qkv_bias=False, skip_lam=2.0, stem_channels=64,
+                 drop_path_rate=0.0, attn="auto", mix_token=True, mix_token_seed=None):
+        super().__init__()
+        self.num_classes, self.embed_dim, self.num_features = num_classes, embed_dim, embed_dim
+        self.in_chans = in_chans
+        self.patch_embed = PatchEmbed4_2(img_size, patch_size, in_chans, embed_dim, stem_channels)
+        self.img_size, self.patch_size = img_size, patch_size
+        self.patch_grid = self.patch_embed.grid
+        num_patches = self.patch_grid ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], skip_lam, attn) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.aux_head = nn.Linear(embed_dim, num_classes)
+        self.mix_token = bool(mix_token)
+        self.grad_checkpointing = False
+
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+        self.seed_mix_token(mix_token_seed)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ---- configuration -------------------------------------------------------------------
+    def seed_mix_token(self, seed: int | None = None) -> None:
+        """Seed the MixToken box generator (use seed + rank under DDP, as the reference's 42 + rank).
+
+        None draws the seed from torch's global generator, so ``torch.manual_seed`` before building
+        the model makes the box sequence reproducible too.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+        self.mix_token_rng = np.random.RandomState(int(seed))
+
+    @torch.compiler.disable
+    def sample_mix_box(self) -> tuple[int, int, int, int]:
+        """Draw the next MixToken box (r0, c0, r1, c1) on the token grid from the model's generator."""
+        return rand_mix_box(self.mix_token_rng, self.patch_grid, self.patch_grid)
+
+    def set_attention(self, attn: str) -> None:
+        """Switch every block to the attention backend ``attn`` ("auto" | "xformers" | "sdpa" | "math")."""
+        check_backend(attn)
+        if attn == "xformers":
+            ok, reason = xformers_status()
+            if not ok:
+                raise RuntimeError(f"attn='xformers' is not available: {reason}")
+        for blk in self.blocks:
+            blk.attn.backend = attn
+
+    @property
+    def attn(self) -> str:
+        return self.blocks[0].attn.backend if len(self.blocks) else "auto"
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward (non-reentrant checkpoint; drop-path masks are replayed)."""
+        self.grad_checkpointing = bool(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names without weight decay: pos_embed, cls_token and every 1-D parameter (norms, biases)."""
+        return {"pos_embed", "cls_token"} | {n for n, p in self.named_parameters() if p.ndim <= 1}
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New cls head and aux head for ``num_classes`` (trunc-normal init, on the old heads' device)."""
+        ref = self.head.weight
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+        self.aux_head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+        for m in (self.head, self.aux_head):
+            self._init_weights(m)
+
+    # ---- forward -------------------------------------------------------------------------
+    def check_images(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != self.in_chans:
+            raise ValueError(f"images must be [B, {self.in_chans}, H, W], got {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        if H != self.img_size or W != self.img_size:
+            raise ValueError(
+                f"images are {H}x{W} but the model was built for {self.img_size}x{self.img_size}: create it "
+                f"with img_size={H} (load weights with resize_pos_embed=True to resize the position "
+                f"embedding from {self.img_size}) or resize the images")
+
+    def _tokens(self, images, mix_mask=None):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, D]
+        if mix_mask is not None:
+            # MixToken after the stem, before the cls token and the position embedding; partner of b is B-1-b.
+            x = torch.where(mix_mask, x.flip(0), x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+        x = self.norm(x)
+        if mix_mask is not None:
+            # Swap the mixed tokens back so every patch token speaks about its own image (before aux_head,
+            # which is per token, so the aux logits equal the reference's swapped-back ones).
+            patches = x[:, 1:]
+            x = torch.cat((x[:, :1], torch.where(mix_mask, patches.flip(0), patches)), dim=1)
+        return x
+
+    def forward_features(self, images: torch.Tensor, mix_box=None) -> torch.Tensor:
+        """Final-LayerNorm tokens ``[B, 1 + N, D]`` (cls first; patch tokens un-mixed if ``mix_box``)."""
+        self.check_images(images)
+        mask = None if mix_box is None else mix_box_mask(mix_box, self.patch_grid, self.patch_grid, images.device)
+        return self._tokens(images, mask)
+
+    def forward_head(self, tokens: torch.Tensor):
+        """(cls_logits [B, C], aux_logits [B, N, C]) from final tokens."""
+        return self.head(tokens[:, 0]), self.aux_head(tokens[:, 1:])
+
+    def _forward_train_core(self, images, mix_mask, aux_features: bool = False):
+        x = self._tokens(images, mix_mask)
+        if aux_features:
+            return self.head(x[:, 0]), x[:, 1:]
+        return self.forward_head(x)
+
+    def _forward_eval_core(self, images):
+        cls, aux = self.forward_head(self._tokens(images))
+        return cls + 0.5 * aux.max(dim=1).values
+
+    # torch.compile(model) / model.compile(): this frame (host-side box draw) runs eagerly, and the
+    # frames it calls (_forward_train_core, _forward_eval_core) are compiled, fullgraph included.
+    @torch.compiler.disable(recursive=False)
+    def forward_train(self, images: torch.Tensor, mix_box=None, aux_features: bool = False):
+        """Training forward -> (cls_logits, aux_logits [B, N, C] un-mixed, mix_box).
+
+        ``mix_box``: None draws a box when MixToken is on; a (r0, c0, r1, c1) tuple or an int tensor
+        [4] uses that box (and is returned as given); ``False`` turns mixing off for this call.
+        ``aux_features=True`` returns the final patch features ``[B, N, D]`` instead of the aux
+        logits, for a loss that folds ``aux_head`` in (its weight is ``model.aux_head.weight``).
+        """
+        self.check_images(images)
+        if mix_box is False or (mix_box is None and not self.mix_token):
+            box, mask = None, None
+        else:
+            box = self.sample_mix_box() if mix_box is None else mix_box
+            mask = mix_box_mask(box, self.patch_grid, self.patch_grid, images.device)
+        cls, aux = self._forward_train_core(images, mask, aux_features)
+        return cls, aux, box
+
+    @torch.compiler.disable(recursive=False)
+    def forward(self, images: torch.Tensor, mix_box=None, aux_features: bool = False):
+        if self.training:
+            return self.forward_train(images, mix_box, aux_features)
+        self.check_images(images)
+        return self._forward_eval_core(images)
+
+    @torch.no_grad()
+    def dense_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-token class logits ``[B, C, L, L]``: ``aux_head`` on every patch token (no MixToken)."""
+        self.check_images(images)
+        aux = self.aux_head(self._tokens(images)[:, 1:])
+        B, N, C = aux.shape
+        return aux.transpose(1, 2).reshape(B, C, self.patch_grid, self.patch_grid)
