@@ -26,6 +26,7 @@ __all__ = [
     "token_label_cross_entropy_reference",
     "reference_style_loss",
     "densify_label_maps",
+    "dense_targets",
     "box_axes",
 ]
 
@@ -124,8 +125,13 @@ def _pooled_logits(label_values, label_indices, boxes, flips, num_classes, out_s
 def roi_align_label_maps_reference(label_values, label_indices, boxes, flips, num_classes, out_size,
                                    smoothing=0.1, box_order="hw"):
     """Float64 dense targets ``[B, 1 + L*L, C]`` (cls first, then tokens row-major), smoothed (§2.5)."""
-    cls, tok = _pooled_logits(label_values, label_indices, boxes, flips, num_classes, out_size, box_order,
-                              torch.float64)
+    return dense_targets(label_values, label_indices, boxes, flips, num_classes, out_size, smoothing, box_order,
+                         torch.float64)
+
+
+def dense_targets(label_values, label_indices, boxes, flips, num_classes, out_size, smoothing, box_order, dtype):
+    """Dense smoothed targets ``[B, 1 + L*L, C]`` in ``dtype`` (the one implementation of §2.2-§2.5)."""
+    cls, tok = _pooled_logits(label_values, label_indices, boxes, flips, num_classes, out_size, box_order, dtype)
     B, C = cls.shape
     z = torch.cat([cls.unsqueeze(1), tok.flatten(2).transpose(1, 2)], dim=1)  # [B, 1+N, C]
     return _smooth(torch.softmax(z, dim=-1), smoothing)

@@ -168,7 +168,9 @@ def _token_rows_kernel(
     idx_ptr,  # [B, K, S, S] class ids
     box_ptr,  # [B, 4] fp32 (top, left, height, width), normalised, before the flip
     flip_ptr,  # [B] uint8
-    B, N, L, C, S, K,
+    n_cls,  # programs [0, n_cls) pool the cls targets of samples 0..n_cls-1 (0: none in this launch)
+    b_offset,  # token rows of this launch belong to samples b_offset + row // N (chunked launches)
+    N, L, C, S, K,
     smoothing,  # label smoothing s
     scale,  # dense_weight / (B * N)
     ORIGINAL: tl.constexpr,  # box_order == "original"
@@ -177,7 +179,7 @@ def _token_rows_kernel(
     TB: tl.constexpr,  # tap entries per dedupe block
 ):
     pid = tl.program_id(0)
-    if pid < B:
+    if pid < n_cls:
         # ---- cls pooling (1 x 1 RoIAlign) of sample b into zc[b, :]; duplicates accumulate
         b = pid
         yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, 1,
@@ -201,8 +203,8 @@ def _token_rows_kernel(
         return
 
     # ---- one token row: sample b, output cell (p, q)
-    row = pid - B
-    b = row // N
+    row = pid - n_cls
+    b = b_offset + row // N
     n = row % N
     p = n // L
     q = n % L
@@ -389,6 +391,8 @@ def _cls_rows_kernel(
         g_p = tl.load(gt_ptr + bp).to(tl.int32)
         ga_b = tl.where(on > off, g_b, 0)  # argmax of the smoothed one-hot column
         ga_p = tl.where(on > off, g_p, 0)
+        gt_bad = (g_b < 0) | (g_b >= C) | (g_p < 0) | (g_p >= C)
+        nonfinite += gt_bad.to(tl.int32)  # a class id outside [0, C) gives a NaN loss, never a silent one
         r_b = tl.where(ga_b == az_b, 0.5, 0.9)
         r_p = tl.where(ga_p == az_p, 0.5, 0.9)
     else:
@@ -484,9 +488,16 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
     nw = 4 if BLOCK_C <= 1024 else 8
     _token_rows_kernel[(B + B * N,)](
         x_aux, grad_aux, row_loss, zc, values, indices, boxes_f, flips_u8,
-        B, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
+        B, 0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
         ORIGINAL=bool(original), BLOCK_C=BLOCK_C, SINGLE=single, TB=_TB, num_warps=nw,
     )
+    _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
+                ground_truth)
+    return loss, grad_cls, grad_aux.view(B, N, C)
+
+
+def _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
+                ground_truth):
     gt = gt_classes if (ground_truth and gt_classes is not None) else zc  # dummy pointer when unused
     mix = mix_tensor if mix_tensor is not None else zc
     BC2 = min(triton.next_power_of_2(C), 4096)
@@ -495,7 +506,6 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
         float(cls_weight) / B, GT=bool(ground_truth), MIX_FROM_PTR=mix_tensor is not None,
         BLOCK_C=BC2, BLOCK_N=min(triton.next_power_of_2(N), 1024), num_warps=4 if BC2 <= 1024 else 8,
     )
-    return loss, grad_cls, grad_aux.view(B, N, C)
 
 
 def scale_grad_(grad, grad_output):
