@@ -345,12 +345,14 @@ def annotate(teacher: torch.nn.Module, data_root, out_store, size: int, topk: in
 
 
 # --------------------------------------------------------------------------- teacher loading (CLI)
-def load_teacher(spec: str, model_name: str | None = None, num_classes: int | None = None) -> tuple[torch.nn.Module, str]:
+def load_teacher(spec: str, model_name: str | None = None, num_classes: int | None = None,
+                 use_ema: bool = False) -> tuple[torch.nn.Module, str]:
     """A teacher from a checkpoint path or a ``package.module:attr`` spec (a module or a factory).
 
     Checkpoints are loaded with ``tokenlabel.models.load_checkpoint`` (the checkpoint names its
     model and arguments); with ``model_name`` the model is built by ``create_model`` first and the
-    weights loaded into it. Returns (module, a name for the provenance).
+    weights loaded into it; ``use_ema`` takes the checkpoint's EMA weights. Returns (module, a name
+    for the provenance).
     """
     if os.path.exists(spec):
         try:
@@ -363,14 +365,15 @@ def load_teacher(spec: str, model_name: str | None = None, num_classes: int | No
         if model_name is not None:
             kwargs = {} if num_classes is None else {"num_classes": num_classes}
             model = tm.create_model(model_name, **kwargs)
-            tm.load_checkpoint(spec, model)
-            return model, f"{model_name}:{spec}"
-        loaded = tm.load_checkpoint(spec)
+            tm.load_checkpoint(spec, model, use_ema=use_ema)
+            return model, f"{model_name}{'(ema)' if use_ema else ''}:{spec}"
+        loaded = tm.load_checkpoint(spec, use_ema=use_ema)
         model = _find_module(loaded)
         if model is None:
             raise ValueError(f"checkpoint {spec!r} did not give a model (got {type(loaded).__name__}); "
                              "pass --model NAME to build it")
-        return model, f"{getattr(model, 'name', type(model).__name__)}:{spec}"
+        name = getattr(model, "model_name", None) or type(model).__name__
+        return model, f"{name}{'(ema)' if use_ema else ''}:{spec}"
     if ":" in spec:
         mod_name, attr = spec.split(":", 1)
         try:
@@ -391,6 +394,8 @@ def _find_module(obj):
     if isinstance(obj, (tuple, list)):
         return next((o for o in obj if isinstance(o, torch.nn.Module)), None)
     if isinstance(obj, dict):
+        if isinstance(obj.get("model"), torch.nn.Module):
+            return obj["model"]
         return next((o for o in obj.values() if isinstance(o, torch.nn.Module)), None)
     return None
 
@@ -410,6 +415,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("-b", "--batch-size", type=int, default=64)
     parser.add_argument("--model", default=None, help="model name to build before loading the checkpoint's weights")
     parser.add_argument("--num-classes", type=int, default=None, help="with --model: its number of classes")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     parser.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
     parser.add_argument("-j", "--workers", type=int, default=None, help="DataLoader workers")
     parser.add_argument("--amp", action="store_true", help="autocast the teacher (fp16 on CUDA)")
@@ -419,7 +425,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     try:
-        teacher, name = load_teacher(args.teacher, args.model, args.num_classes)
+        teacher, name = load_teacher(args.teacher, args.model, args.num_classes, use_ema=args.ema)
         summary = annotate(teacher, args.data, args.out, size=args.size, topk=args.topk, img_size=args.img_size,
                            batch_size=args.batch_size, device=args.device, num_workers=args.workers,
                            amp=args.amp, resume=not args.restart, crop_pct=args.crop_pct,

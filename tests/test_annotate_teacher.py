@@ -235,19 +235,29 @@ def test_cli_with_module_spec(tmp_path, data, monkeypatch, capsys):
     sys.modules.pop("my_teacher_mod", None)
 
 
-def test_cli_with_our_checkpoint(tmp_path, data):
+def test_cli_with_our_checkpoint(tmp_path, data, gen):
     models = pytest.importorskip("tokenlabel.models")
     if not all(hasattr(models, n) for n in ("create_model", "save_checkpoint", "load_checkpoint")):
         pytest.skip("tokenlabel.models has no checkpoint helpers yet")
     from tokenlabel.cli import main
 
     teacher = models.create_model("resnet_tiny", num_classes=3)
-    models.save_checkpoint(tmp_path / "t.pth", teacher)
-    assert main(["annotate", "--teacher", str(tmp_path / "t.pth"), "--data", str(data), "--out",
-                 str(tmp_path / "st"), "--size", "4", "--topk", "2", "--img-size", "64", "--device", "cpu",
-                 "-j", "0", "--no-progress"]) == 0
-    st = LabelStore.open(tmp_path / "st")
-    assert st.num_done == 15 and st.num_classes == 3
+    ema = models.create_model("resnet_tiny", num_classes=3)
+    with torch.no_grad():
+        for p in list(teacher.parameters()) + list(ema.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    models.save_checkpoint(tmp_path / "t.pth", teacher, state_dict_ema=ema.state_dict())
+    kw = dict(size=4, topk=2, img_size=64, device="cpu", num_workers=0, progress=False)
+    for flag, module in (([], teacher), (["--ema"], ema)):
+        out = tmp_path / f"st{len(flag)}"
+        assert main(["annotate", "--teacher", str(tmp_path / "t.pth"), "--data", str(data), "--out", str(out),
+                     "--size", "4", "--topk", "2", "--img-size", "64", "--device", "cpu", "-j", "0",
+                     "--no-progress"] + flag) == 0
+        st = LabelStore.open(out)
+        assert st.num_done == 15 and st.num_classes == 3 and "t.pth" in st.provenance["teacher"]
+        annotate(module, data, tmp_path / f"direct{len(flag)}", **kw)
+        direct = LabelStore.open(tmp_path / f"direct{len(flag)}")
+        np.testing.assert_array_equal(st.read(np.arange(15))[0], direct.read(np.arange(15))[0])
 
 
 @pytest.mark.gpu
