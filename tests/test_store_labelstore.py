@@ -1,6 +1,7 @@
 """LabelStore: round trip, O(1) open, index dtype, compatibility and corruption errors."""
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -57,6 +58,11 @@ def test_round_trip_random_row_order(tmp_path, rng, n, c, k, s):
     tv, ti = ro.read_torch(query, index_dtype=torch.int64)
     assert tv.dtype == torch.float16 and ti.dtype == torch.int64 and tv.shape == (len(query), k, s, s)
     assert torch.equal(ti, torch.from_numpy(indices[query]))
+    # pickling (spawned DataLoader workers) reopens the files read-only instead of copying the maps
+    clone = pickle.loads(pickle.dumps(ro))
+    assert len(pickle.dumps(ro)) < 1000 and clone.mode == "r"
+    np.testing.assert_array_equal(clone.read(query)[1], indices[query])
+    assert isinstance(ro.prefetch(), bool)
     # an int row still gives a batch of one
     assert ro.read(int(query[0]))[0].shape == (1, k, s, s)
 
