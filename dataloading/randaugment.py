@@ -158,8 +158,9 @@ def apply_pil(img, ra_op, ra_arg, ra_interp):
             img = ImageOps.invert(img)
         elif op == POSTERIZE:
             bits = int(arg)
-            if bits < 8:
-                img = ImageOps.posterize(img, max(bits, 0))
+            if bits < 8:  # ImageOps.posterize refuses 0 bits (which timm's increasing op can draw)
+                mask = ~(2 ** (8 - max(bits, 0)) - 1) & 0xFF
+                img = img.point([i & mask for i in range(256)] * len(img.getbands()))
         elif op == SOLARIZE:
             img = ImageOps.solarize(img, int(arg))
         elif op == SOLARIZE_ADD:
