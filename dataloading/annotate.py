@@ -52,31 +52,21 @@ from .store import LabelStore
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+def list_images(root) -> tuple[Path, list[str]]:
+    """(image root, sorted posix image paths relative to it) of an ImageFolder tree or a file list,
+    listed exactly as the training loader lists them (``sampling.list_dataset``), so every image
+    the loader asks a label map for gets one."""
+    from .sampling import list_dataset
 
-
-# --------------------------------------------------------------------------- images
-def list_images(root) -> list[str]:
-    """Image files under ``root`` (any depth), as sorted posix paths relative to ``root``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"data folder {str(root)!r} does not exist or is not a directory")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(root)
-        for f in filenames:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                out.append((rel / f).as_posix())
-    out.sort()
-    return out
+    ds = list_dataset(root)
+    return Path(ds.root), sorted(ds.relpaths)
 
 
 def resolve_data_root(data) -> Path:
     """The folder whose class sub-folders hold the images: ``data`` itself, or ``data/train`` when
     ``data`` is a split root holding ``train/`` (and e.g. ``val/``) and no class folders of its own."""
     data = Path(data)
-    if (data / "train").is_dir() and not any(
+    if data.is_dir() and (data / "train").is_dir() and not any(
             (data / d).is_dir() for d in os.listdir(data) if d not in ("train", "val", "test") and
             not d.startswith(".")):
         return data / "train"
@@ -236,8 +226,9 @@ def annotate(teacher: torch.nn.Module, data_root, out_store, size: int, topk: in
     """Annotate every image under ``data_root`` with the top-``topk`` dense logits of ``teacher``
     on a ``size`` x ``size`` grid, into the LabelStore at ``out_store``.
 
-    ``data_root``: an ImageFolder tree (or a split root with ``train/``, which is then used); store
-    rows are keyed by image path relative to that folder. ``img_size``: input side (default: the
+    ``data_root``: an ImageFolder tree (or a split root with ``train/``, which is then used), or a
+    file list ("relpath class" lines); store rows are keyed by image path relative to that folder
+    (the folder holding the list), as the training loader looks them up. ``img_size``: input side (default: the
     teacher's ``img_size`` attribute, else 224). ``device``: default CUDA when available, else CPU.
     ``amp``: autocast (fp16 on CUDA, bf16 on CPU). ``resume=True`` continues an existing store made
     for the same images, teacher, size and k (done rows are skipped); ``resume=False`` replaces it.
@@ -262,10 +253,7 @@ def annotate(teacher: torch.nn.Module, data_root, out_store, size: int, topk: in
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
 
-    root = resolve_data_root(data_root)
-    paths = list_images(root)
-    if not paths:
-        raise ValueError(f"no images found under {str(root)!r} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    root, paths = list_images(resolve_data_root(data_root))
 
     teacher = teacher.to(device).eval()
     name = teacher_name or type(teacher).__name__

@@ -55,7 +55,7 @@ def map_to_images(label_files: list[str], images=None, ext: str = ".JPEG") -> tu
     from .annotate import list_images
 
     by_stem: dict[str, str] = {}
-    for p in list_images(images):
+    for p in list_images(images)[1]:
         by_stem.setdefault(_stem_key(p), p)
     mapping, orphans = {}, []
     for f in label_files:

@@ -101,7 +101,8 @@ def test_matches_direct_computation(tmp_path, data, gen, kind, img_size, size, k
                        device="cpu", num_workers=0, progress=False, teacher_name=kind)
     root = resolve_data_root(data)
     assert root.name == "train"
-    paths = list_images(root)
+    assert list_images(root)[0] == root
+    paths = list_images(root)[1]
     assert summary["done"] == summary["images"] == len(paths) == 15 and summary["skipped"] == []
     store = LabelStore.open(tmp_path / "st")
     assert store.paths == paths and (store.num_classes, store.k, store.size) == (c, k, size)
@@ -201,9 +202,22 @@ def test_teacher_without_dense_head_is_rejected(tmp_path, data):
     with pytest.raises(ValueError, match="dense_logits"):
         annotate(nn.Linear(3, 3), data, tmp_path / "st", size=4, topk=1, img_size=32, device="cpu",
                  num_workers=0, progress=False)
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no class folders"):
         (tmp_path / "empty").mkdir()
         annotate(nn.Linear(3, 3), tmp_path / "empty", tmp_path / "st", size=4, topk=1, device="cpu")
+
+
+def test_file_list(tmp_path, data, gen):
+    train = data / "train"
+    chosen = sorted(p.relative_to(train).as_posix() for p in train.rglob("*.JPEG"))[::3]
+    (train / "subset.txt").write_text("".join(f"{p} {i % 3}\n" for i, p in enumerate(chosen)))
+    try:
+        res = annotate(DenseTeacher(4, gen), train / "subset.txt", tmp_path / "st", size=4, topk=2, img_size=32,
+                       device="cpu", num_workers=0, progress=False)
+    finally:
+        (train / "subset.txt").unlink()
+    st = LabelStore.open(tmp_path / "st")
+    assert res["done"] == len(chosen) == 5 and st.paths == chosen
 
 
 def test_cli_with_module_spec(tmp_path, data, monkeypatch, capsys):
@@ -243,9 +257,9 @@ def test_cli_with_our_checkpoint(tmp_path, data, gen):
 
     teacher = models.create_model("resnet_tiny", num_classes=3)
     ema = models.create_model("resnet_tiny", num_classes=3)
-    with torch.no_grad():
+    with torch.no_grad():  # two different teachers (moderate logits: fp16 holds them)
         for p in list(teacher.parameters()) + list(ema.parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
     models.save_checkpoint(tmp_path / "t.pth", teacher, state_dict_ema=ema.state_dict())
     kw = dict(size=4, topk=2, img_size=64, device="cpu", num_workers=0, progress=False)
     for flag, module in (([], teacher), (["--ema"], ema)):
