@@ -95,12 +95,14 @@ DEFAULTS: dict = {
 # a CPU (applied only to options that neither the config file nor the command line set).
 DEMO_DEFAULTS: dict = {
     "model": "lvvit_t",
-    "model_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2},
+    "model_kwargs": {"depth": 4, "embed_dim": 96, "num_heads": 2},
     "img_size": 32,
-    "epochs": 2,
+    "epochs": 6,
     "batch_size": 32,
-    "warmup_epochs": 0.5,
-    "ema_decay": 0.99,
+    "lr": 2e-3,
+    "warmup_epochs": 1.0,
+    "ema_decay": 0.9,
+    "synthetic_per_class": 64,
     "drop_path": 0.0,
     "log_every": 5,
     "randaugment": None,
@@ -349,7 +351,8 @@ def make_demo_data(cfg: dict, out: Path, d: Dist) -> str:
     root = out / "synthetic-data"
     if d.main and not (root / "train").is_dir():
         make_synthetic_imagefolder(root, num_classes=cfg["synthetic_classes"], per_class=cfg["synthetic_per_class"],
-                                   size=cfg["synthetic_size"], seed=cfg["seed"])
+                                   size=cfg["synthetic_size"], seed=cfg["seed"],
+                                   val_per_class=max(2, cfg["synthetic_per_class"] // 4))
         print(f"[train] no --data: generated {cfg['synthetic_classes']} classes x {cfg['synthetic_per_class']} "
               f"synthetic JPEGs ({cfg['synthetic_size']}px) in {root}")
     _barrier(d)
@@ -407,15 +410,6 @@ def _check_store(cfg: dict) -> None:
         store.check_compatible(num_classes=n_classes)
     except ValueError as e:
         raise SystemExit(f"--labels {cfg['labels']}: {e}") from None
-    if cfg["missing_labels"] == "error":
-        train_dir = Path(cfg["data"]) / "train"
-        rel = [str(f.relative_to(train_dir).as_posix()) for f in sorted(train_dir.rglob("*"))
-               if f.is_file() and not f.name.startswith(".")]
-        missing = store.missing(rel)
-        if missing:
-            raise SystemExit(f"--labels {cfg['labels']}: {len(missing)} of {len(rel)} training images have no label "
-                             f"map (a store made for other images?); first: {missing[:5]}. "
-                             f"Use --missing-labels class to train those on their class label.")
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -446,34 +440,31 @@ def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
 
 
 def finetune_from(model: torch.nn.Module, path: str) -> None:
-    """Load weights from a checkpoint of another resolution (pos-embed resized), the head kept if it fits."""
+    """Start from the weights of ``path`` (ours: its EMA when it has one; or a reference-repo file):
+    the position embedding is resized to this model's grid, and heads of another class count are
+    left freshly initialised."""
     from tokenlabel import models as M
 
-    sd = _read_checkpoint(path, "--finetune")
-    state = sd.get("ema") or sd.get("model") if isinstance(sd, dict) and ("model" in sd or "ema" in sd) else sd
-    if not isinstance(state, dict):
-        raise SystemExit(f"--finetune {path}: no model state inside")
+    raw = _read_checkpoint(path, "--finetune")
+    if isinstance(raw, dict) and raw.get("format") == "tokenlabel":
+        sd = raw.get("state_dict_ema") or raw["state_dict"]
+    elif isinstance(raw, dict):
+        sd = next((raw[k] for k in ("state_dict_ema", "state_dict", "model") if isinstance(raw.get(k), dict)), raw)
+        sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+    else:
+        raise SystemExit(f"--finetune {path}: no state dict inside ({type(raw).__name__})")
     own = model.state_dict()
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        state = dict(state)
-        state["pos_embed"] = _resize_pos(M, state["pos_embed"], own["pos_embed"])
-    dropped = [k for k in state if k in own and state[k].shape != own[k].shape]
-    for k in dropped:
-        state.pop(k)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in dropped]
-    if missing or unexpected:
-        raise SystemExit(f"--finetune {path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    print(f"[train] fine-tuning from {path}" + (f" (re-initialised: {dropped})" if dropped else ""))
-
-
-def _resize_pos(M, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    n_new = int(round(math.sqrt(new.shape[1] - 1)))
-    fn = getattr(M, "resize_pos_embed")
+    heads = [k for k in sd if k.split(".")[0] in ("head", "aux_head") and k in own and sd[k].shape != own[k].shape]
+    sd = {k: v for k, v in sd.items() if k not in heads}
     try:
-        return fn(old, (n_new, n_new))
-    except TypeError:
-        return fn(old, n_new)
+        rep = M.load_state_dict_into(model, sd, strict=False, resize_pos_embed=True, source=f"--finetune {path}")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    missing = [k for k in rep["missing_keys"] if k not in heads]
+    if missing or rep["unexpected_keys"]:
+        raise SystemExit(f"--finetune {path}: missing keys {missing[:8]}, unexpected keys {rep['unexpected_keys'][:8]}")
+    print(f"[train] fine-tuning from {path}" + (f" (new heads for {len(heads)} tensors of another class count)"
+                                                if heads else ""))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -723,18 +714,6 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace: a reader (or a crash)
-    sees either the old complete file or the new complete one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_checkpoint(path: str, what: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -750,30 +729,33 @@ def _unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def make_checkpoint(tr: Trainer, cfg: dict, epoch: int, batches_done: int, global_step: int, best: float,
-                    classes: list[str], finished_epoch: bool) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model": _unwrap(tr.model).state_dict(),
-        "ema": tr.ema.module.state_dict() if tr.ema is not None else None,
-        "optimizer": tr.optimizer.state_dict(),
-        "scheduler": tr.schedule.state_dict(),
-        "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
-        "rng": rng_state(tr.model),
-        "epoch": epoch,                        # the epoch in progress (== epochs when finished)
-        "samples_in_epoch": batches_done * cfg["batch_size"] * tr.d.world,  # global position, any N
-        "global_step": global_step,
-        "epoch_loss": [tr.epoch_loss_sum, tr.epoch_steps],  # running train loss of the epoch in progress
-        "best_metric": best,
-        "world_size": tr.d.world,
-        "finished_epoch": finished_epoch,
-        "config": _plain(cfg),
-        "model_name": cfg["model"],
-        "model_kwargs": _plain(cfg["model_kwargs"]),
-        "num_classes": len(classes),
-        "img_size": cfg["img_size"],
-        "classes": list(classes),
-    }
+def save_training_checkpoint(path: Path, tr: "Trainer", cfg: dict, epoch: int, batches_done: int, global_step: int,
+                             best: float, classes: list[str], finished_epoch: bool) -> None:
+    """last.pt: models' checkpoint format (so ``load_checkpoint``/``annotate --teacher`` rebuild the model)
+    plus everything a resume needs; written atomically by ``save_checkpoint``."""
+    from tokenlabel.models import save_checkpoint
+
+    save_checkpoint(
+        path, _unwrap(tr.model),
+        state_dict_ema=tr.ema.module.state_dict() if tr.ema is not None else None,
+        optimizer=tr.optimizer.state_dict(),
+        scheduler=tr.schedule.state_dict(),
+        scaler=tr.scaler.state_dict() if tr.scaler is not None else None,
+        rng=rng_state(tr.model),
+        train_state={
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,                     # the epoch in progress (== epochs when finished)
+            "samples_in_epoch": batches_done * cfg["batch_size"] * tr.d.world,  # global position: any N
+            "global_step": global_step,
+            "epoch_loss": [tr.epoch_loss_sum, tr.epoch_steps],  # running train loss of that epoch
+            "best_metric": best,
+            "world_size": tr.d.world,
+            "finished_epoch": finished_epoch,
+        },
+        config=_plain(cfg),
+        classes=list(classes),
+        num_classes=len(classes),
+    )
 
 
 def _plain(x):
@@ -784,21 +766,23 @@ def _plain(x):
     return x
 
 
-def restore(tr: Trainer, ck: dict, path: str, cfg: dict) -> tuple[int, int, int, float]:
-    need = ("model", "optimizer", "rng", "epoch", "samples_in_epoch", "global_step")
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or any(k not in ck for k in need):
+def restore(tr: Trainer, raw: dict, path: str, cfg: dict) -> tuple[int, int, int, float]:
+    ck = raw.get("train_state") if isinstance(raw, dict) else None
+    need = ("epoch", "samples_in_epoch", "global_step")
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT or any(k not in ck for k in need) \
+            or not all(k in raw for k in ("state_dict", "optimizer", "rng")):
         raise SystemExit(f"--resume {path}: not a tokenlabel training checkpoint "
-                         f"(keys: {sorted(ck)[:10] if isinstance(ck, dict) else type(ck).__name__})")
+                         f"(keys: {sorted(raw)[:12] if isinstance(raw, dict) else type(raw).__name__})")
     try:
-        _unwrap(tr.model).load_state_dict(ck["model"])
-        if tr.ema is not None and ck.get("ema") is not None:
-            tr.ema.module.load_state_dict(ck["ema"])
-        tr.optimizer.load_state_dict(ck["optimizer"])
+        _unwrap(tr.model).load_state_dict(raw["state_dict"])
+        if tr.ema is not None and raw.get("state_dict_ema") is not None:
+            tr.ema.module.load_state_dict(raw["state_dict_ema"])
+        tr.optimizer.load_state_dict(raw["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise SystemExit(f"--resume {path}: the checkpoint does not fit this model/optimizer "
-                         f"(model {ck.get('model_name')} {ck.get('model_kwargs')}): {str(e)[:300]}") from None
-    if tr.scaler is not None and ck.get("scaler"):
-        tr.scaler.load_state_dict(ck["scaler"])
+                         f"(it holds {raw.get('model_name')} {raw.get('model_args')}): {str(e)[:300]}") from None
+    if tr.scaler is not None and raw.get("scaler"):
+        tr.scaler.load_state_dict(raw["scaler"])
     global_batch = cfg["batch_size"] * tr.d.world
     samples = int(ck["samples_in_epoch"])
     if samples % global_batch:
@@ -809,7 +793,7 @@ def restore(tr: Trainer, ck: dict, path: str, cfg: dict) -> tuple[int, int, int,
     if not ck.get("finished_epoch") and ck.get("epoch_loss"):
         tr.epoch_loss_sum, tr.epoch_steps = float(ck["epoch_loss"][0]), int(ck["epoch_loss"][1])
     if ck.get("world_size", tr.d.world) == tr.d.world:
-        set_rng_state(ck["rng"], tr.model)  # RNG streams are per process: exact only on the same N
+        set_rng_state(raw["rng"], tr.model)  # RNG streams are per process: exact only on the same N
     else:
         print(f"[train] resuming on {tr.d.world} processes (checkpoint: {ck.get('world_size')}): "
               f"position translated to batch {batches_done} of epoch {ck['epoch']}")
@@ -993,8 +977,8 @@ def _run(cfg: dict, d: Dist) -> int:
 
     def save_last(epoch, bdone, finished_epoch):
         if d.main:
-            atomic_save(make_checkpoint(tr, cfg, epoch, bdone, global_step, best, classes, finished_epoch),
-                        out / "last.pt")
+            save_training_checkpoint(out / "last.pt", tr, cfg, epoch, bdone, global_step, best, classes,
+                                     finished_epoch)
         _barrier(d)
 
     try:
