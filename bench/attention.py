@@ -1,0 +1,106 @@
+"""Multi-head attention per backend of tokenlabel.models ("math" the baseline, "sdpa", "xformers",
+"auto") at LV-ViT shapes: forward (under no_grad) and forward + backward.
+
+q, k, v are ``[B, N, H, Dh]`` views of one ``[B, N, 3, H, Dh]`` tensor, as the model's fused qkv
+Linear makes them. FLOPs: forward 4·B·H·N²·Dh (two matmuls), backward 2.5× that.
+"""
+from __future__ import annotations
+
+import torch
+
+from .registry import Case, CheckFailed, Prepared, Skip, register
+
+SHAPES = {
+    "S224": (dict(B=128, N=197, H=6, Dh=64), ("bf16", "fp32")),    # LV-ViT-S at 224
+    "M224": (dict(B=128, N=197, H=8, Dh=64), ("bf16", "fp32")),    # LV-ViT-M at 224
+    "S384": (dict(B=128, N=577, H=6, Dh=64), ("bf16", "fp32")),    # LV-ViT-S at 384
+    "M384": (dict(B=128, N=577, H=8, Dh=64), ("bf16", "fp32")),    # LV-ViT-M at 384
+}
+QUICK_SHAPES = {"tiny": (dict(B=2, N=17, H=2, Dh=16), ("fp32",))}
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+CHECK_BATCH = 2
+
+
+def _attention():
+    try:
+        from tokenlabel.models.attention import attention, xformers_status
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"tokenlabel.models.attention not importable: {type(e).__name__}: {e}")
+    return attention, xformers_status
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _prepare(case: Case, backend: str) -> Prepared:
+    attention, xformers_status = _attention()
+    p, dtype, dev = case.params, case.dtype, case.device
+    if backend == "xformers":
+        ok, reason = xformers_status(dev)
+        if not ok:
+            raise Skip(reason)
+    B, N, H, Dh = p["B"], p["N"], p["H"], p["Dh"]
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, N, 3, H, Dh, generator=g).to(dev, dtype).requires_grad_()
+    gout = torch.randn(B, N, H * Dh, generator=g).to(dev, dtype)
+    notes = ""
+    if backend == "auto":
+        from tokenlabel.models.attention import select_backend
+
+        chosen = {grad: select_backend((B, N, H, Dh), dtype, dev, grad=grad) for grad in (False, True)}
+        notes = f"auto chose {chosen[False]} (fwd), {chosen[True]} (fwd+bwd)"
+
+    def fwd():
+        with torch.no_grad():
+            return attention(*qkv.unbind(2), backend)
+
+    def fwd_bwd():
+        out = attention(*qkv.unbind(2), backend)
+        return torch.autograd.grad(out, qkv, gout)
+
+    def check():
+        # against "math" in fp32 on the first samples: output and the gradient of q, k, v
+        x = qkv[:CHECK_BATCH].detach().clone().requires_grad_()
+        x32 = x.detach().float().requires_grad_()
+        go = gout[:CHECK_BATCH]
+        out = attention(*x.unbind(2), backend)
+        (gx,) = torch.autograd.grad(out, x, go)
+        ref = attention(*x32.unbind(2), "math")
+        (gref,) = torch.autograd.grad(ref, x32, go.float())
+        errors = {"out": _rel(out, ref), "grad_qkv": _rel(gx, gref)}
+        tol = TOLERANCE[dtype]
+        bad = {k: v for k, v in errors.items() if not v <= tol}
+        if bad:
+            raise CheckFailed(", ".join(f"{k} rel err {v:.3g} > {tol:g} vs math fp32" for k, v in bad.items()))
+        return errors
+
+    flops = 4.0 * B * H * N * N * Dh
+    return Prepared(modes={"fwd": fwd, "fwd+bwd": fwd_bwd}, check=check,
+                    flops={"fwd": flops, "fwd+bwd": 3.5 * flops}, notes=notes + ("; " if notes else "")
+                    + "fwd under no_grad; FLOPs 4BHN^2Dh fwd, x3.5 fwd+bwd")
+
+
+@register("attention", "math", baseline=True)
+def math_(case: Case) -> Prepared:
+    """The reference's plain softmax(q k^T) v."""
+    return _prepare(case, "math")
+
+
+@register("attention", "sdpa")
+def sdpa(case: Case) -> Prepared:
+    """torch scaled_dot_product_attention (PyTorch picks cuDNN / flash / memory-efficient)."""
+    return _prepare(case, "sdpa")
+
+
+@register("attention", "xformers")
+def xformers(case: Case) -> Prepared:
+    """xformers.ops.memory_efficient_attention ([B, N, H, Dh] layout, no transposes)."""
+    return _prepare(case, "xformers")
+
+
+@register("attention", "auto")
+def auto(case: Case) -> Prepared:
+    """The model's "auto": fastest backend measured once per shape and cached."""
+    return _prepare(case, "auto")

@@ -1,0 +1,151 @@
+"""The full training input pipeline in images/s: decode, RandomResizedCrop, flip, RandAugment
+(rand-m9-mstd0.5-inc1), normalise, random erasing, label maps: DALI (decoding on the GPU) against
+the PIL DataLoader with one worker per CPU core doing the same work (the baseline).
+
+Data: ``--data`` (default: the ImageNet sample ``imagenet-sample-334.tar``, 334 real JPEGs,
+looped over several epochs), label maps from ``--labels`` or a random store made for those images.
+Beside them, the LV-ViT-S step's consumption rate when the step bench ran in the same invocation.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from .registry import Case, CheckFailed, Prepared, Skip, register
+
+SHAPES = {"imagenet334": (dict(B=128, img=224, min_images=4096), ("-",))}
+QUICK_SHAPES = {"tiny": (dict(B=4, img=32, min_images=16), ("-",))}
+
+
+def make_loader(backend, root, store, batch_size, image_size, device, workers=None):
+    try:
+        from tokenlabel.dataloading import build_loader
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"tokenlabel.dataloading.build_loader not importable: {type(e).__name__}: {e}")
+    workers = workers or os.cpu_count() or 1
+    try:
+        return build_loader(str(root), labels=str(store), batch_size=batch_size, image_size=image_size, train=True,
+                            backend=backend, device=str(device), seed=0, num_workers=workers)
+    except ImportError as e:
+        raise Skip(f"{backend} loader unavailable: {e}")
+
+
+def _quick_data(case: Case):
+    """A tiny generated ImageFolder for --quick without --data."""
+    from tokenlabel.dataloading import make_synthetic_imagefolder
+
+    from .data import _tmpdir
+
+    root = _tmpdir("tokenlabel-bench-quick-")
+    make_synthetic_imagefolder(root, num_classes=2, per_class=8, size=48, seed=0)
+    return root / "train"
+
+
+def _check_batch(batch, B, img, device, k, S):
+    want = {"images": (B, 3, img, img), "classes": (B,), "boxes": (B, 4), "flips": (B,),
+            "label_values": (B, k, S, S), "label_indices": (B, k, S, S)}
+    for key, shape in want.items():
+        if key not in batch:
+            raise CheckFailed(f"batch has no {key!r} (keys {sorted(batch)})")
+        t = batch[key]
+        if tuple(t.shape) != shape:
+            raise CheckFailed(f"{key} has shape {tuple(t.shape)}, expected {shape}")
+        if t.device.type != torch.device(device).type:
+            raise CheckFailed(f"{key} is on {t.device}, expected {device}")
+    if not batch["images"].is_floating_point() or not torch.isfinite(batch["images"]).all():
+        raise CheckFailed(f"images must be finite floats, got {batch['images'].dtype}")
+    if batch["flips"].dtype != torch.bool or batch["classes"].dtype != torch.int64:
+        raise CheckFailed(f"flips {batch['flips'].dtype} (want bool), classes {batch['classes'].dtype} (want int64)")
+    if batch["label_indices"].is_floating_point():
+        raise CheckFailed(f"label_indices must be integer, got {batch['label_indices'].dtype}")
+    boxes = batch["boxes"].float()
+    if not ((boxes >= -1e-6).all() and (boxes[:, 0] + boxes[:, 2] <= 1 + 1e-4).all()
+            and (boxes[:, 1] + boxes[:, 3] <= 1 + 1e-4).all() and (boxes[:, 2:] > 0).all()):
+        raise CheckFailed("boxes must be (top, left, height, width) inside [0, 1]")
+
+
+def _prepare(case: Case, backend: str) -> Prepared:
+    from .data import image_folder, label_store
+
+    p = case.params
+    if case.quick and case.options.get("data") is None:
+        root = _quick_data(case)
+    else:
+        root = image_folder(case.options.get("data"))
+    store = label_store(root, case.options.get("labels"))
+    from tokenlabel.dataloading import LabelStore
+
+    meta = LabelStore.open(store)
+    k, S = meta.k, meta.size
+    workers = os.cpu_count() or 1
+    device = case.device
+    if backend == "dali" and device.type != "cuda" and not case.quick:
+        raise Skip("the DALI pipeline benchmark needs CUDA (decoding on the 'mixed' device)")
+    loader = make_loader(backend, root, store, p["B"], p["img"], device, workers)
+    if len(loader) < 1:
+        raise Skip(f"{root} holds fewer than B={p['B']} images")
+    per_epoch = len(loader) * p["B"]
+    epochs = max(2, math.ceil(p["min_images"] / per_epoch))
+    epoch_counter = {"e": 0}
+
+    def one_epoch():
+        loader.set_epoch(epoch_counter["e"])
+        epoch_counter["e"] += 1
+        n = 0
+        for batch in loader:
+            n += batch["images"].shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return n
+
+    def check():
+        loader.set_epoch(10_000)
+        batch = next(iter(loader))
+        _check_batch(batch, p["B"], p["img"], device, k, S)
+        return {}
+
+    def timer(fn, warmup, reps):
+        # one untimed epoch (worker start-up, DALI build), then epochs until min_images are seen;
+        # each epoch is one sample of ms per batch
+        fn()
+        times = []
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            n = fn()
+            times.append((time.perf_counter() - t0) * 1e3 * p["B"] / max(n, 1))
+        return times
+
+    what = ("DALI: decode on the 'mixed' device (nvJPEG), RRC, flip, RandAugment, normalise, erasing on the GPU"
+            if backend == "dali" else
+            f"PIL DataLoader, {workers} workers: decode, RRC, flip, RandAugment in PIL; normalise on {device}")
+    return Prepared(modes={"epoch": one_epoch}, check=check, timer=timer, items=p["B"],
+                    notes=f"{what}; label maps k={k} S={S}; {per_epoch} images/epoch x {epochs} epochs timed; "
+                          f"ms is per batch of {p['B']}; data {root}",
+                    cleanup=lambda: getattr(loader, "close", lambda: None)())
+
+
+@register("loader", "pil", baseline=True)
+def pil(case: Case) -> Prepared:
+    """PIL DataLoader (one worker per core) doing the full work, label maps included."""
+    return _prepare(case, "torch")
+
+
+@register("loader", "dali")
+def dali(case: Case) -> Prepared:
+    """DALI pipeline: JPEG decode on the GPU, augmentation batched on the GPU, label maps with the batch."""
+    return _prepare(case, "dali")
+
+
+def yardsticks(device, quick: bool, context: dict) -> list[dict]:
+    """The LV-ViT-S step's consumption rate, when the step bench ran in this invocation."""
+    steps = [r for r in context.get("rows", []) if r["op"] == "step" and r["metric"] == "img/s"
+             and r["provider"].startswith(("eager_", "compile_")) and r["p50"]]
+    if not steps:
+        return []
+    best = max(steps, key=lambda r: r["p50"])
+    return [dict(provider="lvvit_s_step", mode="consumption", shape=best["shape"], dtype=best["dtype"],
+                 metric="img/s", p50=best["p50"], p20=best["p20"], p80=best["p80"], unit="img/s",
+                 notes=f"images/s the fastest LV-ViT-S step ({best['provider']}) consumes, from this run's step bench")]

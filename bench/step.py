@@ -1,0 +1,278 @@
+"""One full training step (forward, loss, backward, AdamW) in images/s and MFU.
+
+LV-ViT-S at 224, B=128, bf16 autocast, MixToken on, synthetic inputs already on the GPU (the loader
+is out of the picture), per attention backend, eager and torch.compile; the baseline is a step built
+like the reference (plain "math" attention, AMP bf16, the reference-style eager loss, no compile);
+timm's vit_small_patch16_224 step for scale. FLOPs per image (training = 3x forward):
+LV-ViT-S/224 39.9 GFLOP, ViT-S/16 27.6 GFLOP. MFU is given against a bf16 matmul peak measured on
+this GPU and against the datasheet's dense bf16 peak.
+
+With ``--data`` a further provider, ``loader_fed``, feeds the step from the real DALI loader and
+reports the share of wall time spent waiting for data.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .registry import Case, CheckFailed, Prepared, Skip, register
+
+GFLOP_PER_IMAGE = {"lvvit_s": 39.9, "vit_small_patch16_224": 27.6}
+SHAPES = {"S224": (dict(B=128, img=224, C=1000, S=18, k=5), ("bf16",))}
+QUICK_SHAPES = {"tiny": (dict(B=2, img=32, C=10, S=4, k=2, depth=1, embed_dim=64, num_heads=2), ("bf16",))}
+_OVERRIDES = ("depth", "embed_dim", "num_heads")
+
+
+def _models():
+    try:
+        import tokenlabel.models as M
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"tokenlabel.models not importable: {type(e).__name__}: {e}")
+    return M
+
+
+def _loss_fn(kind):
+    try:
+        if kind == "fused":
+            from tokenlabel.kernels import token_label_cross_entropy as fn
+        else:
+            from tokenlabel.kernels.reference import reference_style_loss as fn
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"loss {kind!r} not importable: {type(e).__name__}: {e}")
+    return fn
+
+
+def _lvvit(case: Case, attn: str):
+    M = _models()
+    p = case.params
+    if attn == "xformers":
+        ok, reason = M.xformers_status(case.device)
+        if not ok:
+            raise Skip(reason)
+    kw = {k: p[k] for k in _OVERRIDES if k in p}
+    model = M.create_model("lvvit_s", num_classes=p["C"], attn=attn, img_size=p["img"], **kw)
+    return model.to(case.device).train(), M
+
+
+def _targets(case: Case, L: int):
+    from .loss import make_inputs
+
+    p = case.params
+    x = make_inputs(p["B"], L * L, p["C"], p["S"], p["k"], torch.float32, case.device,
+                    torch.Generator().manual_seed(1))
+    return {k: x[k] for k in ("label_values", "label_indices", "boxes", "flips")}
+
+
+def _autocast(case):
+    return torch.autocast(case.device.type, dtype=case.dtype, enabled=case.dtype != torch.float32)
+
+
+def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fused", fused_adamw=True,
+                   loader=None) -> Prepared:
+    if compile_ and case.device.type != "cuda":
+        raise Skip("torch.compile providers run on CUDA only (too slow to compile for a CPU smoke run)")
+    model, M = _lvvit(case, attn)
+    loss_fn = _loss_fn(loss_kind)
+    p = case.params
+    B = p["B"]
+    L = model.patch_grid
+    images = torch.randn(B, 3, p["img"], p["img"], device=case.device)
+    targets = _targets(case, L)
+    opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=1e-4,
+                            fused=bool(fused_adamw and case.device.type == "cuda"))
+    if compile_:
+        model.compile()
+    notes = [f"attn={attn}", f"loss={loss_kind}", "compiled" if compile_ else "eager",
+             "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
+             f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}"]
+    if attn == "auto":
+        from tokenlabel.models.attention import select_backend
+
+        if _has_attn_dims(model):
+            a = model.blocks[0].attn
+            notes.append("auto -> " + select_backend((B, L * L + 1, a.num_heads, a.head_dim), case.dtype, case.device))
+
+    def step(batch=None):
+        x, t = (images, targets) if batch is None else (batch["images"], batch)
+        with _autocast(case):
+            cls, aux, box = model(x)
+            loss = loss_fn(cls, aux, t["label_values"], t["label_indices"], t["boxes"], t["flips"], mix_box=box)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def check():
+        # The first step (it compiles, when compiling) must give the loss an eager "math" model with
+        # the same weights gives on the same inputs and MixToken box, within bf16 noise + drop path.
+        ref_model, _ = _lvvit(case, "math")
+        ref_model.load_state_dict(model.state_dict() if not compile_ else _orig(model).state_dict())
+        box = _orig(model).sample_mix_box() if getattr(_orig(model), "mix_token", False) else None
+        with torch.no_grad(), _autocast(case):
+            cls, aux, _ = ref_model(images, mix_box=box if box is not None else False)
+            ref = loss_fn(cls, aux, *(targets[k] for k in ("label_values", "label_indices", "boxes", "flips")),
+                          mix_box=box)
+        # with grad on, as in training: a compiled model reuses its training graph (no extra compile)
+        with _autocast(case):
+            cls, aux, _ = model(images, mix_box=box if box is not None else False)
+            got = loss_fn(cls, aux, *(targets[k] for k in ("label_values", "label_indices", "boxes", "flips")),
+                          mix_box=box)
+        del ref_model
+        loss = step()
+        ref, got, first = float(ref.detach()), float(got.detach()), float(loss.detach())
+        err = abs(got - ref) / max(abs(ref), 1e-12)
+        if not (math.isfinite(first) and err <= 0.05):
+            raise CheckFailed(f"loss {got:.5g} vs eager math model {ref:.5g} (rel {err:.3g} > 0.05); "
+                              f"first training step loss {first:.5g}")
+        return {"loss_vs_math": err}
+
+    gflop = GFLOP_PER_IMAGE["lvvit_s"] if case.shape in SHAPES else None
+    prep = Prepared(modes={"train_step": step}, check=check, items=B,
+                    flops=gflop * 1e9 * B if gflop else None, mfu=bool(gflop),
+                    notes="; ".join(notes) + (f"; {gflop} GFLOP/image (training)" if gflop else ""))
+    if loader is not None:
+        _attach_loader(prep, step, loader)
+    return prep
+
+
+def _has_attn_dims(model):
+    a = getattr(model.blocks[0], "attn", None) if hasattr(model, "blocks") else None
+    return a is not None and hasattr(a, "num_heads") and hasattr(a, "head_dim")
+
+
+def _orig(model):
+    return getattr(model, "_orig_mod", model)
+
+
+def _drop_path(model):
+    ps = [m.p for m in model.modules() if type(m).__name__ == "DropPath"]
+    return f"max {max(ps):g}" if ps else "off"
+
+
+@register("step", "reference_style", baseline=True)
+def reference_style(case: Case) -> Prepared:
+    """Built like the reference: math attention, AMP bf16, reference-style eager loss, no compile."""
+    return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False)
+
+
+def _backend_provider(attn, compile_):
+    def fn(case: Case) -> Prepared:
+        return _lvvit_prepare(case, attn, compile_)
+    fn.__doc__ = f"LV-ViT-S, attn={attn}, fused loss, {'torch.compile' if compile_ else 'eager'}"
+    return fn
+
+
+for _attn in ("math", "sdpa", "xformers", "auto"):
+    register("step", f"eager_{_attn}")(_backend_provider(_attn, False))
+for _attn in ("sdpa", "xformers", "auto"):
+    register("step", f"compile_{_attn}")(_backend_provider(_attn, True))
+
+
+def _timm(case: Case, compile_: bool) -> Prepared:
+    if case.device.type != "cuda":
+        raise Skip("timm ViT-S step runs on CUDA only")
+    try:
+        import timm
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"timm not importable: {type(e).__name__}: {e}")
+    p = case.params
+    B = p["B"]
+    model = timm.create_model("vit_small_patch16_224", num_classes=p["C"]).to(case.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if compile_:
+        model = torch.compile(model)
+    images = torch.randn(B, 3, 224, 224, device=case.device)
+    classes = torch.randint(0, p["C"], (B,), device=case.device)
+
+    def step():
+        with _autocast(case):
+            loss = torch.nn.functional.cross_entropy(model(images), classes, label_smoothing=0.1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def check():
+        loss = float(step())
+        if not math.isfinite(loss):
+            raise CheckFailed(f"timm step loss {loss}")
+        return {}
+
+    gflop = GFLOP_PER_IMAGE["vit_small_patch16_224"]
+    return Prepared(modes={"train_step": step}, check=check, items=B, flops=gflop * 1e9 * B, mfu=True,
+                    notes=f"timm {timm.__version__} vit_small_patch16_224, CE with smoothing 0.1, AdamW fused, "
+                          f"{'compiled' if compile_ else 'eager'}; {gflop} GFLOP/image (training)")
+
+
+@register("step", "timm_vit_s_eager")
+def timm_vit_s_eager(case: Case) -> Prepared:
+    """timm vit_small_patch16_224 training step, eager."""
+    return _timm(case, False)
+
+
+@register("step", "timm_vit_s_compile")
+def timm_vit_s_compile(case: Case) -> Prepared:
+    """timm vit_small_patch16_224 training step, torch.compile."""
+    return _timm(case, True)
+
+
+@register("step", "loader_fed")
+def loader_fed(case: Case) -> Prepared:
+    """LV-ViT-S (attn auto, compiled on CUDA) fed by the real DALI loader: images/s and data-wait share."""
+    data = case.options.get("data")
+    if data is None:
+        raise Skip("needs --data (a folder or .tar of JPEGs) to feed the step from the real loader")
+    from .data import image_folder, label_store
+    from .loader import make_loader
+
+    root = image_folder(data)
+    store = label_store(root, case.options.get("labels"))
+    p = case.params
+    loader = make_loader("dali" if case.device.type == "cuda" else "torch", root, store, p["B"], p["img"],
+                         case.device)
+    return _lvvit_prepare(case, "auto", case.device.type == "cuda", loader=loader)
+
+
+def _attach_loader(prep: Prepared, step, loader) -> None:
+    """Time the step fed by ``loader``: wall time per step, and the time spent waiting in next()."""
+    stats = {}
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = batches()
+
+    def timer(fn, warmup, reps):
+        for _ in range(max(1, warmup)):
+            step(next(it))
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        waits, per_step = [], []
+        t_start = time.perf_counter()
+        last = t_start
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            batch = next(it)
+            waits.append(time.perf_counter() - t0)
+            step(batch)
+            now = time.perf_counter()
+            per_step.append((now - last) * 1e3)
+            last = now
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t_start
+        per_step[-1] += (time.perf_counter() - last) * 1e3  # the tail the sync waited for
+        stats["wait"] = 100.0 * sum(waits) / total
+        stats["n"] = reps
+        return per_step
+
+    prep.timer = timer
+    prep.check = None   # the same step is checked by the synthetic-input providers
+    prep.notes += "; fed by the real loader (data wait = time blocked in next(loader) / wall time)"
+    prep.extra_rows = lambda: [("train_step", "data_wait", stats["wait"], None, None, "%",
+                                f"share of wall time waiting for the loader over {stats['n']} steps")]
