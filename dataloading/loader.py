@@ -128,12 +128,7 @@ def finish_batch(images, meta, *, device, train, augment, dtype, generator):
     nb = dev.type == "cuda"
 
     def put(a, dt=None):
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        if dt is not None:
-            t = t.to(dt)
-        if nb:
-            t = t.pin_memory()
-        return t.to(dev, non_blocking=nb)
+        return ra.to_device(a, dev, dt)
 
     x = images.to(dev, non_blocking=nb).float()
     out = {"classes": put(meta["classes"], torch.int64), "sample_ids": put(meta["sample_ids"], torch.int64)}
@@ -141,20 +136,20 @@ def finish_batch(images, meta, *, device, train, augment, dtype, generator):
         if augment:
             if "ra_op" in meta:
                 x = ra.apply_torch(x, meta["ra_op"], meta["ra_arg"], meta["ra_interp"])
-            f = torch.as_tensor(meta["flips"], device=dev).view(-1, 1, 1, 1)
+            f = put(meta["flips"]).view(-1, 1, 1, 1)
             x = torch.where(f, x.flip(-1), x)
         out["boxes"] = put(meta["boxes"], torch.float32)
         out["flips"] = put(meta["flips"], torch.bool)
-    mean = torch.tensor([255 * m for m in IMAGENET_MEAN], device=dev).view(1, 3, 1, 1)
-    std = torch.tensor([255 * s for s in IMAGENET_STD], device=dev).view(1, 3, 1, 1)
+    mean = ra._const("mean255", [255 * m for m in IMAGENET_MEAN], dev).view(1, 3, 1, 1)
+    std = ra._const("std255", [255 * s for s in IMAGENET_STD], dev).view(1, 3, 1, 1)
     x = (x - mean) / std
     if train and meta["erase"].any():
         B, _, H, W = x.shape
         e = meta["erase_box"]
-        top, left, h, w = (torch.as_tensor(e[:, i], device=dev).view(-1, 1, 1, 1) for i in range(4))
+        top, left, h, w = (put(e[:, i]).view(-1, 1, 1, 1) for i in range(4))
         rows = torch.arange(H, device=dev).view(1, 1, H, 1)
         cols = torch.arange(W, device=dev).view(1, 1, 1, W)
-        on = torch.as_tensor(meta["erase"], device=dev).view(-1, 1, 1, 1)
+        on = put(meta["erase"]).view(-1, 1, 1, 1)
         mask = on & (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
         noise = torch.randn(x.shape, device=dev, generator=generator)
         x = torch.where(mask, noise, x)

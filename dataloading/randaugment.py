@@ -179,6 +179,26 @@ def apply_pil(img, ra_op, ra_arg, ra_interp):
 
 
 # ------------------------------------------------------------------------------------------ torch
+_CONST = {}
+
+
+def to_device(a, device, dtype=None):
+    """numpy -> tensor on ``device`` without a host sync (pinned + non_blocking on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype is not None:
+        t = t.to(dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _const(name, values, device, dtype=torch.float32):
+    key = (name, str(device), dtype)
+    if key not in _CONST:
+        _CONST[key] = to_device(np.asarray(values, np.float64), device, dtype)
+    return _CONST[key]
+
+
 def _blend(degenerate, x, factor):
     # PIL Image.blend on uint8: in1 + a * (in2 - in1), clipped, truncated
     return torch.clamp(degenerate + factor * (x - degenerate), 0, 255).floor()
@@ -215,7 +235,7 @@ def _autocontrast(x):
 
 
 def _sharpness(x, factor):
-    k = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=x.dtype, device=x.device) / 13.0
+    k = _const("smooth", np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13.0, x.device, x.dtype)
     sm = torch.nn.functional.conv2d(x.reshape(-1, 1, *x.shape[2:]), k[None, None]).reshape(
         x.shape[0], x.shape[1], x.shape[2] - 2, x.shape[3] - 2)
     deg = x.clone()
@@ -226,7 +246,7 @@ def _sharpness(x, factor):
 def _affine(x, M, bicubic):
     """out(p) = in(M p) in pixel coords, fill outside; M [n,3,3] float64 numpy."""
     n, c, H, W = x.shape
-    Mt = torch.as_tensor(M, dtype=torch.float32, device=x.device)
+    Mt = to_device(M, x.device, torch.float32)
     ys = torch.arange(H, device=x.device, dtype=torch.float32) + 0.5
     xs = torch.arange(W, device=x.device, dtype=torch.float32) + 0.5
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
@@ -238,14 +258,14 @@ def _affine(x, M, bicubic):
     y = torch.nn.functional.grid_sample(x, grid, mode="bicubic" if bicubic else "bilinear",
                                         padding_mode="border", align_corners=False)
     y = torch.clamp(y + 0.5, 0, 255).floor()
-    fill = torch.tensor(FILL, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    fill = _const("fill", FILL, x.device, x.dtype).view(1, 3, 1, 1)
     return torch.where(inside, y, fill)
 
 
 def _apply_group(x, op, arg, bicubic):
     """One op on a sub-batch x [m,3,H,W] (float, whole numbers in [0,255]); arg float64 numpy [m]."""
     dev, dt = x.device, x.dtype
-    a = torch.as_tensor(arg, dtype=dt, device=dev).view(-1, 1, 1, 1)
+    a = to_device(np.asarray(arg, np.float64), dev, dt).view(-1, 1, 1, 1)
     if op in GEOMETRIC:
         H, W = x.shape[2:]
         M = np.stack([affine_matrix(op, float(v), W, H) for v in arg])
@@ -292,7 +312,7 @@ def apply_torch(x, ra_op, ra_arg, ra_interp):
                 rows = np.nonzero(sel)[0]
                 if len(rows) == 0:
                     continue
-                ridx = torch.as_tensor(rows, device=x.device)
+                ridx = to_device(rows.astype(np.int64), x.device)
                 x[ridx] = _apply_group(x[ridx], int(op), ra_arg[rows, l], bool(bic))
     return x
 

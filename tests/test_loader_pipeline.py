@@ -1,0 +1,293 @@
+"""End-to-end loader tests on small real-JPEG folders: PIL backend always, DALI (CPU, device_id=None)
+where DALI imports, DALI "mixed" on the GPU with -m gpu."""
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_loader_util import dali_or_skip, folder, make_folder, make_store, to_uint8  # noqa: F401
+from tokenlabel.dataloading import build_loader
+
+BACKENDS = ["torch", "dali"]
+
+
+def _build(root, backend, **kw):
+    if backend == "dali":
+        dali_or_skip()
+    kw.setdefault("device", "cpu")
+    kw.setdefault("num_workers", 0 if backend == "torch" else 2)
+    return build_loader(root, backend=backend, **kw)
+
+
+def _epoch(loader, epoch, start_batch=0):
+    loader.set_epoch(epoch, start_batch)
+    return list(loader)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_format_labels_follow_images(folder, tmp_path, backend, gen):
+    root, rel = folder
+    seed = int(torch.randint(0, 1000, (1,), generator=gen))
+    make_store(str(tmp_path / "store"), rel, num_classes=7, k=2, size=6)
+    loader = _build(root, backend, labels=str(tmp_path / "store"), batch_size=5, image_size=32, seed=seed)
+    assert len(loader) == len(rel) // 5 and loader.num_classes == 7 and loader.classes == ["c0", "c1", "c2"]
+    assert loader.dataset_size == len(rel)
+    batches = _epoch(loader, 1)
+    assert len(batches) == len(loader)
+    for b in batches:
+        B = 5
+        assert b["images"].shape == (B, 3, 32, 32) and b["images"].dtype == torch.float32
+        assert b["classes"].dtype == torch.int64 and b["boxes"].shape == (B, 4) and b["boxes"].dtype == torch.float32
+        assert b["flips"].dtype == torch.bool
+        assert b["label_values"].shape == (B, 2, 6, 6) and b["label_values"].dtype == torch.float16
+        assert b["label_indices"].dtype == torch.int64
+        ids = b["sample_ids"].numpy()
+        # dataset index == store row here; RandAugment may have zeroed (warped out) some cells
+        v0 = b["label_values"][:, 0].float().numpy()
+        for j, i in enumerate(ids):
+            assert b["classes"][j] == int(rel[i].split("/")[0][1:])
+            vals = v0[j][v0[j] != 0]
+            assert (vals == i).all() and (len(vals) > 0 or i == 0)
+    seen = np.concatenate([b["sample_ids"].numpy() for b in batches])
+    assert len(np.unique(seen)) == len(seen)  # one epoch: no repeats
+    order2 = np.concatenate([b["sample_ids"].numpy() for b in _epoch(loader, 2)])
+    assert not np.array_equal(seen, order2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_epoch_same_batches_and_exact_resume(folder, backend):
+    root, rel = folder
+    loader = _build(root, backend, batch_size=4, image_size=24, seed=3)
+    full = _epoch(loader, 5)
+    again = _epoch(loader, 5)
+    resumed = _epoch(loader, 5, start_batch=2)
+    assert len(resumed) == len(full) - 2
+    for a, b in zip(full, again):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    for a, b in zip(full[2:], resumed):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_shards_partition_an_epoch(folder):
+    root, rel = folder  # 18 images, 3 shards
+    ids = []
+    for s in range(3):
+        loader = _build(root, "torch", batch_size=4, image_size=16, shard_id=s, num_shards=3, drop_last=False)
+        assert len(loader) == 2
+        ids.append(np.concatenate([b["sample_ids"].numpy() for b in _epoch(loader, 0)]))
+    allids = np.concatenate(ids)
+    assert sorted(allids.tolist()) == list(range(len(rel)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_shapes(folder, backend):
+    root, rel = folder
+    loader = _build(root, backend, batch_size=4, image_size=20, train=False)
+    assert len(loader) == -(-len(rel) // 4)
+    batches = _epoch(loader, 0)
+    assert [b["images"].shape[0] for b in batches] == [4, 4, 4, 4, 2]
+    assert set(batches[0]) == {"images", "classes", "sample_ids"}
+    ids = np.concatenate([b["sample_ids"].numpy() for b in batches])
+    assert ids.tolist() == list(range(len(rel)))  # eval: dataset order
+
+
+def test_dali_crop_is_the_returned_box(folder):
+    """DALI's decoded + resized crop equals a PIL crop of the returned box (flip applied as flagged),
+    and clearly differs from a crop shifted by a few pixels or left unflipped."""
+    dali_or_skip()
+    root, rel = folder
+    S = 48
+    loader = _build(root, "dali", batch_size=6, image_size=S, randaugment=None, random_erasing=0.0,
+                    interpolation="bilinear", seed=11)
+    errs, shifted, unflipped = [], [], []
+    for b in _epoch(loader, 0):
+        imgs = to_uint8(b["images"])
+        for j, i in enumerate(b["sample_ids"].tolist()):
+            full = Image.open(os.path.join(root, rel[i])).convert("RGB")
+            H, W = full.height, full.width
+            t, l, h, w = (b["boxes"][j].double().numpy() * [H, W, H, W]).round().astype(int)
+
+            def crop(dx, flip):
+                # dx > 0: the box with its left edge moved in by dx pixels (stretched: a misaligned crop)
+                c = np.asarray(full.resize((S, S), Image.BILINEAR, box=(l + dx, t, l + w, t + h)), np.float64)
+                return c[:, ::-1] if flip else c
+
+            f = bool(b["flips"][j])
+            errs.append(np.abs(imgs[j] - crop(0, f)).mean())
+            shifted.append(np.abs(imgs[j] - crop(max(2, w // 6), f)).mean())
+            unflipped.append(np.abs(imgs[j] - crop(0, not f)).mean())
+    errs, shifted, unflipped = map(np.array, (errs, shifted, unflipped))
+    assert errs.mean() < 2.0 and errs.max() < 5.0, errs
+    assert (shifted > errs).mean() > 0.9 and (unflipped > errs).mean() > 0.9
+
+
+def test_dali_and_pil_agree(folder, tmp_path):
+    """Same sampler and draws: the same samples, boxes, flips and label maps, and close pixels
+    (different JPEG decoders / resize kernels / RandAugment engines on the same parameters)."""
+    dali_or_skip()
+    root, rel = folder
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=3, size=8)
+    kw = dict(labels=str(tmp_path / "store"), batch_size=6, image_size=40, seed=7)
+    a = _epoch(_build(root, "dali", **kw), 2)
+    b = _epoch(_build(root, "torch", **kw), 2)
+    diffs = []
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for k in ("sample_ids", "classes", "boxes", "flips", "label_values", "label_indices"):
+            assert torch.equal(x[k], y[k]), k
+        assert x["images"].shape == y["images"].shape and x["images"].dtype == y["images"].dtype
+        diffs.append((to_uint8(x["images"]) - to_uint8(y["images"])).__abs__().mean(axis=(1, 2, 3)))
+    d = np.concatenate(diffs)
+    assert np.median(d) < 2.0 and d.max() < 8.0, d
+
+
+def _write_bad_files(root):
+    d = os.path.join(root, "c1")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(a).save(os.path.join(d, "png_named.jpg"), format="PNG")
+    Image.fromarray(a).convert("CMYK").save(os.path.join(d, "cmyk.jpg"), format="JPEG")
+    Image.fromarray(a[..., 0]).save(os.path.join(d, "gray.jpg"), format="JPEG")
+    Image.fromarray(a).save(os.path.join(d, "anim.jpg"), format="GIF")
+    with open(os.path.join(d, "garbage.jpg"), "wb") as f:
+        f.write(os.urandom(500))
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG")
+    with open(os.path.join(d, "truncated.jpg"), "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return {"c1/png_named.jpg", "c1/cmyk.jpg", "c1/gray.jpg", "c1/anim.jpg", "c1/truncated.jpg"}, "c1/garbage.jpg"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_decoded_or_skipped(folder, backend):
+    root, rel = folder
+    decodable, garbage = _write_bad_files(root)
+    loader = _build(root, backend, batch_size=4, image_size=24, drop_last=False)
+    with pytest.warns(RuntimeWarning, match="garbage.jpg"):
+        batches = _epoch(loader, 0)
+    from tokenlabel.dataloading.sampling import list_dataset
+
+    names = list_dataset(root).relpaths
+    seen = {names[i] for b in batches for i in b["sample_ids"].tolist()}
+    assert decodable <= seen and garbage not in seen
+    assert sum(b["images"].shape[0] for b in batches) == len(names)  # batches stay full
+    assert all(torch.isfinite(b["images"]).all() for b in batches)
+
+
+def test_missing_labels_and_incompatible_store(folder, tmp_path):
+    root, rel = folder
+    make_store(str(tmp_path / "part"), rel[:-3], num_classes=5, k=2, size=6)
+    with pytest.raises(ValueError, match="no label map.*" + rel[-1].replace(".", r"\.")):
+        build_loader(root, labels=str(tmp_path / "part"), backend="torch", device="cpu", batch_size=4)
+    loader = build_loader(root, labels=str(tmp_path / "part"), backend="torch", device="cpu", batch_size=4,
+                          num_workers=0, missing_labels="class", randaugment=None)
+    got = 0
+    for b in _epoch(loader, 0):
+        for j, i in enumerate(b["sample_ids"].tolist()):
+            if i >= len(rel) - 3:
+                got += 1
+                assert (b["label_values"][j, 0] == 20).all() and (b["label_values"][j, 1] == 0).all()
+                assert (b["label_indices"][j, 0] == b["classes"][j]).all()
+    assert got > 0
+    make_store(str(tmp_path / "full"), rel, num_classes=5, k=2, size=6)
+    for kw, name in ((dict(label_size=8), "size"), (dict(label_k=3), "k"), (dict(num_classes=1000), "num_classes")):
+        with pytest.raises(ValueError, match=name):
+            build_loader(root, labels=str(tmp_path / "full"), backend="torch", device="cpu", **kw)
+
+
+def test_bad_roots(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        build_loader(str(tmp_path / "nope"), backend="torch", device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        build_loader(str(tmp_path / "empty"), backend="torch", device="cpu")
+    (tmp_path / "empty" / "a").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        build_loader(str(tmp_path / "empty"), backend="torch", device="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        build_loader(str(tmp_path / "empty"), backend="tf", device="cpu")
+
+
+def test_file_list_root(folder, tmp_path):
+    root, rel = folder
+    lst = os.path.join(root, "list.txt")
+    with open(lst, "w") as f:
+        for p in rel[::2]:
+            f.write(f"{p} {int(p.split('/')[0][1:]) + 10}\n")
+    loader = _build(lst, "torch", batch_size=3, image_size=16, train=False)
+    assert loader.num_classes == 13 and loader.dataset_size == len(rel[::2])
+    b = _epoch(loader, 0)[0]
+    assert b["classes"].tolist() == [int(p.split("/")[0][1:]) + 10 for p in rel[::2][:3]]
+
+
+def test_pil_workers_and_bf16(folder):
+    root, rel = folder
+    loader = _build(root, "torch", batch_size=4, image_size=16, num_workers=2, dtype=torch.bfloat16,
+                    label_index_dtype=torch.int32)
+    ref = _build(root, "torch", batch_size=4, image_size=16, num_workers=0)
+    a, b = _epoch(loader, 1), _epoch(ref, 1)
+    assert a[0]["images"].dtype == torch.bfloat16
+    for x, y in zip(a, b):
+        assert torch.equal(x["sample_ids"], y["sample_ids"])
+        assert torch.allclose(x["images"].float(), y["images"], atol=0.05)
+
+
+def test_loader_throughput_runs(folder):
+    from tokenlabel.dataloading.loader import loader_throughput
+
+    root, rel = folder
+    r = loader_throughput(root, None, "torch", batch_size=4, image_size=16, num_batches=6, warmup=1,
+                          device="cpu", num_workers=0)
+    assert r > 0
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_batches_on_device(folder, tmp_path, backend):
+    root, rel = folder
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=2, size=6)
+    loader = _build(root, backend, labels=str(tmp_path / "store"), batch_size=4, image_size=32, device="cuda",
+                    num_workers=2)
+    for b in _epoch(loader, 0):
+        for k, v in b.items():
+            assert v.is_cuda, k
+        v0 = b["label_values"][:, 0].float().cpu().numpy()
+        for j, i in enumerate(b["sample_ids"].tolist()):
+            vals = v0[j][v0[j] != 0]
+            assert (vals == i).all()
+
+
+@pytest.mark.gpu
+def test_gpu_dali_mixed_matches_pil(folder, tmp_path):
+    dali_or_skip()
+    root, rel = folder
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=3, size=8)
+    kw = dict(labels=str(tmp_path / "store"), batch_size=6, image_size=40, seed=7, device="cuda")
+    a = _epoch(_build(root, "dali", **kw), 2)
+    b = _epoch(_build(root, "torch", **kw), 2)
+    d = []
+    for x, y in zip(a, b):
+        for k in ("sample_ids", "classes", "boxes", "flips", "label_values", "label_indices"):
+            assert torch.equal(x[k], y[k]), k
+        d.append((to_uint8(x["images"]) - to_uint8(y["images"])).__abs__().mean(axis=(1, 2, 3)))
+    assert np.median(np.concatenate(d)) < 6.0
+    loader = _build(root, "dali", batch_size=6, image_size=40, device="cuda", randaugment=None, random_erasing=0.0,
+                    interpolation="bilinear")
+    for bt in _epoch(loader, 0):
+        imgs = to_uint8(bt["images"])
+        for j, i in enumerate(bt["sample_ids"].tolist()):
+            full = Image.open(os.path.join(root, rel[i])).convert("RGB")
+            H, W = full.height, full.width
+            t, l, h, w = (bt["boxes"][j].double().cpu().numpy() * [H, W, H, W]).round().astype(int)
+            c = np.asarray(full.resize((40, 40), Image.BILINEAR, box=(l, t, l + w, t + h)), np.float64)
+            if bool(bt["flips"][j]):
+                c = c[:, ::-1]
+            assert np.abs(imgs[j] - c).mean() < 6.0
