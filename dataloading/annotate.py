@@ -178,17 +178,14 @@ def topk_label_maps(logits: torch.Tensor, size: int, k: int) -> tuple[torch.Tens
 
 
 def teacher_fingerprint(teacher: torch.nn.Module) -> str:
-    """A short hash of the teacher's parameter names, shapes and values (to refuse mixing teachers)."""
+    """A short hash of the teacher's state (names, shapes, dtypes and exact bytes), the same on any
+    device, so a resumed annotation refuses to mix label maps of two teachers."""
     h = hashlib.sha1()
-    sums = []
     with torch.no_grad():
-        for name, t in list(teacher.state_dict().items()):
-            h.update(f"{name}:{tuple(t.shape)};".encode())
-            if t.is_floating_point() and t.numel():
-                tt = t.detach().double()
-                sums.append(torch.stack([tt.sum(), tt.abs().sum(), (tt * tt).sum()]))
-    if sums:
-        h.update(np.round(torch.stack(sums).cpu().numpy(), 4).tobytes())
+        for name, t in teacher.state_dict().items():
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            if t.numel():
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

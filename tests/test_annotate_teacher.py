@@ -282,6 +282,12 @@ def test_cuda_matches_cpu(tmp_path, data, gen):
     annotate(teacher, data, tmp_path / "gpu", device="cuda", **kw)
     res = annotate(teacher, data, tmp_path / "amp", device="cuda", amp=True, **kw)
     assert res["done"] == 15
+    # a run started on the CPU resumes on the GPU (the teacher fingerprint does not depend on the device)
+    with pytest.raises(Stop):
+        annotate(teacher.cpu(), data, tmp_path / "mixed", device="cpu",
+                 on_batch=lambda b, r: (_ for _ in ()).throw(Stop()), **kw)
+    res = annotate(teacher, data, tmp_path / "mixed", device="cuda", **kw)
+    assert res["annotated"] == 7 and res["done"] == 15
     a, b = LabelStore.open(tmp_path / "cpu"), LabelStore.open(tmp_path / "gpu")
     va, ia = a.read(np.arange(15))
     vb, ib = b.read(np.arange(15))
