@@ -1,0 +1,53 @@
+"""`tokenlabel bench ... --quick` end to end on the CPU (Triton interpreted), into a tmp --out."""
+import subprocess
+import sys
+
+import pytest
+
+from tokenlabel.bench import results
+from tokenlabel.cli import main
+
+
+def test_bench_loss_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "res"
+    status = main(["bench", "loss", "--quick", "--out", str(out), "--reps", "1", "--warmup", "0",
+                   "--providers", "reference_eager,fused"])
+    assert status == 0
+    rows = results.read_rows(out / "loss.csv")
+    by = {(r["provider"], r["metric"]): r for r in rows}
+    # both providers were checked against the float64 reference and timed
+    for prov in ("reference_eager", "fused"):
+        assert ("status", prov) not in {(r["metric"], r["provider"]) for r in rows}, rows
+        assert by[(prov, "ms")]["p50"] > 0
+        assert by[(prov, "err_loss")]["p50"] <= 1e-4
+        assert by[(prov, "err_grad_aux_logits")]["p50"] <= 1e-4
+    assert by[("reference_eager", "speedup")]["p50"] == pytest.approx(1.0)
+    assert by[("fused", "speedup")]["p50"] > 0
+    assert by[("copy", "GB/s")]["p50"] > 0
+    assert all(r["gpu"] == "cpu" and r["torch"] for r in rows)
+    assert (out / "loss.png").stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "== loss" in text and "reference_eager *" in text
+
+    # a second run compared against the first
+    assert main(["bench", "loss", "--quick", "--out", str(tmp_path / "b"), "--reps", "1", "--warmup", "0",
+                 "--providers", "reference_eager", "--no-plot", "--compare", str(out / "loss.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "== compare" in text and "reference_eager" in text
+    assert not (tmp_path / "b" / "loss.png").exists()
+
+
+def test_bench_bad_arguments(tmp_path, capsys):
+    assert main(["bench", "loss", "--quick", "--out", str(tmp_path), "--providers", "nope"]) == 2
+    assert "unknown" in capsys.readouterr().err
+    assert main(["bench", "loss", "--quick", "--out", str(tmp_path), "--shapes", "XL"]) == 2
+    assert "--shapes" in capsys.readouterr().err
+    assert main(["bench", "loss", "--quick", "--out", str(tmp_path), "--compare", str(tmp_path / "none.csv")]) == 2
+    assert main(["bench", "all", "--list"]) == 0
+    assert "(baseline)" in capsys.readouterr().out
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "tokenlabel", "bench", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "--compare" in r.stdout

@@ -1,0 +1,132 @@
+"""bench/: results writer/reader, table, plot, --compare and the provider registry (CPU, fast)."""
+import math
+import random
+
+import pytest
+
+from tokenlabel.bench import compare, registry, results
+from tokenlabel.bench.plot import main as plot_main
+from tokenlabel.bench.plot import plot_rows
+
+ENV = {"gpu": "TestGPU", "torch": "2.x", "triton": "3.x", "dali": "", "xformers": "", "cuda": "12.8"}
+
+
+def sample_rows(rng, date="2026-01-01T00:00:00Z", scale=1.0):
+    rows = []
+    for shape in ("S224", "C21841"):
+        for prov, base in (("reference_eager", True), ("fused", False)):
+            ms = rng.uniform(0.05, 9.0) * scale
+            rows.append(results.make_row(ENV, date, op="loss", provider=prov, baseline=base, mode="fwd+bwd",
+                                         shape=shape, dtype="bf16", metric="ms", p50=ms, p20=ms * 0.97,
+                                         p80=ms * 1.05, unit="ms", notes="n=20, with \"quotes\", commas"))
+            rows.append(results.make_row(ENV, date, op="loss", provider=prov, baseline=base, mode="fwd+bwd",
+                                         shape=shape, dtype="bf16", metric="GB/s", p50=rng.uniform(10, 3000),
+                                         unit="GB/s"))
+    rows.append(results.make_row(ENV, date, op="loss", provider="fused_linear", mode="-", shape="S224",
+                                 dtype="bf16", metric="status", notes="skipped: not available"))
+    return rows
+
+
+def test_round_trip(tmp_path):
+    rng = random.Random()
+    rows = sample_rows(rng)
+    path = results.append_rows(tmp_path / "loss.csv", rows)
+    results.append_rows(path, rows[:2])                      # appending keeps one header
+    back = results.read_rows(path)
+    assert len(back) == len(rows) + 2
+    for a, b in zip(rows, back):
+        assert set(b) == set(results.COLUMNS)
+        for c in results.COLUMNS:
+            if c in results.NUMERIC:
+                if a[c] == "":
+                    assert b[c] is None
+                else:
+                    assert math.isclose(b[c], a[c], rel_tol=1e-5)
+            else:
+                assert str(b[c]) == str(a[c]), c
+    assert back[0]["baseline"] is True and back[2]["baseline"] is False
+
+
+def test_bad_rows_and_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown result column"):
+        results.make_row(ENV, "d", op="loss", speed=3)
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="expected"):
+        results.append_rows(other, sample_rows(random.Random()))
+    with pytest.raises(ValueError, match="not a results CSV"):
+        results.read_rows(other)
+    with pytest.raises(ValueError, match="does not exist"):
+        results.read_rows(tmp_path / "missing.csv")
+
+
+def test_table_shows_each_provider(tmp_path):
+    rows = sample_rows(random.Random())
+    text = results.format_table(rows)
+    assert "== loss" in text
+    for name in ("reference_eager *", "fused", "fused_linear", "skipped: not available"):
+        assert name in text
+    assert text.count("\n") >= 6
+
+
+def test_latest_keeps_newest(tmp_path):
+    rng = random.Random()
+    old = sample_rows(rng, date="2026-01-01T00:00:00Z")
+    new = sample_rows(rng, date="2026-02-01T00:00:00Z")
+    kept = results.latest(old + new)
+    assert len(kept) == len(new)
+    assert all(r["date"] == "2026-02-01T00:00:00Z" for r in kept)
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = sample_rows(random.Random())
+    png = plot_rows(rows, tmp_path / "loss.png", title="loss")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    csv = results.append_rows(tmp_path / "r" / "loss.csv", results.read_rows(results.append_rows(
+        tmp_path / "tmp.csv", rows)))
+    assert plot_main([str(csv)]) == 0
+    assert (tmp_path / "r" / "loss.png").stat().st_size > 5000
+    with pytest.raises(ValueError, match="no timed rows"):
+        plot_rows([r for r in rows if r["metric"] == "status"], tmp_path / "x.png")
+
+
+def test_compare_two_files(tmp_path, capsys):
+    rng = random.Random()
+    old = sample_rows(rng, date="2026-01-01T00:00:00Z")
+    new = [dict(r) for r in old]
+    for r in new:
+        r["date"] = "2026-02-01T00:00:00Z"
+        if r["metric"] == "ms":
+            r["p50"] = r["p50"] / 2          # twice as fast
+    a = results.append_rows(tmp_path / "old.csv", old)
+    b = results.append_rows(tmp_path / "new.csv", new)
+    entries = compare.compare_rows(results.read_rows(a), results.read_rows(b))
+    ms = [e for e in entries if e["metric"] == "ms"]
+    assert len(ms) == 4
+    assert all(math.isclose(e["ratio"], 0.5, rel_tol=1e-4) and e["better"] for e in ms)
+    gbs = [e for e in entries if e["metric"] == "GB/s"]
+    assert all(math.isclose(e["ratio"], 1.0, rel_tol=1e-4) and e["better"] is None for e in gbs)
+    assert compare.main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "-50.0% better" in out and "fused" in out
+    assert "no (op, provider" in compare.format_comparison([])
+
+
+@pytest.mark.parametrize("op", registry.OPS)
+def test_registry_one_baseline(op):
+    provs = registry.providers(op)
+    assert len(provs) >= 2
+    assert sum(p.baseline for p in provs) == 1
+    assert provs[0].baseline and registry.baseline(op) is provs[0]
+    assert len({p.name for p in provs}) == len(provs)
+
+
+def test_registry_rejects_second_baseline_and_unknown_op():
+    registry.providers("loss")
+    with pytest.raises(ValueError, match="already has baseline"):
+        registry.register("loss", "another_baseline", baseline=True)(lambda case: None)
+    with pytest.raises(ValueError, match="op must be one of"):
+        registry.register("nope", "x")
+    assert "another_baseline" not in {p.name for p in registry.providers("loss")}
