@@ -207,7 +207,8 @@ def store_info(path, sample: int = 2048, seed: int = 0) -> dict:
     apparent = sum(os.path.getsize(Path(path) / f) for f in os.listdir(path) if (Path(path) / f).is_file())
     info = {"path": str(path), "num_classes": st.num_classes, "k": st.k, "size": st.size, "count": len(st),
             "done": int(len(done)), "values_dtype": str(st.values.dtype), "indices_dtype": str(st.indices.dtype),
-            "disk_bytes": st.disk_bytes(), "apparent_bytes": apparent, "provenance": st.provenance}
+            "disk_bytes": st.disk_bytes(), "apparent_bytes": apparent, "provenance": st.provenance,
+            "not_done_examples": [st.paths[i] for i in np.flatnonzero(~st.done)[:5]]}
     if len(done):
         rows = done if len(done) <= sample else np.sort(np.random.default_rng(seed).choice(done, sample, replace=False))
         values, ids = st.read(rows)
@@ -241,6 +242,8 @@ def format_info(info: dict) -> str:
              f"  done           {info['done']} ({100.0 * info['done'] / max(1, info['count']):.1f}%)",
              f"  dtypes         values {info['values_dtype']}, indices {info['indices_dtype']}",
              f"  disk           {_human(info['disk_bytes'])} allocated, {_human(info['apparent_bytes'])} apparent"]
+    if info["not_done_examples"]:
+        lines.append(f"  not done, e.g. {', '.join(info['not_done_examples'])}")
     prov = info.get("provenance") or {}
     if prov:
         lines.append(f"  provenance     {json.dumps(prov, sort_keys=True)}")

@@ -118,6 +118,7 @@ def test_info_output(tmp_path, gen, capsys):
                    "done           8 (88.9%)", "values float16, indices int16", "allocated",
                    "classes present       1 of 100", "most common           17: 100.00%"]:
         assert needle in out, (needle, out)
+    assert f"not done, e.g. {st.paths[0]}" in out
     assert main(["labels", "info", str(tmp_path / "st"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["done"] == 8 and info["histogram"]["top1_most_common"] == [[17, 1.0]]
