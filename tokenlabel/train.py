@@ -112,28 +112,28 @@ CHECKPOINT_FORMAT = "tokenlabel-train"
 
 
 def _parse_kv(text: str) -> dict:
-    """``depth=2,embed_dim=48`` (or several ``--model-kwargs`` flags) -> dict with int/float/bool values."""
+    """``depth=2,embed_dim=48,widths=[16,32]`` -> dict; values read as YAML scalars/lists (int, float, bool)."""
+    import yaml
+
+    items, depth, cur = [], 0, ""
+    for ch in text:  # split on commas outside brackets
+        depth += (ch in "[(") - (ch in "])")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
     out = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
+    for item in filter(None, (p.strip() for p in items)):
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"--model-kwargs expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = _coerce(v.strip())
-    return out
-
-
-def _coerce(v: str):
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
         try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+            out[k.strip()] = yaml.safe_load(v.strip().replace("(", "[").replace(")", "]"))
+        except yaml.YAMLError:
+            out[k.strip()] = v.strip()
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -457,7 +457,10 @@ def finetune_from(model: torch.nn.Module, path: str) -> None:
     heads = [k for k in sd if k.split(".")[0] in ("head", "aux_head") and k in own and sd[k].shape != own[k].shape]
     sd = {k: v for k, v in sd.items() if k not in heads}
     try:
-        rep = M.load_state_dict_into(model, sd, strict=False, resize_pos_embed=True, source=f"--finetune {path}")
+        if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+            sd["pos_embed"] = M.resize_pos_embed(sd["pos_embed"], int(round((own["pos_embed"].shape[1] - 1) ** 0.5)))
+            print(f"[train] position embedding resized to the {model.patch_grid}x{model.patch_grid} token grid")
+        rep = M.load_state_dict_into(model, sd, strict=False, source=f"--finetune {path}")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     missing = [k for k in rep["missing_keys"] if k not in heads]
