@@ -26,7 +26,7 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cls_logits, features, weight, bias, label_values, label_indices, boxes, flips, mix_tensor,
                 gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original, chunk):
-        from .token_label_ce import _TB, _cls_launch, _row_block, _token_rows_kernel
+        from .token_label_ce import _TB, _cls_launch, _token_rows_kernel, _workspace
 
         B, N, D = features.shape
         C = weight.shape[0]
@@ -42,15 +42,8 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
         grad_feat = torch.empty(B, N, D, device=dev, dtype=features.dtype)
         grad_w = torch.zeros(C, D, device=dev, dtype=torch.float32) if weight.requires_grad else None
         grad_b = torch.zeros(C, device=dev, dtype=torch.float32) if (bias is not None and bias.requires_grad) else None
-        zc = torch.zeros(B, C, device=dev, dtype=torch.float32)
-        loss = torch.zeros((), device=dev, dtype=torch.float32)
-        row_loss = torch.empty(B * N, device=dev, dtype=torch.float32)
-        values = label_values.contiguous()
-        indices = label_indices.contiguous()
-        boxes_f = boxes.to(torch.float32).contiguous()
-        flips_u8 = flips.to(torch.uint8).contiguous()
-        BLOCK_C, single = _row_block(C)
-        nw = 4 if BLOCK_C <= 1024 else 8
+        ws = _workspace(label_values, label_indices, boxes, flips, B, N, C)
+        zc, loss, row_loss = ws.zc, ws.loss, ws.row_loss
         logits_buf = torch.empty(min(chunk, B) * N, C, device=dev, dtype=dt)
         grad_buf = torch.empty_like(logits_buf)
         for b0 in range(0, B, chunk):
@@ -64,9 +57,9 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
                 torch.mm(f, w.t(), out=x)
             n_cls = B if b0 == 0 else 0
             _token_rows_kernel[(n_cls + bc * N,)](
-                x, g, row_loss[b0 * N:], zc, values, indices, boxes_f, flips_u8,
+                x, g, row_loss[b0 * N:], zc, ws.values, ws.indices, ws.boxes, ws.flips,
                 n_cls, b0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
-                ORIGINAL=bool(original), BLOCK_C=BLOCK_C, SINGLE=single, TB=_TB, num_warps=nw,
+                ORIGINAL=bool(original), BLOCK_C=ws.block_c, SINGLE=ws.single, TB=_TB, num_warps=ws.num_warps,
             )
             grad_feat[b0:b0 + bc] = (g @ w).view(bc, N, D).to(features.dtype)
             if grad_w is not None:

@@ -122,8 +122,13 @@ def _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_
     b0 = 0
     while b0 < n_ent:
         eB = b0 + tl.arange(0, TB)
-        cidB, wB, validB, _ = _entries(eB, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
-                                       S, C, flip)
+        if b0 == a0:  # the diagonal block is chunk A itself: no second gather
+            cidB = cidA
+            wB = wA
+            validB = validA
+        else:
+            cidB, wB, validB, _ = _entries(eB, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
+                                           S, C, flip)
         eq = (cidA[:, None] == cidB[None, :]) & validB[None, :]
         zA += tl.sum(tl.where(eq, wB[None, :], 0.0), axis=1)
         dupA += tl.sum((eq & (eB[None, :] < eA[:, None])).to(tl.int32), axis=1)
@@ -200,107 +205,106 @@ def _token_rows_kernel(
             a0 += TB
         if nbad > 0:  # invalid class ids or box: poison the cls target so the loss is NaN
             tl.atomic_add(zrow, float("nan"))
-        return
-
-    # ---- one token row: sample b, output cell (p, q)
-    row = pid - n_cls
-    b = b_offset + row // N
-    n = row % N
-    p = n // L
-    q = n % L
-    row64 = row.to(tl.int64)
-    x_row = x_ptr + row64 * C
-    g_row = grad_ptr + row64 * C
-    cols = tl.arange(0, BLOCK_C)
-    s_over_c = smoothing / C
-    on = 1.0 - smoothing + s_over_c
-    off = s_over_c
-    t_sum = 1.0 + s_over_c
-
-    # 1. one read of the row: log-sum-exp, sum(x), non-finite count
-    if SINGLE:
-        mask = cols < C
-        x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        mx = tl.max(x, axis=0)
-        se = tl.sum(tl.where(mask, tl.exp(x - mx), 0.0), axis=0)
-        sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
-        n_nonfinite = tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
     else:
-        mx = float("-inf")
-        se = 0.0
-        sum_x = 0.0
-        n_nonfinite = 0
-        c0 = 0
-        while c0 < C:
-            mask = c0 + cols < C
-            xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(mx, tl.max(xb_, axis=0))
-            se = se * tl.exp(mx - m_new) + tl.sum(tl.where(mask, tl.exp(xb_ - m_new), 0.0), axis=0)
-            mx = m_new
-            sum_x += tl.sum(tl.where(mask, xb_, 0.0), axis=0)
-            n_nonfinite += tl.sum((mask & ~(tl.abs(xb_) < float("inf"))).to(tl.int32), axis=0)
-            c0 += BLOCK_C
-    lse = mx + tl.log(se)
+        # ---- one token row: sample b, output cell (p, q)
+        row = pid - n_cls
+        b = b_offset + row // N
+        n = row % N
+        p = n // L
+        q = n % L
+        row64 = row.to(tl.int64)
+        x_row = x_ptr + row64 * C
+        g_row = grad_ptr + row64 * C
+        cols = tl.arange(0, BLOCK_C)
+        s_over_c = smoothing / C
+        on = 1.0 - smoothing + s_over_c
+        off = s_over_c
+        t_sum = 1.0 + s_over_c
 
-    # 2. the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
-    yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, L,
-                                                                                 p, q, ORIGINAL)
-    ncols = c_hi - c_lo + 1
-    n_ent = (r_hi - r_lo + 1) * ncols * K
-    val_b = val_ptr + b.to(tl.int64) * K * S * S
-    idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-    m = 0.0
-    sum_ez = 0.0
-    sum_ezx = 0.0
-    sum_xu = 0.0
-    n_u = 0
-    n_bad = 1 - ok.to(tl.int32)
-    a0 = 0
-    while a0 < n_ent:
-        cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
-                                                   val_b, idx_b, S, C, flip, TB)
-        xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(tl.where(first, z, 0.0), axis=0))
-        r = tl.exp(m - m_new)
-        ez = tl.where(first, tl.exp(z - m_new), 0.0)
-        sum_ez = sum_ez * r + tl.sum(ez, axis=0)
-        sum_ezx = sum_ezx * r + tl.sum(ez * xu, axis=0)
-        sum_xu += tl.sum(xu, axis=0)
-        n_u += tl.sum(first.to(tl.int32), axis=0)
-        n_bad += tl.sum(bad.to(tl.int32), axis=0)
-        m = m_new
-        a0 += TB
-    e_off = tl.exp(-m)  # e^{0 - m}: every class outside U
-    Z = sum_ez + (C - n_u).to(tl.float32) * e_off
-    loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
-    loss = tl.where((n_nonfinite + n_bad) > 0, float("nan"), loss)
-    tl.store(row_loss_ptr + row64, loss * scale)
+        # 1. one read of the row: log-sum-exp, sum(x), non-finite count
+        if SINGLE:
+            mask = cols < C
+            x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            mx = tl.max(x, axis=0)
+            se = tl.sum(tl.where(mask, tl.exp(x - mx), 0.0), axis=0)
+            sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
+            n_nonfinite = tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+        else:
+            mx = float("-inf")
+            se = 0.0
+            sum_x = 0.0
+            n_nonfinite = 0
+            c0 = 0
+            while c0 < C:
+                mask = c0 + cols < C
+                xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(mx, tl.max(xb_, axis=0))
+                se = se * tl.exp(mx - m_new) + tl.sum(tl.where(mask, tl.exp(xb_ - m_new), 0.0), axis=0)
+                mx = m_new
+                sum_x += tl.sum(tl.where(mask, xb_, 0.0), axis=0)
+                n_nonfinite += tl.sum((mask & ~(tl.abs(xb_) < float("inf"))).to(tl.int32), axis=0)
+                c0 += BLOCK_C
+        lse = mx + tl.log(se)
 
-    # 3. dense gradient: every class gets the off-U target first
-    t_rest = on * e_off / Z + off
-    if SINGLE:
-        g = (t_sum * tl.exp(x - lse) - t_rest) * scale
-        tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
-    else:
-        c0 = 0
-        while c0 < C:
-            mask = c0 + cols < C
-            xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            g = (t_sum * tl.exp(xb_ - lse) - t_rest) * scale
-            tl.store(g_row + c0 + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
-            c0 += BLOCK_C
-    tl.debug_barrier()
+        # 2. the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
+        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, L,
+                                                                                     p, q, ORIGINAL)
+        ncols = c_hi - c_lo + 1
+        n_ent = (r_hi - r_lo + 1) * ncols * K
+        val_b = val_ptr + b.to(tl.int64) * K * S * S
+        idx_b = idx_ptr + b.to(tl.int64) * K * S * S
+        m = 0.0
+        sum_ez = 0.0
+        sum_ezx = 0.0
+        sum_xu = 0.0
+        n_u = 0
+        n_bad = 1 - ok.to(tl.int32)
+        a0 = 0
+        while a0 < n_ent:
+            cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
+                                                       val_b, idx_b, S, C, flip, TB)
+            xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(tl.where(first, z, 0.0), axis=0))
+            r = tl.exp(m - m_new)
+            ez = tl.where(first, tl.exp(z - m_new), 0.0)
+            sum_ez = sum_ez * r + tl.sum(ez, axis=0)
+            sum_ezx = sum_ezx * r + tl.sum(ez * xu, axis=0)
+            sum_xu += tl.sum(xu, axis=0)
+            n_u += tl.sum(first.to(tl.int32), axis=0)
+            n_bad += tl.sum(bad.to(tl.int32), axis=0)
+            m = m_new
+            a0 += TB
+        e_off = tl.exp(-m)  # e^{0 - m}: every class outside U
+        Z = sum_ez + (C - n_u).to(tl.float32) * e_off
+        loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
+        loss = tl.where((n_nonfinite + n_bad) > 0, float("nan"), loss)
+        tl.store(row_loss_ptr + row64, loss * scale)
 
-    # 4. corrections at the classes of U (duplicates write the same value)
-    a0 = 0
-    while a0 < n_ent:
-        cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
-                                                   val_b, idx_b, S, C, flip, TB)
-        xu = tl.load(x_row + cid, mask=valid, other=0.0).to(tl.float32)
-        t_u = on * tl.exp(z - m) / Z + off
-        g = (t_sum * tl.exp(xu - lse) - t_u) * scale
-        tl.store(g_row + cid, g.to(grad_ptr.dtype.element_ty), mask=valid)
-        a0 += TB
+        # 3. dense gradient: every class gets the off-U target first
+        t_rest = on * e_off / Z + off
+        if SINGLE:
+            g = (t_sum * tl.exp(x - lse) - t_rest) * scale
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            c0 = 0
+            while c0 < C:
+                mask = c0 + cols < C
+                xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+                g = (t_sum * tl.exp(xb_ - lse) - t_rest) * scale
+                tl.store(g_row + c0 + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                c0 += BLOCK_C
+        tl.debug_barrier()
+
+        # 4. corrections at the classes of U (duplicates write the same value)
+        a0 = 0
+        while a0 < n_ent:
+            cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
+                                                       val_b, idx_b, S, C, flip, TB)
+            xu = tl.load(x_row + cid, mask=valid, other=0.0).to(tl.float32)
+            t_u = on * tl.exp(z - m) / Z + off
+            g = (t_sum * tl.exp(xu - lse) - t_u) * scale
+            tl.store(g_row + cid, g.to(grad_ptr.dtype.element_ty), mask=valid)
+            a0 += TB
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,6 +459,25 @@ def _row_block(C):
     return 4096, False
 
 
+class _Workspace:
+    """Kernel inputs in kernel layout plus the small fp32 buffers: zc [B, C], row losses [B*N], loss."""
+
+    def __init__(self, label_values, label_indices, boxes, flips, B, N, C):
+        dev = label_values.device
+        self.zc = torch.zeros(B, C, device=dev, dtype=torch.float32)
+        self.loss = torch.zeros((), device=dev, dtype=torch.float32)
+        self.row_loss = torch.empty(B * N, device=dev, dtype=torch.float32)
+        self.values = label_values.contiguous()
+        self.indices = label_indices.contiguous()
+        self.boxes = boxes.to(torch.float32).contiguous()
+        self.flips = flips.to(torch.uint8).contiguous()
+        self.block_c, self.single = _row_block(C)
+        self.num_warps = 4 if self.block_c <= 1024 else 8
+
+
+_workspace = _Workspace
+
+
 def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
                            gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original,
                            grad_cls=None, grad_aux=None):
@@ -477,20 +500,13 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
         grad_aux = torch.empty_like(x_aux)
     if grad_cls is None:
         grad_cls = torch.empty_like(x_cls)
-    zc = torch.zeros(B, C, device=dev, dtype=torch.float32)
-    loss = torch.zeros((), device=dev, dtype=torch.float32)
-    row_loss = torch.empty(B * N, device=dev, dtype=torch.float32)
-    values = label_values.contiguous()
-    indices = label_indices.contiguous()
-    boxes_f = boxes.to(torch.float32).contiguous()
-    flips_u8 = flips.to(torch.uint8).contiguous()
-    BLOCK_C, single = _row_block(C)
-    nw = 4 if BLOCK_C <= 1024 else 8
+    w = _workspace(label_values, label_indices, boxes, flips, B, N, C)
     _token_rows_kernel[(B + B * N,)](
-        x_aux, grad_aux, row_loss, zc, values, indices, boxes_f, flips_u8,
+        x_aux, grad_aux, w.row_loss, w.zc, w.values, w.indices, w.boxes, w.flips,
         B, 0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
-        ORIGINAL=bool(original), BLOCK_C=BLOCK_C, SINGLE=single, TB=_TB, num_warps=nw,
+        ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TB=_TB, num_warps=w.num_warps,
     )
+    zc, row_loss, loss = w.zc, w.row_loss, w.loss
     _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
                 ground_truth)
     return loss, grad_cls, grad_aux.view(B, N, C)

@@ -1,0 +1,337 @@
+"""Fused token-label loss vs the float64 reference (CPU: Triton interpreter, small shapes; GPU: `-m gpu`)."""
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from tokenlabel.kernels import (TokenLabelCrossEntropy, fused_linear_token_label_cross_entropy,
+                                roi_align_label_maps, token_label_cross_entropy)
+from tokenlabel.kernels._tune import make_inputs
+from tokenlabel.kernels.reference import (reference_style_loss, roi_align_label_maps_reference,
+                                          token_label_cross_entropy_reference)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _run(fn, d, cls, aux, **kw):
+    return fn(cls, aux, d["values"], d["indices"], d["boxes"], d["flips"], **kw)
+
+
+def _loss_and_grads(fn, d, dtype, **kw):
+    cls = d["cls"].detach().to(dtype).requires_grad_()
+    aux = d["aux"].detach().to(dtype).requires_grad_()
+    loss = _run(fn, d, cls, aux, **kw)
+    loss.backward()
+    return loss.detach().double(), cls.grad.double(), aux.grad.double()
+
+
+def _errors(got, ref):
+    """max abs error of (loss, grad cls, grad aux), each relative to the reference's largest magnitude."""
+    return [((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(got, ref)]
+
+
+def _compare(d, dtype, kw, eager_dtype=None):
+    """Fused error <= 2x the eager PyTorch error in the same dtype (+ a floor at that dtype's rounding)."""
+    ref = _loss_and_grads(token_label_cross_entropy_reference, d, torch.float64, **kw)
+    fused = _loss_and_grads(token_label_cross_entropy, d, dtype, **kw)
+    eager = _loss_and_grads(reference_style_loss, d, eager_dtype or dtype, **kw)
+    ef, ee = _errors(fused, ref), _errors(eager, ref)
+    floor = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    for name, a, b in zip(("loss", "grad cls", "grad aux"), ef, ee):
+        assert a <= 2 * b + floor, f"{name}: fused error {a:.3e} vs eager {b:.3e} ({kw})"
+    return ef
+
+
+def _kw(d, mix, smoothing, gt, box_order):
+    return dict(mix_box=d["mix"] if mix else None, gt_classes=d["gt"], ground_truth=gt, smoothing=smoothing,
+                box_order=box_order)
+
+
+# The CPU subset of the grid (the interpreter runs every program in Python): each case picks the
+# other options at random, so successive runs cover the rest of the grid.
+CPU_CASES = [  # (B, L, C, S, k)
+    (1, 1, 10, 12, 1),
+    (3, 3, 10, 12, 5),
+    (2, 3, 1001, 18, 5),
+    (1, 7, 10, 18, 5),
+    (3, 2, 1000, 12, 1),
+    (2, 4, 10, 18, 5),
+]
+
+
+@pytest.mark.parametrize("B,L,C,S,k", CPU_CASES)
+def test_fused_matches_reference_cpu(B, L, C, S, k, gen, device):
+    rnd = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    d = make_inputs(B, L * L, C, S, k, torch.float32, device, generator=gen, flips=None)
+    kw = _kw(d, rnd.random() < 0.5, rnd.choice([0.0, 0.1]), rnd.random() < 0.5, rnd.choice(["hw", "original"]))
+    _compare(d, torch.float32, kw)
+
+
+def test_fused_one_token_row_large_L(gen, device):
+    """L = 14 (the LV-ViT-S/224 grid) for one sample: bilinear grids of 1 and 2 samples per bin."""
+    d = make_inputs(1, 196, 10, 18, 5, torch.float32, device, generator=gen)
+    _compare(d, torch.float32, _kw(d, True, 0.1, False, "hw"))
+
+
+def test_full_box_and_flip(gen, device):
+    """A full-image box (cls pooling over the whole map, the widest adaptive grid) with a flip."""
+    d = make_inputs(2, 4, 10, 12, 5, torch.float32, device, generator=gen, flips=True)
+    d["boxes"] = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.2, 0.1, 0.8, 0.9]], device=device)
+    _compare(d, torch.float32, _kw(d, True, 0.1, True, "original"))
+
+
+def test_mix_box_as_tensor_and_int32_indices(gen, device):
+    d = make_inputs(3, 9, 10, 12, 5, torch.float32, device, generator=gen, index_dtype=torch.int32)
+    ref = _loss_and_grads(token_label_cross_entropy_reference, d, torch.float64, **_kw(d, True, 0.1, False, "hw"))
+    kw = _kw(d, True, 0.1, False, "hw")
+    kw["mix_box"] = torch.tensor(d["mix"], device=device)
+    got = _loss_and_grads(token_label_cross_entropy, d, torch.float32, **kw)
+    assert max(_errors(got, ref)) < 1e-5
+
+
+def test_grad_output_scaling(gen, device):
+    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    cls = d["cls"].detach().requires_grad_()
+    aux = d["aux"].detach().requires_grad_()
+    (-2.5 * _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"])).backward()
+    c64 = d["cls"].detach().double().requires_grad_()
+    a64 = d["aux"].detach().double().requires_grad_()
+    (-2.5 * _run(token_label_cross_entropy_reference, d, c64, a64, mix_box=d["mix"])).backward()
+    torch.testing.assert_close(cls.grad.double(), c64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(aux.grad.double(), a64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_weights(gen, device):
+    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    kw = dict(dense_weight=0.5, cls_weight=2.0, mix_box=d["mix"])
+    got = _loss_and_grads(token_label_cross_entropy, d, torch.float32, **kw)
+    ref = _loss_and_grads(token_label_cross_entropy_reference, d, torch.float64, **kw)
+    assert max(_errors(got, ref)) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_logits_give_nan(bad, gen, device):
+    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    for which in ("cls", "aux"):
+        cls = d["cls"].detach().clone()
+        aux = d["aux"].detach().clone()
+        (cls if which == "cls" else aux).view(-1)[3] = bad
+        loss = _run(token_label_cross_entropy, d, cls, aux)
+        assert torch.isnan(loss), f"{which} with {bad}: loss {loss}"
+
+
+def test_bad_values_without_validation_give_nan(gen, device):
+    """validate=False (the default on CUDA): bad ids or boxes poison the loss instead of a host sync."""
+    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    idx = d["indices"].clone()
+    idx[1, 0, 2, 3] = 10
+    loss = token_label_cross_entropy(d["cls"], d["aux"], d["values"], idx, d["boxes"], d["flips"], validate=False)
+    assert torch.isnan(loss)
+    boxes = d["boxes"].clone()
+    boxes[0, 2] = -0.5
+    loss = token_label_cross_entropy(d["cls"], d["aux"], d["values"], d["indices"], boxes, d["flips"],
+                                     validate=False)
+    assert torch.isnan(loss)
+
+
+def test_fused_linear_matches_reference(gen, device):
+    B, L, C, D = 2, 3, 10, 6
+    d = make_inputs(B, L * L, C, 12, 3, torch.float32, device, generator=gen)
+    feats = torch.randn(B, L * L, D, generator=gen).to(device)
+    W = torch.randn(C, D, generator=gen).to(device)
+    bias = torch.randn(C, generator=gen).to(device)
+    kw = dict(mix_box=d["mix"], gt_classes=d["gt"], ground_truth=True)
+    p64 = [t.double().requires_grad_() for t in (d["cls"].detach(), feats, W, bias)]
+    l64 = token_label_cross_entropy_reference(p64[0], p64[1] @ p64[2].T + p64[3], d["values"], d["indices"],
+                                              d["boxes"], d["flips"], **kw)
+    l64.backward()
+    p32 = [t.detach().float().requires_grad_() for t in p64]
+    l32 = fused_linear_token_label_cross_entropy(p32[0], p32[1], p32[2], p32[3], d["values"], d["indices"],
+                                                 d["boxes"], d["flips"], chunk_samples=1, **kw)
+    l32.backward()
+    assert abs(l32.item() - l64.item()) < 1e-5 * abs(l64.item())
+    for a, b in zip(p32, p64):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_targets_match_reference(gen, device):
+    d = make_inputs(3, 16, 1001, 12, 5, torch.float32, device, generator=gen)
+    for order in ("hw", "original"):
+        got = roi_align_label_maps(d["values"], d["indices"], d["boxes"], d["flips"], 1001, 4, 0.1, order)
+        ref = roi_align_label_maps_reference(d["values"], d["indices"], d["boxes"], d["flips"], 1001, 4, 0.1, order)
+        assert got.shape == (3, 17, 1001) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got.sum(-1), torch.full((3, 17), 1 + 0.1 / 1001, device=device))
+
+
+def _reference_target(d, C, L, smoothing=0.1):
+    """The reference repo's [B, C, 2 + N] target (GT column, cls, tokens) from our dense targets."""
+    t = roi_align_label_maps_reference(d["values"], d["indices"], d["boxes"], d["flips"], C, L, smoothing)
+    gt = torch.full((t.shape[0], C), smoothing / C, dtype=torch.float64, device=t.device)
+    gt.scatter_(1, d["gt"].view(-1, 1), 1 - smoothing + smoothing / C)
+    return torch.cat([gt.unsqueeze(1), t], 1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("ground_truth", [False, True])
+def test_module_dense_target_form(ground_truth, gen, device):
+    B, L, C = 3, 3, 10
+    d = make_inputs(B, L * L, C, 12, 5, torch.float32, device, generator=gen)
+    target = _reference_target(d, C, L)
+    crit = TokenLabelCrossEntropy(ground_truth=ground_truth)
+    got = crit((d["cls"], d["aux"], d["mix"]), target.float())
+    ref = token_label_cross_entropy_reference(d["cls"].double(), d["aux"].double(), d["values"], d["indices"],
+                                              d["boxes"], d["flips"], mix_box=d["mix"], gt_classes=d["gt"],
+                                              ground_truth=ground_truth)
+    assert abs(got.item() - ref.item()) < 1e-5 * abs(ref.item())
+    # and the sparse call form of the same module (batch dict as the loader yields it)
+    batch = dict(label_values=d["values"], label_indices=d["indices"], boxes=d["boxes"], flips=d["flips"],
+                 classes=d["gt"])
+    fused = crit((d["cls"], d["aux"], d["mix"]), batch)
+    assert abs(fused.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_module_soft_target_form(gen, device):
+    B, N, C = 3, 4, 10
+    cls = torch.randn(B, C, generator=gen).to(device).requires_grad_()
+    aux = torch.randn(B, N, C, generator=gen).to(device).requires_grad_()
+    target = torch.softmax(torch.randn(B, C, generator=gen), -1).to(device)
+    crit = TokenLabelCrossEntropy(dense_weight=0.5)
+    mix = (0, 0, 1, 2)
+    got = crit((cls, aux, mix), target)
+    lam = 1 - 2 / N
+    t_cls = lam * target + (1 - lam) * target.flip(0)
+    ce = lambda x, t: (-t * torch.log_softmax(x, -1)).sum(-1).mean()  # noqa: E731
+    want = ce(cls, t_cls) + 0.5 * ce(aux.reshape(B * N, C), target.repeat_interleave(N, 0))
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert cls.grad is not None and aux.grad is not None
+    # plain timm SoftTargetCrossEntropy form
+    torch.testing.assert_close(crit(cls, target), ce(cls, target))
+
+
+def test_autocast(gen, device):
+    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    cls = d["cls"].detach().requires_grad_()
+    aux = d["aux"].detach().requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"])
+    loss.backward()
+    ref = _run(token_label_cross_entropy_reference, d, d["cls"].double(), d["aux"].double(), mix_box=d["mix"])
+    assert abs(loss.item() - ref.item()) < 1e-4 * abs(ref.item())
+    assert cls.grad.dtype == torch.float32 and aux.grad.shape == aux.shape
+
+
+def test_compile_fullgraph_through_fake(gen, device):
+    """torch.compile(fullgraph=True) traces the op through its fake; aot_eager then runs the real kernels."""
+    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+
+    def f(cls, aux, values, indices, boxes, flips):
+        return token_label_cross_entropy(cls, aux, values, indices, boxes, flips, mix_box=(0, 1, 2, 2),
+                                         validate=False) * 1.5
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    cls = d["cls"].detach().requires_grad_()
+    aux = d["aux"].detach().requires_grad_()
+    loss = compiled(cls, aux, d["values"], d["indices"], d["boxes"], d["flips"])
+    loss.backward()
+    c64 = d["cls"].detach().double().requires_grad_()
+    a64 = d["aux"].detach().double().requires_grad_()
+    ref = 1.5 * token_label_cross_entropy_reference(c64, a64, d["values"], d["indices"], d["boxes"], d["flips"],
+                                                    mix_box=(0, 1, 2, 2))
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    torch.testing.assert_close(aux.grad.double(), a64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tokenlabel.kernels.token_label_ce import token_label_ce_op
+
+    with FakeTensorMode():
+        cls = torch.empty(4, 7, dtype=torch.bfloat16)
+        aux = torch.empty(4, 9, 7, dtype=torch.bfloat16)
+        v = torch.empty(4, 2, 5, 5, dtype=torch.float16)
+        i = torch.empty(4, 2, 5, 5, dtype=torch.int16)
+        loss, gc, ga = token_label_ce_op(cls, aux, v, i, torch.empty(4, 4), torch.empty(4, dtype=torch.bool), None,
+                                         None, 1.0, 0.1, 1.0, 1.0, False, False)
+        assert loss.shape == () and loss.dtype == torch.float32
+        assert gc.shape == cls.shape and ga.shape == aux.shape and ga.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the full grid, half precisions, real torch.compile, realistic shapes
+# --------------------------------------------------------------------------------------------
+FULL_GRID = list(itertools.product([10, 1000, 1001], [1, 5], [12, 18], [1, 7, 14, 24], [1, 3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,k,S,L,B", FULL_GRID)
+def test_full_grid_gpu(C, k, S, L, B, gen):
+    d = make_inputs(B, L * L, C, S, k, torch.float32, "cuda", generator=gen)
+    for mix, smoothing, gt, order in itertools.product([False, True], [0.0, 0.1], [False, True], ["hw", "original"]):
+        if (mix + gt + (order == "original") + (smoothing > 0)) % 2:  # half of the 16 combinations per shape
+            continue
+        _compare(d, torch.float32, _kw(d, mix, smoothing, gt, order))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,L,C", [(128, 14, 1000), (3, 7, 1001), (64, 24, 1000)])
+def test_half_precision_error_gpu(dtype, B, L, C, gen):
+    d = make_inputs(B, L * L, C, 18, 5, torch.float32, "cuda", generator=gen)
+    _compare(d, dtype, _kw(d, True, 0.1, True, "hw"))
+
+
+@pytest.mark.gpu
+def test_large_vocab_gpu(gen):
+    d = make_inputs(2, 49, 21841, 18, 5, torch.float32, "cuda", generator=gen, index_dtype=torch.int32)
+    _compare(d, torch.float32, _kw(d, True, 0.1, True, "hw"))
+
+
+@pytest.mark.gpu
+def test_compile_inductor_gpu(gen):
+    d = make_inputs(8, 196, 1000, 18, 5, torch.bfloat16, "cuda", generator=gen)
+
+    def f(cls, aux, values, indices, boxes, flips):
+        return token_label_cross_entropy(cls, aux, values, indices, boxes, flips, mix_box=(2, 3, 9, 10))
+
+    compiled = torch.compile(f, fullgraph=True)
+    cls = d["cls"].detach().requires_grad_()
+    aux = d["aux"].detach().requires_grad_()
+    loss = compiled(cls, aux, d["values"], d["indices"], d["boxes"], d["flips"])
+    loss.backward()
+    c2 = d["cls"].detach().requires_grad_()
+    a2 = d["aux"].detach().requires_grad_()
+    eager = f(c2, a2, d["values"], d["indices"], d["boxes"], d["flips"])
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(aux.grad, a2.grad)
+
+
+@pytest.mark.gpu
+def test_fused_linear_gpu_memory(gen):
+    B, N, D, C = 16, 196, 384, 21841
+    d = make_inputs(B, N, C, 18, 5, torch.bfloat16, "cuda", generator=gen, index_dtype=torch.int32)
+    feats = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lin = torch.nn.Linear(D, C, device="cuda", dtype=torch.bfloat16)
+    kw = dict(mix_box=d["mix"])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fused_linear_token_label_cross_entropy(d["cls"], feats, lin.weight, lin.bias, d["values"], d["indices"],
+                                                  d["boxes"], d["flips"], **kw)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < B * N * C * 2, f"peak {peak / 2**20:.0f} MiB >= logits {B * N * C * 2 / 2**20:.0f} MiB"
+    ref = token_label_cross_entropy_reference(d["cls"].double(), (feats.double() @ lin.weight.double().T
+                                              + lin.bias.double()), d["values"], d["indices"], d["boxes"],
+                                              d["flips"], **kw)
+    assert abs(loss.item() - ref.item()) < 2e-2 * abs(ref.item())
+
+
+def test_grid_size():
+    assert len(FULL_GRID) == 3 * 2 * 2 * 4 * 2 and math.isqrt(196) == 14
