@@ -32,6 +32,7 @@ CLI::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -190,6 +191,29 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- annotate
+@contextlib.contextmanager
+def writer_lock(out_store: Path):
+    """Exclusive lock for one annotator per store (a hidden sibling file, flock: released when the
+    process dies, so a killed run never leaves a stale lock). A no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    out_store.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out_store.parent / f".{out_store.name}.annotate.lock"
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another annotator is writing label store {str(out_store)!r} "
+                             f"(lock {str(lock_path)!r}); wait for it or use another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _default_img_size(teacher) -> int | None:
     for attr in ("img_size", "image_size"):
         v = getattr(teacher, attr, None)
@@ -263,70 +287,71 @@ def annotate(teacher: torch.nn.Module, data_root, out_store, size: int, topk: in
                   "data_root": str(Path(root).resolve()), "amp": bool(amp), "tool": "tokenlabel annotate"}
 
     out_store = Path(out_store)
-    store = None
-    if resume and (out_store / "meta.json").exists():
-        store = LabelStore.open(out_store, mode="r+")
-        store.check_compatible(k=topk, size=size)
-        if store.paths != paths:
-            extra = sorted(set(paths) - set(store.paths))[:3]
-            gone = sorted(set(store.paths) - set(paths))[:3]
-            raise ValueError(f"label store {str(out_store)!r} was made for other images than {str(root)!r} "
-                             f"({len(store.paths)} vs {len(paths)} images; new e.g. {extra}, gone e.g. {gone}); "
-                             "use another --out or resume=False (--restart) to replace it")
-        old = store.provenance
-        if old.get("teacher_fingerprint") not in (None, fingerprint) or \
-                old.get("preprocessing", preprocessing) != preprocessing:
-            raise ValueError(f"label store {str(out_store)!r} was started with another teacher or "
-                             f"preprocessing ({old.get('teacher')!r}, {old.get('preprocessing')}); "
-                             "resuming would mix label maps; use resume=False (--restart) to replace it")
+    with writer_lock(out_store):  # one annotator per store: two would race to create it
+        store = None
+        if resume and (out_store / "meta.json").exists():
+            store = LabelStore.open(out_store, mode="r+")
+            store.check_compatible(k=topk, size=size)
+            if store.paths != paths:
+                extra = sorted(set(paths) - set(store.paths))[:3]
+                gone = sorted(set(store.paths) - set(paths))[:3]
+                raise ValueError(f"label store {str(out_store)!r} was made for other images than {str(root)!r} "
+                                 f"({len(store.paths)} vs {len(paths)} images; new e.g. {extra}, gone e.g. {gone}); "
+                                 "use another --out or resume=False (--restart) to replace it")
+            old = store.provenance
+            if old.get("teacher_fingerprint") not in (None, fingerprint) or \
+                    old.get("preprocessing", preprocessing) != preprocessing:
+                raise ValueError(f"label store {str(out_store)!r} was started with another teacher or "
+                                 f"preprocessing ({old.get('teacher')!r}, {old.get('preprocessing')}); "
+                                 "resuming would mix label maps; use resume=False (--restart) to replace it")
 
-    todo = np.arange(len(paths)) if store is None else np.flatnonzero(~store.done)
-    transform = functools.partial(eval_transform, img_size=img_size, crop_pct=crop_pct,
-                                  interpolation=interpolation, mean=mean, std=std)
-    dataset = _ImageRows(Path(root), paths, todo, transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_collate,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
-    bar = _progress(len(todo), f"annotate {out_store.name}", progress)
-    bad_files: list[tuple[str, str]] = []
-    written = 0
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    try:
-        for b, (images, rows, bad) in enumerate(loader):
-            for row, err in bad:
-                warnings.warn(f"annotate: skipping unreadable image {str(Path(root) / paths[row])!r} ({err})",
-                              RuntimeWarning, stacklevel=2)
-                bad_files.append((paths[row], err))
-            if images is not None:
-                with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    logits = dense_logits(teacher, images.to(device, non_blocking=True))
-                values, indices = topk_label_maps(logits, size, topk)
-                if store is None:  # C is known from the first batch's logits
-                    store = LabelStore.create(out_store, paths, num_classes=int(logits.shape[1]), k=topk,
-                                              size=size, overwrite=True)
-                    store.set_provenance(**provenance)
-                elif written == 0:  # resuming: the teacher must give the store's C
-                    store.check_compatible(num_classes=int(logits.shape[1]))
-                store.write(rows, values.cpu(), indices.cpu(), mark_done=True)
-                written += len(rows)
+        todo = np.arange(len(paths)) if store is None else np.flatnonzero(~store.done)
+        transform = functools.partial(eval_transform, img_size=img_size, crop_pct=crop_pct,
+                                      interpolation=interpolation, mean=mean, std=std)
+        dataset = _ImageRows(Path(root), paths, todo, transform)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                             num_workers=num_workers, collate_fn=_collate,
+                                             pin_memory=device.type == "cuda",
+                                             persistent_workers=False)
+        bar = _progress(len(todo), f"annotate {out_store.name}", progress)
+        bad_files: list[tuple[str, str]] = []
+        written = 0
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        try:
+            for b, (images, rows, bad) in enumerate(loader):
+                for row, err in bad:
+                    warnings.warn(f"annotate: skipping unreadable image {str(Path(root) / paths[row])!r} ({err})",
+                                  RuntimeWarning, stacklevel=2)
+                    bad_files.append((paths[row], err))
+                if images is not None:
+                    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                        logits = dense_logits(teacher, images.to(device, non_blocking=True))
+                    values, indices = topk_label_maps(logits, size, topk)
+                    if store is None:  # C is known from the first batch's logits
+                        store = LabelStore.create(out_store, paths, num_classes=int(logits.shape[1]), k=topk,
+                                                  size=size, overwrite=True)
+                        store.set_provenance(**provenance)
+                    elif written == 0:  # resuming: the teacher must give the store's C
+                        store.check_compatible(num_classes=int(logits.shape[1]))
+                    store.write(rows, values.cpu(), indices.cpu(), mark_done=True)
+                    written += len(rows)
+                if bar is not None:
+                    bar.update(len(rows) + len(bad))
+                if on_batch is not None:
+                    on_batch(b, rows)
+        finally:
             if bar is not None:
-                bar.update(len(rows) + len(bad))
-            if on_batch is not None:
-                on_batch(b, rows)
-    finally:
-        if bar is not None:
-            bar.close()
-    if store is None:
-        raise ValueError(f"annotate: none of the {len(todo)} images under {str(root)!r} could be read; "
-                         f"first failures: {bad_files[:3]}")
-    summary = {"store": str(out_store), "images": len(paths), "done": store.num_done,
-               "annotated": written, "skipped": [p for p, _ in bad_files]}
-    if bad_files:
-        print(f"annotate: {len(bad_files)} image(s) could not be read and have no label map: "
-              f"{[p for p, _ in bad_files[:10]]}{' ...' if len(bad_files) > 10 else ''}", file=sys.stderr)
-    store.close()
-    return summary
+                bar.close()
+        if store is None:
+            raise ValueError(f"annotate: none of the {len(todo)} images under {str(root)!r} could be read; "
+                             f"first failures: {bad_files[:3]}")
+        summary = {"store": str(out_store), "images": len(paths), "done": store.num_done,
+                   "annotated": written, "skipped": [p for p, _ in bad_files]}
+        if bad_files:
+            print(f"annotate: {len(bad_files)} image(s) could not be read and have no label map: "
+                  f"{[p for p, _ in bad_files[:10]]}{' ...' if len(bad_files) > 10 else ''}", file=sys.stderr)
+        store.close()
+        return summary
 
 
 # --------------------------------------------------------------------------- teacher loading (CLI)

@@ -293,3 +293,26 @@ def test_cuda_matches_cpu(tmp_path, data, gen):
     vb, ib = b.read(np.arange(15))
     np.testing.assert_allclose(va.astype(np.float32), vb.astype(np.float32), atol=5e-3, rtol=2e-3)
     assert (ia == ib).mean() > 0.99
+
+
+def test_second_annotator_on_the_same_store_is_refused(tmp_path, data, gen):
+    pytest.importorskip("fcntl")
+    from tokenlabel.dataloading.annotate import writer_lock
+
+    kw = dict(size=4, topk=1, img_size=32, device="cpu", num_workers=0, progress=False)
+    with writer_lock(tmp_path / "st"):
+        with pytest.raises(ValueError, match="another annotator"):
+            annotate(DenseTeacher(3, gen), data, tmp_path / "st", **kw)
+    assert annotate(DenseTeacher(3, gen), data, tmp_path / "st", **kw)["done"] == 15
+
+
+@pytest.mark.gpu  # torchvision is installed only on the GPU machine
+@pytest.mark.parametrize("w,h,img_size,crop_pct", [(50, 30, 24, 0.875), (31, 64, 32, 1.0), (200, 199, 96, 0.9)])
+def test_eval_transform_matches_torchvision(gen, w, h, img_size, crop_pct):
+    tv = pytest.importorskip("torchvision.transforms")
+    from tokenlabel.dataloading.annotate import eval_transform
+
+    img = Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy(), "RGB")
+    ref = tv.Compose([tv.Resize(int(img_size / crop_pct), interpolation=tv.InterpolationMode.BICUBIC),
+                      tv.CenterCrop(img_size), tv.ToTensor(), tv.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+    torch.testing.assert_close(eval_transform(img, img_size, crop_pct), ref, atol=1e-5, rtol=1e-5)
