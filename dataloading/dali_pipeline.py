@@ -101,6 +101,7 @@ class DaliBackend:
         self._size = np.full((n, 2), -1, np.int64)  # header (H, W) cache
         self._kind = np.zeros(n, np.int8)           # 0 unknown, 1 jpeg for the GPU decoder, 2 PIL fallback, 3 unreadable
         self._pool = ThreadPoolExecutor(self.io_workers)
+        self._batch_pool = ThreadPoolExecutor(2)
         self.pipe = None
         self._clean = False
 
@@ -163,8 +164,12 @@ class DaliBackend:
             j = (j + 1) % n
         raise RuntimeError("no readable image in the dataset")
 
+    def _read_chunk(self, idx):
+        return [self._read(i) for i in idx]
+
     def _prepare(self, epoch, idx):
-        got = list(self._pool.map(self._read, idx))
+        chunks = np.array_split(np.asarray(idx), max(1, min(len(idx), self.io_workers)))
+        got = [g for part in self._pool.map(self._read_chunk, chunks) for g in part]
         ids = np.array([g[0] for g in got], np.int64)
         data = [g[1] for g in got]
         hw = np.array([g[2] for g in got], np.int64).reshape(-1, 2)
@@ -183,11 +188,18 @@ class DaliBackend:
         return dali_inputs, meta
 
     def _produce(self, q, epoch, start_batch, stop):
+        # batches are prepared by two threads (reads, label warps and numpy release the GIL in
+        # parts) and queued in sampler order
+        window = collections.deque()
         try:
             for idx in self.sampler.batches(epoch, start_batch):
                 if stop.is_set():
                     return
-                q.put(self._prepare(epoch, idx))
+                window.append(self._batch_pool.submit(self._prepare, epoch, idx))
+                if len(window) > 2:
+                    q.put(window.popleft().result())
+            while window:
+                q.put(window.popleft().result())
             q.put(None)
         except BaseException as e:  # surfaced to the consumer
             q.put(e)
@@ -223,6 +235,7 @@ class DaliBackend:
         finally:
             stop.set()
             if not self._clean:
+                self.feeder.queue = None  # a stray callback from the abandoned pipeline ends, never blocks
                 while th.is_alive():  # unblock the producer
                     try:
                         q.get_nowait()

@@ -304,21 +304,22 @@ def warp_label_maps(values, indices, M_out, crop, size_hw, image_size):
     if ident.all():
         return values, indices
     values, indices = values.copy(), indices.copy()
-    T = crop_to_output_affine(crop, size_hw, image_size)
+    sel = np.nonzero(~ident)[0]
+    T = crop_to_output_affine(np.asarray(crop)[sel], np.asarray(size_hw)[sel], image_size)
+    G = np.linalg.inv(T) @ M_out[sel] @ T  # [m,3,3]
     c = (np.arange(S) + 0.5) / S
     gy, gx = np.meshgrid(c, c, indexing="ij")
     P = np.stack([gx.ravel(), gy.ravel(), np.ones(S * S)])  # [3, S*S] (x, y, 1)
-    for b in np.nonzero(~ident)[0]:
-        G = np.linalg.inv(T[b]) @ M_out[b] @ T[b]
-        q = G @ P
-        col = np.floor(q[0] * S).astype(np.int64)
-        row = np.floor(q[1] * S).astype(np.int64)
-        inside = (col >= 0) & (col < S) & (row >= 0) & (row < S)
-        colc, rowc = np.clip(col, 0, S - 1), np.clip(row, 0, S - 1)
-        v = values[b][:, rowc, colc]
-        v[:, ~inside] = 0
-        values[b] = v.reshape(k, S, S)
-        indices[b] = indices[b][:, rowc, colc].reshape(k, S, S)
+    q = G @ P  # [m, 3, S*S]
+    col = np.floor(q[:, 0] * S).astype(np.int64)
+    row = np.floor(q[:, 1] * S).astype(np.int64)
+    inside = (col >= 0) & (col < S) & (row >= 0) & (row < S)
+    flat = (np.clip(row, 0, S - 1) * S + np.clip(col, 0, S - 1))[:, None, :]  # [m, 1, S*S]
+    m = len(sel)
+    v = np.take_along_axis(values[sel].reshape(m, k, S * S), flat, axis=2)
+    v[np.broadcast_to(~inside[:, None, :], v.shape)] = 0
+    values[sel] = v.reshape(m, k, S, S)
+    indices[sel] = np.take_along_axis(indices[sel].reshape(m, k, S * S), flat, axis=2).reshape(m, k, S, S)
     return values, indices
 
 

@@ -152,7 +152,7 @@ def test_geometric_op_keeps_label_map_aligned(gen, op):
     wv, wi = warp_label_maps(values, indices, M, crop, np.array([[H, W]]), out)
     # the loss reads the warped map at each cell centre p, where the crop shows output pixel T p
     T = crop_to_output_affine(crop, np.array([[H, W]]), out)[0]
-    agree = total = 0
+    agree = total = unwarped = 0
     for r in range(S):
         for c in range(S):
             px, py, _ = T @ np.array([(c + 0.5) / S, (r + 0.5) / S, 1.0])
@@ -163,7 +163,9 @@ def test_geometric_op_keeps_label_map_aligned(gen, op):
                 continue
             total += 1
             agree += wi[0, 0, r, c] == int(d.argmin())
+            unwarped += indices[0, 0, r, c] == int(d.argmin())
     assert total > 60 and agree / total > 0.95, (agree, total)
+    assert unwarped / total < 0.6, (unwarped, total)  # the op really moved the content
 
 
 def _rand_img(rng, n=4, h=37, w=45):
