@@ -279,7 +279,12 @@ def test_cuda_matches_cpu(tmp_path, data, gen):
     teacher = ConvTeacher(50, gen)
     kw = dict(size=16, topk=5, img_size=64, batch_size=8, num_workers=2, progress=False)
     annotate(teacher, data, tmp_path / "cpu", device="cpu", **kw)
-    annotate(teacher, data, tmp_path / "gpu", device="cuda", **kw)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32
+    try:
+        annotate(teacher, data, tmp_path / "gpu", device="cuda", **kw)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     res = annotate(teacher, data, tmp_path / "amp", device="cuda", amp=True, **kw)
     assert res["done"] == 15
     # a run started on the CPU resumes on the GPU (the teacher fingerprint does not depend on the device)
