@@ -93,12 +93,18 @@ class PilBackend:
         self.source, self.sampler, self.device = source, sampler, torch.device(device)
         self.num_workers = num_workers
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self._dl = self._batch_sampler = None
 
     def batches(self, epoch, start_batch):
-        dl = torch.utils.data.DataLoader(
-            PilDataset(self.source), batch_sampler=_EpochBatches(self.sampler, epoch, start_batch),
-            num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
-            persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None)
-        for batch in dl:
+        if self._dl is None:
+            # one DataLoader for the loader's life: workers persist across epochs; the batch
+            # sampler is re-aimed at (epoch, start_batch) before each iteration
+            self._batch_sampler = _EpochBatches(self.sampler, epoch, start_batch)
+            self._dl = torch.utils.data.DataLoader(
+                PilDataset(self.source), batch_sampler=self._batch_sampler, num_workers=self.num_workers,
+                collate_fn=collate, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                prefetch_factor=4 if self.num_workers > 0 else None)
+        self._batch_sampler.epoch, self._batch_sampler.start_batch = epoch, start_batch
+        for batch in self._dl:
             images = batch.pop("images").to(self.device, non_blocking=True)
             yield images, batch
