@@ -271,6 +271,12 @@ class Dist:
         return self.rank == 0
 
 
+def apply_multicast_defaults() -> None:
+    """NVLink multicast (NVLS) off unless the user set these: it fails on the lent multi-GPU hosts."""
+    for k, v in MULTICAST_OFF.items():
+        os.environ.setdefault(k, v)
+
+
 def setup_distributed() -> Dist:
     """Join the torchrun process group when WORLD_SIZE is set (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -284,8 +290,7 @@ def setup_distributed() -> Dist:
     if world > 1:
         import torch.distributed as dist
 
-        for k, v in MULTICAST_OFF.items():  # NVLink multicast off unless the user chose otherwise
-            os.environ.setdefault(k, v)
+        apply_multicast_defaults()
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             kw = {"device_id": device} if device.type == "cuda" else {}
@@ -1037,8 +1042,12 @@ def _run(cfg: dict, d: Dist) -> int:
                     if not all(math.isfinite(x) for x in losses):
                         raise SystemExit(f"[train] the loss became non-finite at step {global_step}; last good "
                                          f"checkpoint: {out / 'last.pt'}")
-                want_stop = False
-                if global_step % check_every == 0 or last_of_epoch:
+                # --max-steps is the same on every rank (no collective); signals and the clock need all ranks
+                # to agree on the step, so they are all-reduced every check_every steps.
+                want_stop = stop.max_steps is not None and steps_this_run >= stop.max_steps
+                if want_stop:
+                    stop.reason = stop.reason or "max steps"
+                elif global_step % check_every == 0 or last_of_epoch:
                     flag = torch.tensor([1.0 if stop.check(steps_this_run) else 0.0], device=d.device)
                     want_stop = _all_reduce(flag, d, op="max").item() > 0
                 if want_stop and not last_of_epoch:

@@ -1,0 +1,146 @@
+"""DDP on CPU processes (gloo): the training step agrees with one process on the same global batch, and
+`torchrun -m tokenlabel train` runs, writes from rank 0 only, and resumes on a different process count."""
+import io
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from test_train_helpers import make_data, read_csv, tiny_args
+from tokenlabel import train as T
+from tokenlabel.cli import main
+
+STEPS, B, C, L, K, S = 3, 4, 5, 2, 2, 6  # B samples per rank, 2 ranks -> global batch 8
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(STEPS):
+        n = 2 * B
+        out.append({
+            "images": torch.randn(n, 3, 32, 32, generator=g),
+            "classes": torch.randint(0, C, (n,), generator=g),
+            "label_values": torch.randn(n, K, S, S, generator=g).sort(1, descending=True).values.half(),
+            "label_indices": torch.stack([torch.randperm(C, generator=g)[:K] for _ in range(n * S * S)])
+                                  .reshape(n, S, S, K).permute(0, 3, 1, 2).contiguous(),
+            "boxes": torch.tensor([[0.1, 0.2, 0.7, 0.6]]).repeat(n, 1) + 0.05 * torch.rand(n, 4, generator=g),
+            "flips": torch.rand(n, generator=g) < 0.5,
+        })
+    return out
+
+
+def _cfg():
+    cfg = dict(T.DEFAULTS, lr=1e-3, epochs=1, warmup_epochs=0.0, ema_decay=0.9, amp="fp32", clip_grad=1.0,
+               mix_token=False)
+    return cfg
+
+
+def _model():
+    from tokenlabel.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("lvvit_t", num_classes=C, depth=1, embed_dim=32, num_heads=2, img_size=32,
+                        drop_path_rate=0.0, mix_token=False, attn="math")
+
+
+def _split(batch, rank, world=2):
+    return {k: v[rank::world] for k, v in batch.items()}
+
+
+def _ddp_worker(rank, port, seed, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="0")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        d = T.Dist(rank=rank, world=2)
+        tr = T.Trainer(_cfg(), _model(), d, steps_per_epoch=STEPS, global_batch=2 * B)
+        losses = []
+        for i, batch in enumerate(_global_batches(seed)):
+            tr.set_lr(i / STEPS)
+            loss = tr.step([_split(batch, rank)])
+            losses.append((T._all_reduce(loss.clone(), d) / 2).item())
+        if rank == 0:  # as bytes: shared-memory tensors would die with this process
+            buf = io.BytesIO()
+            torch.save((losses, tr.model.state_dict(), tr.ema.module.state_dict()), buf)
+            q.put(buf.getvalue())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process(gen, monkeypatch):
+    """Each rank takes half of every global batch; one process accumulating the same two halves must
+    reach the same losses, weights and EMA (the mean of per-rank gradients is what DDP computes)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # eager loss here: the kernel has its own tests
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, seed, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    ddp_losses, ddp_w, ddp_ema = torch.load(io.BytesIO(q.get(timeout=300)), weights_only=True)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+    tr = T.Trainer(dict(_cfg(), accum_steps=2), _model(), T.Dist(), steps_per_epoch=STEPS, global_batch=2 * B)
+    losses = []
+    for i, batch in enumerate(_global_batches(seed)):
+        tr.set_lr(i / STEPS)
+        losses.append(tr.step([_split(batch, 0), _split(batch, 1)]).item())
+    assert losses == pytest.approx(ddp_losses, rel=1e-5)
+    for k, v in tr.model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if "running_" in k:  # DDP keeps rank 0's BN statistics (broadcast_buffers); accumulation saw both halves
+            continue
+        torch.testing.assert_close(v, ddp_w[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(tr.ema.module.state_dict()[k], ddp_ema[k], rtol=1e-4, atol=1e-6)
+    assert losses[0] != losses[-1]  # the weights moved
+
+
+def test_torchrun_two_processes_then_resume_on_one(tmp_path):
+    data = make_data(tmp_path / "data")  # 32 training images
+    out = tmp_path / "run"
+    args = tiny_args(data, out, "--max-steps", 3, "--log-every", 1)  # 2 x batch 4 = 8 -> 4 steps/epoch
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("NCCL_NVLS_ENABLE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tokenlabel",
+           *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("stopped (max steps)") == 1, res.stdout  # rank 0 alone prints
+    assert "2 process(es) x batch 4 = 8" in res.stdout
+    ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    st = ck["train_state"]
+    assert (st["world_size"], st["samples_in_epoch"], st["global_step"]) == (2, 24, 3)
+    assert ck["config"]["loader"] == "torch"
+    # the same global batch on one process: batch 8, position 24 samples -> batch 3 of 4
+    one = tiny_args(data, out, "--batch-size", 8, "--resume", "auto", "--log-every", 1)
+    assert main(one) == 0
+    rows = read_csv(out / "steps.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 2 * 4 + 1))  # no step lost or repeated, one writer
+    assert len(read_csv(out / "summary.csv")) == 2
+
+
+def test_multicast_switches_default_off(monkeypatch):
+    for k in T.MULTICAST_OFF:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NVSHMEM_DISABLE_NVLS", "0")  # a user's own choice stays
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    T.setup_distributed()  # one process: no group, no env changes needed
+    assert "NCCL_NVLS_ENABLE" not in os.environ
+    T.apply_multicast_defaults()
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0" and os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+    assert os.environ["NVSHMEM_DISABLE_NVLS"] == "0"
