@@ -165,11 +165,12 @@ def _write_bad_files(root):
     return {"c1/png_named.jpg", "c1/cmyk.jpg", "c1/gray.jpg", "c1/anim.jpg", "c1/truncated.jpg"}, "c1/garbage.jpg"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_files_decoded_or_skipped(folder, backend):
+@pytest.mark.parametrize("backend,device", [("torch", "cpu"), ("dali", "cpu"),
+                                            pytest.param("dali", "cuda", marks=pytest.mark.gpu)])
+def test_bad_files_decoded_or_skipped(folder, backend, device):
     root, rel = folder
     decodable, garbage = _write_bad_files(root)
-    loader = _build(root, backend, batch_size=4, image_size=24, drop_last=False)
+    loader = _build(root, backend, batch_size=4, image_size=24, drop_last=False, device=device)
     with pytest.warns(RuntimeWarning, match="garbage.jpg"):
         batches = _epoch(loader, 0)
     from tokenlabel.dataloading.sampling import list_dataset
@@ -239,12 +240,16 @@ def test_pil_workers_and_bf16(folder):
         assert torch.allclose(x["images"].float(), y["images"], atol=0.05)
 
 
-def test_loader_throughput_runs(folder):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loader_throughput_runs(folder, tmp_path, backend):
     from tokenlabel.dataloading.loader import loader_throughput
 
+    if backend == "dali":
+        dali_or_skip()
     root, rel = folder
-    r = loader_throughput(root, None, "torch", batch_size=4, image_size=16, num_batches=6, warmup=1,
-                          device="cpu", num_workers=0)
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=2, size=6)
+    r = loader_throughput(root, str(tmp_path / "store"), backend, batch_size=4, image_size=16, num_batches=6,
+                          warmup=1, device="cpu", num_workers=0 if backend == "torch" else 2)
     assert r > 0
 
 
