@@ -17,7 +17,7 @@ SHAPES = {
     "M384": (dict(B=128, N=577, H=8, Dh=64), ("bf16", "fp32")),    # LV-ViT-M at 384
 }
 QUICK_SHAPES = {"tiny": (dict(B=2, N=17, H=2, Dh=16), ("fp32",))}
-TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 CHECK_BATCH = 2
 
 
@@ -61,19 +61,19 @@ def _prepare(case: Case, backend: str) -> Prepared:
         return torch.autograd.grad(out, qkv, gout)
 
     def check():
-        # against "math" in fp32 on the first samples: output and the gradient of q, k, v
+        # against "math" in float64 on the first samples: output and the gradient of q, k, v
         x = qkv[:CHECK_BATCH].detach().clone().requires_grad_()
-        x32 = x.detach().float().requires_grad_()
+        x64 = x.detach().double().requires_grad_()
         go = gout[:CHECK_BATCH]
         out = attention(*x.unbind(2), backend)
         (gx,) = torch.autograd.grad(out, x, go)
-        ref = attention(*x32.unbind(2), "math")
-        (gref,) = torch.autograd.grad(ref, x32, go.float())
+        ref = attention(*x64.unbind(2), "math")
+        (gref,) = torch.autograd.grad(ref, x64, go.double())
         errors = {"out": _rel(out, ref), "grad_qkv": _rel(gx, gref)}
         tol = TOLERANCE[dtype]
         bad = {k: v for k, v in errors.items() if not v <= tol}
         if bad:
-            raise CheckFailed(", ".join(f"{k} rel err {v:.3g} > {tol:g} vs math fp32" for k, v in bad.items()))
+            raise CheckFailed(", ".join(f"{k} rel err {v:.3g} > {tol:g} vs math float64" for k, v in bad.items()))
         return errors
 
     flops = 4.0 * B * H * N * N * Dh

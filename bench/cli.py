@@ -178,6 +178,8 @@ def run(args) -> int:
                 print(f"{op}: plot {png}", file=sys.stderr)
             except ImportError as e:
                 print(f"{op}: no plot ({e}); pip install matplotlib", file=sys.stderr)
+            except ValueError as e:
+                print(f"{op}: no plot: {e}", file=sys.stderr)
         all_rows += rows
     if args.list:
         return 0

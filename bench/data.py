@@ -45,14 +45,17 @@ def _images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
-def image_folder(data) -> Path:
-    """An ImageFolder root (class sub-folders) for ``data``; cached per process."""
+def image_folder(data, min_images: int = 0) -> Path:
+    """An ImageFolder root (class sub-folders) for ``data``; cached per process.
+
+    With ``min_images``, a set smaller than that is repeated (symlinks ``r<i>_<name>``) until it
+    holds at least that many images, so an epoch is long enough that worker start-up is amortised."""
     if data is None:
         data = default_data()
         if data is None:
             raise Skip(f"no --data given and {SAMPLE_NAME} not found in data/ or ../shared/data/")
     data = Path(data)
-    key = ("folder", str(data.resolve()))
+    key = ("folder", str(data.resolve()), min_images)
     if key in _CACHE:
         return _CACHE[key]
     if not data.exists():
@@ -75,12 +78,20 @@ def image_folder(data) -> Path:
             root = None
     else:
         root = None
-    if root is None:
+    repeats = max(1, -(-min_images // len(files)))
+    if root is None or repeats > 1:
+        flat = root is None
+        base = data if flat else root
         root = _tmpdir("tokenlabel-bench-folder-")
         for f in files:
-            cls = f.stem.split("_")[0] if "_" in f.stem else "class0"
+            if flat:
+                cls = f.stem.split("_")[0] if "_" in f.stem else "class0"
+            else:
+                cls = f.relative_to(base).parts[0]
             (root / cls).mkdir(exist_ok=True)
-            (root / cls / f.name).symlink_to(f.resolve())
+            for r in range(repeats):
+                name = f.name if repeats == 1 else f"r{r}_{f.name}"
+                (root / cls / name).symlink_to(f.resolve())
     _CACHE[key] = root
     return root
 

@@ -156,6 +156,7 @@ def _prepare(case: Case, loss_fn, use_head: bool = False, memory_ref=False, comp
     def fwd_bwd():
         loss = loss_fn(inputs)
         return torch.autograd.grad(loss, [inputs[n] for n in leaves])
+    fwd_bwd.inputs = inputs
 
     grad_bytes = sum(inputs[n].numel() * inputs[n].element_size() for n in leaves)
     return Prepared(
@@ -197,7 +198,29 @@ def reference_compile(case: Case) -> Prepared:
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         _COMPILED["fn"] = torch.compile(R.reference_style_loss, dynamic=False)
     fn = _COMPILED["fn"]
-    return _prepare(case, lambda x: _call(fn, x), note="; torch.compile default mode")
+    prep = _prepare(case, lambda x: _call(fn, x), note="; torch.compile default mode, static shapes")
+    prep.check = _compiled_check(prep, lambda x: _call(R.reference_style_loss, x), case.dtype)
+    return prep
+
+
+def _compiled_check(prep, eager_fn, dtype):
+    """Compiled vs eager on the full batch (one compile per shape, reused for timing); the eager code
+    itself is checked against the float64 reference as the baseline provider."""
+    fwd_bwd = prep.modes["fwd+bwd"]
+    inputs = fwd_bwd.inputs
+
+    def check():
+        got = fwd_bwd()
+        leaves = [inputs["cls_logits"], inputs["aux_logits"]]
+        want = torch.autograd.grad(eager_fn(inputs), leaves)
+        errors = {f"grad_{n}_vs_eager": _rel_err(g, w) for n, g, w in zip(("cls_logits", "aux_logits"), got, want)}
+        tol = TOLERANCE[dtype]
+        bad = {n: e for n, e in errors.items() if not e <= tol}
+        if bad:
+            raise CheckFailed(", ".join(f"{n} rel err {e:.3g} > {tol:g}" for n, e in bad.items()))
+        return errors
+
+    return check
 
 
 @register("loss", "fused")

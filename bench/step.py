@@ -227,7 +227,7 @@ def loader_fed(case: Case) -> Prepared:
     from .data import image_folder, label_store
     from .loader import make_loader
 
-    root = image_folder(data)
+    root = image_folder(data, 4096)
     store = label_store(root, case.options.get("labels"))
     p = case.params
     loader = make_loader("dali" if case.device.type == "cuda" else "torch", root, store, p["B"], p["img"],
