@@ -132,7 +132,8 @@ def run(args) -> int:
     env = results.environment()
     date = results.today()
     wanted = _split(args.providers)
-    context = {"rows": [], "data": args.data, "labels": args.labels, "reps": reps, "warmup": warmup}
+    context = {"rows": [], "data": args.data, "labels": args.labels, "reps": reps, "warmup": warmup,
+               "out_dir": out_dir}
     all_rows = []
     for op in ops:
         module = __import__(registry.OP_MODULES[op], fromlist=["SHAPES"])

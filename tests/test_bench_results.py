@@ -130,3 +130,63 @@ def test_registry_rejects_second_baseline_and_unknown_op():
     with pytest.raises(ValueError, match="op must be one of"):
         registry.register("nope", "x")
     assert "another_baseline" not in {p.name for p in registry.providers("loss")}
+
+
+def _case(B=8):
+    import torch
+
+    return registry.Case(op="loss", shape="T", params={"B": B}, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_runner_check_failure_is_not_timed_and_oom_halves_batch():
+    import torch
+
+    from tokenlabel.bench.registry import CheckFailed, Prepared, Provider, Skip
+    from tokenlabel.bench.runner import sweep
+
+    calls = {"bad": 0, "oom": []}
+
+    def bad(case):
+        def fn():
+            calls["bad"] += 1
+
+        def check():
+            raise CheckFailed("off by a lot")
+        return Prepared(modes={"fwd": fn}, check=check)
+
+    def oom(case):
+        calls["oom"].append(case.params["B"])
+        if case.params["B"] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return Prepared(modes={"fwd": lambda: sum(range(100))}, items=case.params["B"])
+
+    def skip(case):
+        raise Skip("no such GPU")
+
+    base = Provider("loss", "base", lambda case: Prepared(modes={"fwd": lambda: sum(range(1000))}), baseline=True)
+    provs = [base, Provider("loss", "bad", bad), Provider("loss", "oom", oom), Provider("loss", "skip", skip)]
+    rows = sweep("loss", [_case(8)], provs, warmup=1, reps=3, gpu_name="cpu")
+    assert calls["bad"] == 0
+    status = {r["provider"]: r["notes"] for r in rows if r["metric"] == "status"}
+    assert status["bad"].startswith("failed: correctness check failed") and "off by a lot" in status["bad"]
+    assert status["skip"].startswith("skipped: no such GPU")
+    assert calls["oom"] == [8, 4, 2]
+    oom_rows = [r for r in rows if r["provider"] == "oom"]
+    assert {r["metric"] for r in oom_rows} >= {"ms", "img/s", "speedup"}
+    assert all("OOM at B=8" in r["notes"] and "B=2" in r["notes"] for r in oom_rows)
+    assert [r["p50"] for r in rows if r["provider"] == "base" and r["metric"] == "speedup"] == [1.0]
+
+
+def test_loader_quotes_step_rate_from_results_folder(tmp_path):
+    from tokenlabel.bench import loader
+
+    env = results.environment()
+    rows = [results.make_row(env, "2026-01-01T00:00:00Z", op="step", provider=p, mode="train_step", shape="S224",
+                             dtype="bf16", metric="img/s", p50=v, p20=v * 0.9, p80=v * 1.1, unit="img/s")
+            for p, v in (("eager_sdpa", random.uniform(3000, 5000)), ("compile_auto", random.uniform(6000, 9000)),
+                         ("timm_vit_s_compile", 20000.0))]
+    results.append_rows(tmp_path / "step.csv", rows)
+    got = loader.yardsticks(None, False, {"rows": [], "out_dir": tmp_path})
+    assert len(got) == 1 and got[0]["p50"] == pytest.approx(rows[1]["p50"], rel=1e-5)
+    assert "compile_auto" in got[0]["notes"]
+    assert loader.yardsticks(None, False, {"rows": [], "out_dir": tmp_path / "none"}) == []
