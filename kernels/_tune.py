@@ -105,9 +105,46 @@ def bench_one(fn, d, bytes_moved, logits_bytes):
     return q, bytes_moved / q[0] / 1e6, extra / 2**20
 
 
+def graph_time(fn, d):
+    """fwd+bwd replayed from a CUDA graph: GPU time without the Python/launch overhead (ms p50/p20/p80)."""
+    import triton.testing as tt
+
+    def step():
+        d["cls"].grad = None
+        d["aux"].grad = None
+        _call(fn, d).backward()
+
+    try:
+        q = tt.do_bench_cudagraph(step, quantiles=[0.5, 0.2, 0.8])
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"  cuda graph timing failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+    return q
+
+
+def sweep(d, moved):
+    """Tap block and warps of the token-row kernel at one shape; returns the best (tb, warps)."""
+    from tokenlabel.kernels import token_label_cross_entropy
+    from tokenlabel.kernels import token_label_ce as tlce
+
+    best = None
+    for tb in (16, 32, 64):
+        for nw in (2, 4, 8):
+            tlce._TB, tlce._NUM_WARPS = tb, nw
+            q = graph_time(token_label_cross_entropy, d)
+            if q is None:
+                continue
+            print(f"  sweep TB={tb:2d} warps={nw}: graph p50 {q[0]:.4f} ms ({moved / q[0] / 1e6:.0f} GB/s)", flush=True)
+            if best is None or q[0] < best[0]:
+                best = (q[0], tb, nw)
+    tlce._TB, tlce._NUM_WARPS = None, None
+    return best
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also sweep tap block / warps at S/224 bf16")
     args = ap.parse_args(argv)
     from tokenlabel.kernels import fused_linear_token_label_cross_entropy, token_label_cross_entropy
     from tokenlabel.kernels.reference import reference_style_loss
@@ -131,15 +168,22 @@ def main(argv=None):
         provs = [("fused", token_label_cross_entropy), ("eager", reference_style_loss)]
         if compiled is not None and C == 1000 and N == 196:
             provs.append(("compiled", compiled))
+        floor = moved / (bw * 1e6)
         for pname, fn in provs:
             try:
                 q, gbs, extra = bench_one(fn, d, moved, logits_bytes)
-                floor = moved / (bw * 1e6)
                 print(f"{name:8s} {str(dt):15s} {pname:9s} fwd+bwd p50 {q[0]:.4f} ms (p20 {q[1]:.4f}, p80 {q[2]:.4f})"
                       f"  {gbs:.0f} GB/s  floor {floor:.4f} ms  extra {extra:.1f} MiB", flush=True)
+                if pname == "fused":
+                    qg = graph_time(fn, d)
+                    if qg is not None:
+                        print(f"{name:8s} {str(dt):15s} {pname:9s} cuda-graph p50 {qg[0]:.4f} ms (p20 {qg[1]:.4f}, "
+                              f"p80 {qg[2]:.4f})  {moved / qg[0] / 1e6:.0f} GB/s", flush=True)
             except torch.OutOfMemoryError:
                 print(f"{name} {pname}: out of memory", flush=True)
             torch.cuda.empty_cache()
+        if args.sweep and name == "S/224" and dt == torch.bfloat16:
+            print("best (ms, TB, warps):", sweep(d, moved), flush=True)
         del d
         torch.cuda.empty_cache()
     # fused aux head at C = 21841: peak memory vs the logits it replaces

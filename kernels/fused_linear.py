@@ -26,7 +26,7 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cls_logits, features, weight, bias, label_values, label_indices, boxes, flips, mix_tensor,
                 gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original, chunk):
-        from .token_label_ce import _TB, _cls_launch, _token_rows_kernel, _workspace
+        from .token_label_ce import _cls_launch, _token_rows_kernel, _workspace
 
         B, N, D = features.shape
         C = weight.shape[0]
@@ -59,7 +59,7 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
             _token_rows_kernel[(n_cls + bc * N,)](
                 x, g, row_loss[b0 * N:], zc, ws.values, ws.indices, ws.boxes, ws.flips,
                 n_cls, b0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
-                ORIGINAL=bool(original), BLOCK_C=ws.block_c, SINGLE=ws.single, TB=_TB, num_warps=ws.num_warps,
+                ORIGINAL=bool(original), BLOCK_C=ws.block_c, SINGLE=ws.single, TB=ws.tb, num_warps=ws.num_warps,
             )
             grad_feat[b0:b0 + bc] = (g @ w).view(bc, N, D).to(features.dtype)
             if grad_w is not None:

@@ -302,8 +302,8 @@ def _token_rows_kernel(
                                                        val_b, idx_b, S, C, flip, TB)
             xu = tl.load(x_row + cid, mask=valid, other=0.0).to(tl.float32)
             t_u = on * tl.exp(z - m) / Z + off
-            g = (t_sum * tl.exp(xu - lse) - t_u) * scale
-            tl.store(g_row + cid, g.to(grad_ptr.dtype.element_ty), mask=valid)
+            g_u = (t_sum * tl.exp(xu - lse) - t_u) * scale
+            tl.store(g_row + cid, g_u.to(grad_ptr.dtype.element_ty), mask=valid)
             a0 += TB
 
 
@@ -449,7 +449,14 @@ def _scale_kernel(g_ptr, go_ptr, numel, BLOCK: tl.constexpr):
 # launcher
 # --------------------------------------------------------------------------------------------
 _MAX_SINGLE_BLOCK = 8192
-_TB = 64
+# Tap entries per dedupe block. A token cell of a typical crop (bin <= 1 map pixel, grid 1) touches
+# 2 x 2 map pixels = 4k entries; larger cells loop over more blocks. None = next_pow2(4k), >= 16.
+_TB = None
+_NUM_WARPS = None  # None = 4 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps both)
+
+
+def _tap_block(K):
+    return _TB if _TB else max(16, triton.next_power_of_2(4 * K))
 
 
 def _row_block(C):
@@ -472,7 +479,8 @@ class _Workspace:
         self.boxes = boxes.to(torch.float32).contiguous()
         self.flips = flips.to(torch.uint8).contiguous()
         self.block_c, self.single = _row_block(C)
-        self.num_warps = 4 if self.block_c <= 1024 else 8
+        self.num_warps = _NUM_WARPS or (4 if self.block_c <= 1024 else 8)
+        self.tb = _tap_block(label_values.shape[1])
 
 
 _workspace = _Workspace
@@ -504,7 +512,7 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
     _token_rows_kernel[(B + B * N,)](
         x_aux, grad_aux, w.row_loss, w.zc, w.values, w.indices, w.boxes, w.flips,
         B, 0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
-        ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TB=_TB, num_warps=w.num_warps,
+        ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TB=w.tb, num_warps=w.num_warps,
     )
     zc, row_loss, loss = w.zc, w.row_loss, w.loss
     _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
