@@ -20,53 +20,62 @@ SHAPES = {
     "C21841": (dict(B=128, N=196, C=21841, S=18, k=5, D=384), ("bf16",)),
 }
 QUICK_SHAPES = {
-    "tiny": (dict(B=3, N=16, C=37, S=6, k=3, D=16), ("fp32",)),
+    "tiny": (dict(B=2, N=9, C=11, S=5, k=3, D=8), ("fp32",)),
 }
 # Tolerance of max |out - ref| / max |ref| against the float64 reference, by logits dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 CHECK_BATCH = 2  # the correctness check runs on the first samples of the batch (full N and C)
 
 
-def make_inputs(B, N, C, S, k, dtype, device, generator=None, D=None):
+def make_inputs(B, N, C, S, k, dtype, device, generator=None, D=None, logits=True):
     """Realistic random inputs: teacher values like sorted-descending logits, k distinct random class
-    ids per location, RandomResizedCrop-like boxes, random flips, a MixToken box on the L x L grid."""
-    g = generator
+    ids per location, RandomResizedCrop-like boxes, random flips, a MixToken box on the L x L grid.
+
+    Everything is drawn on ``device`` (with ``generator``, which must live there). ``D``: also a
+    head's features [B,N,D], weight [C,D] and bias [C]; ``logits=False``: no cls/aux logits."""
+    dev = torch.device(device)
+    g = generator if generator is not None else torch.Generator(device=dev).manual_seed(0)
     L = math.isqrt(N)
     if L * L != N:
         raise ValueError(f"N={N} is not a square number of tokens")
     if k > C:
         raise ValueError(f"k={k} must be at most C={C}")
-    dev = torch.device(device)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g).to(dev)
+        return torch.randn(*shape, generator=g, device=dev)
 
-    values = (torch.randn(B, k, S, S, generator=g) * 2 + 4).sort(dim=1, descending=True).values
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, device=dev)
+
+    values = (randn(B, k, S, S) * 2 + 4).sort(dim=1, descending=True).values
     # k distinct ids per location without a [.., C] tensor: base + j * step (mod C), (k-1) * step < C
-    base = torch.randint(0, C, (B, 1, S, S), generator=g)
-    step = torch.randint(1, max(2, (C - 1) // max(k - 1, 1) + 1), (B, 1, S, S), generator=g)
-    indices = (base + torch.arange(k).view(1, k, 1, 1) * step) % C
-    area = torch.empty(B).uniform_(0.08, 1.0, generator=g)
-    ratio = torch.exp(torch.empty(B).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    base = torch.randint(0, C, (B, 1, S, S), generator=g, device=dev)
+    step = torch.randint(1, max(2, (C - 1) // max(k - 1, 1) + 1), (B, 1, S, S), generator=g, device=dev)
+    indices = (base + torch.arange(k, device=dev).view(1, k, 1, 1) * step) % C
+    area = 0.08 + 0.92 * rand(B)
+    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand(B))
     h = torch.sqrt(area / ratio).clamp(max=1.0)
     w = torch.sqrt(area * ratio).clamp(max=1.0)
-    top = torch.rand(B, generator=g) * (1 - h)
-    left = torch.rand(B, generator=g) * (1 - w)
+    top = rand(B) * (1 - h)
+    left = rand(B) * (1 - w)
     boxes = torch.stack([top, left, h, w], 1)
-    flips = torch.rand(B, generator=g) < 0.5
-    lam = float(torch.rand(1, generator=g))               # Beta(1, 1)
+    flips = rand(B) < 0.5
+    # MixToken box: lambda ~ Beta(1, 1), side sqrt(1 - lambda) of the grid (drawn on the host: python ints)
+    host = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=dev)))
+    lam = float(torch.rand(1, generator=host))
     cut = max(1, min(L, round(L * math.sqrt(1 - lam))))
-    r0 = int(torch.randint(0, L - cut + 1, (1,), generator=g))
-    c0 = int(torch.randint(0, L - cut + 1, (1,), generator=g))
+    r0 = int(torch.randint(0, L - cut + 1, (1,), generator=host))
+    c0 = int(torch.randint(0, L - cut + 1, (1,), generator=host))
     inputs = dict(
-        cls_logits=randn(B, C).to(dtype).requires_grad_(),
-        aux_logits=randn(B, N, C).to(dtype).requires_grad_(),
-        label_values=values.to(torch.float16).to(dev),
-        label_indices=indices.to(torch.int16 if C <= 32767 else torch.int32).to(dev),
-        boxes=boxes.to(dev),
-        flips=flips.to(dev),
+        label_values=values.to(torch.float16),
+        label_indices=indices.to(torch.int16 if C <= 32767 else torch.int32),
+        boxes=boxes,
+        flips=flips,
         mix_box=(r0, c0, r0 + cut, c0 + cut),
     )
+    if logits:
+        inputs["cls_logits"] = randn(B, C).to(dtype).requires_grad_()
+        inputs["aux_logits"] = randn(B, N, C).to(dtype).requires_grad_()
     if D is not None:
         inputs["features"] = (randn(B, N, D) / math.sqrt(D) * 4).to(dtype).requires_grad_()
         inputs["weight"] = (randn(C, D) / math.sqrt(D)).to(dtype).requires_grad_()
@@ -143,7 +152,7 @@ def _logits_check(loss_fn, inputs, dtype, use_head: bool):
 def _prepare(case: Case, loss_fn, use_head: bool = False, memory_ref=False, compare_to=None, note=""):
     p = case.params
     dtype = case.dtype
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=case.device).manual_seed(0)
     inputs = make_inputs(p["B"], p["N"], p["C"], p["S"], p["k"], dtype, case.device, g,
                          D=p["D"] if use_head else None)
     if use_head:

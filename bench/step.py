@@ -61,7 +61,7 @@ def _targets(case: Case, L: int):
 
     p = case.params
     x = make_inputs(p["B"], L * L, p["C"], p["S"], p["k"], torch.float32, case.device,
-                    torch.Generator().manual_seed(1))
+                    torch.Generator(device=case.device).manual_seed(1), logits=False)
     return {k: x[k] for k in ("label_values", "label_indices", "boxes", "flips")}
 
 
