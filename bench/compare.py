@@ -42,8 +42,8 @@ def format_comparison(entries: list[dict]) -> str:
         lines.append((e["op"], e["provider"], e["mode"], e["shape"], e["dtype"], f"{e['metric']} [{e['unit']}]",
                       f"{e['old']:.4g}", f"{e['new']:.4g}", change))
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
-    text = ["== compare (p50, new vs old)", "  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    text += ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in lines]
+    text = ["== compare (p50, new vs old)", "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    text += ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
     return "\n".join(text) + "\n"
 
 
