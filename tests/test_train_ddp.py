@@ -63,7 +63,7 @@ def _ddp_worker(rank, port, seed, q):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
-        d = T.Dist(rank=rank, world=2)
+        d = T.Dist(rank=rank, world=2, distributed=True)
         tr = T.Trainer(_cfg(), _model(), d, steps_per_epoch=STEPS, global_batch=2 * B)
         losses = []
         for i, batch in enumerate(_global_batches(seed)):
@@ -121,7 +121,7 @@ def test_torchrun_two_processes_then_resume_on_one(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("stopped (max steps)") == 1, res.stdout  # rank 0 alone prints
-    assert "2 process(es) x batch 4 = 8" in res.stdout
+    assert "2 process(es) (DDP) x batch 4 = 8" in res.stdout
     ck = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     st = ck["train_state"]
     assert (st["world_size"], st["samples_in_epoch"], st["global_step"]) == (2, 24, 3)

@@ -56,3 +56,17 @@ def test_gpu_out_of_memory_message(tmp_path):
     msg = str(ei.value)
     assert "out of memory" in msg and "--batch-size 32" in msg, msg
     assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_gpu_torchrun_one_process_takes_the_ddp_path(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "tokenlabel",
+           *_gpu_args(data, out, "--epochs", 1)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "DDP" in res.stdout and len(read_csv(out / "summary.csv")) == 1

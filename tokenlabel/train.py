@@ -97,7 +97,7 @@ DEMO_DEFAULTS: dict = {
     "model": "lvvit_t",
     "model_kwargs": {"depth": 4, "embed_dim": 96, "num_heads": 2},
     "img_size": 32,
-    "epochs": 6,
+    "epochs": 5,
     "batch_size": 32,
     "lr": 2e-3,
     "warmup_epochs": 1.0,
@@ -265,6 +265,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False  # under torchrun (even with one process: the DDP path is taken)
 
     @property
     def main(self) -> bool:
@@ -278,7 +279,12 @@ def apply_multicast_defaults() -> None:
 
 
 def setup_distributed() -> Dist:
-    """Join the torchrun process group when WORLD_SIZE is set (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group when torchrun started us (NCCL on CUDA, gloo on CPU).
+
+    Under ``torchrun --nproc_per_node=1`` the model is still wrapped in DDP, so the distributed path
+    can be proven on a one-GPU machine."""
+    distributed = "WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ or \
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -287,7 +293,7 @@ def setup_distributed() -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1:
+    if distributed:
         import torch.distributed as dist
 
         apply_multicast_defaults()
@@ -295,11 +301,11 @@ def setup_distributed() -> Dist:
             backend = "nccl" if device.type == "cuda" else "gloo"
             kw = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend=backend, **kw)
-    return Dist(rank, world, local_rank, device)
+    return Dist(rank, world, local_rank, device, distributed)
 
 
 def _all_reduce(t: torch.Tensor, d: Dist, op="sum") -> torch.Tensor:
-    if d.world > 1:
+    if d.distributed:
         import torch.distributed as dist
 
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
@@ -307,7 +313,7 @@ def _all_reduce(t: torch.Tensor, d: Dist, op="sum") -> torch.Tensor:
 
 
 def _barrier(d: Dist) -> None:
-    if d.world > 1:
+    if d.distributed:
         import torch.distributed as dist
 
         dist.barrier()
@@ -521,17 +527,20 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        ema_f, src_f, copy_dst, copy_src = [], [], [], []
-        for (_, e), (_, s) in zip(self.module.state_dict().items(), model.state_dict().items()):
-            if e.dtype.is_floating_point:
-                ema_f.append(e)
-                src_f.append(s.detach())
-            else:
-                copy_dst.append(e)
-                copy_src.append(s)
+        if getattr(self, "_pairs", None) is None or self._pairs[0] is not model:
+            # state_dict() tensors share storage with the live parameters/buffers: collect them once.
+            ema_f, src_f, copies = [], [], []
+            for (_, e), (_, s) in zip(self.module.state_dict().items(), model.state_dict().items()):
+                if e.dtype.is_floating_point:
+                    ema_f.append(e)
+                    src_f.append(s)
+                else:
+                    copies.append((e, s))
+            self._pairs = (model, ema_f, src_f, copies)
+        _, ema_f, src_f, copies = self._pairs
         if ema_f:
             torch._foreach_lerp_(ema_f, src_f, 1.0 - self.decay)
-        for e, s in zip(copy_dst, copy_src):
+        for e, s in copies:
             e.copy_(s)
 
 
@@ -603,7 +612,7 @@ class Trainer:
         if cfg["compile"]:
             # In place: LV-ViT compiles its tensor core and draws the MixToken box outside it (no recompiles).
             model.compile()
-        if d.world > 1:
+        if d.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
@@ -622,7 +631,7 @@ class Trainer:
         n = len(micro_batches)
         total = None
         for i, batch in enumerate(micro_batches):
-            sync = (i == n - 1) or self.d.world == 1
+            sync = (i == n - 1) or not self.d.distributed
             ctx = self.net.no_sync() if (not sync and hasattr(self.net, "no_sync")) else nullcontext()
             with ctx:
                 with autocast(self.cfg, self.d.device):
@@ -888,7 +897,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(cfg, d)
     finally:
-        if d.world > 1:
+        if d.distributed:
             import torch.distributed as dist
 
             if dist.is_initialized():
@@ -899,7 +908,7 @@ def _run(cfg: dict, d: Dist) -> int:
     log = print if d.main else (lambda *a, **k: None)
     if cfg["output"] is None:
         cfg["output"] = _default_output(cfg)
-        if d.world > 1:  # every rank must agree on the folder
+        if d.distributed:  # every rank must agree on the folder
             import torch.distributed as dist
 
             obj = [cfg["output"]]
@@ -953,7 +962,7 @@ def _run(cfg: dict, d: Dist) -> int:
     start_epoch, batches_done, global_step, best = 0, 0, 0, -1.0
     if ck is not None:
         start_epoch, batches_done, global_step, best = restore(tr, ck, resume_path, cfg)
-        log(f"[train] resumed from {resume_path}: epoch {start_epoch}, batch {batches_done}/{len(train_loader)}, "
+        log(f"[train] resumed from {resume_path}: epoch {start_epoch + 1}, batch {batches_done}/{len(train_loader)}, "
             f"step {global_step}")
         del ck
     if start_epoch >= cfg["epochs"]:
@@ -967,12 +976,12 @@ def _run(cfg: dict, d: Dist) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[train] {cfg['model']} ({n_params / 1e6:.2f}M params) {len(classes)} classes, "
         f"{'token labels ' + cfg['labels'] if cfg['labels'] else 'class labels only'}, loader {cfg['loader']}, "
-        f"amp {cfg['amp']}, {d.world} process(es) x batch {cfg['batch_size']}"
+        f"amp {cfg['amp']}, {d.world} process(es){' (DDP)' if d.distributed else ''} x batch {cfg['batch_size']}"
         f"{' x accum ' + str(cfg['accum_steps']) if cfg['accum_steps'] > 1 else ''} = {global_batch}, "
         f"lr {cfg['lr']:.3g}, {steps_per_epoch} steps/epoch, output {out}")
 
     stop = StopFlag(cfg["time_limit"], cfg["max_steps"])
-    check_every = 1 if d.world == 1 else 10
+    check_every = 10  # under torchrun: all-reduce the stop flag every 10 steps
     steps_this_run = 0
     first_step = True
 
@@ -1006,11 +1015,18 @@ def _run(cfg: dict, d: Dist) -> int:
                 data_wait += time.perf_counter() - t0
                 step_in_epoch = batches_done // cfg["accum_steps"]
                 lr = tr.set_lr(epoch + step_in_epoch / steps_per_epoch)
+                oom = False
                 try:
                     loss = tr.step(micro)
                 except torch.OutOfMemoryError:
                     if not first_step:
                         raise
+                    oom = True  # probe outside the except block: its traceback still holds the activations
+                if oom:
+                    import gc
+
+                    tr.optimizer.zero_grad(set_to_none=True)
+                    gc.collect()
                     bs = suggest_batch_size(tr, micro[0], cfg)
                     hint = f"--batch-size {bs} fits in a probe step" if bs else "not even a batch of 1 fits"
                     raise SystemExit(f"[train] out of memory in the first step at --batch-size {cfg['batch_size']} "
@@ -1047,6 +1063,8 @@ def _run(cfg: dict, d: Dist) -> int:
                 want_stop = stop.max_steps is not None and steps_this_run >= stop.max_steps
                 if want_stop:
                     stop.reason = stop.reason or "max steps"
+                elif not d.distributed:
+                    want_stop = stop.check(steps_this_run)  # host-only: no device sync
                 elif global_step % check_every == 0 or last_of_epoch:
                     flag = torch.tensor([1.0 if stop.check(steps_this_run) else 0.0], device=d.device)
                     want_stop = _all_reduce(flag, d, op="max").item() > 0
