@@ -298,21 +298,27 @@ def _apply_group(x, op, arg, bicubic):
 def apply_torch(x, ra_op, ra_arg, ra_interp):
     """Batched RandAugment on x [n,3,H,W] float (whole numbers in [0,255]) on any device.
 
-    Layer by layer, the samples that chose the same op (and interpolation) are gathered, processed
-    together and scattered back; samples whose layer did not fire are untouched.
+    Layer by layer, the samples that chose the same op are gathered, processed together and
+    scattered back (the spatial ops share one group per interpolation: only their matrix differs);
+    samples whose layer did not fire are untouched.
     """
     ra_op = np.asarray(ra_op)
     ra_arg = np.asarray(ra_arg)
     ra_interp = np.asarray(ra_interp)
     for l in range(ra_op.shape[1]):
         ops = ra_op[:, l]
-        for op in np.unique(ops[ops >= 0]):
-            for bic in ((0, 1) if op in GEOMETRIC else (None,)):
-                sel = (ops == op) if bic is None else (ops == op) & (ra_interp[:, l] == bic)
-                rows = np.nonzero(sel)[0]
-                if len(rows) == 0:
-                    continue
+        # all spatial ops are one grid_sample with a per-sample matrix: one group per interpolation
+        geo = np.isin(ops, GEOMETRIC)
+        for bic in (0, 1):
+            rows = np.nonzero(geo & (ra_interp[:, l] == bic))[0]
+            if len(rows):
+                H, W = x.shape[2:]
+                M = np.stack([affine_matrix(int(ops[r]), float(ra_arg[r, l]), W, H) for r in rows])
                 ridx = to_device(rows.astype(np.int64), x.device)
-                x[ridx] = _apply_group(x[ridx], int(op), ra_arg[rows, l], bool(bic))
+                x[ridx] = _affine(x[ridx], M, bool(bic))
+        for op in np.unique(ops[(ops >= 0) & ~geo]):
+            rows = np.nonzero(ops == op)[0]
+            ridx = to_device(rows.astype(np.int64), x.device)
+            x[ridx] = _apply_group(x[ridx], int(op), ra_arg[rows, l], False)
     return x
 

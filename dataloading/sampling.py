@@ -326,6 +326,7 @@ def warp_label_maps(values, indices, M_out, crop, size_hw, image_size):
 # ---------------------------------------------------------------------------------- image files
 _warned = set()
 _warn_lock = threading.Lock()
+_TRUNCATED_LOCK = threading.Lock()
 
 
 def warn_once(path: str, why: str):
@@ -342,18 +343,26 @@ def pil_open_rgb(data_or_path):
     decoded as far as they go. Raises on files PIL cannot decode at all."""
     from PIL import Image, ImageFile
 
-    src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray, memoryview)) else data_or_path
-    prev = ImageFile.LOAD_TRUNCATED_IMAGES
-    with Image.open(src) as im:
-        try:
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            im.load()
-        except OSError:
-            # a truncated file: decode what is there (the rest is grey); a garbage file still raises
+    def src():
+        return io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray, memoryview)) else data_or_path
+
+    im = Image.open(src())
+    try:
+        im.load()
+    except OSError:
+        # a truncated file: decode what is there (the rest is grey); a garbage file still raises.
+        # LOAD_TRUNCATED_IMAGES is a module global: flip it under a lock (the DALI producer decodes
+        # fallbacks in threads), on a freshly opened image.
+        im.close()
+        with _TRUNCATED_LOCK:
+            prev = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = True
-            im.load()
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = prev
+            try:
+                im = Image.open(src())
+                im.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = prev
+    with im:
         if im.mode == "RGB":
             return im.copy()
         if im.mode in ("RGBA", "LA", "P", "PA"):

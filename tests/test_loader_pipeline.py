@@ -203,6 +203,15 @@ def test_missing_labels_and_incompatible_store(folder, tmp_path):
             build_loader(root, labels=str(tmp_path / "full"), backend="torch", device="cpu", **kw)
 
 
+def test_dali_missing_gives_install_hint(folder, monkeypatch):
+    import sys
+
+    root, rel = folder
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(ImportError, match=r"dali-cu13.*dali-cu12"):
+        build_loader(root, backend="dali", device="cpu", batch_size=4)
+
+
 def test_bad_roots(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         build_loader(str(tmp_path / "nope"), backend="torch", device="cpu")
