@@ -120,6 +120,9 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_prefi
     return torch.cat((prefix, grid), dim=1)
 
 
+_resize_pos_embed = resize_pos_embed  # the loaders' keyword argument shadows the name
+
+
 def load_state_dict_into(model, state_dict: dict, strict: bool = True, resize_pos_embed: bool = False,
                          source: str = "state dict") -> dict:
     """Load ``state_dict`` into ``model`` with clear reports; returns {"missing_keys", "unexpected_keys"}.
@@ -144,7 +147,7 @@ def load_state_dict_into(model, state_dict: dict, strict: bool = True, resize_po
                 f"but the model is built for {side_dst * patch}x{side_dst * patch} ({side_dst}x{side_dst} tokens); "
                 f"pass resize_pos_embed=True to resize the position embedding (bicubic), or build the model at "
                 f"img_size={side_src * patch}")
-        sd["pos_embed"] = resize_pos_embed(src, side_dst)
+        sd["pos_embed"] = _resize_pos_embed(src, side_dst)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     mismatched = [f"{k}: {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
