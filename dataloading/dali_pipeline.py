@@ -104,6 +104,7 @@ class DaliBackend:
         self._batch_pool = ThreadPoolExecutor(2)
         self.pipe = None
         self._clean = False
+        self._copy_stream = self._copy_done = self._held = None
 
     # -------------------------------------------------------------------------------- pipeline
     def _build(self):
@@ -219,6 +220,7 @@ class DaliBackend:
         n = self.sampler.num_batches - start_batch
         try:
             for _ in range(n):
+                self._wait_copy()
                 images, ids = self.pipe.run()
                 meta = self.feeder.pending.popleft()
                 got = np.asarray(ids.as_tensor()).reshape(-1)
@@ -227,6 +229,7 @@ class DaliBackend:
                                        f"ids {got[:4]}... vs {meta['sample_ids'][:4]}...")
                 yield self._to_torch(images), meta
             try:  # drain DALI's end of epoch so the pipeline can be reused
+                self._wait_copy()
                 self.pipe.run()
                 raise RuntimeError("DALI pipeline produced more batches than the sampler")
             except StopIteration:
@@ -242,12 +245,29 @@ class DaliBackend:
                     except queue.Empty:
                         th.join(0.01)
 
-    def _to_torch(self, images):
-        if self.gpu:
-            from nvidia.dali.plugin.pytorch import feed_ndarray
+    def _wait_copy(self):
+        # DALI may reuse an output buffer once run() is called again: the copy out of it must be done
+        if self._copy_done is not None:
+            self._copy_done.synchronize()
+            self._copy_done = self._held = None
 
-            t = images.as_tensor()
+    def _to_torch(self, images):
+        if not self.gpu:
+            return torch.from_numpy(np.array(images.as_tensor()))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        # copy on a side stream that depends only on DALI's work (not on the training step queued on
+        # the current stream), so _wait_copy never waits for training kernels
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        t = images.as_tensor()
+        with torch.cuda.stream(self._copy_stream):
             out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
-            return out
-        return torch.from_numpy(np.array(images.as_tensor()))
+            feed_ndarray(t, out, cuda_stream=self._copy_stream)
+            self._copy_done = torch.cuda.Event()
+            self._copy_done.record(self._copy_stream)
+        self._held = (images, t)
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_stream(self._copy_stream)
+        out.record_stream(cur)
+        return out

@@ -13,9 +13,13 @@ TranslateXRel/YRel) are affines given as the 3x3 matrix M that maps *output* pix
 *input* pixel coordinates (continuous, origin at the image corner: PIL's ``Image.transform``
 convention); the loader uses the same M to warp the label maps (sampling.warp_label_maps).
 
-Our pipelines apply RandAugment to the resized crop (the reference applies it to the full image
-before the crop): the op distribution is the same, and the label map follows exactly because its
-warp is the crop-frame affine conjugated into the full-image frame.
+Our pipelines apply RandAugment to the resized crop, as timm's own order does (RRC -> flip ->
+RandAugment); the reference applies it to the full flipped image before the crop. The ops and their
+parameters are drawn identically, but the spatial ops act in the crop's frame: a translation is
+0.45*m/10 of the *crop* side, and rotations/shears pivot on the crop centre rather than the image
+centre. The label map follows exactly either way, because its warp is the crop-frame affine
+conjugated into the full-image frame (sampling.warp_label_maps). RandAugment runs before the flip
+here; with symmetric random signs the distribution is the same as flipping first.
 """
 from __future__ import annotations
 
