@@ -245,3 +245,19 @@ def test_out_of_memory_suggests_a_batch_size(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(M, "create_model", fake)
     _fails(tiny_args(data, tmp_path / "o", "--batch-size", 8), r"out of memory.*--batch-size 8.*--batch-size 2 fits")
+
+
+def test_teacher_annotate_student_pipeline(tmp_path, data):
+    """The full-run recipe on tiny data with our CLIs only: teacher -> annotate -> student with token labels."""
+    teacher = tmp_path / "teacher"
+    args = tiny_args(data, teacher, "--model", "resnet_tiny", "--epochs", 1, "--batch-size", 8, "--max-steps", 2)
+    args[args.index("depth=1,embed_dim=32,num_heads=2")] = "widths=[8,16],depths=[1,1],strides=[1,2]"
+    assert main(args) == 0
+    store = tmp_path / "store"
+    assert main(["annotate", "--teacher", str(teacher / "last.pt"), "--ema", "--data", str(data / "train"),
+                 "--out", str(store), "--size", "4", "--topk", "2", "--img-size", "32", "--device", "cpu",
+                 "--workers", "0", "--no-progress"]) in (0, None)
+    out = tmp_path / "student"
+    assert main(tiny_args(data, out, "--labels", store, "--batch-size", 16, "--max-steps", 1)) == 0
+    steps = read_csv(out / "steps.csv")
+    assert len(steps) == 1 and math.isfinite(float(steps[0]["loss"]))
