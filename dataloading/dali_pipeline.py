@@ -28,6 +28,7 @@ import io
 import os
 import queue
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -59,6 +60,12 @@ def _pnm_bytes(img) -> np.ndarray:
     buf = io.BytesIO()
     img.save(buf, format="PPM")
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+class _DecodeFailure(Exception):
+    def __init__(self, cause, in_flight):
+        super().__init__(str(cause))
+        self.cause, self.in_flight = cause, in_flight
 
 
 class _Feeder:
@@ -207,6 +214,31 @@ class DaliBackend:
 
     # -------------------------------------------------------------------------------- iteration
     def batches(self, epoch, start_batch):
+        """Batches start_batch.. of ``epoch``. If DALI fails on a batch (a file the header check let
+        through but the decoder rejects), the pipeline is rebuilt, the images of the batches in
+        flight go to the PIL fallback decoder, and the epoch continues from that batch: the same
+        samples and geometry, so the epoch never dies on one bad image."""
+        b, retried_at = start_batch, None
+        while True:
+            try:
+                for out in self._run(epoch, b):
+                    yield out
+                    b += 1
+                return
+            except _DecodeFailure as e:
+                if retried_at == b:
+                    raise RuntimeError(f"DALI failed again on batch {b} after moving its images to the PIL "
+                                       f"decoder: {e.cause}") from e.cause
+                retried_at = b
+                for meta in e.in_flight:
+                    for j in meta["sample_ids"]:
+                        if self._kind[j] == 1:
+                            self._kind[j] = 2
+                warnings.warn(f"DALI could not decode batch {b} of epoch {epoch} ({type(e.cause).__name__}: "
+                              f"{str(e.cause).splitlines()[0] if str(e.cause) else ''}); decoding the images of "
+                              "the batches in flight with PIL and continuing", RuntimeWarning, stacklevel=2)
+
+    def _run(self, epoch, start_batch):
         if self.pipe is None or not self._clean:
             self.pipe = None
             self.pipe = self._build()
@@ -221,7 +253,12 @@ class DaliBackend:
         try:
             for _ in range(n):
                 self._wait_copy()
-                images, ids = self.pipe.run()
+                try:
+                    images, ids = self.pipe.run()
+                except StopIteration:
+                    raise
+                except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
+                    raise _DecodeFailure(e, list(self.feeder.pending)) from e
                 meta = self.feeder.pending.popleft()
                 got = np.asarray(ids.as_tensor()).reshape(-1)
                 if not np.array_equal(got, meta["sample_ids"]):

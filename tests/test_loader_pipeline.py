@@ -305,3 +305,35 @@ def test_gpu_dali_mixed_matches_pil(folder, tmp_path):
             if bool(bt["flips"][j]):
                 c = c[:, ::-1]
             assert np.abs(imgs[j] - c).mean() < 6.0
+
+
+def test_dali_decoder_failure_recovers(folder, monkeypatch):
+    """A file the header check lets through but DALI cannot decode: the batch is redone with the PIL
+    decoder (which skips the file with a warning) and the epoch completes with full batches."""
+    dali_or_skip()
+    from tokenlabel.dataloading import sampling
+
+    root, rel = folder
+    with open(os.path.join(root, "c0", "zz_bad.jpg"), "wb") as f:
+        f.write(b"\xff\xd8" + os.urandom(3000) + b"\xff\xd9")
+    real = sampling.probe_bytes
+
+    def lenient(data):
+        try:
+            return real(data)
+        except Exception:  # noqa: BLE001
+            return 40, 40, "jpeg"
+
+    monkeypatch.setattr(sampling, "probe_bytes", lenient)
+    loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False)
+    with pytest.warns(RuntimeWarning) as rec:
+        batches = _epoch(loader, 0)
+    msgs = " ".join(str(w.message) for w in rec)
+    assert "DALI could not decode" in msgs and "zz_bad.jpg" in msgs
+    from tokenlabel.dataloading.sampling import list_dataset
+
+    names = list_dataset(root).relpaths
+    seen = [names[i] for b in batches for i in b["sample_ids"].tolist()]
+    assert "c0/zz_bad.jpg" not in seen and len(seen) == len(names)
+    again = _epoch(loader, 1)  # the loader stays usable
+    assert sum(b["images"].shape[0] for b in again) == len(names)
