@@ -48,7 +48,8 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, with_labels, monkeypat
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(tiny_args(data, full, *extra)) == 0
     # 8 steps per epoch: stop inside epoch 1, then inside epoch 2, then finish.
-    assert main(tiny_args(data, split, *extra, "--max-steps", 5)) == 0
+    # periodic saves (--save-every-steps) along the way must not disturb anything either
+    assert main(tiny_args(data, split, *extra, "--max-steps", 5, "--save-every-steps", 2)) == 0
     st = _weights(split / "last.pt")[2]
     assert (st["epoch"], st["samples_in_epoch"], st["global_step"]) == (0, 20, 5)
     assert main(tiny_args(data, split, *extra, "--max-steps", 6, "--resume", "auto")) == 0
@@ -88,3 +89,12 @@ def test_sigterm_saves_position_and_exits_zero(tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(1, 2 * 8 + 1)), "a step was lost or repeated"
     assert steps_done < 2 * 8
     assert len(read_csv(out / "summary.csv")) == 2
+
+
+def test_time_limit_stops_after_the_running_step(tmp_path):
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(tiny_args(data, out, "--time-limit", 1e-6)) == 0
+    st = _weights(out / "last.pt")[2]
+    assert (st["global_step"], st["samples_in_epoch"], st["epoch"]) == (1, 4, 0)
+    assert len(read_csv(out / "steps.csv")) == 1 and not (out / "summary.csv").exists()
