@@ -194,6 +194,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-classes", type=int)
     g.add_argument("--synthetic-per-class", type=int)
     g.add_argument("--synthetic-size", type=int)
+    # Defaults live in DEFAULTS (argparse's are None so that a config file can sit between): show them.
+    for action in parser._actions:
+        if action.dest in DEFAULTS and DEFAULTS[action.dest] not in (None, {}) and action.const is None:
+            action.help = (action.help + " " if action.help else "") + f"(default {DEFAULTS[action.dest]})"
 
 
 def _load_config_file(path: str) -> dict:
