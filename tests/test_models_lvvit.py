@@ -284,3 +284,23 @@ def test_timm_registry():
     timm = pytest.importorskip("timm")
     m = timm.create_model("lvvit_t", num_classes=10, img_size=64, depth=1)
     assert isinstance(m, LVViT) and m.num_classes == 10 and len(m.blocks) == 1
+
+
+def test_flops_per_image_matches_reference_formula():
+    # The reference's flops_computation.py (MACs, with a few elementwise terms): T 2.87G, S 6.57G, S@384 22.17G.
+    with torch.device("meta"):
+        for name, gmacs in (("lvvit_t", 2.87), ("lvvit_s", 6.57), ("lvvit_s_384", 22.17), ("lvvit_m", 12.74)):
+            m = create_model(name)
+            fwd = m.flops_per_image(train=False) / 2e9
+            assert 0.98 * gmacs < fwd <= gmacs, (name, fwd)
+            assert m.flops_per_image(train=True) == 3 * m.flops_per_image(train=False)
+
+
+def test_deepcopy_for_ema(gen):
+    import copy
+
+    m = tiny(gen)
+    ema = copy.deepcopy(m).eval()
+    m.eval()
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    torch.testing.assert_close(ema(x), m(x))

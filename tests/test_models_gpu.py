@@ -1,0 +1,146 @@
+"""GPU-only model tests (run on the GPU machine: ``pytest -m gpu tests/test_models_gpu.py``)."""
+import pytest
+import torch
+
+from tokenlabel.models import attention as attn_mod
+from tokenlabel.models import create_model, xformers_status
+from tokenlabel.models.attention import attention, available_backends, select_backend
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(8, 197, 6, 64), (2, 577, 8, 64), (4, 197, 4, 60), (1, 50, 12, 64)]  # S, M@384, T (Dh=60), L-ish
+TOL = {torch.float32: dict(rtol=2e-3, atol=2e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def need(backend):
+    if backend == "xformers":
+        ok, reason = xformers_status("cuda")
+        if not ok:
+            pytest.skip(f"xformers cannot run here: {reason}")
+
+
+def qkv(shape, dtype, gen):
+    out = []
+    for _ in range(3):
+        t = torch.randn(shape, generator=gen).to("cuda", dtype)
+        out.append(t.requires_grad_())
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention_backend_matches_math(backend, dtype, shape, gen):
+    need(backend)
+    q, k, v = qkv(shape, dtype, gen)
+    gout = torch.randn(shape[0], shape[1], shape[2] * shape[3], generator=gen).to("cuda", dtype)
+    results = {}
+    for name in ("math", backend):
+        out = attention(q, k, v, name)
+        grads = torch.autograd.grad(out, (q, k, v), gout)
+        results[name] = (out, *grads)
+    # The math path in fp64 is the oracle; the backend may be at most 2x (plus a floor) as far from it as math.
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64 = attention(q64, k64, v64, "math")
+    ref = (out64, *torch.autograd.grad(out64, (q64, k64, v64), gout.double()))
+    for got, base, oracle in zip(results[backend], results["math"], ref):
+        assert got.shape == base.shape
+        err = (got.double() - oracle).abs().max().item()
+        base_err = (base.double() - oracle).abs().max().item()
+        floor = TOL[dtype]["atol"] * max(1.0, oracle.abs().max().item())
+        assert err <= 2 * base_err + floor, (backend, dtype, shape, err, base_err)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_backends_agree(backend, dtype, gen):
+    need(backend)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    m = create_model("lvvit_s", num_classes=100, depth=3, drop_path_rate=0.0, attn="math").cuda()
+    x = torch.randn(4, 3, 224, 224, generator=gen).cuda()
+    res = {}
+    for name in ("math", backend):
+        m.zero_grad()
+        m.set_attention(name)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            cls, aux, _ = m(x, mix_box=(2, 3, 9, 12))
+            loss = cls.float().square().mean() + aux.float().square().mean()
+        loss.backward()
+        res[name] = (cls.float(), aux.float(), m.blocks[0].attn.qkv.weight.grad.clone(), m.pos_embed.grad.clone())
+    for a, b in zip(res[backend], res["math"]):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype]["rtol"] * 3, atol=TOL[dtype]["atol"] * 3)
+
+
+def test_auto_measures_once_and_falls_back(gen):
+    shape = (16, 197, 6, 64)
+    choice = select_backend(shape, torch.bfloat16, "cuda", grad=True)
+    assert choice in available_backends("cuda")
+    key = (*shape, torch.bfloat16, torch.cuda.get_device_name(), True)
+    assert attn_mod._AUTO_CACHE[key] == choice
+    assert select_backend(shape, torch.bfloat16, "cuda", grad=True) == choice
+    q, k, v = qkv(shape, torch.bfloat16, gen)
+    torch.testing.assert_close(attention(q, k, v, "auto").float(), attention(q, k, v, "sdpa").float(),
+                               **TOL[torch.bfloat16])
+    if not xformers_status("cuda")[0]:
+        assert "xformers" not in available_backends("cuda")
+
+
+def test_lvvit_s_train_step_bf16_channels_last_no_host_sync(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    m = create_model("lvvit_s", attn="auto").cuda()
+    x = torch.randn(8, 3, 224, 224, generator=gen).cuda()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            cls, aux, box = m(x)
+            loss = cls.float().logsumexp(-1).mean() + aux.float().logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return cls, aux, box
+
+    cls, aux, box = step()  # warm-up: "auto" measures here
+    assert cls.shape == (8, 1000) and aux.shape == (8, 196, 1000) and len(box) == 4
+    stem_out = m.patch_embed(x)
+    assert stem_out.is_contiguous(memory_format=torch.channels_last)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_compile_inductor_fullgraph_no_recompiles(gen):
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    m = create_model("lvvit_s", num_classes=100, depth=2, drop_path_rate=0.1, attn="sdpa").cuda()
+    m.set_grad_checkpointing(True)
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randn(8, 3, 224, 224, generator=gen).cuda()
+    counters.clear()
+    boxes = set()
+    for _ in range(4):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            cls, aux, box = compiled(x)
+        (cls.float().sum() + aux.float().sum()).backward()
+        boxes.add(box)
+    assert len(boxes) > 1
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    m.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.testing.assert_close(compiled(x).float(), m(x).float(), rtol=5e-2, atol=5e-2)
+
+
+def test_dense_logits_on_gpu(gen):
+    r = create_model("resnet_tiny", num_classes=10, img_size=64).cuda().eval()
+    x = torch.randn(4, 3, 64, 64, generator=gen).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(r.dense_logits(x).mean(dim=(2, 3)), r(x), rtol=1e-4, atol=1e-4)
+    v = create_model("lvvit_t", num_classes=10, img_size=128).cuda().eval()
+    assert v.dense_logits(torch.randn(2, 3, 128, 128, generator=gen).cuda()).shape == (2, 10, 8, 8)
