@@ -119,7 +119,6 @@ class DaliBackend:
         S, train = self.source.image_size, self.source.train
         dec = "mixed" if self.gpu else "cpu"
         feeder = self.feeder = _Feeder()
-        scale = int(np.floor(S / self.source.crop_pct))
 
         @self.pipeline_def(batch_size=self.sampler.batch_size, num_threads=self.num_threads,
                            device_id=self.device.index if self.gpu else None,
@@ -133,10 +132,13 @@ class DaliBackend:
                 images = fn.resize(images, size=[S, S], interp_type=fn.cast(interp, dtype=types.INTERP_TYPE),
                                    antialias=True)
             else:
-                data, ids = fn.external_source(source=feeder, num_outputs=2, batch=True)
+                # the resize size and the crop anchor come from sampling.eval_geometry (the PIL path's
+                # integers exactly)
+                data, size, anchor, ids = fn.external_source(source=feeder, num_outputs=4, batch=True)
                 images = fn.decoders.image(data, device=dec, output_type=types.RGB, adjust_orientation=False)
-                images = fn.resize(images, resize_shorter=scale, interp_type=types.INTERP_CUBIC, antialias=True)
-                images = fn.crop(images, crop=(S, S), crop_pos_x=0.5, crop_pos_y=0.5)
+                images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
+                images = fn.slice(images, anchor, np.array([S, S], np.float32), normalized_anchor=False,
+                                  normalized_shape=False)
             images = fn.transpose(images, perm=[2, 0, 1])
             return images, ids
 
@@ -191,8 +193,13 @@ class DaliBackend:
                               int(self.types.INTERP_LINEAR)).astype(np.int32)
             dali_inputs = (data, anchor, shape, interp, ids)
         else:
+            from .sampling import eval_geometry
+
+            g = eval_geometry(hw[:, 0], hw[:, 1], src.image_size, src.crop_pct)
+            size = [np.array([r[0], r[1]], np.float32) for r in g]    # (H, W) of the resize
+            anchor = [np.array([r[3], r[2]], np.float32) for r in g]  # (x, y) of the crop
             meta = dict(sample_ids=ids, classes=src.dataset.targets[ids])
-            dali_inputs = (data, ids)
+            dali_inputs = (data, size, anchor, ids)
         return dali_inputs, meta
 
     def _produce(self, q, epoch, start_batch, stop):

@@ -58,18 +58,14 @@ class PilDataset(torch.utils.data.Dataset):
 
 
 def eval_resize_crop(img, image_size, crop_pct):
-    """timm eval transform: Resize(int(image_size / crop_pct), bicubic) on the shorter side, CenterCrop."""
+    """timm eval transform (sampling.eval_geometry): shorter side to int(image_size / crop_pct),
+    bicubic, then the centre image_size x image_size crop."""
     from PIL import Image
 
-    scale = int(np.floor(image_size / crop_pct))
-    w, h = img.size
-    if w <= h:
-        ow, oh = scale, int(scale * h / w)
-    else:
-        ow, oh = int(scale * w / h), scale
+    from .sampling import eval_geometry
+
+    oh, ow, top, left = (int(v) for v in eval_geometry([img.height], [img.width], image_size, crop_pct)[0])
     img = img.resize((ow, oh), Image.BICUBIC)
-    top = int(round((oh - image_size) / 2.0))
-    left = int(round((ow - image_size) / 2.0))
     return img.crop((left, top, left + image_size, top + image_size))
 
 

@@ -268,6 +268,20 @@ def draw_geometry(seed, epoch, idx, heights, widths, *, image_size, interpolatio
     return out
 
 
+def eval_geometry(heights, widths, image_size, crop_pct):
+    """timm's eval transform, as integers: Resize(int(image_size / crop_pct)) of the shorter side
+    (the longer side truncated, torchvision's rule), then CenterCrop(image_size) at
+    round((side - image_size) / 2). -> int64 [n, 4] (resized_h, resized_w, crop_top, crop_left)."""
+    H = np.asarray(heights, np.int64)
+    W = np.asarray(widths, np.int64)
+    scale = int(math.floor(image_size / crop_pct))
+    oh = np.where(W <= H, (scale * H / W).astype(np.int64), scale)
+    ow = np.where(W <= H, scale, (scale * W / H).astype(np.int64))
+    top = np.round((oh - image_size) / 2.0).astype(np.int64)
+    left = np.round((ow - image_size) / 2.0).astype(np.int64)
+    return np.stack([oh, ow, top, left], axis=1)
+
+
 def crop_to_output_affine(crop, size_hw, image_size):
     """T [n,3,3]: full-image normalised (x=u_col, y=v_row, 1) -> crop-output pixel coords (x, y, 1).
 

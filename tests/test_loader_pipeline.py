@@ -94,6 +94,11 @@ def test_eval_shapes(folder, backend):
     assert set(batches[0]) == {"images", "classes", "sample_ids"}
     ids = np.concatenate([b["sample_ids"].numpy() for b in batches])
     assert ids.tolist() == list(range(len(rel)))  # eval: dataset order
+    if backend == "dali":  # the same resize and centre crop as the PIL path
+        ref = _epoch(_build(root, "torch", batch_size=4, image_size=20, train=False), 0)
+        err = np.concatenate([np.abs(to_uint8(a["images"]) - to_uint8(b["images"])).mean(axis=(1, 2, 3))
+                              for a, b in zip(batches, ref)])
+        assert err.max() < 2.0, err
 
 
 def test_dali_crop_is_the_returned_box(folder):
