@@ -57,10 +57,14 @@ def test_format_labels_follow_images(folder, tmp_path, backend, gen):
     assert not np.array_equal(seen, order2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_same_epoch_same_batches_and_exact_resume(folder, backend):
+DEVICES = [("torch", "cpu"), ("dali", "cpu"), pytest.param("torch", "cuda", marks=pytest.mark.gpu),
+           pytest.param("dali", "cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("backend,device", DEVICES)
+def test_same_epoch_same_batches_and_exact_resume(folder, backend, device):
     root, rel = folder
-    loader = _build(root, backend, batch_size=4, image_size=24, seed=3)
+    loader = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device)
     full = _epoch(loader, 5)
     again = _epoch(loader, 5)
     resumed = _epoch(loader, 5, start_batch=2)
@@ -84,16 +88,17 @@ def test_shards_partition_an_epoch(folder):
     assert sorted(allids.tolist()) == list(range(len(rel)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_eval_shapes(folder, backend):
+@pytest.mark.parametrize("backend,device", DEVICES)
+def test_eval_shapes(folder, backend, device):
     root, rel = folder
-    loader = _build(root, backend, batch_size=4, image_size=20, train=False)
+    loader = _build(root, backend, batch_size=4, image_size=20, train=False, device=device)
     assert len(loader) == -(-len(rel) // 4)
     batches = _epoch(loader, 0)
     assert [b["images"].shape[0] for b in batches] == [4, 4, 4, 4, 2]
     assert set(batches[0]) == {"images", "classes", "sample_ids"}
-    ids = np.concatenate([b["sample_ids"].numpy() for b in batches])
+    ids = np.concatenate([b["sample_ids"].cpu().numpy() for b in batches])
     assert ids.tolist() == list(range(len(rel)))  # eval: dataset order
+    assert all(b["images"].device.type == device for b in batches)
     if backend == "dali":  # the same resize and centre crop as the PIL path
         ref = _epoch(_build(root, "torch", batch_size=4, image_size=20, train=False), 0)
         err = np.concatenate([np.abs(to_uint8(a["images"]) - to_uint8(b["images"])).mean(axis=(1, 2, 3))
