@@ -296,7 +296,8 @@ class LVViT(nn.Module):
                 f"with img_size={H} (load weights with resize_pos_embed=True to resize the position "
                 f"embedding from {self.img_size}) or resize the images")
 
-    def _tokens(self, images, mix_mask=None):
+    def _encode(self, images, mix_mask=None):
+        """(cls feature [B, D], patch features [B, N, D]) after the final LayerNorm, patches un-mixed."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, D]
         if mix_mask is not None:
             # MixToken after the stem, before the cls token and the position embedding; partner of b is B-1-b.
@@ -306,12 +307,16 @@ class LVViT(nn.Module):
         for blk in self.blocks:
             x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
         x = self.norm(x)
+        patches = x[:, 1:]
         if mix_mask is not None:
             # Swap the mixed tokens back so every patch token speaks about its own image (before aux_head,
             # which is per token, so the aux logits equal the reference's swapped-back ones).
-            patches = x[:, 1:]
-            x = torch.cat((x[:, :1], torch.where(mix_mask, patches.flip(0), patches)), dim=1)
-        return x
+            patches = torch.where(mix_mask, patches.flip(0), patches)
+        return x[:, 0], patches
+
+    def _tokens(self, images, mix_mask=None):
+        cls, patches = self._encode(images, mix_mask)
+        return torch.cat((cls[:, None], patches), dim=1)
 
     def forward_features(self, images: torch.Tensor, mix_box=None) -> torch.Tensor:
         """Final-LayerNorm tokens ``[B, 1 + N, D]`` (cls first; patch tokens un-mixed if ``mix_box``)."""
@@ -324,14 +329,12 @@ class LVViT(nn.Module):
         return self.head(tokens[:, 0]), self.aux_head(tokens[:, 1:])
 
     def _forward_train_core(self, images, mix_mask, aux_features: bool = False):
-        x = self._tokens(images, mix_mask)
-        if aux_features:
-            return self.head(x[:, 0]), x[:, 1:]
-        return self.forward_head(x)
+        cls, patches = self._encode(images, mix_mask)
+        return self.head(cls), (patches if aux_features else self.aux_head(patches))
 
     def _forward_eval_core(self, images):
-        cls, aux = self.forward_head(self._tokens(images))
-        return cls + 0.5 * aux.max(dim=1).values
+        cls, patches = self._encode(images)
+        return self.head(cls) + 0.5 * self.aux_head(patches).max(dim=1).values
 
     # torch.compile(model) / model.compile(): this frame (host-side box draw) runs eagerly, and the
     # frames it calls (_forward_train_core, _forward_eval_core) are compiled, fullgraph included.
@@ -364,6 +367,6 @@ class LVViT(nn.Module):
     def dense_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Per-token class logits ``[B, C, L, L]``: ``aux_head`` on every patch token (no MixToken)."""
         self.check_images(images)
-        aux = self.aux_head(self._tokens(images)[:, 1:])
+        aux = self.aux_head(self._encode(images)[1])
         B, N, C = aux.shape
         return aux.transpose(1, 2).reshape(B, C, self.patch_grid, self.patch_grid)
