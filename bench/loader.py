@@ -26,10 +26,10 @@ def make_loader(backend, root, store, batch_size, image_size, device, workers=No
         from tokenlabel.dataloading import build_loader
     except Exception as e:  # noqa: BLE001
         raise Skip(f"tokenlabel.dataloading.build_loader not importable: {type(e).__name__}: {e}")
-    workers = workers or os.cpu_count() or 1
+    extra = {} if workers is None else {"num_workers": workers}   # None: the loader's own default
     try:
         return build_loader(str(root), labels=str(store), batch_size=batch_size, image_size=image_size, train=True,
-                            backend=backend, device=str(device), seed=0, num_workers=workers)
+                            backend=backend, device=str(device), seed=0, **extra)
     except ImportError as e:
         raise Skip(f"{backend} loader unavailable: {e}")
 

@@ -146,7 +146,7 @@ def format_table(rows: list[dict]) -> str:
     correctness error of that provider at that shape, and why it was skipped or failed."""
     rows = latest(rows)
     out = []
-    for op in sorted({r["op"] for r in rows}):
+    for op in dict.fromkeys(r["op"] for r in rows):     # in the order the ops ran
         op_rows = [r for r in rows if r["op"] == op]
         groups: dict[tuple, dict] = {}
         errors: dict[tuple, float] = {}

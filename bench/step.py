@@ -229,6 +229,11 @@ def loader_fed(case: Case) -> Prepared:
 
     root = image_folder(data, 4096)
     store = label_store(root, case.options.get("labels"))
+    from dataclasses import replace
+
+    from tokenlabel.dataloading import LabelStore
+
+    case = replace(case, params={**case.params, "C": LabelStore.open(store).num_classes})  # the model fits the store
     p = case.params
     loader = make_loader("dali" if case.device.type == "cuda" else "torch", root, store, p["B"], p["img"],
                          case.device)
