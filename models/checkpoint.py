@@ -191,9 +191,15 @@ def load_checkpoint(path: str | os.PathLike, model=None, strict: bool = True, re
         if not ours or not raw.get("model_name"):
             raise ValueError(f"checkpoint {path} does not say which model it holds; build the model and pass it "
                              f"(load_checkpoint(path, model) or load_reference_checkpoint(model, path))")
+        from .attention import xformers_status  # noqa: PLC0415
         from .registry import create_model  # noqa: PLC0415
 
-        model = create_model(raw["model_name"], **raw["model_args"])
+        args = dict(raw.get("model_args") or {})
+        if args.get("attn") == "xformers" and not xformers_status()[0]:
+            warnings.warn(f"checkpoint {path} was trained with attn='xformers', which cannot run here "
+                          f"({xformers_status()[1]}); rebuilding it with attn='auto'", stacklevel=2)
+            args["attn"] = "auto"
+        model = create_model(raw["model_name"], **args)
     if ours:
         sd = raw["state_dict"]
         if use_ema:

@@ -36,7 +36,10 @@ def test_attention_backend_matches_math(backend, dtype, shape, gen):
     gout = torch.randn(shape[0], shape[1], shape[2] * shape[3], generator=gen).to("cuda", dtype)
     results = {}
     for name in ("math", backend):
-        out = attention(q, k, v, name)
+        try:
+            out = attention(q, k, v, name)
+        except NotImplementedError as exc:  # xformers has no kernel for some head dims (e.g. 60)
+            pytest.skip(f"{backend} has no kernel for q {shape} {dtype}: {exc}")
         grads = torch.autograd.grad(out, (q, k, v), gout)
         results[name] = (out, *grads)
     # The math path in fp64 is the oracle; the backend may be at most 2x (plus a floor) as far from it as math.

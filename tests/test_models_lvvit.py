@@ -312,3 +312,22 @@ def test_deepcopy_for_ema(gen):
     m.eval()
     x = torch.randn(2, 3, 64, 64, generator=gen)
     torch.testing.assert_close(ema(x), m(x))
+
+
+def test_reset_classifier_and_heads(gen):
+    m = tiny(gen)
+    m.reset_classifier(3)
+    cls, aux, _ = m(torch.randn(2, 3, 64, 64, generator=gen))
+    assert cls.shape == (2, 3) and aux.shape == (2, 16, 3) and m.num_classes == 3
+    assert m.get_classifier() is m.head
+
+
+def test_aux_features_give_the_aux_logits(gen):
+    # The fused aux-head loss takes the patch features; aux_head applied to them is the aux output.
+    m = tiny(gen)
+    x = torch.randn(3, 3, 64, 64, generator=gen)
+    cls, aux, box = m(x, mix_box=(1, 1, 4, 3))
+    cls_f, feats, box_f = m(x, mix_box=(1, 1, 4, 3), aux_features=True)
+    assert feats.shape == (3, 16, 48) and box_f == box
+    torch.testing.assert_close(m.aux_head(feats), aux)
+    torch.testing.assert_close(cls_f, cls)
