@@ -477,7 +477,8 @@ class _Workspace:
         self.values = label_values.contiguous()
         self.indices = label_indices.contiguous()
         self.boxes = boxes.to(torch.float32).contiguous()
-        self.flips = flips.to(torch.uint8).contiguous()
+        # bool -> uint8 as a view (no copy kernel)
+        self.flips = (flips.view(torch.uint8) if flips.dtype == torch.bool else flips.to(torch.uint8)).contiguous()
         self.block_c, self.single = _row_block(C)
         self.num_warps = _NUM_WARPS or (4 if self.block_c <= 1024 else 8)
         self.tb = _tap_block(label_values.shape[1])
@@ -534,7 +535,9 @@ def _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, 
 
 def scale_grad_(grad, grad_output):
     """grad *= grad_output in place without a host sync (skipped on the device when it is 1)."""
-    if torch.compiler.is_compiling() or not (grad.is_cuda or _INTERPRET):
+    # traced (torch.compile builds the backward graph lazily, on fake/functional tensor subclasses, where
+    # is_compiling() may be False): plain math the compiler fuses; also the path for non-Triton devices
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor or not (grad.is_cuda or _INTERPRET):
         return grad * grad_output.to(grad.dtype)
     flat = grad.view(-1)
     BLOCK = 4096
@@ -565,11 +568,19 @@ def _(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_ten
 
 def _setup_context(ctx, inputs, output):
     _, grad_cls, grad_aux = output
-    ctx.save_for_backward(grad_cls, grad_aux)
+    # Kept as plain attributes, not save_for_backward: backward hands the buffers over and drops its own
+    # reference, so AccumulateGrad can take them as .grad instead of cloning (a saved tensor would
+    # keep a second reference and cost one more logits-sized copy).
+    ctx.grads = [grad_cls, grad_aux]
 
 
 def _backward(ctx, grad_loss, _g_cls, _g_aux):
-    grad_cls, grad_aux = ctx.saved_tensors
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError("token_label_cross_entropy: backward can run only once per forward (its gradient "
+                           "buffers are handed over to autograd); use retain_graph on a separate forward")
+    grad_cls, grad_aux = grads
+    del grads
     return (scale_grad_(grad_cls, grad_loss), scale_grad_(grad_aux, grad_loss),
             None, None, None, None, None, None, None, None, None, None, None, None)
 

@@ -224,7 +224,7 @@ def test_autocast(gen, device):
 
 
 def test_compile_fullgraph_through_fake(gen, device):
-    """torch.compile(fullgraph=True) traces the op through its fake; aot_eager then runs the real kernels."""
+    """torch.compile(fullgraph=True) traces the op through its fake (aot_eager here; inductor under -m gpu)."""
     d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
 
     def f(cls, aux, values, indices, boxes, flips):
@@ -335,3 +335,28 @@ def test_fused_linear_gpu_memory(gen):
 
 def test_grid_size():
     assert len(FULL_GRID) == 3 * 2 * 2 * 4 * 2 and math.isqrt(196) == 14
+
+
+def test_backward_hands_over_the_gradient_buffer(gen, device, monkeypatch):
+    """The gradient written by the forward becomes .grad itself: no logits-sized copy in backward."""
+    from tokenlabel.kernels import token_label_ce as tlce
+
+    seen = {}
+    real = tlce.token_label_ce_forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen["aux"], seen["cls"] = out[2].data_ptr(), out[1].data_ptr()
+        return out
+
+    monkeypatch.setattr(tlce, "token_label_ce_forward", spy)
+    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    cls = d["cls"].detach().requires_grad_()
+    aux = d["aux"].detach().requires_grad_()
+    loss = _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"])
+    loss.backward()
+    assert aux.grad.data_ptr() == seen["aux"] and cls.grad.data_ptr() == seen["cls"]
+    with pytest.raises(RuntimeError, match="once"):
+        loss2 = _run(token_label_cross_entropy, d, cls.detach().requires_grad_(), aux.detach().requires_grad_())
+        loss2.backward(retain_graph=True)
+        loss2.backward()
