@@ -557,10 +557,14 @@ def class_label_loss(out, classes: torch.Tensor, cfg: dict) -> torch.Tensor:
     the aux logits come back un-mixed, so every token keeps its own image's class (as in the
     reference, where only the cls target is mixed)."""
     s = cfg["smoothing"]
+
+    def f32(x):  # at least fp32 for the log-softmax (bf16/fp16 logits under autocast)
+        return x if x.dtype == torch.float64 else x.float()
+
     if not isinstance(out, (tuple, list)):
-        return F.cross_entropy(out.float(), classes, label_smoothing=s)
+        return F.cross_entropy(f32(out), classes, label_smoothing=s)
     cls_logits, aux_logits, mix_box = out
-    cls_logits = cls_logits.float()
+    cls_logits = f32(cls_logits)
     if mix_box is None:
         cls_loss = F.cross_entropy(cls_logits, classes, label_smoothing=s)
     else:
@@ -569,7 +573,7 @@ def class_label_loss(out, classes: torch.Tensor, cfg: dict) -> torch.Tensor:
         cls_loss = lam * F.cross_entropy(cls_logits, classes, label_smoothing=s) + \
             (1.0 - lam) * F.cross_entropy(cls_logits, classes.flip(0), label_smoothing=s)
     B, N, C = aux_logits.shape
-    dense = F.cross_entropy(aux_logits.float().reshape(B * N, C), classes.repeat_interleave(N), label_smoothing=s)
+    dense = F.cross_entropy(f32(aux_logits).reshape(B * N, C), classes.repeat_interleave(N), label_smoothing=s)
     return cfg["cls_weight"] * cls_loss + cfg["dense_weight"] * dense
 
 
