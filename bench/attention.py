@@ -104,3 +104,20 @@ def xformers(case: Case) -> Prepared:
 def auto(case: Case) -> Prepared:
     """The model's "auto": fastest backend measured once per shape and cached."""
     return _prepare(case, "auto")
+
+
+def yardsticks(device, quick: bool, context: dict) -> list[dict]:
+    """Per (shape, dtype, mode): "auto" p50 time / the fastest concrete backend's (goal: <= 1.03)."""
+    rows = [r for r in context.get("current", []) if r.get("metric") == "ms" and r.get("p50")]
+    out = []
+    for key in dict.fromkeys((r["shape"], r["dtype"], r["mode"]) for r in rows):
+        same = [r for r in rows if (r["shape"], r["dtype"], r["mode"]) == key]
+        auto = next((r for r in same if r["provider"] == "auto"), None)
+        others = [r for r in same if r["provider"] != "auto"]
+        if auto is None or not others:
+            continue
+        best = min(others, key=lambda r: r["p50"])
+        out.append(dict(provider="auto", mode=key[2], shape=key[0], dtype=key[1], metric="auto_vs_fastest",
+                        p50=auto["p50"] / best["p50"], unit="x",
+                        notes=f"auto p50 / fastest backend p50 ({best['provider']}); 1.0 = auto picked the fastest"))
+    return out

@@ -168,6 +168,7 @@ def run(args) -> int:
                        verbose=args.verbose)
         step.close()
         if hasattr(module, "yardsticks"):
+            context["current"] = fields
             fields += module.yardsticks(torch.device(device), quick, context)
         rows = [results.make_row(env, date, **{"op": op, **f}) for f in fields]
         context["rows"] += rows

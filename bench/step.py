@@ -281,3 +281,14 @@ def _attach_loader(prep: Prepared, step, loader) -> None:
     prep.notes += "; fed by the real loader (data wait = time blocked in next(loader) / wall time)"
     prep.extra_rows = lambda: [("train_step", "data_wait", stats["wait"], None, None, "%",
                                 f"share of wall time waiting for the loader over {stats['n']} steps")]
+
+
+def yardsticks(device, quick: bool, context: dict) -> list[dict]:
+    """The dense bf16 matmul rate measured on this GPU, which the MFU rows are computed against."""
+    from . import timing
+
+    n = 8192 if device.type == "cuda" else 256
+    p50, p20, p80 = timing.matmul_peak_tflops(device, n)
+    return [dict(provider="matmul_peak", mode="matmul", shape=f"{n}^3", dtype="bf16" if device.type == "cuda" else "fp32",
+                 metric="TFLOP/s", p50=p50, p20=p20, p80=p80, unit="TFLOP/s",
+                 notes="torch.matmul of two n x n matrices, 2n^3 FLOP; the measured peak of the MFU rows")]
