@@ -47,14 +47,16 @@ def test_gpu_resume_matches_uninterrupted_fp32(tmp_path):
 
 
 def test_gpu_out_of_memory_message(tmp_path):
-    """LV-ViT-L at 1024 px (4096 tokens) with 32 images per batch needs far more than 80-140 GB."""
-    data = make_data(tmp_path / "data", per_class=8)  # 32 training images: one batch of 32
+    """LV-ViT-L at 1024 px (4096 tokens): about 2 GB of activations per image, so 128 images per batch
+    cannot fit on an 80 or 141 GB GPU; the run must say so and name a batch size that fits."""
+    data = make_data(tmp_path / "data", per_class=32)  # 128 training images: one batch of 128
     args = ["train", "--data", str(data), "--output", str(tmp_path / "o"), "--model", "lvvit_l", "--img-size", "1024",
-            "--batch-size", "32", "--epochs", "1", "--loader", "torch", "--workers", "2", "--amp", "bf16"]
+            "--batch-size", "128", "--epochs", "1", "--loader", "torch", "--workers", "2", "--amp", "bf16",
+            "--attn", "sdpa"]
     with pytest.raises(SystemExit) as ei:
         main(args)
     msg = str(ei.value)
-    assert "out of memory" in msg and "--batch-size 32" in msg, msg
+    assert "out of memory" in msg and "--batch-size 128" in msg and "fits in a probe step" in msg, msg
     assert not (tmp_path / "o" / "last.pt").exists()
 
 
