@@ -190,3 +190,14 @@ def test_loader_quotes_step_rate_from_results_folder(tmp_path):
     assert len(got) == 1 and got[0]["p50"] == pytest.approx(rows[1]["p50"], rel=1e-5)
     assert "compile_auto" in got[0]["notes"]
     assert loader.yardsticks(None, False, {"rows": [], "out_dir": tmp_path / "none"}) == []
+
+
+def test_attention_auto_vs_fastest_rows():
+    from tokenlabel.bench import attention
+
+    ms = {"math": random.uniform(2, 3), "sdpa": random.uniform(0.5, 1), "auto": random.uniform(0.5, 1.5)}
+    current = [dict(provider=p, mode="fwd", shape="S224", dtype="bf16", metric="ms", p50=v) for p, v in ms.items()]
+    current.append(dict(provider="xformers", mode="-", shape="S224", dtype="bf16", metric="status", p50=None))
+    (row,) = attention.yardsticks(None, False, {"current": current})
+    assert row["metric"] == "auto_vs_fastest" and row["p50"] == pytest.approx(ms["auto"] / ms["sdpa"])
+    assert "sdpa" in row["notes"]
