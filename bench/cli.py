@@ -120,7 +120,9 @@ def run(args) -> int:
     if reps < 1 or warmup < 0:
         print(f"--reps must be >= 1 and --warmup >= 0 (got {reps}, {warmup})", file=sys.stderr)
         return 2
-    out_dir = Path(args.out) if args.out else results.DEFAULT_DIR
+    # default: bench/results of the checkout we run in, else the installed package's folder
+    out_dir = Path(args.out) if args.out else (Path("bench/results") if Path("bench/results").is_dir()
+                                               else results.DEFAULT_DIR)
     old_rows = None
     if args.compare:
         try:
