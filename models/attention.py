@@ -12,7 +12,8 @@ output projection.
 * ``"math"``: the reference's plain code, ``softmax((q * scale) @ k^T) @ v``.
 * ``"auto"``: on CUDA, the fastest of the available backends for this shape (forward+backward when
   gradients are on, forward otherwise), timed once per (shape, dtype, GPU name) and cached for the
-  process; on the CPU, and inside a ``torch.compile`` trace with nothing cached, it is "sdpa".
+  process; on the CPU, and inside a ``torch.compile`` trace with nothing cached, it is "sdpa"
+  (inside a trace a cached "xformers" choice also becomes "sdpa", to keep the graph whole).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ BACKENDS = ("auto", "xformers", "sdpa", "math")
 # (B, N, H, Dh, dtype, device name, grad) -> chosen backend; filled by "auto".
 _AUTO_CACHE: dict[tuple, str] = {}
 _AUTO_BY_SHAPE: dict[tuple, str] = {}  # the same without the GPU name, for lookups inside a trace
-_XFORMERS_STATE: dict[str, object] = {}  # "module" / "import_error" / "probe:<device>" -> result
+_XFORMERS_STATE: dict[str, object] = {}
+_GPU_NAMES: dict[int, str] = {}  # "module" / "import_error" / "probe:<device>" -> result
 
 
 def check_backend(name: str) -> str:
@@ -175,7 +177,9 @@ def select_backend(shape, dtype: torch.dtype, device, grad: bool = True) -> str:
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     B, N, H, Dh = (int(s) for s in shape)
-    key = (B, N, H, Dh, dtype, torch.cuda.get_device_name(device), bool(grad))
+    if device.index not in _GPU_NAMES:
+        _GPU_NAMES[device.index] = torch.cuda.get_device_name(device)
+    key = (B, N, H, Dh, dtype, _GPU_NAMES[device.index], bool(grad))
     if key in _AUTO_CACHE:
         return _AUTO_CACHE[key]
     best, best_ms = "sdpa", math.inf
@@ -202,8 +206,10 @@ def resolve_auto(q: torch.Tensor) -> str:
         return "sdpa"
     grad = torch.is_grad_enabled()
     if torch.compiler.is_compiling():
-        # No timing inside a trace: use what an eager call measured for this shape, else sdpa.
-        return _AUTO_BY_SHAPE.get((*q.shape, q.dtype, grad), "sdpa")
+        # No timing inside a trace: what an eager call measured for this shape, else sdpa. xformers'
+        # Python op dispatch is not promised to trace without graph breaks, so a trace takes sdpa there.
+        choice = _AUTO_BY_SHAPE.get((*q.shape, q.dtype, grad), "sdpa")
+        return "sdpa" if choice == "xformers" else choice
     if torch.cuda.is_current_stream_capturing():
         return _AUTO_BY_SHAPE.get((*q.shape, q.dtype, grad), "sdpa")
     return select_backend(q.shape, q.dtype, q.device, grad)

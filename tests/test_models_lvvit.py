@@ -331,3 +331,21 @@ def test_aux_features_give_the_aux_logits(gen):
     assert feats.shape == (3, 16, 48) and box_f == box
     torch.testing.assert_close(m.aux_head(feats), aux)
     torch.testing.assert_close(cls_f, cls)
+
+
+def test_attention_function_on_cpu(gen):
+    from tokenlabel.models.attention import attention, select_backend
+
+    q, k, v = (torch.randn(2, 9, 3, 8, generator=gen, requires_grad=True) for _ in range(3))
+    assert select_backend(q.shape, q.dtype, "cpu") == "sdpa"
+    out = attention(q, k, v, "auto")
+    assert out.shape == (2, 9, 24)
+    # Written out from the definition: softmax(q k^T / sqrt(Dh)) v per head.
+    w = torch.einsum("bnhd,bmhd->bhnm", q, k).div(8 ** 0.5).softmax(-1)
+    ref = torch.einsum("bhnm,bmhd->bnhd", w, v).reshape(2, 9, 24)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention(q, k, v, "math"), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[B, N, H, Dh\]"):
+        attention(q, k[:, :5], v)
+    with pytest.raises(ValueError, match="valid: auto, xformers, sdpa, math"):
+        attention(q, k, v, "flash")
