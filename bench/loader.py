@@ -34,6 +34,14 @@ def make_loader(backend, root, store, batch_size, image_size, device, workers=No
         raise Skip(f"{backend} loader unavailable: {e}")
 
 
+def _cores() -> int:
+    """CPU cores this process may use (the affinity mask; os.cpu_count() may report the whole host)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def _quick_data(case: Case):
     """A tiny generated ImageFolder for --quick without --data."""
     from tokenlabel.dataloading import make_synthetic_imagefolder
@@ -81,7 +89,7 @@ def _prepare(case: Case, backend: str) -> Prepared:
 
     meta = LabelStore.open(store)
     k, S = meta.k, meta.size
-    workers = os.cpu_count() or 1
+    workers = _cores()
     device = case.device
     if backend == "dali" and device.type != "cuda" and not case.quick:
         raise Skip("the DALI pipeline benchmark needs CUDA (decoding on the 'mixed' device)")
