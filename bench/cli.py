@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default=None, help="comma-separated shape names to keep (e.g. S224,C21841)")
     parser.add_argument("--dtype", default=None, help="comma-separated dtypes to keep: bf16,fp16,fp32")
     parser.add_argument("--providers", default=None, help="comma-separated provider names to keep")
-    parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: bench/results; with --quick: $TMPDIR/tokenlabel-bench-quick)")
     parser.add_argument("--compare", default=None, metavar="FILE",
                         help="earlier results CSV: print the change per (op, provider, shape, dtype, metric)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG plots")
@@ -120,9 +121,16 @@ def run(args) -> int:
     if reps < 1 or warmup < 0:
         print(f"--reps must be >= 1 and --warmup >= 0 (got {reps}, {warmup})", file=sys.stderr)
         return 2
-    # default: bench/results of the checkout we run in, else the installed package's folder
-    out_dir = Path(args.out) if args.out else (Path("bench/results") if Path("bench/results").is_dir()
-                                               else results.DEFAULT_DIR)
+    # default: bench/results of the checkout we run in, else the installed package's folder; smoke
+    # runs (--quick) go to a temp folder so they never mix with the committed GPU results
+    if args.out:
+        out_dir = Path(args.out)
+    elif quick:
+        import tempfile
+
+        out_dir = Path(tempfile.gettempdir()) / "tokenlabel-bench-quick"
+    else:
+        out_dir = Path("bench/results") if Path("bench/results").is_dir() else results.DEFAULT_DIR
     old_rows = None
     if args.compare:
         try:
