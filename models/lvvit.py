@@ -274,7 +274,7 @@ class LVViT(nn.Module):
 
         LV-ViT-S at 224: 13.1 GFLOP forward, 39.3 GFLOP per training image (elementwise ops excluded).
         """
-        pe, L, N = self.patch_embed, self.patch_grid, self.patch_grid ** 2
+        pe, N = self.patch_embed, self.patch_grid ** 2
         half = (self.img_size // 2) ** 2
         c, D = pe.conv1.out_channels, self.embed_dim
         macs = half * c * (pe.conv1.in_channels * 49 + 2 * c * 9) + N * c * (self.patch_size // 2) ** 2 * D
