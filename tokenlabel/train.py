@@ -1122,8 +1122,11 @@ def _run(cfg: dict, d: Dist) -> int:
                 + f" ({epoch_time:.1f}s, {row['images_per_s']} img/s, data wait {float(row['data_wait_frac']):.1%})")
             save_last(epoch + 1, 0, True)
             if is_best and d.main:
-                tmp = out / ".best.pt.tmp"
-                tmp.write_bytes((out / "last.pt").read_bytes())
+                tmp = out / f".best.pt.tmp-{os.getpid()}"  # same atomic pattern as last.pt
+                with open(tmp, "wb") as f:
+                    f.write((out / "last.pt").read_bytes())
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.replace(tmp, out / "best.pt")
             if stop.check(steps_this_run) and epoch + 1 < cfg["epochs"]:
                 flag = torch.tensor([1.0], device=d.device)
