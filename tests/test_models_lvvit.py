@@ -351,3 +351,22 @@ def test_attention_function_on_cpu(gen):
         attention(q, k[:, :5], v)
     with pytest.raises(ValueError, match="valid: auto, xformers, sdpa, math"):
         attention(q, k, v, "flash")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_shapes_all_variants_full_size_on_meta(name):
+    # Full-size models, shapes only (meta tensors carry no data, so this is cheap on the CPU).
+    with torch.device("meta"):
+        m = create_model(name, num_classes=1000)
+        x = torch.empty(2, 3, m.img_size, m.img_size)
+        L = m.patch_grid
+        out = m(x)
+        m.eval()
+        assert m(x).shape == (2, 1000)
+        assert m.dense_logits(x).shape == (2, 1000, L, L)
+    if name == "resnet_tiny":
+        assert out.shape == (2, 1000) and L == m.img_size // 8
+    else:
+        cls, aux, box = out
+        assert cls.shape == (2, 1000) and aux.shape == (2, L * L, 1000) and L == m.img_size // 16
+        assert 0 <= box[0] <= box[2] <= L and 0 <= box[1] <= box[3] <= L
