@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=["tokenlabel"] + [f"tokenlabel.{p}" for p in PARTS],
     package_dir={"tokenlabel": "tokenlabel", **{f"tokenlabel.{p}": p for p in PARTS}},
-    package_data={"tokenlabel.bench": ["results/*.csv", "*.yaml"], "tokenlabel": ["configs/*.yaml"]},
+    package_data={"tokenlabel.bench": ["results/*.csv", "results/*.png", "results/README.md"], "tokenlabel": ["configs/*.yaml"]},
     # torch is deliberately not pulled in here: pip would fetch a multi-GB CUDA build on machines
     # that already have the right one. Install torch (and triton, which ships with CUDA torch) first.
     install_requires=["numpy", "pillow", "tqdm", "pyyaml"],

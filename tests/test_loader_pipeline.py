@@ -103,7 +103,9 @@ def test_eval_shapes(folder, backend, device):
         ref = _epoch(_build(root, "torch", batch_size=4, image_size=20, train=False), 0)
         err = np.concatenate([np.abs(to_uint8(a["images"]) - to_uint8(b["images"])).mean(axis=(1, 2, 3))
                               for a, b in zip(batches, ref)])
-        assert err.max() < 2.0, err
+        # nvJPEG (mixed) upsamples chroma and rounds its IDCT differently from libjpeg, which PIL uses:
+        # on these 20 px images that alone gives up to ~3 grey levels; a misplaced crop gives far more.
+        assert err.max() < (2.0 if device == "cpu" else 4.0), err
 
 
 def test_dali_crop_is_the_returned_box(folder):

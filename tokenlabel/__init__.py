@@ -5,6 +5,15 @@ The public surface re-exports the pieces users reach for most; each import is la
 """
 __version__ = "0.1.0"
 
+import os as _os
+
+# Installed, setup.py maps kernels/ models/ dataloading/ bench/ into this package (package_dir). Run
+# from a source checkout that is not installed (PYTHONPATH=.), the same folders are found by adding
+# the checkout's root to this package's search path; the setup.py beside them marks a checkout.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "setup.py")) and _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
+    __path__.append(_root)
+
 _LAZY = {
     "token_label_cross_entropy": "tokenlabel.kernels",
     "TokenLabelCrossEntropy": "tokenlabel.kernels",
