@@ -16,7 +16,9 @@ STORE=${STORE:-stores/cifar10-s8-k5}
 TIME_LIMIT=${TIME_LIMIT:-8}
 SEEDS=${SEEDS:-"0 1"}
 PARALLEL=${PARALLEL:-4}
+KINDS=${KINDS:-"tl base"}   # which students: tl (token labeling) and/or base (class labels only)
 EXTRA=${EXTRA:-}
+TL=${TOKENLABEL:-python3 -m tokenlabel}   # the CLI (works from a checkout with PYTHONPATH=.)
 step=${1:-all}
 cfg=tokenlabel/configs
 
@@ -41,7 +43,7 @@ PY
 train_piece() {  # train_piece OUT ARGS...: one resumable piece (no-op when the run is finished)
   local out=$1; shift
   if finished "$out"; then echo "[cifar] $out finished"; return 0; fi
-  tokenlabel train --output "$out" --time-limit "$TIME_LIMIT" --resume auto "$@" $EXTRA
+  $TL train --output "$out" --time-limit "$TIME_LIMIT" --resume auto "$@" $EXTRA
 }
 
 if [[ $step == teacher || $step == all ]]; then
@@ -50,15 +52,17 @@ fi
 
 if [[ $step == annotate || $step == all ]]; then
   finished "$RUNS/teacher" || { echo "[cifar] the teacher is not finished yet: run the teacher step again"; exit 3; }
-  tokenlabel annotate --teacher "$RUNS/teacher/best.pt" --ema --data "$DATA" --out "$STORE" --size 8 --topk 5 -j 16
-  tokenlabel labels info "$STORE"
+  [ -f "$STORE/meta.json" ] && python3 -c "import sys; from tokenlabel.dataloading import LabelStore as L; s=L.open(sys.argv[1]); sys.exit(0 if s.num_done == len(s) else 1)" "$STORE" \
+    && echo "[cifar] $STORE complete" || \
+  $TL annotate --teacher "$RUNS/teacher/best.pt" --ema --data "$DATA/train" --out "$STORE" --size 8 --topk 5 -j 16
+  $TL labels info "$STORE"
 fi
 
 if [[ $step == students || $step == all ]]; then
   jobs_=()
   for seed in $SEEDS; do
-    jobs_+=("$RUNS/tl-s$seed --labels $STORE --seed $seed")
-    jobs_+=("$RUNS/base-s$seed --seed $seed")
+    [[ " $KINDS " == *" tl "* ]] && jobs_+=("$RUNS/tl-s$seed --labels $STORE --seed $seed")
+    [[ " $KINDS " == *" base "* ]] && jobs_+=("$RUNS/base-s$seed --seed $seed")
   done
   i=0
   for j in "${jobs_[@]}"; do
