@@ -56,10 +56,11 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
             else:
                 torch.mm(f, w.t(), out=x)
             n_cls = B if b0 == 0 else 0
-            _token_rows_kernel[(n_cls + bc * N,)](
+            _token_rows_kernel[(n_cls * ws.cls_chunks + bc * N,)](
                 x, g, row_loss[b0 * N:], zc, ws.values, ws.indices, ws.boxes, ws.flips,
                 n_cls, b0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
                 ORIGINAL=bool(original), BLOCK_C=ws.block_c, SINGLE=ws.single, TB=ws.tb, num_warps=ws.num_warps,
+                CLS_CHUNKS=ws.cls_chunks, TBC=ws.tbc,
             )
             grad_feat[b0:b0 + bc] = (g @ w).view(bc, N, D).to(features.dtype)
             if grad_w is not None:

@@ -39,6 +39,7 @@ scale kernel reads on the device and skips when it is 1.0 (no host synchronisati
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -137,6 +138,21 @@ def _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_
 
 
 @triton.jit
+def _u_stats(z, xu, first, bad, m, sum_ez, sum_ezx, sum_xu, n_u, n_bad):
+    """Fold one block of entries into the running sums over U (first occurrences only), online in m."""
+    m_new = tl.maximum(m, tl.max(tl.where(first, z, 0.0), axis=0))
+    r = tl.exp(m - m_new)
+    ez = tl.where(first, tl.exp(z - m_new), 0.0)
+    xf = tl.where(first, xu, 0.0)
+    sum_ez = sum_ez * r + tl.sum(ez, axis=0)
+    sum_ezx = sum_ezx * r + tl.sum(ez * xf, axis=0)
+    sum_xu += tl.sum(xf, axis=0)
+    n_u += tl.sum(first.to(tl.int32), axis=0)
+    n_bad += tl.sum(bad.to(tl.int32), axis=0)
+    return m_new, sum_ez, sum_ezx, sum_xu, n_u, n_bad
+
+
+@triton.jit
 def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
     """Box of sample b -> per-axis RoIAlign geometry for output cell (p, q), flip flag, bad-box flag."""
     t = tl.load(box_ptr + b * 4 + 0).to(tl.float32)
@@ -173,7 +189,7 @@ def _token_rows_kernel(
     idx_ptr,  # [B, K, S, S] class ids
     box_ptr,  # [B, 4] fp32 (top, left, height, width), normalised, before the flip
     flip_ptr,  # [B] uint8
-    n_cls,  # programs [0, n_cls) pool the cls targets of samples 0..n_cls-1 (0: none in this launch)
+    n_cls,  # the first n_cls * CLS_CHUNKS programs pool the cls targets of samples 0..n_cls-1 (0: none)
     b_offset,  # token rows of this launch belong to samples b_offset + row // N (chunked launches)
     N, L, C, S, K,
     smoothing,  # label smoothing s
@@ -182,32 +198,35 @@ def _token_rows_kernel(
     BLOCK_C: tl.constexpr,  # columns per block of a logits row
     SINGLE: tl.constexpr,  # the whole row fits one block (kept in registers between passes)
     TB: tl.constexpr,  # tap entries per dedupe block
+    CLS_CHUNKS: tl.constexpr,  # cdiv(S*S*K, TBC): cls-pooling programs per sample
+    TBC: tl.constexpr,  # tap entries per cls-pooling program
 ):
     pid = tl.program_id(0)
-    if pid < n_cls:
-        # ---- cls pooling (1 x 1 RoIAlign) of sample b into zc[b, :]; duplicates accumulate
-        b = pid
+    n_pool = n_cls * CLS_CHUNKS
+    if pid < n_pool:
+        # ---- cls pooling (1 x 1 RoIAlign) into zc[b, :]: CLS_CHUNKS programs per sample, each one block
+        # of TBC tap entries (a whole-crop pool touches up to S*S*k entries; spread, they do not form a
+        # serial tail behind the token rows). Duplicates accumulate through the atomic adds.
+        b = pid // CLS_CHUNKS
+        a0 = (pid % CLS_CHUNKS) * TBC
         yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, 1,
                                                                                      0, 0, ORIGINAL)
         ncols = c_hi - c_lo + 1
         n_ent = (r_hi - r_lo + 1) * ncols * K
-        val_b = val_ptr + b.to(tl.int64) * K * S * S
-        idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-        zrow = zc_ptr + b.to(tl.int64) * C
-        nbad = 1 - ok.to(tl.int32)
-        a0 = 0
-        while a0 < n_ent:
-            e = a0 + tl.arange(0, TB)
+        if a0 < n_ent:
+            val_b = val_ptr + b.to(tl.int64) * K * S * S
+            idx_b = idx_ptr + b.to(tl.int64) * K * S * S
+            zrow = zc_ptr + b.to(tl.int64) * C
+            e = a0 + tl.arange(0, TBC)
             cid, w, valid, bad = _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
                                           S, C, flip)
             tl.atomic_add(zrow + cid, w, mask=valid)
-            nbad += tl.sum(bad.to(tl.int32), axis=0)
-            a0 += TB
-        if nbad > 0:  # invalid class ids or box: poison the cls target so the loss is NaN
-            tl.atomic_add(zrow, float("nan"))
+            nbad = tl.sum(bad.to(tl.int32), axis=0) + tl.where(a0 == 0, 1 - ok.to(tl.int32), 0)
+            if nbad > 0:  # invalid class ids or box: poison the cls target so the loss is NaN
+                tl.atomic_add(zrow, float("nan"))
     else:
         # ---- one token row: sample b, output cell (p, q)
-        row = pid - n_cls
+        row = pid - n_pool
         b = b_offset + row // N
         n = row % N
         p = n // L
@@ -253,26 +272,19 @@ def _token_rows_kernel(
         n_ent = (r_hi - r_lo + 1) * ncols * K
         val_b = val_ptr + b.to(tl.int64) * K * S * S
         idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-        m = 0.0
-        sum_ez = 0.0
-        sum_ezx = 0.0
-        sum_xu = 0.0
-        n_u = 0
-        n_bad = 1 - ok.to(tl.int32)
-        a0 = 0
+        # the first block of entries (all of them for a typical cell) stays in registers for step 4
+        cid0, z0, valid0, first0, bad0 = _entries_dedup(0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
+                                                         val_b, idx_b, S, C, flip, TB)
+        xu0 = tl.load(x_row + cid0, mask=valid0, other=0.0).to(tl.float32)
+        m, sum_ez, sum_ezx, sum_xu, n_u, n_bad = _u_stats(z0, xu0, first0, bad0, 0.0, 0.0, 0.0, 0.0, 0,
+                                                          1 - ok.to(tl.int32))
+        a0 = TB
         while a0 < n_ent:
             cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
                                                        val_b, idx_b, S, C, flip, TB)
             xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(tl.where(first, z, 0.0), axis=0))
-            r = tl.exp(m - m_new)
-            ez = tl.where(first, tl.exp(z - m_new), 0.0)
-            sum_ez = sum_ez * r + tl.sum(ez, axis=0)
-            sum_ezx = sum_ezx * r + tl.sum(ez * xu, axis=0)
-            sum_xu += tl.sum(xu, axis=0)
-            n_u += tl.sum(first.to(tl.int32), axis=0)
-            n_bad += tl.sum(bad.to(tl.int32), axis=0)
-            m = m_new
+            m, sum_ez, sum_ezx, sum_xu, n_u, n_bad = _u_stats(z, xu, first, bad, m, sum_ez, sum_ezx, sum_xu, n_u,
+                                                              n_bad)
             a0 += TB
         e_off = tl.exp(-m)  # e^{0 - m}: every class outside U
         Z = sum_ez + (C - n_u).to(tl.float32) * e_off
@@ -296,13 +308,14 @@ def _token_rows_kernel(
         tl.debug_barrier()
 
         # 4. corrections at the classes of U (duplicates write the same value)
-        a0 = 0
+        g_u = (t_sum * tl.exp(xu0 - lse) - (on * tl.exp(z0 - m) / Z + off)) * scale
+        tl.store(g_row + cid0, g_u.to(grad_ptr.dtype.element_ty), mask=valid0)
+        a0 = TB
         while a0 < n_ent:
             cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
                                                        val_b, idx_b, S, C, flip, TB)
             xu = tl.load(x_row + cid, mask=valid, other=0.0).to(tl.float32)
-            t_u = on * tl.exp(z - m) / Z + off
-            g_u = (t_sum * tl.exp(xu - lse) - t_u) * scale
+            g_u = (t_sum * tl.exp(xu - lse) - (on * tl.exp(z - m) / Z + off)) * scale
             tl.store(g_row + cid, g_u.to(grad_ptr.dtype.element_ty), mask=valid)
             a0 += TB
 
@@ -455,8 +468,17 @@ _TB = None
 _NUM_WARPS = None  # None = 4 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps both)
 
 
-def _tap_block(K):
-    return _TB if _TB else max(16, triton.next_power_of_2(4 * K))
+def _tap_block(K, S, L):
+    """Entries per dedupe block: 4k covers a cell whose bins are at most ~2 map pixels (L >= S/2);
+    coarser grids touch up to (ceil(S/L) + 1)^2 pixels per cell, so the block grows (to 64 at most) to
+    keep the number of [TB, TB] block pairs of the O(T^2) dedupe small."""
+    if _TB:
+        return _TB
+    tb = max(16, triton.next_power_of_2(4 * K))
+    if 2 * L < S:
+        cells = min(S, -(-S // L) + 1)
+        tb = max(tb, min(64, triton.next_power_of_2(cells * cells * K)))
+    return tb
 
 
 def _row_block(C):
@@ -481,7 +503,10 @@ class _Workspace:
         self.flips = (flips.view(torch.uint8) if flips.dtype == torch.bool else flips.to(torch.uint8)).contiguous()
         self.block_c, self.single = _row_block(C)
         self.num_warps = _NUM_WARPS or (4 if self.block_c <= 1024 else 8)
-        self.tb = _tap_block(label_values.shape[1])
+        self.tb = _tap_block(label_values.shape[1], label_values.shape[-1], math.isqrt(N))
+        K, S = label_values.shape[1], label_values.shape[-1]
+        self.tbc = 128
+        self.cls_chunks = triton.cdiv(S * S * K, self.tbc)
 
 
 _workspace = _Workspace
@@ -510,10 +535,11 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
     if grad_cls is None:
         grad_cls = torch.empty_like(x_cls)
     w = _workspace(label_values, label_indices, boxes, flips, B, N, C)
-    _token_rows_kernel[(B + B * N,)](
+    _token_rows_kernel[(B * w.cls_chunks + B * N,)](
         x_aux, grad_aux, w.row_loss, w.zc, w.values, w.indices, w.boxes, w.flips,
         B, 0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
         ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TB=w.tb, num_warps=w.num_warps,
+        CLS_CHUNKS=w.cls_chunks, TBC=w.tbc,
     )
     zc, row_loss, loss = w.zc, w.row_loss, w.loss
     _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
