@@ -360,3 +360,20 @@ def test_backward_hands_over_the_gradient_buffer(gen, device, monkeypatch):
         loss2 = _run(token_label_cross_entropy, d, cls.detach().requires_grad_(), aux.detach().requires_grad_())
         loss2.backward(retain_graph=True)
         loss2.backward()
+
+
+def test_cpu_fallback_without_triton(gen, monkeypatch):
+    """CPU tensors without TRITON_INTERPRET (e.g. `tokenlabel train` on a laptop) take the eager path."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    d = make_inputs(2, 9, 10, 12, 3, torch.float32, "cpu", generator=gen)
+    kw = _kw(d, True, 0.1, True, "original")
+    got = _loss_and_grads(token_label_cross_entropy, d, torch.float32, **kw)
+    ref = _loss_and_grads(token_label_cross_entropy_reference, d, torch.float64, **kw)
+    assert max(_errors(got, ref)) < 1e-5
+    feats = torch.randn(2, 9, 4, generator=gen)
+    W = torch.randn(10, 4, generator=gen)
+    loss = fused_linear_token_label_cross_entropy(d["cls"], feats, W, None, d["values"], d["indices"], d["boxes"],
+                                                  d["flips"], **kw)
+    want = token_label_cross_entropy_reference(d["cls"].double(), feats.double() @ W.double().T, d["values"],
+                                               d["indices"], d["boxes"], d["flips"], **kw)
+    assert abs(loss.item() - want.item()) < 1e-5 * abs(want.item())
