@@ -51,7 +51,8 @@ def _mix_lambda(mix_box, L, device):
                              f"of shape {_shape(mix_box)}")
         if mix_box.device != device:
             raise ValueError(f"mix_box is on {mix_box.device}, the logits on {device}")
-        return 1.0, mix_box.reshape(4).to(torch.int32)
+        m = mix_box.reshape(4)  # the kernel converts int16/32/64 on load: no cast kernel for those
+        return 1.0, m if m.dtype in (torch.int16, torch.int32, torch.int64) else m.to(torch.int32)
     try:
         r0, c0, r1, c1 = (int(v) for v in mix_box)
     except (TypeError, ValueError):
@@ -153,14 +154,17 @@ def token_label_cross_entropy(cls_logits, aux_logits, label_values, label_indice
             mix_box=mix_box if mix_tensor is None else mix_tensor.tolist(), gt_classes=gt_classes,
             smoothing=smoothing, dense_weight=dense_weight, cls_weight=cls_weight, ground_truth=ground_truth,
             box_order=box_order)
-    from .token_label_ce import token_label_ce_op
+    from .token_label_ce import TokenLabelCEFunction, token_label_ce_op
 
     if cls_logits.dtype != aux_logits.dtype:
         cls_logits = cls_logits.to(aux_logits.dtype)
-    loss, _, _ = token_label_ce_op(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
-                                   gt_classes if ground_truth else None, float(lam), float(smoothing),
-                                   float(dense_weight), float(cls_weight), bool(ground_truth),
-                                   box_order == "original")
+    args = (cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
+            gt_classes if ground_truth else None, float(lam), float(smoothing), float(dense_weight),
+            float(cls_weight), bool(ground_truth), box_order == "original")
+    if torch.compiler.is_compiling():  # the custom op: torch.compile needs its fake implementation
+        loss, _, _ = token_label_ce_op(*args)
+    else:  # eager: a plain autograd.Function, none of the custom-op dispatch layers
+        loss = TokenLabelCEFunction.apply(*args)
     return loss
 
 

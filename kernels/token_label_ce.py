@@ -159,7 +159,7 @@ def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
     l = tl.load(box_ptr + b * 4 + 1).to(tl.float32)
     h = tl.load(box_ptr + b * 4 + 2).to(tl.float32)
     w = tl.load(box_ptr + b * 4 + 3).to(tl.float32)
-    flip = tl.load(flip_ptr + b).to(tl.int32)
+    flip = (tl.load(flip_ptr + b) != 0).to(tl.int32)
     ok = (h > 0.0) & (w > 0.0) & (tl.abs(t) < float("inf")) & (tl.abs(l) < float("inf")) \
         & (h < float("inf")) & (w < float("inf"))
     t = tl.where(ok, t, 0.0)
@@ -458,6 +458,26 @@ def _scale_kernel(g_ptr, go_ptr, numel, BLOCK: tl.constexpr):
         tl.store(g_ptr + offs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _scale2_kernel(a_ptr, na, b_ptr, nb, go_ptr, BLOCK: tl.constexpr):
+    """a *= grad_output and b *= grad_output in one launch (programs past cdiv(na, BLOCK) take b);
+    grad_output is read on the device and nothing is read or written when it is 1."""
+    go = tl.load(go_ptr).to(tl.float32)
+    if go != 1.0:
+        pid = tl.program_id(0)
+        na_prog = tl.cdiv(na, BLOCK)
+        if pid < na_prog:
+            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < na
+            g = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(a_ptr + offs, (g * go).to(a_ptr.dtype.element_ty), mask=mask)
+        else:
+            offs = (pid - na_prog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < nb
+            g = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(b_ptr + offs, (g * go).to(b_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # launcher
 # --------------------------------------------------------------------------------------------
@@ -489,22 +509,30 @@ def _row_block(C):
 
 
 class _Workspace:
-    """Kernel inputs in kernel layout plus the small fp32 buffers: zc [B, C], row losses [B*N], loss."""
+    """Kernel inputs in kernel layout plus the small fp32 buffers: zc [B, C], row losses [B*N], loss.
+
+    One allocation and one fill launch for all three (zc and the loss must start at zero: atomics add
+    into them); the inputs are passed as they are whenever the kernels can read them directly (any
+    float box dtype, any integer flip dtype are converted on load), so no cast or copy kernels run.
+    """
 
     def __init__(self, label_values, label_indices, boxes, flips, B, N, C):
         dev = label_values.device
-        self.zc = torch.zeros(B, C, device=dev, dtype=torch.float32)
-        self.loss = torch.zeros((), device=dev, dtype=torch.float32)
-        self.row_loss = torch.empty(B * N, device=dev, dtype=torch.float32)
-        self.values = label_values.contiguous()
-        self.indices = label_indices.contiguous()
-        self.boxes = boxes.to(torch.float32).contiguous()
-        # bool -> uint8 as a view (no copy kernel)
-        self.flips = (flips.view(torch.uint8) if flips.dtype == torch.bool else flips.to(torch.uint8)).contiguous()
+        buf = torch.zeros(1 + B * C + B * N, device=dev, dtype=torch.float32)
+        self.loss = buf[0]
+        self.zc = buf[1:1 + B * C].view(B, C)
+        self.row_loss = buf[1 + B * C:]
+        self.values = label_values if label_values.is_contiguous() else label_values.contiguous()
+        self.indices = label_indices if label_indices.is_contiguous() else label_indices.contiguous()
+        self.boxes = boxes if boxes.is_contiguous() else boxes.contiguous()
+        # bool -> uint8 as a view (no copy kernel); integer flips are read as they are (!= 0 on load)
+        self.flips = flips.view(torch.uint8) if flips.dtype == torch.bool else flips
+        if not self.flips.is_contiguous():
+            self.flips = self.flips.contiguous()
+        K, S = label_values.shape[1], label_values.shape[-1]
         self.block_c, self.single = _row_block(C)
         self.num_warps = _NUM_WARPS or (4 if self.block_c <= 1024 else 8)
-        self.tb = _tap_block(label_values.shape[1], label_values.shape[-1], math.isqrt(N))
-        K, S = label_values.shape[1], label_values.shape[-1]
+        self.tb = _tap_block(K, S, math.isqrt(N))
         self.tbc = 128
         self.cls_chunks = triton.cdiv(S * S * K, self.tbc)
 
@@ -525,11 +553,10 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
     B, N, C = aux_logits.shape
     L = int(round(N ** 0.5))
     K, S = label_values.shape[1], label_values.shape[-1]
-    x_aux = aux_logits.reshape(B * N, C)
+    x_aux = aux_logits.reshape(B * N, C)  # a view for contiguous logits (the usual case)
     if not x_aux.is_contiguous():
         x_aux = x_aux.contiguous()
-    x_cls = cls_logits.contiguous()
-    dev = aux_logits.device
+    x_cls = cls_logits if cls_logits.is_contiguous() else cls_logits.contiguous()
     if grad_aux is None:
         grad_aux = torch.empty_like(x_aux)
     if grad_cls is None:
@@ -559,17 +586,36 @@ def _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, 
     )
 
 
-def scale_grad_(grad, grad_output):
-    """grad *= grad_output in place without a host sync (skipped on the device when it is 1)."""
+def _traced(grad):
     # traced (torch.compile builds the backward graph lazily, on fake/functional tensor subclasses, where
     # is_compiling() may be False): plain math the compiler fuses; also the path for non-Triton devices
-    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor or not (grad.is_cuda or _INTERPRET):
+    return torch.compiler.is_compiling() or type(grad) is not torch.Tensor or not (grad.is_cuda or _INTERPRET)
+
+
+def _go_ptr(grad_output):
+    # the loss is an fp32 scalar, so grad_output normally is one too: no reshape, no cast kernel
+    return grad_output if grad_output.dtype == torch.float32 else grad_output.to(torch.float32)
+
+
+def scale_grad_(grad, grad_output):
+    """grad *= grad_output in place without a host sync (skipped on the device when it is 1)."""
+    if _traced(grad):
         return grad * grad_output.to(grad.dtype)
-    flat = grad.view(-1)
+    n = grad.numel()
     BLOCK = 4096
-    go = grad_output.reshape(1).to(torch.float32)
-    _scale_kernel[(triton.cdiv(flat.numel(), BLOCK),)](flat, go, flat.numel(), BLOCK=BLOCK, num_warps=8)
+    _scale_kernel[(triton.cdiv(n, BLOCK),)](grad, _go_ptr(grad_output), n, BLOCK=BLOCK, num_warps=8)
     return grad
+
+
+def scale_grads_(grad_a, grad_b, grad_output):
+    """Both contiguous gradient buffers *= grad_output in place: one launch, no host sync."""
+    if _traced(grad_a) or _traced(grad_b):
+        return grad_a * grad_output.to(grad_a.dtype), grad_b * grad_output.to(grad_b.dtype)
+    na, nb = grad_a.numel(), grad_b.numel()
+    BLOCK = 4096
+    _scale2_kernel[(triton.cdiv(na, BLOCK) + triton.cdiv(nb, BLOCK),)](
+        grad_a, na, grad_b, nb, _go_ptr(grad_output), BLOCK=BLOCK, num_warps=8)
+    return grad_a, grad_b
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,21 +640,53 @@ def _(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_ten
 
 def _setup_context(ctx, inputs, output):
     _, grad_cls, grad_aux = output
+    # The gradient outputs are not differentiable and never get an incoming gradient: without these two
+    # calls autograd materialises zeros_like(grad_cls) and zeros_like(grad_aux) for backward (one
+    # logits-sized allocation plus a memset per call: the 48 MiB "extra" measured at S/224 bf16).
+    ctx.mark_non_differentiable(grad_cls, grad_aux)
+    ctx.set_materialize_grads(False)
     # Kept as plain attributes, not save_for_backward: backward hands the buffers over and drops its own
     # reference, so AccumulateGrad can take them as .grad instead of cloning (a saved tensor would
     # keep a second reference and cost one more logits-sized copy).
     ctx.grads = [grad_cls, grad_aux]
 
 
-def _backward(ctx, grad_loss, _g_cls, _g_aux):
+def _take_grads(ctx):
     grads, ctx.grads = ctx.grads, None
     if grads is None:
         raise RuntimeError("token_label_cross_entropy: backward can run only once per forward (its gradient "
                            "buffers are handed over to autograd); use retain_graph on a separate forward")
-    grad_cls, grad_aux = grads
-    del grads
-    return (scale_grad_(grad_cls, grad_loss), scale_grad_(grad_aux, grad_loss),
-            None, None, None, None, None, None, None, None, None, None, None, None)
+    return grads
+
+
+def _backward(ctx, grad_loss, _g_cls=None, _g_aux=None):
+    grad_cls, grad_aux = _take_grads(ctx)
+    if grad_loss is None:  # materialize_grads is off
+        return (None,) * 14
+    grad_cls, grad_aux = scale_grads_(grad_cls, grad_aux, grad_loss)
+    return (grad_cls, grad_aux, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 token_label_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class TokenLabelCEFunction(torch.autograd.Function):
+    """The eager path: the same forward/backward as the custom op without its dispatch layers.
+
+    Only the loss is an output (the gradient buffers live on ctx), so autograd has nothing to
+    materialise; torch.compile goes through ``token_label_ce_op`` instead (it needs the fake)."""
+
+    @staticmethod
+    def forward(ctx, cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor, gt_classes,
+                lam, smoothing, dense_weight, cls_weight, ground_truth, original):
+        loss, grad_cls, grad_aux = token_label_ce_forward(
+            cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor, gt_classes, lam,
+            smoothing, dense_weight, cls_weight, ground_truth, original)
+        ctx.set_materialize_grads(False)
+        ctx.grads = [grad_cls, grad_aux]
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss)
