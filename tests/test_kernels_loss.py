@@ -377,3 +377,42 @@ def test_cpu_fallback_without_triton(gen, monkeypatch):
     want = token_label_cross_entropy_reference(d["cls"].double(), feats.double() @ W.double().T, d["values"],
                                                d["indices"], d["boxes"], d["flips"], **kw)
     assert abs(loss.item() - want.item()) < 1e-5 * abs(want.item())
+
+
+def test_custom_op_path_matches_eager_function(gen, device):
+    """The custom op (the torch.compile path) and the eager autograd.Function give the same loss and
+    gradients; the op's gradient outputs are non-differentiable (nothing to materialise in backward)."""
+    from tokenlabel.kernels.token_label_ce import TokenLabelCEFunction, token_label_ce_op
+
+    d = make_inputs(3, 9, 11, 10, 3, torch.float32, device, generator=gen)
+    mix = torch.tensor([0, 1, 2, 3], device=device)  # int64: read as is by the kernel
+    args = (d["values"], d["indices"], d["boxes"], d["flips"], mix, None, 1.0, 0.1, 0.7, 1.3, False, False)
+    c1, a1 = d["cls"].detach().requires_grad_(), d["aux"].detach().requires_grad_()
+    loss1, gc, ga = token_label_ce_op(c1, a1, *args)
+    assert not gc.requires_grad and not ga.requires_grad
+    (3.0 * loss1).backward()
+    c2, a2 = d["cls"].detach().requires_grad_(), d["aux"].detach().requires_grad_()
+    loss2 = TokenLabelCEFunction.apply(c2, a2, *args)
+    (3.0 * loss2).backward()
+    c64, a64 = d["cls"].detach().double().requires_grad_(), d["aux"].detach().double().requires_grad_()
+    ref = token_label_cross_entropy_reference(c64, a64, d["values"], d["indices"], d["boxes"], d["flips"],
+                                              mix_box=(0, 1, 2, 3), dense_weight=0.7, cls_weight=1.3)
+    (3.0 * ref).backward()
+    torch.testing.assert_close(loss1.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss2.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for got in (c1.grad, c2.grad):
+        torch.testing.assert_close(got.double(), c64.grad, rtol=1e-4, atol=1e-6)
+    for got in (a1.grad, a2.grad):
+        torch.testing.assert_close(got.double(), a64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_integer_flips_and_fp64_boxes_read_directly(gen, device):
+    """Flips given as int64 (any non-zero = flipped) and float64 boxes give the bool/fp32 result."""
+    d = make_inputs(4, 9, 12, 10, 3, torch.float32, device, generator=gen)
+    flips = torch.tensor([0, 1, 1, 0], device=device, dtype=torch.bool)
+    d["flips"] = flips
+    want = _loss_and_grads(token_label_cross_entropy, d, torch.float32, mix_box=d["mix"])
+    d2 = dict(d, flips=flips.to(torch.int64) * 7, boxes=d["boxes"].double())
+    got = _loss_and_grads(token_label_cross_entropy, d2, torch.float32, mix_box=d["mix"])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
