@@ -73,17 +73,20 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
         ctx.has_b = grad_b is not None
         ctx.w_dtype = weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(grad_cls, grad_feat, grad_w if grad_w is not None else loss,
-                              grad_b if grad_b is not None else loss)
+        # plain ctx attributes, dropped in backward: autograd can take the buffers as .grad (no clone)
+        ctx.bufs = [grad_cls, grad_feat, grad_w, grad_b]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        from .token_label_ce import scale_grad_
+        from .token_label_ce import scale_grad_, scale_grads_
 
-        grad_cls, grad_feat, grad_w, grad_b = ctx.saved_tensors
-        gc = scale_grad_(grad_cls, grad_loss)
-        gf = scale_grad_(grad_feat, grad_loss)
+        bufs, ctx.bufs = ctx.bufs, None
+        if bufs is None:
+            raise RuntimeError("fused_linear_token_label_cross_entropy: backward can run only once per forward")
+        grad_cls, grad_feat, grad_w, grad_b = bufs
+        del bufs
+        gc, gf = scale_grads_(grad_cls, grad_feat, grad_loss)
         gw = scale_grad_(grad_w, grad_loss).to(ctx.w_dtype) if ctx.has_w else None
         gb = scale_grad_(grad_b, grad_loss).to(ctx.b_dtype) if ctx.has_b else None
         return (gc, gf, gw, gb) + (None,) * 13
