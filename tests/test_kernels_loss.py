@@ -416,3 +416,23 @@ def test_integer_flips_and_fp64_boxes_read_directly(gen, device):
     got = _loss_and_grads(token_label_cross_entropy, d2, torch.float32, mix_box=d["mix"])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_gpu_peak_extra_memory_is_small(gen):
+    """fwd + bwd allocates nothing logits-sized beyond the gradients it returns (the materialised zero
+    gradients of v2 cost one more [B, N, C] buffer)."""
+    B, N, C = 16, 196, 1000
+    d = make_inputs(B, N, C, 18, 5, torch.bfloat16, "cuda", generator=gen)
+    cls = d["cls"].detach().to(torch.bfloat16).requires_grad_()
+    aux = d["aux"].detach().to(torch.bfloat16).requires_grad_()
+    for _ in range(2):  # the first call compiles; measure the second
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss = _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"])
+        grads = torch.autograd.grad(loss, [cls, aux])
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before - sum(g.numel() * g.element_size() for g in grads)
+        del loss, grads
+    assert extra < 0.1 * aux.numel() * aux.element_size(), f"peak extra {extra / 2**20:.2f} MiB"
