@@ -101,7 +101,9 @@ class DaliBackend:
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         cpus = os.cpu_count() or 2
-        self.num_threads = num_threads or (min(8, cpus) if self.gpu else min(4, cpus))
+        # the mixed decoder's host stage (JPEG parse + Huffman for what the hardware decoder does
+        # not take) runs on these threads: give it the machine's cores, not a fixed 8
+        self.num_threads = num_threads or (max(2, min(16, cpus)) if self.gpu else min(4, cpus))
         self.io_workers = io_workers or min(16, max(2, cpus))
         self.prefetch = prefetch
         n = len(source.dataset)
