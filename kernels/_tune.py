@@ -88,19 +88,24 @@ def copy_bandwidth(device):
     return 2 * x.numel() / (ms[0] if isinstance(ms, (list, tuple)) else ms) / 1e6  # GB/s
 
 
-def bench_one(fn, d, bytes_moved, logits_bytes):
-    import triton.testing as tt
-
-    def step():
-        _call(fn, d).backward()
-
+def peak_bytes(step):
+    """Peak bytes one call of ``step`` allocates beyond what was allocated before it (after a warm-up call)."""
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base - logits_bytes  # the gradients of the logits
+    return torch.cuda.max_memory_allocated() - base
+
+
+def bench_one(fn, d, bytes_moved, logits_bytes):
+    import triton.testing as tt
+
+    def step():
+        _call(fn, d).backward()
+
+    extra = peak_bytes(step) - logits_bytes  # less the gradients of the logits
     q = tt.do_bench(step, quantiles=[0.5, 0.2, 0.8], grad_to_none=[d["cls"], d["aux"]])
     return q, bytes_moved / q[0] / 1e6, extra / 2**20
 
@@ -198,13 +203,7 @@ def main(argv=None):
             fused_linear_token_label_cross_entropy(cls, feats, lin.weight, lin.bias, d["values"], d["indices"],
                                                    d["boxes"], d["flips"], mix_box=d["mix"]).backward()
 
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        peak = peak_bytes(step) / 2**20
         import triton.testing as tt
 
         q = tt.do_bench(step, quantiles=[0.5, 0.2, 0.8], grad_to_none=[cls, feats, lin.weight, lin.bias])
