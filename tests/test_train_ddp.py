@@ -105,8 +105,11 @@ def test_ddp_two_processes_match_one_process(gen, monkeypatch):
             continue
         if "running_" in k:  # DDP keeps rank 0's BN statistics (broadcast_buffers); accumulation saw both halves
             continue
-        torch.testing.assert_close(v, ddp_w[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
-        torch.testing.assert_close(tr.ema.module.state_dict()[k], ddp_ema[k], rtol=1e-4, atol=1e-6)
+        # AdamW divides by sqrt(v): where a gradient element is near zero, the fp32 summation order
+        # (all-reduce vs accumulation) moves its update by a small part of lr (1e-3); seen up to 2.5e-6
+        # after 3 steps. 1e-5 (1% of one step) still fails any real gradient or averaging error.
+        torch.testing.assert_close(v, ddp_w[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(tr.ema.module.state_dict()[k], ddp_ema[k], rtol=1e-4, atol=1e-5)
     assert losses[0] != losses[-1]  # the weights moved
 
 
