@@ -74,6 +74,9 @@ def _ddp_worker(rank, port, seed, q):
             buf = io.BytesIO()
             torch.save((losses, tr.model.state_dict(), tr.ema.module.state_dict()), buf)
             q.put(buf.getvalue())
+        # both ranks leave together: a rank tearing gloo down while its peer is still in the group
+        # was seen to abort at exit (SIGABRT, "terminate called without an active exception")
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
