@@ -903,7 +903,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     d = setup_distributed()
     try:
-        return _run(cfg, d)
+        status = _run(cfg, d)
+        # every rank returns from _run at the same point; leaving together keeps a rank from tearing
+        # the process group down while its peer is still in it (seen to abort gloo at exit)
+        _barrier(d)
+        return status
     finally:
         if d.distributed:
             import torch.distributed as dist
