@@ -66,10 +66,79 @@ def mix_box_mask(mix_box, grid_h: int, grid_w: int, device) -> torch.Tensor:
     return mask.to(device)
 
 
-class PatchEmbed4_2(nn.Module):
-    """The reference's "4_2" stem: conv7x7/2 -> BN -> ReLU -> (conv3x3 -> BN -> ReLU) x2 -> conv (p/2)x(p/2)."""
+def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=k)`` for a k x k kernel with stride k, as one GEMM.
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, stem_channels=64):
+    Kernel = stride and no padding: the patches do not overlap, so the conv is a Linear on the
+    flattened patches. x ``[B, C, H, W]`` (H, W multiples of k) -> ``[B, D, H/k, W/k]`` held in
+    ``[B, H/k, W/k, D]`` memory (channels_last), so flattening it to tokens is a free view. A patch
+    is flattened in (row, column, channel) order, the weight ``[D, C, k, k]`` in the same order.
+
+    Why: cuDNN runs this conv's input gradient with a slow generic kernel (3.2 ms of a 29 ms LV-ViT-S
+    step at B=128 on an H100); the GEMM's is ~0.1 ms. The patch copy fuses into the BN+ReLU kernel
+    before it under torch.compile (and the gradient's copy back into the ReLU/BN backward).
+    """
+    B, C, H, W = x.shape
+    D, Cw, k, kw = weight.shape
+    if Cw != C or kw != k or H % k or W % k:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} are not a k x k patchify "
+                         "(weight [D, C, k, k], H and W multiples of k)")
+    h, w = H // k, W // k
+    # [B, H, W, C] -> [B, h, k, w, k, C] -> [B, h, w, k, k, C]: one row per patch (a view for a
+    # channels_last x up to the last reshape, which is the one copy).
+    patches = x.permute(0, 2, 3, 1).reshape(B, h, k, w, k, C).transpose(2, 3).reshape(B * h * w, k * k * C)
+    out = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(D, k * k * C), bias)
+    return out.view(B, h, w, D).permute(0, 3, 1, 2)
+
+
+def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channel_multiple: int = 8) -> torch.Tensor:
+    """``F.conv2d(x, weight, stride=2, padding=padding)`` as a stride-1 conv on a 2x2 space-to-depth input.
+
+    The kernel is zero-padded to an even size 2m (an odd 7x7 becomes 8x8, its last row and column
+    zero), the padded input ``[B, C, 2h', 2w']`` is folded into ``[B, 4C, h', w']`` (channel
+    ``4c + 2dy + dx`` holds pixel ``(2i + dy, 2j + dx)`` of channel c) and the kernel likewise into
+    ``[D, 4C, m, m]``: output ``(i, j)`` of the stride-2 conv reads padded rows ``2i .. 2i+2m-1``,
+    which are folded rows ``i .. i+m-1``. Channels are zero-padded up to a multiple of
+    ``channel_multiple`` (tensor-core kernels want 8 bf16 channels; 3 input channels give 12 -> 16).
+    Why: a 3-channel 7x7/2 conv is a poor fit for tensor cores; 16 channels and a 4x4 kernel are not.
+    Returns ``[B, D, Ho, Wo]`` (channels_last: the folded input is built in NHWC memory).
+    """
+    B, C, H, W = x.shape
+    D, Cw, kh, kw = weight.shape
+    if Cw != C or kh != kw:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [D, {C}, k, k] for x {tuple(x.shape)}")
+    if padding < 0 or channel_multiple < 1:
+        raise ValueError(f"padding must be >= 0 and channel_multiple >= 1, got {padding}, {channel_multiple}")
+    m = (kh + 1) // 2
+    Ho, Wo = (H + 2 * padding - kh) // 2 + 1, (W + 2 * padding - kw) // 2 + 1
+    # padded extent that output Ho-1 reads up to: 2 (Ho - 1) + 2m; cropped (negative pad) if shorter
+    xp = F.pad(x, (padding, 2 * (Wo - 1) + 2 * m - W - padding, padding, 2 * (Ho - 1) + 2 * m - H - padding))
+    hp, wp = xp.shape[-2] // 2, xp.shape[-1] // 2
+    c4 = -(-4 * C // channel_multiple) * channel_multiple
+    # [B, C, hp, 2, wp, 2] -> [B, hp, wp, C, 2, 2] -> [B, hp, wp, 4C] (+ zero channels), NHWC memory
+    folded = xp.reshape(B, C, hp, 2, wp, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, hp, wp, 4 * C)
+    wq = F.pad(weight, (0, 2 * m - kw, 0, 2 * m - kh)).reshape(D, C, m, 2, m, 2)
+    wq = wq.permute(0, 1, 3, 5, 2, 4).reshape(D, 4 * C, m, m)
+    if c4 != 4 * C:
+        folded = F.pad(folded, (0, c4 - 4 * C))
+        wq = F.pad(wq, (0, 0, 0, 0, 0, c4 - 4 * C))
+    return F.conv2d(folded.permute(0, 3, 1, 2), wq.contiguous(memory_format=torch.channels_last))
+
+
+STEM_IMPLS = {"conv1": ("conv", "s2d"), "proj": ("gemm", "conv")}
+
+
+class PatchEmbed4_2(nn.Module):
+    """The reference's "4_2" stem: conv7x7/2 -> BN -> ReLU -> (conv3x3 -> BN -> ReLU) x2 -> conv (p/2)x(p/2).
+
+    Parameters and their names are the reference's whatever the implementation: ``proj_impl``
+    "gemm" runs the patchifying ``proj`` conv as one matmul (:func:`patchify_linear`), "conv" as
+    cuDNN's conv; ``conv1_impl`` "s2d" runs ``conv1`` as a space-to-depth stride-1 conv
+    (:func:`conv_stride2_s2d`), "conv" as the plain conv. Change them with :meth:`set_impl`.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, stem_channels=64,
+                 conv1_impl="conv", proj_impl="gemm"):
         super().__init__()
         if patch_size % 2:
             raise ValueError(f"patch_size must be even (the stem has stride 2), got {patch_size}")
@@ -85,16 +154,35 @@ class PatchEmbed4_2(nn.Module):
         self.conv3 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
         self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+        self.conv1_impl, self.proj_impl = "conv", "gemm"
+        self.set_impl(conv1=conv1_impl, proj=proj_impl)
+
+    def set_impl(self, conv1: str | None = None, proj: str | None = None) -> None:
+        """Pick how ``conv1`` ("conv" | "s2d") and ``proj`` ("gemm" | "conv") run; None keeps the current one."""
+        for name, value in (("conv1", conv1), ("proj", proj)):
+            if value is not None and value not in STEM_IMPLS[name]:
+                raise ValueError(f"{name} must be one of {', '.join(STEM_IMPLS[name])}, got {value!r}")
+        self.conv1_impl = conv1 or self.conv1_impl
+        self.proj_impl = proj or self.proj_impl
 
     def forward(self, x):
         if x.is_cuda:
             # cuDNN's NHWC kernels; the [B, D, h, w] output is then [B, h, w, D] in memory, so
             # flattening to tokens [B, N, D] below is a free view.
             x = x.contiguous(memory_format=torch.channels_last)
-        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        if self.conv1_impl == "s2d":
+            x = conv_stride2_s2d(x, self.conv1.weight, self.conv1.padding[0])
+        else:
+            x = self.conv1(x)
+        x = F.relu(self.bn1(x), inplace=True)
         x = F.relu(self.bn2(self.conv2(x)), inplace=True)
         x = F.relu(self.bn3(self.conv3(x)), inplace=True)
+        if self.proj_impl == "gemm":
+            return patchify_linear(x, self.proj.weight, self.proj.bias)
         return self.proj(x)
+
+    def extra_repr(self):
+        return f"conv1_impl={self.conv1_impl!r}, proj_impl={self.proj_impl!r}"
 
 
 class Attention(nn.Module):

@@ -1,10 +1,12 @@
 """GPU-only model tests (run on the GPU machine: ``pytest -m gpu tests/test_models_gpu.py``)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tokenlabel.models import attention as attn_mod
 from tokenlabel.models import create_model, xformers_status
 from tokenlabel.models.attention import attention, available_backends, select_backend
+from tokenlabel.models.lvvit import conv_stride2_s2d, patchify_linear
 
 pytestmark = pytest.mark.gpu
 
@@ -124,6 +126,40 @@ def test_lvvit_s_train_step_bf16_channels_last_no_host_sync(gen):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["proj_gemm", "conv1_s2d"])
+def test_stem_reformulations_on_gpu(op, dtype, gen):
+    # The stem's GEMM patchify and space-to-depth conv1 at the stem's shapes, channels_last as in the
+    # model, under autocast for bf16: output and gradients at most 2x (plus a floor) as far from
+    # the fp64 conv as the plain conv in the same dtype is.
+    if op == "proj_gemm":
+        x, w, b = torch.randn(4, 64, 112, 112, generator=gen), torch.randn(384, 64, 8, 8, generator=gen) / 64, \
+            torch.randn(384, generator=gen)
+        conv, new = (lambda x, w, b: F.conv2d(x, w, b, stride=8)), patchify_linear
+    else:
+        x, w, b = torch.randn(4, 3, 224, 224, generator=gen), torch.randn(64, 3, 7, 7, generator=gen) / 12, None
+        conv, new = (lambda x, w, b: F.conv2d(x, w, stride=2, padding=3)), (lambda x, w, b: conv_stride2_s2d(x, w, 3))
+    x = x.cuda().contiguous(memory_format=torch.channels_last)
+    leaves = [t.cuda().requires_grad_() for t in (x, w, b) if t is not None]
+    gout = None
+
+    def run(fn, tensors, autocast):
+        nonlocal gout
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*tensors, *([None] * (3 - len(tensors))))
+        if gout is None:
+            gout = torch.randn(out.shape, generator=gen).cuda()
+        return [out.double(), *(g.double() for g in torch.autograd.grad(out, tensors, gout.to(out.dtype)))]
+
+    oracle = run(conv, [t.detach().double().requires_grad_() for t in leaves], False)
+    base = run(conv, leaves, dtype == torch.bfloat16)
+    got = run(new, leaves, dtype == torch.bfloat16)
+    for name, g, bs, ref in zip(("out", "grad x", "grad w", "grad b"), got, base, oracle):
+        err, base_err = (g - ref).abs().max().item(), (bs - ref).abs().max().item()
+        floor = TOL[dtype]["atol"] * max(1.0, ref.abs().max().item()) / 10
+        assert err <= 2 * base_err + floor, (op, dtype, name, err, base_err)
 
 
 def test_compile_inductor_fullgraph_no_recompiles(gen):
