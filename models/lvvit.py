@@ -74,9 +74,11 @@ def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     ``[B, H/k, W/k, D]`` memory (channels_last), so flattening it to tokens is a free view. A patch
     is flattened in (row, column, channel) order, the weight ``[D, C, k, k]`` in the same order.
 
-    Why: cuDNN runs this conv's input gradient with a slow generic kernel (3.2 ms of a 29 ms LV-ViT-S
-    step at B=128 on an H100); the GEMM's is ~0.1 ms. The patch copy fuses into the BN+ReLU kernel
-    before it under torch.compile (and the gradient's copy back into the ReLU/BN backward).
+    Why: in the H100 profile of the compiled LV-ViT-S step (B=128) one conv input-gradient kernel ran
+    once per step, cuDNN's generic ``dgrad_engine``, 3.2 ms of 29 ms; by elimination it is this
+    conv's (conv1 needs no input gradient, the 3x3 convs ran sm90 implicit-GEMM kernels). A GEMM of
+    this size (25088 x 4096 x 384) takes ~0.1 ms. Under torch.compile the patch copy can fuse into
+    the BN+ReLU kernel before it, and the gradient's copy back into the ReLU/BN backward.
     """
     B, C, H, W = x.shape
     D, Cw, k, kw = weight.shape
