@@ -168,12 +168,12 @@ class PatchEmbed4_2(nn.Module):
         self.proj_impl = proj or self.proj_impl
 
     def forward(self, x):
-        if x.is_cuda:
+        if self.conv1_impl == "s2d":  # its folded input is built in NHWC memory whatever x's layout
+            x = conv_stride2_s2d(x, self.conv1.weight, self.conv1.padding[0])
+        elif x.is_cuda:
             # cuDNN's NHWC kernels; the [B, D, h, w] output is then [B, h, w, D] in memory, so
             # flattening to tokens [B, N, D] below is a free view.
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.conv1_impl == "s2d":
-            x = conv_stride2_s2d(x, self.conv1.weight, self.conv1.padding[0])
+            x = self.conv1(x.contiguous(memory_format=torch.channels_last))
         else:
             x = self.conv1(x)
         x = F.relu(self.bn1(x), inplace=True)
