@@ -26,12 +26,10 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cls_logits, features, weight, bias, label_values, label_indices, boxes, flips, mix_tensor,
                 gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original, chunk):
-        from .token_label_ce import _cls_launch, _token_rows_kernel, _workspace
+        from .token_label_ce import _cls_launch, _workspace, launch_token_rows
 
         B, N, D = features.shape
         C = weight.shape[0]
-        L = math.isqrt(N)
-        K, S = label_values.shape[1], label_values.shape[-1]
         dev = features.device
         dt = _compute_dtype(features)
         w = weight.to(dt)
@@ -56,12 +54,8 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
             else:
                 torch.mm(f, w.t(), out=x)
             n_cls = B if b0 == 0 else 0
-            _token_rows_kernel[(n_cls * ws.cls_chunks + bc * N,)](
-                x, g, row_loss[b0 * N:], zc, ws.values, ws.indices, ws.boxes, ws.flips,
-                n_cls, b0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
-                ORIGINAL=bool(original), BLOCK_C=ws.block_c, SINGLE=ws.single, TB=ws.tb, num_warps=ws.num_warps,
-                CLS_CHUNKS=ws.cls_chunks, TBC=ws.tbc,
-            )
+            launch_token_rows(x, g, row_loss[b0 * N:], ws, n_cls, b0, bc * N, N, C, smoothing,
+                              float(dense_weight) / (B * N), original)
             grad_feat[b0:b0 + bc] = (g @ w).view(bc, N, D).to(features.dtype)
             if grad_w is not None:
                 grad_w += (g.t() @ f).float()

@@ -152,6 +152,72 @@ def _u_stats(z, xu, first, bad, m, sum_ez, sum_ezx, sum_xu, n_u, n_bad):
     return m_new, sum_ez, sum_ezx, sum_xu, n_u, n_bad
 
 
+
+@triton.jit
+def _seg_sum(k1, z1, n1, k2, z2, n2):
+    """Segmented inclusive scan over class-sorted entries: running z and count within a class."""
+    same = k1 == k2
+    return k2, z2 + tl.where(same, z1, 0.0), n2 + tl.where(same, n1, 0)
+
+
+@triton.jit
+def _seg_last(k1, z1, i1, k2, z2, i2):
+    """Reverse scan over class-sorted entries (class k, value z, position i): every entry takes z of the
+    last entry of its class run. Written by position, not by argument order, so it does not depend on
+    the order in which a reverse scan passes the running value and the new element."""
+    lo = i1 < i2
+    k_lo = tl.where(lo, k1, k2)
+    k_hi = tl.where(lo, k2, k1)
+    z_lo = tl.where(lo, z1, z2)
+    z_hi = tl.where(lo, z2, z1)
+    return k_lo, tl.where(k_lo == k_hi, z_hi, z_lo), tl.minimum(i1, i2)
+
+
+@triton.jit
+def _tap_offsets(e, inv_ncols, ncols, r_lo, c_lo, flip, S, K):
+    """Entry e = (pixel rc, slot j) of the touched rectangle -> map row r, col c, offset into [K, S, S].
+
+    rc // ncols in fp32 ((rc + 0.5) / ncols is at least 0.5 / ncols from an integer, far above the
+    rounding error for rc < 2^16), so no integer division by a run-time value."""
+    j = e % K
+    rc = e // K
+    rr = ((rc.to(tl.float32) + 0.5) * inv_ncols).to(tl.int32)
+    cc = rc - rr * ncols
+    r = r_lo + rr
+    c = c_lo + cc
+    cm = tl.where(flip != 0, S - 1 - c, c)  # the flip mirrors the map's columns
+    return r, c, (j * S + r) * S + cm
+
+
+@triton.jit
+def _tap_entries(valid, e, inv_ncols, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b, flip, C, S, K):
+    """Class id and weight Wy * Wx * value of tap entries e (in entry order); issues both loads at once."""
+    r, c, off = _tap_offsets(e, inv_ncols, ncols, r_lo, c_lo, flip, S, K)
+    cid = tl.load(idx_b + off, mask=valid, other=0).to(tl.int32)
+    v = tl.load(val_b + off, mask=valid, other=0.0).to(tl.float32)
+    w = _axis_weight(r, yb, ys, yg, S) * _axis_weight(c, xb, xs, xg, S) * v
+    bad = valid & ((cid < 0) | (cid >= C))
+    cid = tl.where(bad, 0, cid)  # never address outside the row; the loss becomes NaN instead
+    return cid, tl.where(valid, w, 0.0), valid, bad
+
+
+@triton.jit
+def _dedupe_sorted(cid, w, valid, C, TS: tl.constexpr):
+    """Deduplicate TS tap entries by sorting on the class id.
+
+    Key = class * TS + entry (unique; invalid entries sort last); one bitonic sort, the weights follow
+    by a register gather, then a segmented scan gives each class run its pooled logit z (sum of
+    Wy * Wx * value) and a running count whose value 1 marks the run's first entry.
+    O(TS log^2 TS) work instead of the O(TS^2) equality matrix. Returns (class, z, first), sorted."""
+    e = tl.arange(0, TS)
+    key = tl.sort(tl.where(valid, cid * TS + e, C * TS + e))
+    cs = key // TS
+    ws = tl.gather(w, key % TS, 0)
+    _, zp, cnt = tl.associative_scan((cs, ws, tl.full([TS], 1, tl.int32)), 0, _seg_sum)
+    _, z, _ = tl.associative_scan((cs, zp, e), 0, _seg_last, reverse=True)
+    return cs, z, (cs < C) & (cnt == 1)
+
+
 @triton.jit
 def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
     """Box of sample b -> per-axis RoIAlign geometry for output cell (p, q), flip flag, bad-box flag."""
@@ -177,7 +243,65 @@ def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
-# kernel 1: token rows (loss + gradient) and cls pooling
+# pieces of a token row shared by the fast and the general kernel
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _row_lse(x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
+    """One read of a logits row: (the row in registers if SINGLE, lse, sum(x), non-finite count)."""
+    cols = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        mask = cols < C
+        x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        mx = tl.max(x, axis=0)
+        se = tl.sum(tl.where(mask, tl.exp(x - mx), 0.0), axis=0)
+        sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
+        n_nonfinite = tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+    else:
+        x = tl.zeros([BLOCK_C], dtype=tl.float32)  # not kept: the gradient pass reads the row again
+        mx = float("-inf")
+        se = 0.0
+        sum_x = 0.0
+        n_nonfinite = 0
+        c0 = 0
+        while c0 < C:
+            mask = c0 + cols < C
+            xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(mx, tl.max(xb_, axis=0))
+            se = se * tl.exp(mx - m_new) + tl.sum(tl.where(mask, tl.exp(xb_ - m_new), 0.0), axis=0)
+            mx = m_new
+            sum_x += tl.sum(tl.where(mask, xb_, 0.0), axis=0)
+            n_nonfinite += tl.sum((mask & ~(tl.abs(xb_) < float("inf"))).to(tl.int32), axis=0)
+            c0 += BLOCK_C
+    return x, mx + tl.log(se), sum_x, n_nonfinite
+
+
+@triton.jit
+def _write_dense_grad(x, x_row, g_row, lse, t_sum, t_rest, scale, C, BLOCK_C: tl.constexpr,
+                      SINGLE: tl.constexpr):
+    """g = ((1 + s/C) * softmax(x) - t_rest) * scale over the whole row (t_rest: the off-U target)."""
+    cols = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        g = (t_sum * tl.exp(x - lse) - t_rest) * scale
+        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < C)
+    else:
+        c0 = 0
+        while c0 < C:
+            mask = c0 + cols < C
+            xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            g = (t_sum * tl.exp(xb_ - lse) - t_rest) * scale
+            tl.store(g_row + c0 + cols, g.to(g_row.dtype.element_ty), mask=mask)
+            c0 += BLOCK_C
+
+
+@triton.jit
+def _row_cell(row, b_offset, N, L):
+    """Token row -> (sample b, output cell p, q)."""
+    n = row % N
+    return b_offset + row // N, n // L, n % L
+
+
+# --------------------------------------------------------------------------------------------
+# kernel 1: token rows (loss + gradient), fast path, and cls pooling
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _token_rows_kernel(
@@ -189,15 +313,17 @@ def _token_rows_kernel(
     idx_ptr,  # [B, K, S, S] class ids
     box_ptr,  # [B, 4] fp32 (top, left, height, width), normalised, before the flip
     flip_ptr,  # [B] uint8
+    list_ptr,  # int32 [rows]: token rows left to the general kernel (cells with more than TS entries)
+    count_ptr,  # int32 scalar, zero on entry: how many rows are in the list
     n_cls,  # the first n_cls * CLS_CHUNKS programs pool the cls targets of samples 0..n_cls-1 (0: none)
     b_offset,  # token rows of this launch belong to samples b_offset + row // N (chunked launches)
-    N, L, C, S, K,
+    N, L, C, S, K,  # tokens per sample (L * L), token grid side, classes, label-map side, top-k
     smoothing,  # label smoothing s
     scale,  # dense_weight / (B * N)
     ORIGINAL: tl.constexpr,  # box_order == "original"
     BLOCK_C: tl.constexpr,  # columns per block of a logits row
     SINGLE: tl.constexpr,  # the whole row fits one block (kept in registers between passes)
-    TB: tl.constexpr,  # tap entries per dedupe block
+    TS: tl.constexpr,  # tap entries of a cell handled here (one sorted block)
     CLS_CHUNKS: tl.constexpr,  # cdiv(S*S*K, TBC): cls-pooling programs per sample
     TBC: tl.constexpr,  # tap entries per cls-pooling program
 ):
@@ -227,58 +353,91 @@ def _token_rows_kernel(
     else:
         # ---- one token row: sample b, output cell (p, q)
         row = pid - n_pool
-        b = b_offset + row // N
-        n = row % N
-        p = n // L
-        q = n % L
+        b, p, q = _row_cell(row, b_offset, N, L)
         row64 = row.to(tl.int64)
         x_row = x_ptr + row64 * C
         g_row = grad_ptr + row64 * C
-        cols = tl.arange(0, BLOCK_C)
         s_over_c = smoothing / C
         on = 1.0 - smoothing + s_over_c
         off = s_over_c
         t_sum = 1.0 + s_over_c
 
-        # 1. one read of the row: log-sum-exp, sum(x), non-finite count
-        if SINGLE:
-            mask = cols < C
-            x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            mx = tl.max(x, axis=0)
-            se = tl.sum(tl.where(mask, tl.exp(x - mx), 0.0), axis=0)
-            sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
-            n_nonfinite = tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+        # 1. the cell's tap entries (class ids and weights), loaded before the logits row so that the two
+        #    latencies overlap. A cell of a crop inside the image touches at most ceil(S/L) + 1 map pixels
+        #    per axis, so all its entries fit one block of TS; a larger cell (a box beyond the image) is
+        #    handed to the general kernel through the list.
+        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, L,
+                                                                                     p, q, ORIGINAL)
+        ncols = c_hi - c_lo + 1
+        n_ent = (r_hi - r_lo + 1) * ncols * K
+        if n_ent <= TS:
+            val_b = val_ptr + b.to(tl.int64) * K * S * S
+            idx_b = idx_ptr + b.to(tl.int64) * K * S * S
+            e = tl.arange(0, TS)
+            cid, w, valid, bad = _tap_entries(e < n_ent, e, 1.0 / ncols.to(tl.float32), ncols, r_lo, c_lo,
+                                              yb, ys, yg, xb, xs, xg, val_b, idx_b, flip, C, S, K)
+            # 2. one read of the row: log-sum-exp, sum(x), non-finite count
+            x, lse, sum_x, n_nonfinite = _row_lse(x_row, C, BLOCK_C, SINGLE)
+            # 3. the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
+            cs, z, first = _dedupe_sorted(cid, w, valid, C, TS)
+            xu = tl.load(x_row + cs, mask=first, other=0.0).to(tl.float32)  # L1 hits: the row was just read
+            m = tl.maximum(tl.max(tl.where(first, z, 0.0), axis=0), 0.0)
+            ez = tl.where(first, tl.exp(z - m), 0.0)
+            e_off = tl.exp(-m)  # e^{0 - m}: every class outside U
+            Z = tl.sum(ez, axis=0) + (C - tl.sum(first.to(tl.int32), axis=0)).to(tl.float32) * e_off
+            sum_xu = tl.sum(tl.where(first, xu, 0.0), axis=0)
+            loss = t_sum * lse - on * (tl.sum(ez * xu, axis=0) + e_off * (sum_x - sum_xu)) / Z - off * sum_x
+            n_bad = tl.sum(bad.to(tl.int32), axis=0) + 1 - ok.to(tl.int32)
+            loss = tl.where((n_nonfinite + n_bad) > 0, float("nan"), loss)
+            tl.store(row_loss_ptr + row64, loss * scale)
+            # 4. dense gradient: every class gets the off-U target first
+            _write_dense_grad(x, x_row, g_row, lse, t_sum, on * e_off / Z + off, scale, C, BLOCK_C, SINGLE)
+            tl.debug_barrier()
+            # 5. corrections at the classes of U (one write per class: its first entry)
+            g_u = (t_sum * tl.exp(xu - lse) - (on * ez / Z + off)) * scale
+            tl.store(g_row + cs, g_u.to(grad_ptr.dtype.element_ty), mask=first)
         else:
-            mx = float("-inf")
-            se = 0.0
-            sum_x = 0.0
-            n_nonfinite = 0
-            c0 = 0
-            while c0 < C:
-                mask = c0 + cols < C
-                xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(mx, tl.max(xb_, axis=0))
-                se = se * tl.exp(mx - m_new) + tl.sum(tl.where(mask, tl.exp(xb_ - m_new), 0.0), axis=0)
-                mx = m_new
-                sum_x += tl.sum(tl.where(mask, xb_, 0.0), axis=0)
-                n_nonfinite += tl.sum((mask & ~(tl.abs(xb_) < float("inf"))).to(tl.int32), axis=0)
-                c0 += BLOCK_C
-        lse = mx + tl.log(se)
+            tl.store(list_ptr + tl.atomic_add(count_ptr, 1), row)
 
-        # 2. the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
+
+# --------------------------------------------------------------------------------------------
+# kernel 1b: the token rows the fast path handed over (cells with more than TS tap entries)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _token_rows_general_kernel(
+    x_ptr, grad_ptr, row_loss_ptr, val_ptr, idx_ptr, box_ptr, flip_ptr,  # as kernel 1
+    list_ptr,  # int32: rows handed over by kernel 1
+    count_ptr,  # int32 scalar: their number (read on the device; 0 in the usual case)
+    b_offset, N, L, C, S, K, smoothing, scale,
+    ORIGINAL: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+    TB: tl.constexpr,  # tap entries per dedupe block (blocks of entries, pairwise equality per block pair)
+):
+    count = tl.load(count_ptr)
+    i = tl.program_id(0)
+    s_over_c = smoothing / C
+    on = 1.0 - smoothing + s_over_c
+    off = s_over_c
+    t_sum = 1.0 + s_over_c
+    while i < count:
+        row = tl.load(list_ptr + i)
+        b, p, q = _row_cell(row, b_offset, N, L)
+        row64 = row.to(tl.int64)
+        x_row = x_ptr + row64 * C
+        g_row = grad_ptr + row64 * C
         yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, L,
                                                                                      p, q, ORIGINAL)
         ncols = c_hi - c_lo + 1
         n_ent = (r_hi - r_lo + 1) * ncols * K
         val_b = val_ptr + b.to(tl.int64) * K * S * S
         idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-        # the first block of entries (all of them for a typical cell) stays in registers for step 4
-        cid0, z0, valid0, first0, bad0 = _entries_dedup(0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
-                                                         val_b, idx_b, S, C, flip, TB)
-        xu0 = tl.load(x_row + cid0, mask=valid0, other=0.0).to(tl.float32)
-        m, sum_ez, sum_ezx, sum_xu, n_u, n_bad = _u_stats(z0, xu0, first0, bad0, 0.0, 0.0, 0.0, 0.0, 0,
-                                                          1 - ok.to(tl.int32))
-        a0 = TB
+        x, lse, sum_x, n_nonfinite = _row_lse(x_row, C, BLOCK_C, SINGLE)
+        m = 0.0
+        sum_ez = 0.0
+        sum_ezx = 0.0
+        sum_xu = 0.0
+        n_u = 0
+        n_bad = 1 - ok.to(tl.int32)
+        a0 = 0
         while a0 < n_ent:
             cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
                                                        val_b, idx_b, S, C, flip, TB)
@@ -286,38 +445,23 @@ def _token_rows_kernel(
             m, sum_ez, sum_ezx, sum_xu, n_u, n_bad = _u_stats(z, xu, first, bad, m, sum_ez, sum_ezx, sum_xu, n_u,
                                                               n_bad)
             a0 += TB
-        e_off = tl.exp(-m)  # e^{0 - m}: every class outside U
+        e_off = tl.exp(-m)
         Z = sum_ez + (C - n_u).to(tl.float32) * e_off
         loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
         loss = tl.where((n_nonfinite + n_bad) > 0, float("nan"), loss)
         tl.store(row_loss_ptr + row64, loss * scale)
-
-        # 3. dense gradient: every class gets the off-U target first
-        t_rest = on * e_off / Z + off
-        if SINGLE:
-            g = (t_sum * tl.exp(x - lse) - t_rest) * scale
-            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
-        else:
-            c0 = 0
-            while c0 < C:
-                mask = c0 + cols < C
-                xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-                g = (t_sum * tl.exp(xb_ - lse) - t_rest) * scale
-                tl.store(g_row + c0 + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
-                c0 += BLOCK_C
+        _write_dense_grad(x, x_row, g_row, lse, t_sum, on * e_off / Z + off, scale, C, BLOCK_C, SINGLE)
         tl.debug_barrier()
-
-        # 4. corrections at the classes of U (duplicates write the same value)
-        g_u = (t_sum * tl.exp(xu0 - lse) - (on * tl.exp(z0 - m) / Z + off)) * scale
-        tl.store(g_row + cid0, g_u.to(grad_ptr.dtype.element_ty), mask=valid0)
-        a0 = TB
+        a0 = 0
         while a0 < n_ent:
             cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
                                                        val_b, idx_b, S, C, flip, TB)
-            xu = tl.load(x_row + cid, mask=valid, other=0.0).to(tl.float32)
+            xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
             g_u = (t_sum * tl.exp(xu - lse) - (on * tl.exp(z - m) / Z + off)) * scale
-            tl.store(g_row + cid, g_u.to(grad_ptr.dtype.element_ty), mask=valid)
+            tl.store(g_row + cid, g_u.to(grad_ptr.dtype.element_ty), mask=first)
             a0 += TB
+        tl.debug_barrier()
+        i += tl.num_programs(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,34 +592,27 @@ def _cls_rows_kernel(
 
 
 @triton.jit
-def _scale_kernel(g_ptr, go_ptr, numel, BLOCK: tl.constexpr):
-    """g *= grad_output, read on the device; nothing is written when grad_output == 1."""
-    go = tl.load(go_ptr).to(tl.float32)
-    if go != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(g_ptr + offs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _scale2_kernel(a_ptr, na, b_ptr, nb, go_ptr, BLOCK: tl.constexpr):
-    """a *= grad_output and b *= grad_output in one launch (programs past cdiv(na, BLOCK) take b);
-    grad_output is read on the device and nothing is read or written when it is 1."""
+    """a *= grad_output and b *= grad_output (b may be empty): a small persistent grid walks the blocks
+    of both. grad_output is read on the device and nothing is read or written when it is 1 (the usual
+    loss.backward()), so that case costs one tiny launch."""
     go = tl.load(go_ptr).to(tl.float32)
     if go != 1.0:
-        pid = tl.program_id(0)
-        na_prog = tl.cdiv(na, BLOCK)
-        if pid < na_prog:
-            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < na
-            g = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(a_ptr + offs, (g * go).to(a_ptr.dtype.element_ty), mask=mask)
-        else:
-            offs = (pid - na_prog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < nb
-            g = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(b_ptr + offs, (g * go).to(b_ptr.dtype.element_ty), mask=mask)
+        na_blk = tl.cdiv(na, BLOCK)
+        n_blk = na_blk + tl.cdiv(nb, BLOCK)
+        blk = tl.program_id(0)
+        while blk < n_blk:
+            if blk < na_blk:
+                offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < na
+                g = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(a_ptr + offs, (g * go).to(a_ptr.dtype.element_ty), mask=mask)
+            else:
+                offs = (blk - na_blk).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < nb
+                g = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(b_ptr + offs, (g * go).to(b_ptr.dtype.element_ty), mask=mask)
+            blk += tl.num_programs(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +622,7 @@ _MAX_SINGLE_BLOCK = 8192
 # Tap entries per dedupe block. A token cell of a typical crop (bin <= 1 map pixel, grid 1) touches
 # 2 x 2 map pixels = 4k entries; larger cells loop over more blocks. None = next_pow2(4k), >= 16.
 _TB = None
+_TS = None  # None = _sorted_block(K, S, L)
 _NUM_WARPS = None  # None = 4 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps both)
 
 
@@ -499,6 +637,15 @@ def _tap_block(K, S, L):
         cells = min(S, -(-S // L) + 1)
         tb = max(tb, min(64, triton.next_power_of_2(cells * cells * K)))
     return tb
+
+
+def _sorted_block(K, S, L):
+    """Entries of the sorted one-block path: all taps of a cell whose crop lies inside the image
+    (box sides <= 1: at most ceil(S / L) + 1 map pixels per axis), 45 at S 18, L 14, k 5 -> 64."""
+    if _TS:
+        return _TS
+    taps = min(S, -(-S // L) + 1)
+    return min(128, max(16, triton.next_power_of_2(taps * taps * K)))
 
 
 def _row_block(C):
@@ -518,10 +665,15 @@ class _Workspace:
 
     def __init__(self, label_values, label_indices, boxes, flips, B, N, C):
         dev = label_values.device
-        buf = torch.zeros(1 + B * C + B * N, device=dev, dtype=torch.float32)
-        self.loss = buf[0]
-        self.zc = buf[1:1 + B * C].view(B, C)
-        self.row_loss = buf[1 + B * C:]
+        # one zero fill: loss, zc, row losses (fp32 views) and one list counter per sample (int32 view; a
+        # chunked launch uses the counter of its first sample), then the list of handed-over rows
+        buf = torch.zeros(1 + B * C + B * N + B + B * N, device=dev, dtype=torch.int32)
+        fbuf = buf.view(torch.float32)
+        self.loss = fbuf[0]
+        self.zc = fbuf[1:1 + B * C].view(B, C)
+        self.row_loss = fbuf[1 + B * C:1 + B * C + B * N]
+        self.counts = buf[1 + B * C + B * N:1 + B * C + B * N + B]
+        self.rows = buf[1 + B * C + B * N + B:]
         self.values = label_values if label_values.is_contiguous() else label_values.contiguous()
         self.indices = label_indices if label_indices.is_contiguous() else label_indices.contiguous()
         self.boxes = boxes if boxes.is_contiguous() else boxes.contiguous()
@@ -531,13 +683,44 @@ class _Workspace:
             self.flips = self.flips.contiguous()
         K, S = label_values.shape[1], label_values.shape[-1]
         self.block_c, self.single = _row_block(C)
-        self.num_warps = _NUM_WARPS or (4 if self.block_c <= 1024 else 8)
+        self.num_warps = _NUM_WARPS or (2 if self.block_c <= 1024 else 8)
         self.tb = _tap_block(K, S, math.isqrt(N))
+        self.ts = _sorted_block(K, S, math.isqrt(N))
         self.tbc = 128
         self.cls_chunks = triton.cdiv(S * S * K, self.tbc)
 
 
 _workspace = _Workspace
+
+
+_SM_COUNT = {}
+
+
+def _general_programs(device):
+    """Programs of the general kernel: 2 per SM on CUDA (it loops over the list), 4 elsewhere."""
+    if device.type != "cuda":
+        return 4
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * _SM_COUNT[device.index]
+
+
+def launch_token_rows(x, grad, row_loss, w, n_cls, b_offset, rows, N, C, smoothing, scale, original):
+    """Kernel 1 over ``rows`` token rows of ``x`` (samples from b_offset on), plus the cls pooling of
+    samples 0..n_cls-1 (n_cls 0: none) into w.zc."""
+    K, S = w.values.shape[1], w.values.shape[-1]
+    L = math.isqrt(N)
+    lst, count = w.rows[b_offset * N:], w.counts[b_offset:]
+    _token_rows_kernel[(n_cls * w.cls_chunks + rows,)](
+        x, grad, row_loss, w.zc, w.values, w.indices, w.boxes, w.flips, lst, count, n_cls, b_offset, N, L, C, S, K,
+        float(smoothing), float(scale), ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TS=w.ts,
+        CLS_CHUNKS=w.cls_chunks, TBC=w.tbc, num_warps=w.num_warps)
+    # rows whose cell has more than TS tap entries (boxes beyond the image; usually none): a small
+    # persistent grid reads their count on the device, so the host never waits
+    _token_rows_general_kernel[(min(rows, _general_programs(x.device)),)](
+        x, grad, row_loss, w.values, w.indices, w.boxes, w.flips, lst, count, b_offset, N, L, C, S, K,
+        float(smoothing), float(scale), ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TB=w.tb,
+        num_warps=4 if w.block_c <= 1024 else 8)
 
 
 def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
@@ -551,8 +734,6 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
     use is NOT allowed here).
     """
     B, N, C = aux_logits.shape
-    L = int(round(N ** 0.5))
-    K, S = label_values.shape[1], label_values.shape[-1]
     x_aux = aux_logits.reshape(B * N, C)  # a view for contiguous logits (the usual case)
     if not x_aux.is_contiguous():
         x_aux = x_aux.contiguous()
@@ -562,12 +743,8 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
     if grad_cls is None:
         grad_cls = torch.empty_like(x_cls)
     w = _workspace(label_values, label_indices, boxes, flips, B, N, C)
-    _token_rows_kernel[(B * w.cls_chunks + B * N,)](
-        x_aux, grad_aux, w.row_loss, w.zc, w.values, w.indices, w.boxes, w.flips,
-        B, 0, N, L, C, S, K, float(smoothing), float(dense_weight) / (B * N),
-        ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TB=w.tb, num_warps=w.num_warps,
-        CLS_CHUNKS=w.cls_chunks, TBC=w.tbc,
-    )
+    launch_token_rows(x_aux, grad_aux, w.row_loss, w, B, 0, B * N, N, C, smoothing, dense_weight / (B * N),
+                      original)
     zc, row_loss, loss = w.zc, w.row_loss, w.loss
     _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
                 ground_truth)
@@ -597,13 +774,19 @@ def _go_ptr(grad_output):
     return grad_output if grad_output.dtype == torch.float32 else grad_output.to(torch.float32)
 
 
+def _scale_launch(grad_a, grad_b, grad_output):
+    na, nb = grad_a.numel(), grad_b.numel()
+    BLOCK = 4096
+    blocks = triton.cdiv(na, BLOCK) + triton.cdiv(nb, BLOCK)
+    _scale2_kernel[(max(1, min(blocks, 4 * _general_programs(grad_a.device))),)](
+        grad_a, na, grad_b, nb, _go_ptr(grad_output), BLOCK=BLOCK, num_warps=8)
+
+
 def scale_grad_(grad, grad_output):
     """grad *= grad_output in place without a host sync (skipped on the device when it is 1)."""
     if _traced(grad):
         return grad * grad_output.to(grad.dtype)
-    n = grad.numel()
-    BLOCK = 4096
-    _scale_kernel[(triton.cdiv(n, BLOCK),)](grad, _go_ptr(grad_output), n, BLOCK=BLOCK, num_warps=8)
+    _scale_launch(grad, grad[:0], grad_output)
     return grad
 
 
@@ -611,10 +794,7 @@ def scale_grads_(grad_a, grad_b, grad_output):
     """Both contiguous gradient buffers *= grad_output in place: one launch, no host sync."""
     if _traced(grad_a) or _traced(grad_b):
         return grad_a * grad_output.to(grad_a.dtype), grad_b * grad_output.to(grad_b.dtype)
-    na, nb = grad_a.numel(), grad_b.numel()
-    BLOCK = 4096
-    _scale2_kernel[(triton.cdiv(na, BLOCK) + triton.cdiv(nb, BLOCK),)](
-        grad_a, na, grad_b, nb, _go_ptr(grad_output), BLOCK=BLOCK, num_warps=8)
+    _scale_launch(grad_a, grad_b, grad_output)
     return grad_a, grad_b
 
 

@@ -82,6 +82,30 @@ def test_full_box_and_flip(gen, device):
     _compare(d, torch.float32, _kw(d, True, 0.1, True, "original"))
 
 
+def test_boxes_beyond_the_image_take_the_general_path(gen, device, monkeypatch):
+    """Cells of a box larger than the image touch more map pixels than the sorted one-block path holds:
+    kernel 1 hands those rows to the general kernel (on the device); both halves match the reference."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
+    seen = []
+
+    class Spy(tlce._Workspace):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(tlce, "_workspace", Spy)
+    d = make_inputs(3, 16, 10, 12, 5, torch.float32, device, generator=gen)
+    u = torch.rand(3, 4, generator=gen, device=device)
+    # one ordinary crop, one box 1.3-1.9x the image (every cell larger), one tall box starting above it
+    d["boxes"] = torch.stack([torch.stack([0.1 * u[0, 0], 0.1 * u[0, 1], 0.5 + 0.4 * u[0, 2], 0.5 + 0.4 * u[0, 3]]),
+                              torch.stack([-0.3 * u[1, 0], -0.3 * u[1, 1], 1.3 + 0.6 * u[1, 2], 1.3 + 0.6 * u[1, 3]]),
+                              torch.stack([-0.5 * u[2, 0], 0.2 * u[2, 1], 1.5 + 0.5 * u[2, 2], 0.3 + 0.2 * u[2, 3]])])
+    _compare(d, torch.float32, _kw(d, True, 0.1, True, "hw"))
+    handed = int(seen[-1].counts.sum())
+    assert 0 < handed < 3 * 16, f"{handed} of 48 rows went to the general kernel"
+
+
 def test_mix_box_as_tensor_and_int32_indices(gen, device):
     d = make_inputs(3, 9, 10, 12, 5, torch.float32, device, generator=gen, index_dtype=torch.int32)
     ref = _loss_and_grads(token_label_cross_entropy_reference, d, torch.float64, **_kw(d, True, 0.1, False, "hw"))
