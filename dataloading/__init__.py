@@ -6,7 +6,11 @@ Module map (one owner each):
   synthetic.py  make_synthetic_imagefolder: a small real-JPEG ImageFolder for tests and demos
   annotate.py   the annotator (`tokenlabel annotate`)
   labels_cli.py `tokenlabel labels import|info`
-  loader.py     build_loader (backend "dali" | "torch") and the shared sampling/geometry
+  loader.py     build_loader (backend "dali" | "torch") and the shared GPU tail (finish_batch)
+  sampling.py   sampler, counter RNG, crop/erasing draws, label-map warps
+  randaugment.py  RandAugment draws, PIL engine, torch engine (the reference)
+  ra_kernel.py  the GPU tail in Triton: RandAugment + flip + normalise + erasing from one table
+  packing.py    one host->device copy per batch for all metadata
 """
 _LAZY = {
     "LabelStore": "tokenlabel.dataloading.store",

@@ -5,7 +5,8 @@ random draws and the label-map handling (sampling.py), and the last GPU steps (f
 they differ only in who decodes and augments the pixels:
 
 * ``backend="dali"`` (dali_pipeline.py): DALI decodes the crop window on the GPU ("mixed"),
-  resizes it; RandAugment, flip, normalise and random erasing run batched on the GPU.
+  resizes it; RandAugment, flip, normalise and random erasing run batched on the GPU (Triton,
+  ra_kernel.py; the torch ops of randaugment.apply_torch on the CPU).
 * ``backend="torch"`` (pil_pipeline.py): DataLoader workers do decode, crop, resize, RandAugment and
   flip with PIL; normalise and erasing run on the device.
 
@@ -35,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+from . import packing
 from . import randaugment as ra
 from .sampling import (EpochSampler, draw_geometry, list_dataset, pil_open_rgb, warn_once,
                        warp_label_maps)
@@ -117,35 +119,62 @@ class SampleSource:
         return values, indices
 
 
-def finish_batch(images, meta, *, device, train, augment, dtype, generator):
-    """The GPU tail of both pipelines: uint8 [B,3,H,W] on ``device`` -> the batch dict.
+ENGINES = ("triton", "torch")
+
+
+def finish_batch(images, meta, *, device, train, augment, dtype, seed, engine=None):
+    """The GPU tail of both pipelines: uint8 [B,3,H,W] (any strides) on ``device`` -> the batch dict.
 
     augment=True (DALI): apply RandAugment and the flip here, batched on the device.
     Then normalise with the ImageNet mean/std and apply random erasing (mode 'pixel': N(0,1)
-    noise in the normalised space, as timm) to the image only.
+    noise in the normalised space, as timm) to the image only; ``seed`` (int) drives the noise.
+
+    All per-batch metadata reaches the device in one copy (packing.py; the DALI producer packs it
+    ahead, as ``meta["packed"]``). engine "triton" (default on CUDA): ra_kernel.finish_images, one
+    table, a few launches. engine "torch" (default on the CPU, where Triton would run interpreted
+    and slowly): randaugment.apply_torch and torch ops, the reference; its erasing noise comes from
+    a torch generator seeded with ``seed`` instead of Philox, so the noise values differ (both are
+    N(0,1) inside the same boxes).
     """
     dev = torch.device(device)
-    nb = dev.type == "cuda"
+    engine = engine or ("triton" if dev.type == "cuda" else "torch")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    H, W = int(images.shape[2]), int(images.shape[3])
+    hb = meta.get("packed")
+    if hb is None or not hb.matches(height=H, width=W, train=train, augment=augment):
+        hb = packing.pack(meta, height=H, width=W, train=train, augment=augment, pin=dev.type == "cuda")
+    out = packing.to_device(hb, dev)
+    table = out.pop("ra_table")
+    x = images.to(dev, non_blocking=dev.type == "cuda")
+    if engine == "triton":
+        from . import ra_kernel
 
+        out["images"] = ra_kernel.finish_images(x, table, hb.plan, dtype=dtype, seed=seed)
+    else:
+        out["images"] = _finish_images_torch(x, meta, dev, train=train, augment=augment, dtype=dtype, seed=seed)
+    return out
+
+
+def _finish_images_torch(images, meta, dev, *, train, augment, dtype, seed):
+    """finish_batch's images with torch ops (engine "torch")."""
     def put(a, dt=None):
         return ra.to_device(a, dev, dt)
 
-    x = images.to(dev, non_blocking=nb).float()
-    out = {"classes": put(meta["classes"], torch.int64), "sample_ids": put(meta["sample_ids"], torch.int64)}
-    if train:
-        if augment:
-            if "ra_op" in meta:
-                x = ra.apply_torch(x, meta["ra_op"], meta["ra_arg"], meta["ra_interp"])
-            f = put(meta["flips"]).view(-1, 1, 1, 1)
-            x = torch.where(f, x.flip(-1), x)
-        out["boxes"] = put(meta["boxes"], torch.float32)
-        out["flips"] = put(meta["flips"], torch.bool)
+    x = images.float()
+    if train and augment:
+        if "ra_op" in meta:
+            x = ra.apply_torch(x, meta["ra_op"], meta["ra_arg"], meta["ra_interp"])
+        f = put(meta["flips"]).view(-1, 1, 1, 1)
+        x = torch.where(f, x.flip(-1), x)
     mean = ra._const("mean255", [255 * m for m in IMAGENET_MEAN], dev).view(1, 3, 1, 1)
     std = ra._const("std255", [255 * s for s in IMAGENET_STD], dev).view(1, 3, 1, 1)
     x = (x - mean) / std
     if train and meta["erase"].any():
         # noise is drawn only for the erased samples (about a quarter of the batch) and only over
         # the bounding window of their boxes (the host knows both): one randn, one masked copy
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(int(seed))
         sel = np.nonzero(np.asarray(meta["erase"]))[0]
         e = np.asarray(meta["erase_box"], np.int64)[sel]
         r0, c0 = int(e[:, 0].min()), int(e[:, 1].min())
@@ -159,22 +188,22 @@ def finish_batch(images, meta, *, device, train, augment, dtype, generator):
         win = x[ridx, :, r0:r1, c0:c1]
         noise = torch.randn(win.shape, device=dev, generator=generator)
         x[ridx, :, r0:r1, c0:c1] = torch.where(mask, noise, win)
-    out["images"] = x.to(dtype).contiguous()
-    if "label_values" in meta:
-        out["label_values"] = put(meta["label_values"])
-        out["label_indices"] = put(meta["label_indices"])
-    return out
+    return x.to(dtype).contiguous()
 
 
 class Loader:
     """Iterable of batch dicts; see the module docstring."""
 
-    def __init__(self, backend, source, sampler, *, device, dtype, train, seed, shard_id, num_classes, classes):
+    def __init__(self, backend, source, sampler, *, device, dtype, train, seed, shard_id, num_classes, classes,
+                 engine=None):
         self.backend, self.source, self.sampler = backend, source, sampler
         self.device, self.dtype, self.train, self.seed, self.shard_id = torch.device(device), dtype, train, seed, shard_id
         self.num_classes, self.classes = num_classes, classes
         self.dataset_size = len(source.dataset)
         self.epoch, self.start_batch = 0, 0
+        if engine is not None and engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES} or None, got {engine!r}")
+        self.engine = engine  # finish_batch's engine; None: Triton on CUDA, torch on the CPU
 
     def __len__(self):
         return self.sampler.num_batches
@@ -188,14 +217,23 @@ class Loader:
             raise ValueError(f"start_batch={start_batch} outside [0, {len(self)}] (len(loader))")
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
+    def batch_seed(self, epoch: int, b: int) -> int:
+        """The erasing noise stream of batch b of ``epoch`` (a pure function: resumed runs match)."""
+        return (self.seed * 1_000_003 + epoch * 7919 + self.shard_id * 104_729 + b) & 0x7FFFFFFF
+
     def __iter__(self):
         epoch, start = self.epoch, self.start_batch
         self.start_batch = 0  # a later iteration without set_epoch replays the whole epoch
-        gen = torch.Generator(device=self.device)
         for b, (images, meta) in enumerate(self.backend.batches(epoch, start), start=start):
-            gen.manual_seed((self.seed * 1_000_003 + epoch * 7919 + self.shard_id * 104_729 + b) & 0x7FFFFFFF)
             yield finish_batch(images, meta, device=self.device, train=self.train,
-                               augment=not self.backend.applies_augment, dtype=self.dtype, generator=gen)
+                               augment=not self.backend.applies_augment, dtype=self.dtype,
+                               seed=self.batch_seed(epoch, b), engine=self.engine)
+
+    def close(self):
+        """Stop the backend's background work now (it also stops when the loader is collected)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
 
 def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, backend="dali", device="cuda",
@@ -203,7 +241,7 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
                  random_erasing=0.25, crop_pct=None, interpolation="random", drop_last=None,
                  missing_labels="error", label_size=None, num_classes=None, label_k=None,
                  dtype=torch.float32, label_index_dtype=torch.int64, shuffle=None, dali_threads=None,
-                 prefetch=2):
+                 prefetch=2, engine=None):
     """Build the train or eval loader. See the module docstring for the batch format and epochs.
 
     root: ImageFolder directory or file list ("relpath class" lines). labels: a LabelStore path
@@ -211,7 +249,8 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     CPU: for tests). num_workers: PIL DataLoader workers / DALI reader threads (default: the CPU
     count). crop_pct: eval resize ratio (default 0.9). interpolation: "random" | "bilinear" |
     "bicubic" for the training resize. label_size / label_k / num_classes: checked against the
-    store (ValueError on any disagreement).
+    store (ValueError on any disagreement). engine: finish_batch's "triton" | "torch" (default:
+    Triton on CUDA, torch on the CPU).
     """
     if backend not in ("dali", "torch"):
         raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
@@ -280,7 +319,7 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
 
         impl = PilBackend(source, sampler, device, num_workers=workers)
     return Loader(impl, source, sampler, device=device, dtype=dtype, train=train, seed=seed, shard_id=shard_id,
-                  num_classes=num_classes, classes=dataset.classes)
+                  num_classes=num_classes, classes=dataset.classes, engine=engine)
 
 
 def loader_throughput(root, labels=None, backend="dali", batch_size=128, image_size=224, num_batches=50,

@@ -2,8 +2,9 @@
 that share one parameter draw:
 
 * ``apply_pil``: PIL primitives, one image at a time (the PIL DataLoader fallback, run in workers);
-* ``apply_torch``: batched tensor ops on any device (the DALI pipeline runs it on the GPU right
-  after decoding), grouping the samples of a batch by the op each layer chose.
+* ``apply_torch``: batched tensor ops on any device, grouping the samples of a batch by the op
+  each layer chose: the reference for the Triton kernels of ra_kernel.py (which the DALI pipeline
+  runs on the GPU) and the engine of CPU runs.
 
 Semantics (timm ``RandAugment`` / ``AugmentOp``): ``num_layers`` ops drawn uniformly *with
 replacement* from the op list; each fires with p = 0.5; magnitude N(m, mstd) clipped to [0, 10],
@@ -128,6 +129,21 @@ def affine_matrix(op: int, arg: float, width: int, height: int) -> np.ndarray:
         cx, cy = width / 2.0, height / 2.0
         M[0] = [c, s, c * -cx + s * -cy + cx]
         M[1] = [-s, c, -s * -cx + c * -cy + cy]
+    return M
+
+
+def affine_matrices(ops, args, width, height) -> np.ndarray:
+    """[n,3,3]: affine_matrix of each (op, arg), vectorised; identity for the other ops. Equal bit for
+    bit to affine_matrix (rotations go through it: their cos/sin are rounded to 15 decimals)."""
+    ops = np.asarray(ops).reshape(-1)
+    args = np.asarray(args, np.float64).reshape(-1)
+    M = np.repeat(np.eye(3)[None], len(ops), axis=0)
+    for op, r, c, scale in ((SHEAR_X, 0, 1, 1), (SHEAR_Y, 1, 0, 1), (TRANSLATE_X, 0, 2, width),
+                            (TRANSLATE_Y, 1, 2, height)):
+        sel = ops == op
+        M[sel, r, c] = args[sel] * scale if scale != 1 else args[sel]
+    for b in np.nonzero(ops == ROTATE)[0]:
+        M[b] = affine_matrix(ROTATE, float(args[b]), width, height)
     return M
 
 
