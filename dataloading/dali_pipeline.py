@@ -12,8 +12,15 @@ Division of labour (why it is built this way):
   only the crop window (device "mixed": nvJPEG / the hardware decoder; "cpu" for tests), and
   ``fn.resize`` scales it to image_size with the drawn interpolation. The returned box is exactly
   this window, normalised by the header size (EXIF orientation is ignored on both sides).
-* The rest runs as batched tensor ops on the GPU in loader.finish_batch: RandAugment
-  (randaugment.apply_torch, the same draws as the PIL path), flip, normalise, random erasing.
+* DALI hands the crops over in its own HWC layout (no transpose op); the rest runs in
+  loader.finish_batch on the GPU: RandAugment, flip, normalise, random erasing in a few Triton
+  launches (ra_kernel.py) reading the HWC bytes through strides, with all per-batch metadata packed
+  by the producer into one pinned buffer (packing.py) and copied once.
+* One producer stream runs across epoch boundaries: after epoch e it goes on with epoch e + 1 from
+  batch 0, so a training loop that asks for the next epoch finds DALI's prefetch queue full instead
+  of restarting the producer and refilling the queue. A request for anything else (another epoch,
+  a resume at batch b, a repeat) stops the stream, drains what DALI holds and starts a new one
+  there; every batch is a pure function of (epoch, sample), so the batches are the same either way.
 * Files the GPU decoder should not see (PNG/GIF/CMYK/truncated JPEGs with a .jpg name) are decoded
   by PIL in the producer and handed over as lossless PNM bytes; files nothing can decode are
   replaced by the next readable sample with one warning (sampling.warn_once).
@@ -29,6 +36,7 @@ import os
 import queue
 import threading
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -114,6 +122,8 @@ class DaliBackend:
         self._batch_pool = ThreadPoolExecutor(2)
         self.pipe = None
         self._clean = False
+        self._stream = None     # the running producer stream (_Stream) or None
+        self._generation = 0    # bumps on every new stream: an older iteration must not read from it
         self._copy_stream = self._copy_done = self._held = None
 
     # -------------------------------------------------------------------------------- pipeline
@@ -142,8 +152,7 @@ class DaliBackend:
                 images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
                 images = fn.slice(images, anchor, np.array([S, S], np.float32), normalized_anchor=False,
                                   normalized_shape=False)
-            images = fn.transpose(images, perm=[2, 0, 1])
-            return images, ids
+            return images, ids  # HWC: finish_batch's kernel reads it through strides
 
         p = pipe()
         p.build()
@@ -180,7 +189,7 @@ class DaliBackend:
     def _read_chunk(self, idx):
         return [self._read(i) for i in idx]
 
-    def _prepare(self, epoch, idx):
+    def _prepare(self, epoch, b, idx):
         chunks = np.array_split(np.asarray(idx), max(1, min(len(idx), self.io_workers)))
         got = [g for part in self._pool.map(self._read_chunk, chunks) for g in part]
         ids = np.array([g[0] for g in got], np.int64)
@@ -203,24 +212,17 @@ class DaliBackend:
             anchor = [np.array([r[3], r[2]], np.float32) for r in g]  # (x, y) of the crop
             meta = dict(sample_ids=ids, classes=src.dataset.targets[ids])
             dali_inputs = (data, size, anchor, ids)
-        return dali_inputs, meta
+        meta["position"] = (epoch, b)
+        # the one host->device buffer of the batch, ready before the training thread needs it
+        from .packing import pack
 
-    def _produce(self, q, epoch, start_batch, stop):
-        # batches are prepared by two threads (reads, label warps and numpy release the GIL in
-        # parts) and queued in sampler order
-        window = collections.deque()
-        try:
-            for idx in self.sampler.batches(epoch, start_batch):
-                if stop.is_set():
-                    return
-                window.append(self._batch_pool.submit(self._prepare, epoch, idx))
-                if len(window) > 2:
-                    q.put(window.popleft().result())
-            while window:
-                q.put(window.popleft().result())
-            q.put(None)
-        except BaseException as e:  # surfaced to the consumer
-            q.put(e)
+        S = src.image_size
+        if self.gpu:
+            with torch.cuda.device(self.device):
+                meta["packed"] = pack(meta, height=S, width=S, train=src.train, augment=True, pin=True)
+        else:
+            meta["packed"] = pack(meta, height=S, width=S, train=src.train, augment=True, pin=False)
+        return dali_inputs, meta
 
     # -------------------------------------------------------------------------------- iteration
     def batches(self, epoch, start_batch):
@@ -249,6 +251,35 @@ class DaliBackend:
                               "the batches in flight with PIL and continuing", RuntimeWarning, stacklevel=2)
 
     def _run(self, epoch, start_batch):
+        nb = self.sampler.num_batches
+        if start_batch >= nb:
+            return
+        st = self._stream
+        if st is None or st.next != (epoch, start_batch):
+            self._end_stream(drain=True)
+            st = self._start_stream(epoch, start_batch)
+        gen = self._generation
+        for b in range(start_batch, nb):
+            if self._generation != gen:
+                raise RuntimeError("another iteration of this loader started while this one was paused; "
+                                   "iterate one epoch at a time")
+            self._wait_copy()
+            try:
+                images, ids = self.pipe.run()
+            except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
+                in_flight = list(self.feeder.pending)
+                self._end_stream(drain=False)
+                raise _DecodeFailure(e, in_flight) from e
+            meta = self.feeder.pending.popleft()
+            got = np.asarray(ids.as_tensor()).reshape(-1)
+            if meta["position"] != (epoch, b) or not np.array_equal(got, meta["sample_ids"]):
+                self._end_stream(drain=False)
+                raise RuntimeError(f"DALI output out of step with its metadata: batch {meta['position']} for "
+                                   f"{(epoch, b)}, ids {got[:4]}... vs {meta['sample_ids'][:4]}...")
+            st.next = (epoch, b + 1) if b + 1 < nb else (epoch + 1, 0)
+            yield self._to_torch(images), meta
+
+    def _start_stream(self, epoch, start_batch):
         if self.pipe is None or not self._clean:
             self.pipe = None
             self.pipe = self._build()
@@ -257,40 +288,53 @@ class DaliBackend:
         stop = threading.Event()
         self.feeder.queue = q
         self.feeder.pending.clear()
-        th = threading.Thread(target=self._produce, args=(q, epoch, start_batch, stop), daemon=True)
+        th = threading.Thread(target=_produce, args=(weakref.ref(self), self.sampler, self._batch_pool, q, epoch,
+                                                     start_batch, stop), daemon=True)
         th.start()
-        n = self.sampler.num_batches - start_batch
-        try:
-            for _ in range(n):
+        self._generation += 1
+        self._stream = _Stream(q, stop, th, (epoch, start_batch))
+        return self._stream
+
+    def _end_stream(self, drain):
+        """Stop the producer. drain=True: run DALI's queued iterations out (discarding them) so the
+        pipeline is clean for the next stream; otherwise, or if that fails, drop the pipeline (the
+        next stream builds a new one)."""
+        st, self._stream = self._stream, None
+        if st is None:
+            return
+        st.stop.set()
+        self.feeder.queue = None  # the feeder's next call ends DALI's "epoch"; a stray call never blocks
+        while st.thread.is_alive():  # unblock the producer
+            try:
+                st.queue.get_nowait()
+            except queue.Empty:
+                st.thread.join(0.01)
+        self._clean = False
+        if drain and self.pipe is not None:
+            try:
                 self._wait_copy()
-                try:
-                    images, ids = self.pipe.run()
-                except StopIteration:
-                    raise
-                except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
-                    raise _DecodeFailure(e, list(self.feeder.pending)) from e
-                meta = self.feeder.pending.popleft()
-                got = np.asarray(ids.as_tensor()).reshape(-1)
-                if not np.array_equal(got, meta["sample_ids"]):
-                    raise RuntimeError("DALI output out of step with its metadata: "
-                                       f"ids {got[:4]}... vs {meta['sample_ids'][:4]}...")
-                yield self._to_torch(images), meta
-            try:  # drain DALI's end of epoch so the pipeline can be reused
-                self._wait_copy()
-                self.pipe.run()
-                raise RuntimeError("DALI pipeline produced more batches than the sampler")
+                for _ in range(self.prefetch + 4):
+                    self.pipe.run()
             except StopIteration:
                 self.pipe.reset()
                 self._clean = True
-        finally:
-            stop.set()
-            if not self._clean:
-                self.feeder.queue = None  # a stray callback from the abandoned pipeline ends, never blocks
-                while th.is_alive():  # unblock the producer
-                    try:
-                        q.get_nowait()
-                    except queue.Empty:
-                        th.join(0.01)
+            except Exception:  # noqa: BLE001 - a failed drain just means a rebuild
+                pass
+        if not self._clean:
+            self.pipe = None
+        self.feeder.pending.clear()
+
+    def close(self):
+        """Stop the producer stream and release the pipeline."""
+        if self._stream is not None:
+            self._end_stream(drain=False)
+        self._wait_copy()
+        self.pipe = None
+
+    def __del__(self):
+        st = getattr(self, "_stream", None)
+        if st is not None:
+            st.stop.set()
 
     def _wait_copy(self):
         # DALI may reuse an output buffer once run() is called again: the copy out of it must be done
@@ -299,8 +343,9 @@ class DaliBackend:
             self._copy_done = self._held = None
 
     def _to_torch(self, images):
+        """DALI's HWC batch -> a uint8 [B, 3, H, W] view (channels-last memory) that owns its copy."""
         if not self.gpu:
-            return torch.from_numpy(np.array(images.as_tensor()))
+            return torch.from_numpy(np.array(images.as_tensor())).permute(0, 3, 1, 2)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         # copy on a side stream that depends only on DALI's work (not on the training step queued on
@@ -317,4 +362,45 @@ class DaliBackend:
         cur = torch.cuda.current_stream(self.device)
         cur.wait_stream(self._copy_stream)
         out.record_stream(cur)
-        return out
+        return out.permute(0, 3, 1, 2)
+
+
+class _Stream:
+    """A running producer: its queue, stop flag, thread, and the (epoch, batch) it will deliver next."""
+
+    def __init__(self, queue_, stop, thread, next_):
+        self.queue, self.stop, self.thread, self.next = queue_, stop, thread, next_
+
+
+def _produce(backend_ref, sampler, pool, q, epoch, start_batch, stop):
+    """Producer thread: prepares batches in sampler order, epoch after epoch, from (epoch,
+    start_batch) on, two at a time in ``pool`` (reads, label warps and numpy release the GIL in
+    parts). It holds the backend only weakly between batches, so a dropped loader is collected and
+    its producer ends; the bounded queue keeps it at most a few batches ahead."""
+    def put(item):
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if backend_ref() is None:
+                    return False
+        return False
+
+    window = collections.deque()
+    try:
+        e, b0 = epoch, start_batch
+        while True:
+            for b, idx in enumerate(sampler.batches(e, b0), start=b0):
+                if stop.is_set():
+                    return
+                backend = backend_ref()
+                if backend is None:
+                    return
+                window.append(pool.submit(backend._prepare, e, b, idx))
+                del backend
+                if len(window) > 2 and not put(window.popleft().result()):
+                    return
+            e, b0 = e + 1, 0
+    except BaseException as ex:  # surfaced to the consumer through DALI's feeder
+        put(ex)

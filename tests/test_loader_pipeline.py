@@ -108,6 +108,59 @@ def test_eval_shapes(folder, backend, device):
         assert err.max() < (2.0 if device == "cpu" else 4.0), err
 
 
+def _same(xs, ys):
+    assert len(xs) == len(ys)
+    for a, b in zip(xs, ys):
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_dali_stream_runs_across_epochs(folder, tmp_path):
+    """Consecutive epochs come from one producer stream (no restart, no pipeline rebuild) and equal
+    what fresh loaders give; a resume or repeat restarts the stream there with the same batches, and
+    an interrupted epoch continues where it stopped."""
+    dali_or_skip()
+    root, rel = folder
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=2, size=6)
+    kw = dict(labels=str(tmp_path / "store"), batch_size=4, image_size=24, seed=5)
+    loader = _build(root, "dali", **kw)
+    be = loader.backend
+    got = [_epoch(loader, e) for e in (0, 1, 2)]
+    assert be._generation == 1  # one stream for the three epochs
+    pipe = be.pipe
+    for e in (0, 1, 2):
+        _same(got[e], _epoch(_build(root, "dali", **kw), e))
+    _same(_epoch(loader, 1, start_batch=2), got[1][2:])
+    assert be._generation == 2 and be.pipe is pipe  # restarted, the pipeline drained and kept
+    loader.set_epoch(4)
+    it = iter(loader)
+    first = next(it)
+    del it
+    rest = _epoch(loader, 4, start_batch=1)
+    assert be._generation == 3  # the stream that epoch 4 started carried on at batch 1
+    _same([first] + rest, _epoch(_build(root, "dali", **kw), 4))
+
+
+def test_dali_producer_ends_with_its_loader(folder):
+    import gc
+
+    dali_or_skip()
+    root, rel = folder
+    for close in (True, False):
+        loader = _build(root, "dali", batch_size=4, image_size=16)
+        _epoch(loader, 0)
+        th = loader.backend._stream.thread
+        assert th.is_alive()  # already preparing epoch 1
+        if close:
+            loader.close()
+        else:
+            del loader
+            gc.collect()
+        th.join(5)
+        assert not th.is_alive()
+
+
 def test_dali_crop_is_the_returned_box(folder):
     """DALI's decoded + resized crop equals a PIL crop of the returned box (flip applied as flagged),
     and clearly differs from a crop shifted by a few pixels or left unflipped."""
