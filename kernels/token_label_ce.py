@@ -247,49 +247,48 @@ def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _row_lse(x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
-    """One read of a logits row: (the row in registers if SINGLE, lse, sum(x), non-finite count)."""
+    """One read of a logits row -> (e^{x - max} in registers if SINGLE, max, sum of e^{x - max}, sum(x)).
+
+    No per-element finiteness test: any NaN or +-Inf in the row makes sum(x) non-finite (NaN, or an
+    Inf that the loss formula turns into NaN through the row's finiteness check below)."""
     cols = tl.arange(0, BLOCK_C)
     if SINGLE:
         mask = cols < C
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         mx = tl.max(x, axis=0)
-        se = tl.sum(tl.where(mask, tl.exp(x - mx), 0.0), axis=0)
+        ex = tl.exp(x - mx)  # 0 at the masked columns
+        se = tl.sum(ex, axis=0)
         sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
-        n_nonfinite = tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
     else:
-        x = tl.zeros([BLOCK_C], dtype=tl.float32)  # not kept: the gradient pass reads the row again
+        ex = tl.zeros([BLOCK_C], dtype=tl.float32)  # not kept: the gradient pass reads the row again
         mx = float("-inf")
         se = 0.0
         sum_x = 0.0
-        n_nonfinite = 0
         c0 = 0
         while c0 < C:
             mask = c0 + cols < C
             xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(mx, tl.max(xb_, axis=0))
-            se = se * tl.exp(mx - m_new) + tl.sum(tl.where(mask, tl.exp(xb_ - m_new), 0.0), axis=0)
+            se = se * tl.exp(mx - m_new) + tl.sum(tl.exp(xb_ - m_new), axis=0)
             mx = m_new
             sum_x += tl.sum(tl.where(mask, xb_, 0.0), axis=0)
-            n_nonfinite += tl.sum((mask & ~(tl.abs(xb_) < float("inf"))).to(tl.int32), axis=0)
             c0 += BLOCK_C
-    return x, mx + tl.log(se), sum_x, n_nonfinite
+    return ex, mx, se, sum_x
 
 
 @triton.jit
-def _write_dense_grad(x, x_row, g_row, lse, t_sum, t_rest, scale, C, BLOCK_C: tl.constexpr,
-                      SINGLE: tl.constexpr):
-    """g = ((1 + s/C) * softmax(x) - t_rest) * scale over the whole row (t_rest: the off-U target)."""
+def _write_dense_grad(ex, x_row, g_row, mx, a, b, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
+    """g = a * e^{x - max} - b over the whole row, with a = (1 + s/C) * scale / sum e^{x - max} and
+    b = t_rest * scale: ((1 + s/C) * softmax(x) - t_rest) * scale, t_rest = the off-U target."""
     cols = tl.arange(0, BLOCK_C)
     if SINGLE:
-        g = (t_sum * tl.exp(x - lse) - t_rest) * scale
-        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=cols < C)
+        tl.store(g_row + cols, (ex * a - b).to(g_row.dtype.element_ty), mask=cols < C)
     else:
         c0 = 0
         while c0 < C:
             mask = c0 + cols < C
             xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            g = (t_sum * tl.exp(xb_ - lse) - t_rest) * scale
-            tl.store(g_row + c0 + cols, g.to(g_row.dtype.element_ty), mask=mask)
+            tl.store(g_row + c0 + cols, (tl.exp(xb_ - mx) * a - b).to(g_row.dtype.element_ty), mask=mask)
             c0 += BLOCK_C
 
 
@@ -377,7 +376,8 @@ def _token_rows_kernel(
             cid, w, valid, bad = _tap_entries(e < n_ent, e, 1.0 / ncols.to(tl.float32), ncols, r_lo, c_lo,
                                               yb, ys, yg, xb, xs, xg, val_b, idx_b, flip, C, S, K)
             # 2. one read of the row: log-sum-exp, sum(x), non-finite count
-            x, lse, sum_x, n_nonfinite = _row_lse(x_row, C, BLOCK_C, SINGLE)
+            ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, SINGLE)
+            lse = mx + tl.log(se)
             # 3. the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
             cs, z, first = _dedupe_sorted(cid, w, valid, C, TS)
             xu = tl.load(x_row + cs, mask=first, other=0.0).to(tl.float32)  # L1 hits: the row was just read
@@ -388,10 +388,11 @@ def _token_rows_kernel(
             sum_xu = tl.sum(tl.where(first, xu, 0.0), axis=0)
             loss = t_sum * lse - on * (tl.sum(ez * xu, axis=0) + e_off * (sum_x - sum_xu)) / Z - off * sum_x
             n_bad = tl.sum(bad.to(tl.int32), axis=0) + 1 - ok.to(tl.int32)
-            loss = tl.where((n_nonfinite + n_bad) > 0, float("nan"), loss)
+            loss = tl.where((n_bad == 0) & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
             tl.store(row_loss_ptr + row64, loss * scale)
             # 4. dense gradient: every class gets the off-U target first
-            _write_dense_grad(x, x_row, g_row, lse, t_sum, on * e_off / Z + off, scale, C, BLOCK_C, SINGLE)
+            _write_dense_grad(ex, x_row, g_row, mx, t_sum * scale / se, (on * e_off / Z + off) * scale, C, BLOCK_C,
+                              SINGLE)
             tl.debug_barrier()
             # 5. corrections at the classes of U (one write per class: its first entry)
             g_u = (t_sum * tl.exp(xu - lse) - (on * ez / Z + off)) * scale
@@ -430,7 +431,8 @@ def _token_rows_general_kernel(
         n_ent = (r_hi - r_lo + 1) * ncols * K
         val_b = val_ptr + b.to(tl.int64) * K * S * S
         idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-        x, lse, sum_x, n_nonfinite = _row_lse(x_row, C, BLOCK_C, SINGLE)
+        ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, SINGLE)
+        lse = mx + tl.log(se)
         m = 0.0
         sum_ez = 0.0
         sum_ezx = 0.0
@@ -448,9 +450,10 @@ def _token_rows_general_kernel(
         e_off = tl.exp(-m)
         Z = sum_ez + (C - n_u).to(tl.float32) * e_off
         loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
-        loss = tl.where((n_nonfinite + n_bad) > 0, float("nan"), loss)
+        loss = tl.where((n_bad == 0) & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
         tl.store(row_loss_ptr + row64, loss * scale)
-        _write_dense_grad(x, x_row, g_row, lse, t_sum, on * e_off / Z + off, scale, C, BLOCK_C, SINGLE)
+        _write_dense_grad(ex, x_row, g_row, mx, t_sum * scale / se, (on * e_off / Z + off) * scale, C, BLOCK_C,
+                          SINGLE)
         tl.debug_barrier()
         a0 = 0
         while a0 < n_ent:
