@@ -70,7 +70,7 @@ def _autocast(case):
 
 
 def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fused", fused_adamw=True,
-                   loader=None) -> Prepared:
+                   loader=None, compile_mode: str | None = None) -> Prepared:
     if compile_ and case.device.type != "cuda":
         raise Skip("torch.compile providers run on CUDA only (too slow to compile for a CPU smoke run)")
     model, M = _lvvit(case, attn)
@@ -83,8 +83,10 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
     opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=1e-4,
                             fused=bool(fused_adamw and case.device.type == "cuda"))
     if compile_:
-        model.compile()
-    notes = [f"attn={attn}", f"loss={loss_kind}", "compiled" if compile_ else "eager",
+        model.compile(mode=compile_mode)
+    graphs = compile_ and compile_mode == "reduce-overhead"
+    notes = [f"attn={attn}", f"loss={loss_kind}",
+             ("compiled" + (f" mode={compile_mode} (CUDA graphs)" if graphs else "")) if compile_ else "eager",
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
              f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}"]
     if attn == "auto":
@@ -96,6 +98,8 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
 
     def step(batch=None):
         x, t = (images, targets) if batch is None else (batch["images"], batch)
+        if graphs:  # a new iteration: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with _autocast(case):
             cls, aux, box = model(x)
             loss = loss_fn(cls, aux, t["label_values"], t["label_indices"], t["boxes"], t["flips"], mix_box=box)
@@ -157,10 +161,11 @@ def reference_style(case: Case) -> Prepared:
     return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False)
 
 
-def _backend_provider(attn, compile_):
+def _backend_provider(attn, compile_, mode=None):
     def fn(case: Case) -> Prepared:
-        return _lvvit_prepare(case, attn, compile_)
-    fn.__doc__ = f"LV-ViT-S, attn={attn}, fused loss, {'torch.compile' if compile_ else 'eager'}"
+        return _lvvit_prepare(case, attn, compile_, compile_mode=mode)
+    fn.__doc__ = (f"LV-ViT-S, attn={attn}, fused loss, {'torch.compile' if compile_ else 'eager'}"
+                  + (f" mode={mode}" if mode else ""))
     return fn
 
 
@@ -168,6 +173,8 @@ for _attn in ("math", "sdpa", "xformers", "auto"):
     register("step", f"eager_{_attn}")(_backend_provider(_attn, False))
 for _attn in ("sdpa", "xformers", "auto"):
     register("step", f"compile_{_attn}")(_backend_provider(_attn, True))
+# the compiled forward and backward replayed as CUDA graphs: the host no longer paces the GPU
+register("step", "compile_graphs_auto")(_backend_provider("auto", True, "reduce-overhead"))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

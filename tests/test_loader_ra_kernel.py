@@ -64,9 +64,14 @@ def _ops_every_op(rng, B, L=2):
 def _check(got, want, spatial_rows, nonspatial_frac=0.0):
     """got/want float [B,3,H,W] of whole grey levels; spatial_rows: samples that ran a spatial op."""
     d = (got.double() - want.double()).abs()
-    assert d.max() <= 1, float(d.max())
     spatial = torch.zeros(d.shape[0], dtype=torch.bool)
     spatial[spatial_rows] = True
+    # Resampling may differ by one grey level (rounding order of the matrix and of grid_sample, FMA
+    # contraction on the GPU); a later layer can amplify such a pixel (Contrast x1.9, Posterize or
+    # Solarize thresholds, Equalize's table), so after a spatial op only the share of differing pixels
+    # is bounded. Samples without a spatial op must agree to one level.
+    if (~spatial).any():
+        assert d[~spatial].max() <= 1, float(d[~spatial].max())
     frac_s = float((d[spatial] > 0).double().mean()) if spatial.any() else 0.0
     frac_o = float((d[~spatial] > 0).double().mean()) if (~spatial).any() else 0.0
     assert frac_s <= 1e-3, frac_s
