@@ -43,6 +43,13 @@ def test_config_errors(tmp_path):
         _cfg(["train", "--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(SystemExit):  # argparse: not key=value
         _cfg(["train", "--model-kwargs", "depth"])
+    with pytest.raises(SystemExit, match="--compile-mode reduce-overhead needs --compile"):
+        _cfg(["train", "--data", "d", "--compile-mode", "reduce-overhead"])
+    (tmp_path / "m.yaml").write_text("compile: true\ncompile_mode: fast\n")
+    with pytest.raises(SystemExit, match="valid modes are default, reduce-overhead"):
+        _cfg(["train", "--data", "d", "--config", str(tmp_path / "m.yaml")])
+    cfg = _cfg(["train", "--data", "d", "--compile", "--compile-mode", "reduce-overhead"])
+    assert cfg["compile"] is True and cfg["compile_mode"] == "reduce-overhead"
 
 
 def test_demo_defaults_only_without_data():

@@ -27,10 +27,15 @@ def test_gpu_token_label_run_bf16(tmp_path, loader):
     assert len(rows) == 2 and all(float(r["train_loss"]) > 0 for r in rows)
 
 
-def test_gpu_compile_run(tmp_path):
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_gpu_compile_run(tmp_path, mode):
     data = make_data(tmp_path / "data")
     store = make_store(tmp_path / "store", train_relpaths(data), num_classes=4)
-    assert main(_gpu_args(data, tmp_path / "run", "--labels", store, "--compile", "--epochs", 1)) == 0
+    extra = ("--compile-mode", mode) if mode else ()
+    out = tmp_path / "run"
+    assert main(_gpu_args(data, out, "--labels", store, "--compile", "--epochs", 2, *extra, loader="torch")) == 0
+    rows = read_csv(out / "summary.csv")
+    assert len(rows) == 2 and all(float(r["train_loss"]) > 0 for r in rows)
 
 
 def test_gpu_resume_matches_uninterrupted_fp32(tmp_path):
