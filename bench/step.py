@@ -227,7 +227,8 @@ def timm_vit_s_compile(case: Case) -> Prepared:
 
 @register("step", "loader_fed")
 def loader_fed(case: Case) -> Prepared:
-    """LV-ViT-S (attn auto, compiled on CUDA) fed by the real DALI loader: images/s and data-wait share."""
+    """LV-ViT-S (attn auto, compiled with CUDA graphs on CUDA) fed by the real DALI loader: images/s and
+    data-wait share."""
     data = case.options.get("data")
     if data is None:
         raise Skip("needs --data (a folder or .tar of JPEGs) to feed the step from the real loader")
@@ -244,7 +245,8 @@ def loader_fed(case: Case) -> Prepared:
     p = case.params
     loader = make_loader("dali" if case.device.type == "cuda" else "torch", root, store, p["B"], p["img"],
                          case.device)
-    return _lvvit_prepare(case, "auto", case.device.type == "cuda", loader=loader)
+    cuda = case.device.type == "cuda"
+    return _lvvit_prepare(case, "auto", cuda, loader=loader, compile_mode="reduce-overhead" if cuda else None)
 
 
 def _attach_loader(prep: Prepared, step, loader) -> None:
