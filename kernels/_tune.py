@@ -128,21 +128,22 @@ def graph_time(fn, d):
 
 
 def sweep(d, moved):
-    """Tap block and warps of the token-row kernel at one shape; returns the best (tb, warps)."""
+    """Sorted-block size and warps of the token-row kernel at one shape; returns the best (ts, warps).
+    (TS below a cell's entry count sends that cell to the general kernel.)"""
     from tokenlabel.kernels import token_label_cross_entropy
     from tokenlabel.kernels import token_label_ce as tlce
 
     best = None
-    for tb in (16, 32, 64):
-        for nw in (2, 4, 8):
-            tlce._TB, tlce._NUM_WARPS = tb, nw
+    for ts in (64, 128):
+        for nw in (1, 2, 4):
+            tlce._TS, tlce._NUM_WARPS = ts, nw
             q = graph_time(token_label_cross_entropy, d)
             if q is None:
                 continue
-            print(f"  sweep TB={tb:2d} warps={nw}: graph p50 {q[0]:.4f} ms ({moved / q[0] / 1e6:.0f} GB/s)", flush=True)
+            print(f"  sweep TS={ts:3d} warps={nw}: graph p50 {q[0]:.4f} ms ({moved / q[0] / 1e6:.0f} GB/s)", flush=True)
             if best is None or q[0] < best[0]:
-                best = (q[0], tb, nw)
-    tlce._TB, tlce._NUM_WARPS = None, None
+                best = (q[0], ts, nw)
+    tlce._TS, tlce._NUM_WARPS = None, None
     return best
 
 
@@ -188,7 +189,7 @@ def main(argv=None):
                 print(f"{name} {pname}: out of memory", flush=True)
             torch.cuda.empty_cache()
         if args.sweep and name == "S/224" and dt == torch.bfloat16:
-            print("best (ms, TB, warps):", sweep(d, moved), flush=True)
+            print("best (ms, TS, warps):", sweep(d, moved), flush=True)
         del d
         torch.cuda.empty_cache()
     # fused aux head at C = 21841: peak memory vs the logits it replaces

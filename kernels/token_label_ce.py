@@ -23,14 +23,16 @@ and its gradient is d loss / d x_c = (1 + s/C) * softmax(x)_c - t_c (the target 
 For numerical range every e^{z} is taken relative to m = max(0, max_U z).
 
 One program per logits row:
- 1. read the row once: running max, sum of exponentials, sum(x), count of non-finite values;
- 2. enumerate the taps (rows x cols x k entries of the map rectangle the cell touches), compute
-    each entry's weight Wy * Wx * value, and dedupe classes in registers with a [TB, TB] equality
-    mask (an entry counts towards U only at its first occurrence; duplicates add up into z);
+ 1. load the taps (rows x cols x k entries of the map rectangle the cell touches) with their weights
+    Wy * Wx * value, then read the row once: max, sum of e^{x - max} (kept), sum(x);
+ 2. dedupe the classes of the taps: one bitonic sort on (class, entry) and segmented scans give each
+    class its total z and mark its first entry (an entry counts towards U only there);
  3. write the row's loss and the dense gradient (1 + s/C) * softmax(x) - on/Z - off, scaled;
  4. after a barrier, overwrite the |U| corrected entries (1 + s/C) * softmax(x)_c - t_c.
+A cell with more taps than one sorted block (a box beyond the image) is handed through a device-side
+list to the general kernel, which dedupes in blocks of TB entries with pairwise equality masks.
 The B cls rows (1 x 1 pooling) are pooled by B extra programs of the same launch into a [B, C]
-fp32 buffer (atomic adds: duplicates accumulate); a second, tiny launch then builds each cls target
+fp32 buffer (atomic adds: duplicates accumulate); a further tiny launch then builds each cls target
 (softmax, smoothing, ground-truth blend, MixToken mixing with the batch-reversed partner), writes the
 cls loss and gradient and adds its sample's token losses into the scalar loss.
 
@@ -91,24 +93,6 @@ def _axis_weight(r, base, step, grid, S):
         acc += tl.where(valid, w, 0.0)
         g += 1
     return acc / grid.to(tl.float32)
-
-
-@triton.jit
-def _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b, S, C, flip):
-    """Class id, weight and validity of tap entries e (entry = (row, col, j) of the touched rectangle)."""
-    valid = e < n_ent
-    j = e % K
-    rc = e // K
-    c = c_lo + rc % ncols
-    r = r_lo + rc // ncols
-    w = _axis_weight(r, yb, ys, yg, S) * _axis_weight(c, xb, xs, xg, S)
-    cm = tl.where(flip != 0, S - 1 - c, c)  # the flip mirrors the map's columns
-    off = (j * S + r) * S + cm
-    v = tl.load(val_b + off, mask=valid, other=0.0).to(tl.float32)
-    cid = tl.load(idx_b + off, mask=valid, other=0).to(tl.int32)
-    bad = valid & ((cid < 0) | (cid >= C))
-    cid = tl.where(bad, 0, cid)  # never address outside the row; the loss becomes NaN instead
-    return cid, w * v, valid, bad
 
 
 @triton.jit
@@ -174,25 +158,20 @@ def _seg_last(k1, z1, i1, k2, z2, i2):
 
 
 @triton.jit
-def _tap_offsets(e, inv_ncols, ncols, r_lo, c_lo, flip, S, K):
-    """Entry e = (pixel rc, slot j) of the touched rectangle -> map row r, col c, offset into [K, S, S].
+def _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b, S, C, flip):
+    """Tap entries e (entry = (pixel rc, slot j) of the touched rectangle, rows x ncols pixels x K):
+    class id, weight Wy * Wx * value (0 where invalid), validity, bad-class flag; both loads at once.
 
-    rc // ncols in fp32 ((rc + 0.5) / ncols is at least 0.5 / ncols from an integer, far above the
-    rounding error for rc < 2^16), so no integer division by a run-time value."""
+    rc // ncols in fp32: (rc + 0.5) / ncols lies at least 0.5 / ncols from an integer, while the fp32
+    rounding error of the quotient (at most rows <= S) is below S * 2^-22: exact for S < 1,000."""
+    valid = e < n_ent
     j = e % K
     rc = e // K
-    rr = ((rc.to(tl.float32) + 0.5) * inv_ncols).to(tl.int32)
-    cc = rc - rr * ncols
+    rr = ((rc.to(tl.float32) + 0.5) * (1.0 / ncols.to(tl.float32))).to(tl.int32)
+    c = c_lo + rc - rr * ncols
     r = r_lo + rr
-    c = c_lo + cc
     cm = tl.where(flip != 0, S - 1 - c, c)  # the flip mirrors the map's columns
-    return r, c, (j * S + r) * S + cm
-
-
-@triton.jit
-def _tap_entries(valid, e, inv_ncols, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b, flip, C, S, K):
-    """Class id and weight Wy * Wx * value of tap entries e (in entry order); issues both loads at once."""
-    r, c, off = _tap_offsets(e, inv_ncols, ncols, r_lo, c_lo, flip, S, K)
+    off = (j * S + r) * S + cm
     cid = tl.load(idx_b + off, mask=valid, other=0).to(tl.int32)
     v = tl.load(val_b + off, mask=valid, other=0.0).to(tl.float32)
     w = _axis_weight(r, yb, ys, yg, S) * _axis_weight(c, xb, xs, xg, S) * v
@@ -373,8 +352,8 @@ def _token_rows_kernel(
             val_b = val_ptr + b.to(tl.int64) * K * S * S
             idx_b = idx_ptr + b.to(tl.int64) * K * S * S
             e = tl.arange(0, TS)
-            cid, w, valid, bad = _tap_entries(e < n_ent, e, 1.0 / ncols.to(tl.float32), ncols, r_lo, c_lo,
-                                              yb, ys, yg, xb, xs, xg, val_b, idx_b, flip, C, S, K)
+            cid, w, valid, bad = _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
+                                          S, C, flip)
             # 2. one read of the row: log-sum-exp, sum(x), non-finite count
             ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, SINGLE)
             lse = mx + tl.log(se)
@@ -626,7 +605,7 @@ _MAX_SINGLE_BLOCK = 8192
 # 2 x 2 map pixels = 4k entries; larger cells loop over more blocks. None = next_pow2(4k), >= 16.
 _TB = None
 _TS = None  # None = _sorted_block(K, S, L)
-_NUM_WARPS = None  # None = 4 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps both)
+_NUM_WARPS = None  # None = 2 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps it)
 
 
 def _tap_block(K, S, L):

@@ -231,6 +231,11 @@ def _load_config_file(path: str) -> dict:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def uses_cuda_graphs(cfg: dict) -> bool:
+    """The compiled model replays CUDA graphs: every step (and eval batch) must start a new graph iteration."""
+    return bool(cfg.get("compile")) and cfg.get("compile_mode") == "reduce-overhead"
+
+
 def resolve_config(args: argparse.Namespace) -> dict:
     """DEFAULTS < DEMO_DEFAULTS (only without data) < config file < command line."""
     file_cfg = _load_config_file(args.config) if getattr(args, "config", None) else {}
@@ -630,7 +635,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(d.device.type) if cfg["amp"] == "fp16" else None
         net = model
         # CUDA-graph replay (compile mode reduce-overhead): each step starts a new graph iteration
-        self.graphs = bool(cfg["compile"]) and cfg.get("compile_mode") == "reduce-overhead"
+        self.graphs = uses_cuda_graphs(cfg)
         if cfg["compile"]:
             # In place: LV-ViT compiles its tensor core and draws the MixToken box outside it (no recompiles).
             model.compile(mode=None if cfg.get("compile_mode") in (None, "default") else cfg["compile_mode"])
@@ -688,7 +693,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: dict, d: Dist) -> tuple[float,
     for batch in loader:
         images = batch["images"].to(d.device, non_blocking=True)
         target = batch["classes"].to(d.device, non_blocking=True)
-        if cfg.get("compile_mode") == "reduce-overhead" and cfg.get("compile"):
+        if uses_cuda_graphs(cfg):
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(cfg, d.device):
             logits = model(images)
