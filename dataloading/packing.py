@@ -65,6 +65,6 @@ def to_device(hb: HostBatch, device) -> dict:
     buf = hb.buffer.to(device, non_blocking=True) if device.type == "cuda" else hb.buffer.to(device)
     out = {}
     for name, off, dtype, shape in hb.layout:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         out[name] = buf[off:off + nbytes].view(dtype).view(shape)
     return out
