@@ -247,6 +247,41 @@ def test_bad_files_decoded_or_skipped(folder, backend, device):
     assert all(torch.isfinite(b["images"]).all() for b in batches)
 
 
+def test_dali_fallback_files_decoded_once_and_cleaned_up(folder, monkeypatch):
+    """DALI reads the files itself (fn.io.file.read); a file for the PIL fallback is decoded once into
+    the backend's PNM cache, reused by later epochs, and the cache folder goes with loader.close()."""
+    dali_or_skip()
+    from tokenlabel.dataloading import dali_pipeline, sampling
+
+    root, rel = folder
+    decodable, garbage = _write_bad_files(root)
+    calls = []
+    real = sampling.pil_open_rgb
+
+    def counting(data):
+        calls.append(1)
+        return real(data)
+
+    monkeypatch.setattr(sampling, "pil_open_rgb", counting)
+    loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False)
+    with pytest.warns(RuntimeWarning, match="garbage.jpg"):
+        first = _epoch(loader, 0)
+    n_first = len(calls)
+    second = _epoch(loader, 1)
+    assert n_first >= 4 and len(calls) == n_first  # png_named, cmyk, anim, truncated (+ gray if odd)
+    for batches in (first, second):
+        assert sum(b["images"].shape[0] for b in batches) == len(sampling.list_dataset(root))
+    be = loader.backend
+    cache = be._fallback_tmp
+    assert cache is not None and sorted(os.listdir(cache)) == sorted(f"{j}.ppm" for j in be._fallback)
+    loader.close()
+    assert not os.path.exists(cache)
+    third = _epoch(loader, 2)  # usable after close: the fallbacks are decoded again
+    assert sum(b["images"].shape[0] for b in third) == len(sampling.list_dataset(root))
+    assert len(calls) > n_first
+    loader.close()
+
+
 def test_missing_labels_and_incompatible_store(folder, tmp_path):
     root, rel = folder
     make_store(str(tmp_path / "part"), rel[:-3], num_classes=5, k=2, size=6)
