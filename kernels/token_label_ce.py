@@ -22,15 +22,19 @@ sum(x) and the gathers x_c for c in U:
 and its gradient is d loss / d x_c = (1 + s/C) * softmax(x)_c - t_c (the target does not sum to 1).
 For numerical range every e^{z} is taken relative to m = max(0, max_U z).
 
-One program per logits row:
- 1. load the taps (rows x cols x k entries of the map rectangle the cell touches) with their weights
-    Wy * Wx * value, then read the row once: max, sum of e^{x - max} (kept), sum(x);
- 2. dedupe the classes of the taps: one bitonic sort on (class, entry) and segmented scans give each
-    class its total z and mark its first entry (an entry counts towards U only there);
- 3. write the row's loss and the dense gradient (1 + s/C) * softmax(x) - on/Z - off, scaled;
- 4. after a barrier, overwrite the |U| corrected entries (1 + s/C) * softmax(x)_c - t_c.
-A cell with more taps than one sorted block (a box beyond the image) is handed through a device-side
-list to the general kernel, which dedupes in blocks of TB entries with pairwise equality masks.
+One program (one warp for C <= 1024) per logits row:
+ 1. request the row, then load the taps (rows x cols x k entries of the map rectangle the cell touches)
+    with their weights Wy * Wx * value (the bilinear weights as tents, the common two samples per axis
+    without a loop);
+ 2. dedupe the classes of the taps: one bitonic sort on (class, entry) and one segmented scan leave each
+    class's total z at the last entry of its run (an entry counts towards U only there); a 2 x 2-pixel
+    cell (4k entries) sorts a block of 32 at k 5, larger cells one of 64;
+ 3. read the row once: max, sum of e^{x - max} (kept in registers), sum(x);
+ 4. write the row's loss and the dense gradient (1 + s/C) * softmax(x) - on/Z - off, scaled;
+ 5. after a barrier, overwrite the |U| corrected entries (1 + s/C) * softmax(x)_c - t_c.
+A cell with more taps than the large sorted block (a box beyond the image) is handed through a
+device-side list to the general kernel, which dedupes in blocks of TB entries with pairwise equality
+masks.
 The B cls rows (1 x 1 pooling) are pooled by B extra programs of the same launch into a [B, C]
 fp32 buffer (atomic adds: duplicates accumulate); a further tiny launch then builds each cls target
 (softmax, smoothing, ground-truth blend, MixToken mixing with the batch-reversed partner), writes the
@@ -50,57 +54,85 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = tl.constexpr(1.4426950408889634)  # e^x = 2^(x log2 e)
 
 
 # --------------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x. FAST (compiled): one ex2.approx.ftz, results below 2^-126 flush to 0; tl.exp2 keeps denormals
+    with a range test and two predicated multiplies around the same approximation (3 more instructions
+    per element). The interpreter takes tl.exp2."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _log(x, FAST: tl.constexpr):
+    """ln x for x >= 1 (a softmax denominator); FAST: lg2.approx.ftz times ln 2."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1) * 0.6931471805599453
+    else:
+        return tl.log(x)
+
+
+@triton.jit
 def _axis_geometry(start_n, size_n, S, L, p):
     """RoIAlign along one axis for output cell p (torchvision, aligned=False, scale 1, adaptive grid).
 
     start_n, size_n: the box on this axis, normalised to the map side (the reference's -0.5 applied).
-    Returns (first sample position - 0.5 * step, step between samples, grid, lowest tap, highest tap).
+    Returns (first sample position - 0.5 * step, step between samples, grid, 1 / grid, lowest tap, highest tap).
     """
     start = start_n * S - 0.5
     roi = tl.maximum(size_n * S, 1.0)
     bin_ = roi / L
-    grid_f = tl.maximum(tl.ceil(roi / L), 1.0)
-    step = bin_ / grid_f
+    grid_f = tl.maximum(tl.ceil(roi / L), 1.0)  # IEEE division: ceil must see the exact quotient
+    step = tl.fdiv(bin_, grid_f)  # positions are continuous in step: the fast division is enough
     base = start + p * bin_
     y_first = tl.maximum(base + 0.5 * step, 0.0)
     y_last = tl.maximum(base + (grid_f - 0.5) * step, 0.0)
     lo = tl.minimum(tl.floor(y_first), S - 1.0).to(tl.int32)
     hi = tl.minimum(tl.floor(y_last) + 1.0, S - 1.0).to(tl.int32)
-    return base, step, grid_f.to(tl.int32), lo, hi
+    return base, step, grid_f.to(tl.int32), tl.fdiv(1.0, grid_f), lo, hi
+
+
+@triton.jit
+def _tent(rf, base, g, grid, step, S):
+    """Bilinear weight of sample g (of grid) on map rows rf: the tent max(0, 1 - |y - r|) at y clamped to
+    [0, S - 1]. That is torchvision's y_low = floor(y) with weights 1 - ly and ly on y_low and y_low + 1,
+    and both taps on S - 1 past it, written without the floor. A sample outside [-1, S] (or g >= grid)
+    counts 0: its position moves to -2, two rows away from every map row."""
+    y = base + (g + 0.5) * step
+    yc = tl.where((y >= -1.0) & (y <= S * 1.0) & (g < grid), tl.minimum(tl.maximum(y, 0.0), S - 1.0), -2.0)
+    return tl.maximum(1.0 - tl.abs(yc - rf), 0.0)
 
 
 @triton.jit
 def _axis_weight(r, base, step, grid, S):
-    """Wy[r] = (1/grid) * sum_g valid(y_g) * (bilinear weight of sample y_g on map row r)."""
-    acc = tl.zeros(r.shape, dtype=tl.float32)
-    g = 0
-    while g < grid:  # while, not range: the interpreter cannot take a loaded bound in range()
-        y = base + (g + 0.5) * step
-        valid = (y >= -1.0) & (y <= S * 1.0)
-        y = tl.maximum(y, 0.0)
-        y_low = tl.floor(y).to(tl.int32)
-        top = y_low >= S - 1
-        y_low = tl.where(top, S - 1, y_low)
-        y_high = tl.where(top, y_low, y_low + 1)
-        ly = tl.where(top, 0.0, y - y_low.to(tl.float32))
-        w = tl.where(r == y_low, 1.0 - ly, 0.0) + tl.where(r == y_high, ly, 0.0)
-        acc += tl.where(valid, w, 0.0)
-        g += 1
-    return acc / grid.to(tl.float32)
+    """grid * Wy[r] = sum_g valid(y_g) * (bilinear weight of sample y_g on map row r) (the caller divides).
+    Samples 0 and 1 without a loop (a crop inside the image has grid <= ceil(S / L) <= 2 for L >= S/2)."""
+    rf = r.to(tl.float32)
+    acc = _tent(rf, base, 0, grid, step, S) + _tent(rf, base, 1, grid, step, S)
+    if grid > 2:
+        g = 2
+        while g < grid:  # while, not range: the interpreter cannot take a loaded bound in range()
+            acc += _tent(rf, base, g, grid, step, S)
+            g += 1
+    return acc
 
 
 @triton.jit
-def _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b, S, C, flip,
+def _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b, S, C, flip,
                    TB: tl.constexpr):
     """Entries [a0, a0+TB): class id, total pooled logit z of that class, first-occurrence flag."""
     eA = a0 + tl.arange(0, TB)
-    cidA, wA, validA, badA = _entries(eA, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
+    cidA, wA, validA, badA = _entries(eA, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b,
                                       S, C, flip)
     zA = tl.zeros([TB], dtype=tl.float32)
     dupA = tl.zeros([TB], dtype=tl.int32)
@@ -112,7 +144,7 @@ def _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_
             wB = wA
             validB = validA
         else:
-            cidB, wB, validB, _ = _entries(eB, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
+            cidB, wB, validB, _ = _entries(eB, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b,
                                            S, C, flip)
         eq = (cidA[:, None] == cidB[None, :]) & validB[None, :]
         zA += tl.sum(tl.where(eq, wB[None, :], 0.0), axis=1)
@@ -138,27 +170,14 @@ def _u_stats(z, xu, first, bad, m, sum_ez, sum_ezx, sum_xu, n_u, n_bad):
 
 
 @triton.jit
-def _seg_sum(k1, z1, n1, k2, z2, n2):
-    """Segmented inclusive scan over class-sorted entries: running z and count within a class."""
-    same = k1 == k2
-    return k2, z2 + tl.where(same, z1, 0.0), n2 + tl.where(same, n1, 0)
+def _seg_sum(k1, z1, k2, z2):
+    """Segmented inclusive scan over class-sorted entries: the running z within a class run (associative
+    because the keys are sorted: a range's key is its last entry's, and a run never resumes)."""
+    return k2, z2 + tl.where(k1 == k2, z1, 0.0)
 
 
 @triton.jit
-def _seg_last(k1, z1, i1, k2, z2, i2):
-    """Reverse scan over class-sorted entries (class k, value z, position i): every entry takes z of the
-    last entry of its class run. Written by position, not by argument order, so it does not depend on
-    the order in which a reverse scan passes the running value and the new element."""
-    lo = i1 < i2
-    k_lo = tl.where(lo, k1, k2)
-    k_hi = tl.where(lo, k2, k1)
-    z_lo = tl.where(lo, z1, z2)
-    z_hi = tl.where(lo, z2, z1)
-    return k_lo, tl.where(k_lo == k_hi, z_hi, z_lo), tl.minimum(i1, i2)
-
-
-@triton.jit
-def _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b, S, C, flip):
+def _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b, S, C, flip):
     """Tap entries e (entry = (pixel rc, slot j) of the touched rectangle, rows x ncols pixels x K):
     class id, weight Wy * Wx * value (0 where invalid), validity, bad-class flag; both loads at once.
 
@@ -174,7 +193,7 @@ def _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_
     off = (j * S + r) * S + cm
     cid = tl.load(idx_b + off, mask=valid, other=0).to(tl.int32)
     v = tl.load(val_b + off, mask=valid, other=0.0).to(tl.float32)
-    w = _axis_weight(r, yb, ys, yg, S) * _axis_weight(c, xb, xs, xg, S) * v
+    w = _axis_weight(r, yb, ys, yg, S) * _axis_weight(c, xb, xs, xg, S) * (v * inv_g)
     bad = valid & ((cid < 0) | (cid >= C))
     cid = tl.where(bad, 0, cid)  # never address outside the row; the loss becomes NaN instead
     return cid, tl.where(valid, w, 0.0), valid, bad
@@ -185,21 +204,22 @@ def _dedupe_sorted(cid, w, valid, C, TS: tl.constexpr):
     """Deduplicate TS tap entries by sorting on the class id.
 
     Key = class * TS + entry (unique; invalid entries sort last); one bitonic sort, the weights follow
-    by a register gather, then a segmented scan gives each class run its pooled logit z (sum of
-    Wy * Wx * value) and a running count whose value 1 marks the run's first entry.
-    O(TS log^2 TS) work instead of the O(TS^2) equality matrix. Returns (class, z, first), sorted."""
+    by a register gather, then one segmented scan leaves at the last entry of every class run its pooled
+    logit z (the sum of Wy * Wx * value); that entry stands for the class. O(TS log^2 TS) work instead of
+    the O(TS^2) equality matrix. Returns (class, z, last), in sorted order."""
     e = tl.arange(0, TS)
     key = tl.sort(tl.where(valid, cid * TS + e, C * TS + e))
     cs = key // TS
     ws = tl.gather(w, key % TS, 0)
-    _, zp, cnt = tl.associative_scan((cs, ws, tl.full([TS], 1, tl.int32)), 0, _seg_sum)
-    _, z, _ = tl.associative_scan((cs, zp, e), 0, _seg_last, reverse=True)
-    return cs, z, (cs < C) & (cnt == 1)
+    _, z = tl.associative_scan((cs, ws), 0, _seg_sum)
+    nxt = tl.gather(cs, tl.minimum(e + 1, TS - 1), 0)
+    return cs, z, (cs < C) & ((cs != nxt) | (e == TS - 1))
 
 
 @triton.jit
 def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
-    """Box of sample b -> per-axis RoIAlign geometry for output cell (p, q), flip flag, bad-box flag."""
+    """Box of sample b -> per-axis RoIAlign geometry for output cell (p, q), flip flag, bad-box flag,
+    1 / (grid_y * grid_x) (the sample average)."""
     t = tl.load(box_ptr + b * 4 + 0).to(tl.float32)
     l = tl.load(box_ptr + b * 4 + 1).to(tl.float32)
     h = tl.load(box_ptr + b * 4 + 2).to(tl.float32)
@@ -216,30 +236,39 @@ def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
         rs, rn, cs, cn = l, w, t, h
     else:
         rs, rn, cs, cn = t, h, l, w
-    yb, ys, yg, r_lo, r_hi = _axis_geometry(rs, rn, S, L, p)
-    xb, xs, xg, c_lo, c_hi = _axis_geometry(cs, cn, S, L, q)
-    return yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok
+    yb, ys, yg, y_inv, r_lo, r_hi = _axis_geometry(rs, rn, S, L, p)
+    xb, xs, xg, x_inv, c_lo, c_hi = _axis_geometry(cs, cn, S, L, q)
+    return yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok, y_inv * x_inv
 
 
 # --------------------------------------------------------------------------------------------
 # pieces of a token row shared by the fast and the general kernel
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _row_lse(x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
-    """One read of a logits row -> (e^{x - max} in registers if SINGLE, max, sum of e^{x - max}, sum(x)).
+def _row_load(x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
+    """The whole logits row as fp32 (-inf past C) when it fits one block (SINGLE), else a placeholder."""
+    cols = tl.arange(0, BLOCK_C)
+    if SINGLE:
+        x = tl.load(x_row + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
+    else:
+        x = tl.zeros([BLOCK_C], dtype=tl.float32)  # the stats loop reads the row block by block
+    return x
+
+
+@triton.jit
+def _row_stats(x, x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr):
+    """A logits row -> (e^{x - max} in registers if SINGLE, max, sum of e^{x - max}, sum(x)).
 
     No per-element finiteness test: any NaN or +-Inf in the row makes sum(x) non-finite (NaN, or an
     Inf that the loss formula turns into NaN through the row's finiteness check below)."""
     cols = tl.arange(0, BLOCK_C)
     if SINGLE:
-        mask = cols < C
-        x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         mx = tl.max(x, axis=0)
-        ex = tl.exp(x - mx)  # 0 at the masked columns
+        ex = _exp2(x * _LOG2E - mx * _LOG2E, FAST)  # one FMA + ex2 per column; 0 at the masked columns
         se = tl.sum(ex, axis=0)
-        sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
+        sum_x = tl.sum(tl.where(cols < C, x, 0.0), axis=0)
     else:
-        ex = tl.zeros([BLOCK_C], dtype=tl.float32)  # not kept: the gradient pass reads the row again
+        ex = x  # not kept: the gradient pass reads the row again
         mx = float("-inf")
         se = 0.0
         sum_x = 0.0
@@ -248,7 +277,7 @@ def _row_lse(x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
             mask = c0 + cols < C
             xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(mx, tl.max(xb_, axis=0))
-            se = se * tl.exp(mx - m_new) + tl.sum(tl.exp(xb_ - m_new), axis=0)
+            se = se * _exp2((mx - m_new) * _LOG2E, FAST) + tl.sum(_exp2((xb_ - m_new) * _LOG2E, FAST), axis=0)
             mx = m_new
             sum_x += tl.sum(tl.where(mask, xb_, 0.0), axis=0)
             c0 += BLOCK_C
@@ -256,7 +285,14 @@ def _row_lse(x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
 
 
 @triton.jit
-def _write_dense_grad(ex, x_row, g_row, mx, a, b, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
+def _row_lse(x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr):
+    """One read of a logits row -> (e^{x - max} if SINGLE, max, sum of e^{x - max}, sum(x))."""
+    return _row_stats(_row_load(x_row, C, BLOCK_C, SINGLE), x_row, C, BLOCK_C, SINGLE, FAST)
+
+
+@triton.jit
+def _write_dense_grad(ex, x_row, g_row, mx, a, b, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+                      FAST: tl.constexpr):
     """g = a * e^{x - max} - b over the whole row, with a = (1 + s/C) * scale / sum e^{x - max} and
     b = t_rest * scale: ((1 + s/C) * softmax(x) - t_rest) * scale, t_rest = the off-U target."""
     cols = tl.arange(0, BLOCK_C)
@@ -267,7 +303,8 @@ def _write_dense_grad(ex, x_row, g_row, mx, a, b, C, BLOCK_C: tl.constexpr, SING
         while c0 < C:
             mask = c0 + cols < C
             xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(g_row + c0 + cols, (tl.exp(xb_ - mx) * a - b).to(g_row.dtype.element_ty), mask=mask)
+            tl.store(g_row + c0 + cols, (_exp2((xb_ - mx) * _LOG2E, FAST) * a - b).to(g_row.dtype.element_ty),
+                     mask=mask)
             c0 += BLOCK_C
 
 
@@ -276,6 +313,43 @@ def _row_cell(row, b_offset, N, L):
     """Token row -> (sample b, output cell p, q)."""
     n = row % N
     return b_offset + row // N, n // L, n % L
+
+
+@triton.jit
+def _token_row_sorted(x, x_row, g_row, loss_out, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b,
+                      idx_b, flip, ok, C, smoothing, scale, S, K, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+                      TS: tl.constexpr, FAST: tl.constexpr):
+    """Loss and gradient of one token row whose cell has at most TS tap entries (x: from _row_load)."""
+    s_over_c = tl.fdiv(smoothing, C.to(tl.float32))
+    on = 1.0 - smoothing + s_over_c
+    off = s_over_c
+    t_sum = 1.0 + s_over_c
+    # the tap entries (class ids, weights); a bad class id poisons its weight, so Z and the loss become NaN
+    cid, w, valid, bad = _entries(tl.arange(0, TS), n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b,
+                                  idx_b, S, C, flip)
+    w = tl.where(bad, float("nan"), w)
+    # dedupe first (while the row is still in flight; e^{x - max} is not live yet, fewer registers)
+    cs, z, last = _dedupe_sorted(cid, w, valid, C, TS)
+    # log-sum-exp, sum(x) of the row (e^{x - max} stays in registers for the gradient)
+    ex, mx, se, sum_x = _row_stats(x, x_row, C, BLOCK_C, SINGLE, FAST)
+    lse = mx + _log(se, FAST)
+    # the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
+    xu = tl.load(x_row + cs, mask=last, other=0.0).to(tl.float32)  # L1 hits: the row was just read
+    m = tl.max(tl.where(last, z, 0.0), axis=0)  # >= 0: the masked entries count as 0
+    ez = tl.where(last, _exp2((z - m) * _LOG2E, FAST), 0.0)
+    e_off = _exp2(-m * _LOG2E, FAST)  # e^{0 - m}: every class outside U
+    r_z = tl.fdiv(1.0, tl.sum(ez, axis=0) + (C - tl.sum(last.to(tl.int32), axis=0)).to(tl.float32) * e_off)
+    sum_xu = tl.sum(tl.where(last, xu, 0.0), axis=0)
+    loss = t_sum * lse - on * (tl.sum(ez * xu, axis=0) + e_off * (sum_x - sum_xu)) * r_z - off * sum_x
+    loss = tl.where(ok & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
+    tl.store(loss_out, loss * scale)
+    # dense gradient: every class gets the off-U target first
+    _write_dense_grad(ex, x_row, g_row, mx, tl.fdiv(t_sum * scale, se), (on * e_off * r_z + off) * scale, C, BLOCK_C,
+                      SINGLE, FAST)
+    tl.debug_barrier()
+    # corrections at the classes of U (one write per class: the last entry of its run)
+    g_u = (t_sum * _exp2((xu - lse) * _LOG2E, FAST) - (on * ez * r_z + off)) * scale
+    tl.store(g_row + cs, g_u.to(g_row.dtype.element_ty), mask=last)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,13 +369,17 @@ def _token_rows_kernel(
     count_ptr,  # int32 scalar, zero on entry: how many rows are in the list
     n_cls,  # the first n_cls * CLS_CHUNKS programs pool the cls targets of samples 0..n_cls-1 (0: none)
     b_offset,  # token rows of this launch belong to samples b_offset + row // N (chunked launches)
-    N, L, C, S, K,  # tokens per sample (L * L), token grid side, classes, label-map side, top-k
+    C,  # classes
     smoothing,  # label smoothing s
     scale,  # dense_weight / (B * N)
+    N: tl.constexpr, L: tl.constexpr, S: tl.constexpr, K: tl.constexpr,  # tokens (L * L), grid side, map side, top-k
+    VEC: tl.constexpr,  # a power of two dividing C (up to 16 bytes of logits): rows start 16-byte aligned
     ORIGINAL: tl.constexpr,  # box_order == "original"
     BLOCK_C: tl.constexpr,  # columns per block of a logits row
     SINGLE: tl.constexpr,  # the whole row fits one block (kept in registers between passes)
-    TS: tl.constexpr,  # tap entries of a cell handled here (one sorted block)
+    TS1: tl.constexpr,  # the small sorted block (a 2 x 2-pixel cell: 4k entries)
+    TS: tl.constexpr,  # tap entries of a cell handled here (the large sorted block)
+    FAST: tl.constexpr,  # compiled (not the interpreter): ex2/lg2 .approx.ftz by inline PTX
     CLS_CHUNKS: tl.constexpr,  # cdiv(S*S*K, TBC): cls-pooling programs per sample
     TBC: tl.constexpr,  # tap entries per cls-pooling program
 ):
@@ -313,8 +391,8 @@ def _token_rows_kernel(
         # serial tail behind the token rows). Duplicates accumulate through the atomic adds.
         b = pid // CLS_CHUNKS
         a0 = (pid % CLS_CHUNKS) * TBC
-        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, 1,
-                                                                                     0, 0, ORIGINAL)
+        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok, inv_g = _sample_geometry(box_ptr, flip_ptr, b, S,
+                                                                                            1, 0, 0, ORIGINAL)
         ncols = c_hi - c_lo + 1
         n_ent = (r_hi - r_lo + 1) * ncols * K
         if a0 < n_ent:
@@ -322,7 +400,7 @@ def _token_rows_kernel(
             idx_b = idx_ptr + b.to(tl.int64) * K * S * S
             zrow = zc_ptr + b.to(tl.int64) * C
             e = a0 + tl.arange(0, TBC)
-            cid, w, valid, bad = _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
+            cid, w, valid, bad = _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b,
                                           S, C, flip)
             tl.atomic_add(zrow + cid, w, mask=valid)
             nbad = tl.sum(bad.to(tl.int32), axis=0) + tl.where(a0 == 0, 1 - ok.to(tl.int32), 0)
@@ -333,49 +411,26 @@ def _token_rows_kernel(
         row = pid - n_pool
         b, p, q = _row_cell(row, b_offset, N, L)
         row64 = row.to(tl.int64)
-        x_row = x_ptr + row64 * C
-        g_row = grad_ptr + row64 * C
-        s_over_c = smoothing / C
-        on = 1.0 - smoothing + s_over_c
-        off = s_over_c
-        t_sum = 1.0 + s_over_c
-
-        # 1. the cell's tap entries (class ids and weights), loaded before the logits row so that the two
-        #    latencies overlap. A cell of a crop inside the image touches at most ceil(S/L) + 1 map pixels
-        #    per axis, so all its entries fit one block of TS; a larger cell (a box beyond the image) is
-        #    handed to the general kernel through the list.
-        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, L,
-                                                                                     p, q, ORIGINAL)
+        Ca = (C // VEC) * VEC  # == C; written so the compiler sees the alignment (vector loads and stores)
+        x_row = x_ptr + row64 * Ca
+        g_row = grad_ptr + row64 * Ca
+        # 1. the row is requested first; its latency overlaps the geometry and the tap loads
+        x = _row_load(x_row, Ca, BLOCK_C, SINGLE)
+        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok, inv_g = _sample_geometry(box_ptr, flip_ptr, b, S,
+                                                                                            L, p, q, ORIGINAL)
         ncols = c_hi - c_lo + 1
         n_ent = (r_hi - r_lo + 1) * ncols * K
-        if n_ent <= TS:
-            val_b = val_ptr + b.to(tl.int64) * K * S * S
-            idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-            e = tl.arange(0, TS)
-            cid, w, valid, bad = _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, val_b, idx_b,
-                                          S, C, flip)
-            # 2. one read of the row: log-sum-exp, sum(x), non-finite count
-            ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, SINGLE)
-            lse = mx + tl.log(se)
-            # 3. the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
-            cs, z, first = _dedupe_sorted(cid, w, valid, C, TS)
-            xu = tl.load(x_row + cs, mask=first, other=0.0).to(tl.float32)  # L1 hits: the row was just read
-            m = tl.maximum(tl.max(tl.where(first, z, 0.0), axis=0), 0.0)
-            ez = tl.where(first, tl.exp(z - m), 0.0)
-            e_off = tl.exp(-m)  # e^{0 - m}: every class outside U
-            Z = tl.sum(ez, axis=0) + (C - tl.sum(first.to(tl.int32), axis=0)).to(tl.float32) * e_off
-            sum_xu = tl.sum(tl.where(first, xu, 0.0), axis=0)
-            loss = t_sum * lse - on * (tl.sum(ez * xu, axis=0) + e_off * (sum_x - sum_xu)) / Z - off * sum_x
-            n_bad = tl.sum(bad.to(tl.int32), axis=0) + 1 - ok.to(tl.int32)
-            loss = tl.where((n_bad == 0) & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
-            tl.store(row_loss_ptr + row64, loss * scale)
-            # 4. dense gradient: every class gets the off-U target first
-            _write_dense_grad(ex, x_row, g_row, mx, t_sum * scale / se, (on * e_off / Z + off) * scale, C, BLOCK_C,
-                              SINGLE)
-            tl.debug_barrier()
-            # 5. corrections at the classes of U (one write per class: its first entry)
-            g_u = (t_sum * tl.exp(xu - lse) - (on * ez / Z + off)) * scale
-            tl.store(g_row + cs, g_u.to(grad_ptr.dtype.element_ty), mask=first)
+        val_b = val_ptr + b.to(tl.int64) * K * S * S
+        idx_b = idx_ptr + b.to(tl.int64) * K * S * S
+        # 2. all taps of the cell in one sorted block: the small one for the common 2 x 2-pixel cell, the
+        #    large one for cells of 3 pixels along an axis; a larger cell (a box beyond the image) goes
+        #    to the general kernel through the list
+        if n_ent <= TS1:
+            _token_row_sorted(x, x_row, g_row, row_loss_ptr + row64, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs,
+                              xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_C, SINGLE, TS1, FAST)
+        elif n_ent <= TS:
+            _token_row_sorted(x, x_row, g_row, row_loss_ptr + row64, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs,
+                              xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_C, SINGLE, TS, FAST)
         else:
             tl.store(list_ptr + tl.atomic_add(count_ptr, 1), row)
 
@@ -391,6 +446,7 @@ def _token_rows_general_kernel(
     b_offset, N, L, C, S, K, smoothing, scale,
     ORIGINAL: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
     TB: tl.constexpr,  # tap entries per dedupe block (blocks of entries, pairwise equality per block pair)
+    FAST: tl.constexpr,  # as kernel 1
 ):
     count = tl.load(count_ptr)
     i = tl.program_id(0)
@@ -404,13 +460,13 @@ def _token_rows_general_kernel(
         row64 = row.to(tl.int64)
         x_row = x_ptr + row64 * C
         g_row = grad_ptr + row64 * C
-        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok = _sample_geometry(box_ptr, flip_ptr, b, S, L,
-                                                                                     p, q, ORIGINAL)
+        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok, inv_g = _sample_geometry(box_ptr, flip_ptr, b, S,
+                                                                                            L, p, q, ORIGINAL)
         ncols = c_hi - c_lo + 1
         n_ent = (r_hi - r_lo + 1) * ncols * K
         val_b = val_ptr + b.to(tl.int64) * K * S * S
         idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-        ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, SINGLE)
+        ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, SINGLE, FAST)
         lse = mx + tl.log(se)
         m = 0.0
         sum_ez = 0.0
@@ -420,7 +476,7 @@ def _token_rows_general_kernel(
         n_bad = 1 - ok.to(tl.int32)
         a0 = 0
         while a0 < n_ent:
-            cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
+            cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g,
                                                        val_b, idx_b, S, C, flip, TB)
             xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
             m, sum_ez, sum_ezx, sum_xu, n_u, n_bad = _u_stats(z, xu, first, bad, m, sum_ez, sum_ezx, sum_xu, n_u,
@@ -432,11 +488,11 @@ def _token_rows_general_kernel(
         loss = tl.where((n_bad == 0) & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
         tl.store(row_loss_ptr + row64, loss * scale)
         _write_dense_grad(ex, x_row, g_row, mx, t_sum * scale / se, (on * e_off / Z + off) * scale, C, BLOCK_C,
-                          SINGLE)
+                          SINGLE, FAST)
         tl.debug_barrier()
         a0 = 0
         while a0 < n_ent:
-            cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg,
+            cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g,
                                                        val_b, idx_b, S, C, flip, TB)
             xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
             g_u = (t_sum * tl.exp(xu - lse) - (on * tl.exp(z - m) / Z + off)) * scale
@@ -605,7 +661,15 @@ _MAX_SINGLE_BLOCK = 8192
 # 2 x 2 map pixels = 4k entries; larger cells loop over more blocks. None = next_pow2(4k), >= 16.
 _TB = None
 _TS = None  # None = _sorted_block(K, S, L)
-_NUM_WARPS = None  # None = 2 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps it)
+_TS1 = None  # None = _small_sorted_block(K)
+_NUM_WARPS = None  # None = 1 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps it)
+# Register cap of the one-warp token-row kernel: 64 registers let 32 one-warp programs share an SM (the
+# resident-block limit) without spills (72 uncapped: 28). 0 = no cap (the sweep compares both).
+_MAXNREG = 64
+
+
+def _reg_cap(num_warps):
+    return {"maxnreg": _MAXNREG} if (_MAXNREG and num_warps == 1) else {}
 
 
 def _tap_block(K, S, L):
@@ -628,6 +692,20 @@ def _sorted_block(K, S, L):
         return _TS
     taps = min(S, -(-S // L) + 1)
     return min(128, max(16, triton.next_power_of_2(taps * taps * K)))
+
+
+def _row_vec(C, elem_bytes):
+    """Largest power of two dividing C, up to 16 bytes of logits: the rows of a contiguous [rows, C] tensor
+    then start 16-byte aligned whenever the tensor does, and the kernel may use vector loads and stores."""
+    vec = max(1, 16 // elem_bytes)
+    while C % vec:
+        vec //= 2
+    return vec
+
+
+def _small_sorted_block(K):
+    """Entries of the small sorted block: a 2 x 2-pixel cell (bins of at most one map pixel), 4k."""
+    return _TS1 or max(16, triton.next_power_of_2(4 * K))
 
 
 def _row_block(C):
@@ -665,9 +743,10 @@ class _Workspace:
             self.flips = self.flips.contiguous()
         K, S = label_values.shape[1], label_values.shape[-1]
         self.block_c, self.single = _row_block(C)
-        self.num_warps = _NUM_WARPS or (2 if self.block_c <= 1024 else 8)
+        self.num_warps = _NUM_WARPS or (1 if self.block_c <= 1024 else 8)
         self.tb = _tap_block(K, S, math.isqrt(N))
         self.ts = _sorted_block(K, S, math.isqrt(N))
+        self.ts1 = _small_sorted_block(K)
         self.tbc = 128
         self.cls_chunks = triton.cdiv(S * S * K, self.tbc)
 
@@ -694,15 +773,16 @@ def launch_token_rows(x, grad, row_loss, w, n_cls, b_offset, rows, N, C, smoothi
     L = math.isqrt(N)
     lst, count = w.rows[b_offset * N:], w.counts[b_offset:]
     _token_rows_kernel[(n_cls * w.cls_chunks + rows,)](
-        x, grad, row_loss, w.zc, w.values, w.indices, w.boxes, w.flips, lst, count, n_cls, b_offset, N, L, C, S, K,
-        float(smoothing), float(scale), ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TS=w.ts,
-        CLS_CHUNKS=w.cls_chunks, TBC=w.tbc, num_warps=w.num_warps)
+        x, grad, row_loss, w.zc, w.values, w.indices, w.boxes, w.flips, lst, count, n_cls, b_offset, C,
+        float(smoothing), float(scale), N=N, L=L, S=S, K=K, VEC=_row_vec(C, x.element_size()),
+        ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TS1=min(w.ts1, w.ts), TS=w.ts, FAST=not _INTERPRET,
+        CLS_CHUNKS=w.cls_chunks, TBC=w.tbc, num_warps=w.num_warps, **_reg_cap(w.num_warps))
     # rows whose cell has more than TS tap entries (boxes beyond the image; usually none): a small
     # persistent grid reads their count on the device, so the host never waits
     _token_rows_general_kernel[(min(rows, _general_programs(x.device)),)](
         x, grad, row_loss, w.values, w.indices, w.boxes, w.flips, lst, count, b_offset, N, L, C, S, K,
         float(smoothing), float(scale), ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TB=w.tb,
-        num_warps=4 if w.block_c <= 1024 else 8)
+        FAST=not _INTERPRET, num_warps=4 if w.block_c <= 1024 else 8)
 
 
 def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
