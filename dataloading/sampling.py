@@ -395,6 +395,20 @@ def _jpeg_complete(data: bytes) -> bool:
     return tail.endswith(b"\xff\xd9")
 
 
+def probe_paths(paths):
+    """probe_bytes for each file (run in a worker process by the DALI backend, so that first
+    sightings do not queue on the training process's GIL): a list of (height, width, kind), or
+    None where the file cannot be read or probed (the caller retries it and warns)."""
+    out = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                out.append(probe_bytes(f.read()))
+        except Exception:  # noqa: BLE001 - reported by the caller's own attempt
+            out.append(None)
+    return out
+
+
 def probe_bytes(data: bytes):
     """Cheap header look: -> (height, width, kind) with kind "jpeg" (hand to the GPU decoder as is),
     "fallback" (decode with PIL: PNG/GIF/CMYK/truncated/odd modes) or raises when PIL cannot read

@@ -282,6 +282,28 @@ def test_dali_fallback_files_decoded_once_and_cleaned_up(folder, monkeypatch):
     loader.close()
 
 
+def test_dali_probe_workers_give_the_same_batches(folder, monkeypatch):
+    """First sightings probed in worker processes (the GPU default) or in the producer's threads (the
+    CPU default): the same batches, boxes and bad-file handling; the workers go with close()."""
+    dali_or_skip()
+    root, rel = folder
+    _write_bad_files(root)
+    out = {}
+    from tokenlabel.dataloading import sampling
+
+    for workers in (0, 2):
+        monkeypatch.setattr(sampling, "_warned", set())  # warn_once is per process
+        loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False)
+        loader.backend.probe_workers = workers
+        with pytest.warns(RuntimeWarning, match="garbage.jpg"):
+            batches = _epoch(loader, 0)
+        out[workers] = [(b["sample_ids"].tolist(), b["boxes"].tolist(), b["flips"].tolist()) for b in batches]
+        assert (loader.backend._probe_pool is not None) == (workers > 0)
+        loader.close()
+        assert loader.backend._probe_pool is None
+    assert out[0] == out[2]
+
+
 def test_missing_labels_and_incompatible_store(folder, tmp_path):
     root, rel = folder
     make_store(str(tmp_path / "part"), rel[:-3], num_classes=5, k=2, size=6)
