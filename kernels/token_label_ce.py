@@ -439,17 +439,13 @@ def _token_rows_kernel(
 # kernel 1b: the token rows the fast path handed over (cells with more than TS tap entries)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _token_rows_general_kernel(
-    x_ptr, grad_ptr, row_loss_ptr, val_ptr, idx_ptr, box_ptr, flip_ptr,  # as kernel 1
-    list_ptr,  # int32: rows handed over by kernel 1
-    count_ptr,  # int32 scalar: their number (read on the device; 0 in the usual case)
-    b_offset, N, L, C, S, K, smoothing, scale,
-    ORIGINAL: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-    TB: tl.constexpr,  # tap entries per dedupe block (blocks of entries, pairwise equality per block pair)
-    FAST: tl.constexpr,  # as kernel 1
-):
+def _general_rows(i, step, x_ptr, grad_ptr, row_loss_ptr, loss_ptr, val_ptr, idx_ptr, box_ptr, flip_ptr, list_ptr,
+                  count_ptr, b_offset, N, L, C, S, K, smoothing, scale, ORIGINAL: tl.constexpr, BLOCK_C: tl.constexpr,
+                  SINGLE: tl.constexpr, TB: tl.constexpr, FAST: tl.constexpr, TO_LOSS: tl.constexpr):
+    """The token rows handed over by kernel 1 (cells with more than TS tap entries), entries i, i + step, ...
+    of the list. Their losses go to row_loss, or (TO_LOSS: when this runs beside the cls rows, which sum
+    row_loss) straight into the scalar loss by atomic adds."""
     count = tl.load(count_ptr)
-    i = tl.program_id(0)
     s_over_c = smoothing / C
     on = 1.0 - smoothing + s_over_c
     off = s_over_c
@@ -486,7 +482,10 @@ def _token_rows_general_kernel(
         Z = sum_ez + (C - n_u).to(tl.float32) * e_off
         loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
         loss = tl.where((n_bad == 0) & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
-        tl.store(row_loss_ptr + row64, loss * scale)
+        if TO_LOSS:
+            tl.atomic_add(loss_ptr, loss * scale)
+        else:
+            tl.store(row_loss_ptr + row64, loss * scale)
         _write_dense_grad(ex, x_row, g_row, mx, t_sum * scale / se, (on * e_off / Z + off) * scale, C, BLOCK_C,
                           SINGLE, FAST)
         tl.debug_barrier()
@@ -499,7 +498,24 @@ def _token_rows_general_kernel(
             tl.store(g_row + cid, g_u.to(grad_ptr.dtype.element_ty), mask=first)
             a0 += TB
         tl.debug_barrier()
-        i += tl.num_programs(0)
+        i += step
+
+
+
+
+@triton.jit
+def _token_rows_general_kernel(
+    x_ptr, grad_ptr, row_loss_ptr, val_ptr, idx_ptr, box_ptr, flip_ptr,  # as kernel 1
+    list_ptr,  # int32: rows handed over by kernel 1
+    count_ptr,  # int32 scalar: their number (read on the device; 0 in the usual case)
+    b_offset, N, L, C, S, K, smoothing, scale,
+    ORIGINAL: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+    TB: tl.constexpr,  # tap entries per dedupe block (blocks of entries, pairwise equality per block pair)
+    FAST: tl.constexpr,  # as kernel 1
+):
+    _general_rows(tl.program_id(0), tl.num_programs(0), x_ptr, grad_ptr, row_loss_ptr, row_loss_ptr, val_ptr, idx_ptr,
+                  box_ptr, flip_ptr, list_ptr, count_ptr, b_offset, N, L, C, S, K, smoothing, scale, ORIGINAL, BLOCK_C,
+                  SINGLE, TB, FAST, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,12 +534,33 @@ def _cls_rows_kernel(
     smoothing,
     lam_arg,  # lambda' = 1 - box area / N, when given on the host
     scale,  # cls_weight / B
+    # programs B.. handle the token rows kernel 1 handed over (general path), as kernel 1b with TO_LOSS:
+    aux_ptr, aux_grad_ptr, val_ptr, idx_ptr, box_ptr, flip_ptr, list_ptr, count_ptr, L, S, K, tok_scale,
     GT: tl.constexpr,
     MIX_FROM_PTR: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    GENERAL: tl.constexpr,  # the general-row programs are launched (else the token arguments are unused)
+    ORIGINAL: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr, TB: tl.constexpr, FAST: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    pid = tl.program_id(0)
+    if GENERAL:
+        if pid >= B:  # one launch less: the general rows run beside the cls rows (losses by atomic adds)
+            _general_rows(pid - B, tl.num_programs(0) - B, aux_ptr, aux_grad_ptr, row_loss_ptr, loss_ptr, val_ptr,
+                          idx_ptr, box_ptr, flip_ptr, list_ptr, count_ptr, 0, N, L, C, S, K, smoothing, tok_scale,
+                          ORIGINAL, BLOCK_T, SINGLE_T, TB, FAST, True)
+        else:
+            _cls_row(pid, x_ptr, grad_ptr, zc_ptr, row_loss_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, smoothing,
+                     lam_arg, scale, GT, MIX_FROM_PTR, BLOCK_C, BLOCK_N)
+    else:
+        _cls_row(pid, x_ptr, grad_ptr, zc_ptr, row_loss_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, smoothing, lam_arg,
+                 scale, GT, MIX_FROM_PTR, BLOCK_C, BLOCK_N)
+
+
+@triton.jit
+def _cls_row(b, x_ptr, grad_ptr, zc_ptr, row_loss_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, smoothing, lam_arg, scale,
+             GT: tl.constexpr, MIX_FROM_PTR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """cls row b: its target from the pooled logits, the loss and gradient, and the sample's token losses."""
     bp = B - 1 - b  # MixToken partner: the batch reversed
     cols = tl.arange(0, BLOCK_C)
     s_over_c = smoothing / C
@@ -766,9 +803,10 @@ def _general_programs(device):
     return 2 * _SM_COUNT[device.index]
 
 
-def launch_token_rows(x, grad, row_loss, w, n_cls, b_offset, rows, N, C, smoothing, scale, original):
+def launch_token_rows(x, grad, row_loss, w, n_cls, b_offset, rows, N, C, smoothing, scale, original, general=True):
     """Kernel 1 over ``rows`` token rows of ``x`` (samples from b_offset on), plus the cls pooling of
-    samples 0..n_cls-1 (n_cls 0: none) into w.zc."""
+    samples 0..n_cls-1 (n_cls 0: none) into w.zc. ``general``: also launch kernel 1b for the rows handed
+    over (False: the cls launch takes them, see _cls_launch)."""
     K, S = w.values.shape[1], w.values.shape[-1]
     L = math.isqrt(N)
     lst, count = w.rows[b_offset * N:], w.counts[b_offset:]
@@ -777,6 +815,8 @@ def launch_token_rows(x, grad, row_loss, w, n_cls, b_offset, rows, N, C, smoothi
         float(smoothing), float(scale), N=N, L=L, S=S, K=K, VEC=_row_vec(C, x.element_size()),
         ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TS1=min(w.ts1, w.ts), TS=w.ts, FAST=not _INTERPRET,
         CLS_CHUNKS=w.cls_chunks, TBC=w.tbc, num_warps=w.num_warps, **_reg_cap(w.num_warps))
+    if not general:
+        return
     # rows whose cell has more than TS tap entries (boxes beyond the image; usually none): a small
     # persistent grid reads their count on the device, so the host never waits
     _token_rows_general_kernel[(min(rows, _general_programs(x.device)),)](
@@ -805,23 +845,37 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
     if grad_cls is None:
         grad_cls = torch.empty_like(x_cls)
     w = _workspace(label_values, label_indices, boxes, flips, B, N, C)
-    launch_token_rows(x_aux, grad_aux, w.row_loss, w, B, 0, B * N, N, C, smoothing, dense_weight / (B * N),
-                      original)
+    tok_scale = dense_weight / (B * N)
+    launch_token_rows(x_aux, grad_aux, w.row_loss, w, B, 0, B * N, N, C, smoothing, tok_scale, original, general=False)
     zc, row_loss, loss = w.zc, w.row_loss, w.loss
     _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
-                ground_truth)
+                ground_truth, general=(x_aux, grad_aux, w, tok_scale, original))
     return loss, grad_cls, grad_aux.view(B, N, C)
 
 
 def _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
-                ground_truth):
+                ground_truth, general=None):
+    """Kernel 2 over the B cls rows. ``general`` = (aux logits [B*N, C], their gradient, workspace, token
+    scale, original): extra programs also handle the token rows kernel 1 handed over (one launch less)."""
     gt = gt_classes if (ground_truth and gt_classes is not None) else zc  # dummy pointer when unused
     mix = mix_tensor if mix_tensor is not None else zc
     BC2 = min(triton.next_power_of_2(C), 4096)
-    _cls_rows_kernel[(B,)](
+    if general is not None:
+        x_aux, grad_aux, w, tok_scale, original = general
+        K, S = w.values.shape[1], w.values.shape[-1]
+        n_gen = _general_programs(x_cls.device)
+        tok = (x_aux, grad_aux, w.values, w.indices, w.boxes, w.flips, w.rows, w.counts, math.isqrt(N), S, K,
+               float(tok_scale))
+        tok_kw = dict(GENERAL=True, ORIGINAL=bool(original), BLOCK_T=w.block_c, SINGLE_T=w.single, TB=w.tb)
+    else:  # no extra programs; the token arguments are placeholders the kernel never reads
+        n_gen = 0
+        tok = (x_cls, grad_cls, zc, zc, zc, zc, zc, zc, 1, 1, 1, 0.0)
+        tok_kw = dict(GENERAL=False, ORIGINAL=False, BLOCK_T=16, SINGLE_T=True, TB=16)
+    _cls_rows_kernel[(B + n_gen,)](
         x_cls, grad_cls, zc, row_loss, loss, gt, mix, B, N, C, float(smoothing), float(lam),
-        float(cls_weight) / B, GT=bool(ground_truth), MIX_FROM_PTR=mix_tensor is not None,
-        BLOCK_C=BC2, BLOCK_N=min(triton.next_power_of_2(N), 1024), num_warps=4 if BC2 <= 1024 else 8,
+        float(cls_weight) / B, *tok, GT=bool(ground_truth), MIX_FROM_PTR=mix_tensor is not None,
+        BLOCK_C=BC2, BLOCK_N=min(triton.next_power_of_2(N), 1024), FAST=not _INTERPRET,
+        num_warps=4 if max(BC2, tok_kw["BLOCK_T"]) <= 1024 else 8, **tok_kw,
     )
 
 
