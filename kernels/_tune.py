@@ -127,30 +127,39 @@ def graph_time(fn, d):
     return q
 
 
+SWEEP = [  # (TS1, warps, register cap) of the token-row kernel; None = the launcher's default
+    (None, 1, 64),  # v5 default: one warp per row, 32-entry sort for 2 x 2-pixel cells, 64 registers
+    (None, 1, 0),  # the same without the register cap (72 registers: 28 one-warp programs per SM)
+    (64, 1, 64),  # one 64-entry sort for every cell (no small path)
+    (None, 2, 0),  # two warps per row (v4's layout)
+    (None, 4, 0),
+]
+
+
 def sweep(d, moved):
-    """Sorted-block size and warps of the token-row kernel at one shape; returns the best (ts, warps).
-    (TS below a cell's entry count sends that cell to the general kernel.)"""
+    """Variants of the token-row kernel at one shape (SWEEP); returns the best (ms, TS1, warps, cap)."""
     from tokenlabel.kernels import token_label_cross_entropy
     from tokenlabel.kernels import token_label_ce as tlce
 
     best = None
-    for ts in (64, 128):
-        for nw in (1, 2, 4):
-            tlce._TS, tlce._NUM_WARPS = ts, nw
-            q = graph_time(token_label_cross_entropy, d)
-            if q is None:
-                continue
-            print(f"  sweep TS={ts:3d} warps={nw}: graph p50 {q[0]:.4f} ms ({moved / q[0] / 1e6:.0f} GB/s)", flush=True)
-            if best is None or q[0] < best[0]:
-                best = (q[0], ts, nw)
-    tlce._TS, tlce._NUM_WARPS = None, None
+    saved = tlce._TS1, tlce._NUM_WARPS, tlce._MAXNREG
+    for ts1, nw, cap in SWEEP:
+        tlce._TS1, tlce._NUM_WARPS, tlce._MAXNREG = ts1, nw, cap
+        q = graph_time(token_label_cross_entropy, d)
+        if q is None:
+            continue
+        print(f"  sweep TS1={ts1 or 'auto'} warps={nw} maxnreg={cap or 'none'}: graph p50 {q[0]:.4f} ms "
+              f"({moved / q[0] / 1e6:.0f} GB/s)", flush=True)
+        if best is None or q[0] < best[0]:
+            best = (q[0], ts1, nw, cap)
+    tlce._TS1, tlce._NUM_WARPS, tlce._MAXNREG = saved
     return best
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also sweep tap block / warps at S/224 bf16")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the token-row kernel variants at S/224 bf16")
     args = ap.parse_args(argv)
     from tokenlabel.kernels import fused_linear_token_label_cross_entropy, token_label_cross_entropy
     from tokenlabel.kernels.reference import reference_style_loss
@@ -189,7 +198,7 @@ def main(argv=None):
                 print(f"{name} {pname}: out of memory", flush=True)
             torch.cuda.empty_cache()
         if args.sweep and name == "S/224" and dt == torch.bfloat16:
-            print("best (ms, TS, warps):", sweep(d, moved), flush=True)
+            print("best (ms, TS1, warps, maxnreg):", sweep(d, moved), flush=True)
         del d
         torch.cuda.empty_cache()
     # fused aux head at C = 21841: peak memory vs the logits it replaces

@@ -33,12 +33,12 @@ One program (one warp for C <= 1024) per logits row:
  4. write the row's loss and the dense gradient (1 + s/C) * softmax(x) - on/Z - off, scaled;
  5. after a barrier, overwrite the |U| corrected entries (1 + s/C) * softmax(x)_c - t_c.
 A cell with more taps than the large sorted block (a box beyond the image) is handed through a
-device-side list to the general kernel, which dedupes in blocks of TB entries with pairwise equality
-masks.
-The B cls rows (1 x 1 pooling) are pooled by B extra programs of the same launch into a [B, C]
-fp32 buffer (atomic adds: duplicates accumulate); a further tiny launch then builds each cls target
-(softmax, smoothing, ground-truth blend, MixToken mixing with the batch-reversed partner), writes the
-cls loss and gradient and adds its sample's token losses into the scalar loss.
+device-side list to the general rows, which dedupe in blocks of TB entries with pairwise equality
+masks (extra programs of the cls launch; a kernel of their own in the chunked fused-linear path).
+The cls rows' targets (1 x 1 pooling) are pooled by extra programs of kernel 1 into a [B, C] fp32
+buffer (atomic adds: duplicates accumulate); the cls launch then builds each cls target (softmax,
+smoothing, ground-truth blend, MixToken mixing with the batch-reversed partner), writes the cls loss
+and gradient and adds its sample's token losses into the scalar loss.
 
 The gradient is written during the forward, so backward is only a scale by grad_output, which the
 scale kernel reads on the device and skips when it is 1.0 (no host synchronisation anywhere).
