@@ -68,6 +68,22 @@ def dali_available() -> bool:
         return False
 
 
+_FORKED = {}  # backend key -> SampleSource, inherited by the forked worker processes
+
+
+def _train_meta(key, epoch, ids, heights, widths):
+    """In a worker process: a training batch's metadata and its packed host buffer (the label maps
+    travel only inside the buffer)."""
+    from .packing import pack_arrays
+
+    src = _FORKED[key]
+    meta = src.meta(epoch, ids, heights, widths)
+    packed = pack_arrays(meta, height=src.image_size, width=src.image_size, train=True, augment=True)
+    meta.pop("label_values", None)
+    meta.pop("label_indices", None)
+    return meta, packed
+
+
 _HIGH_PRIORITY = -5  # CUDA clamps a stream priority to the device's range (H100: 0 lowest .. -5 highest)
 
 
@@ -113,7 +129,7 @@ class DaliBackend:
     """Yields (uint8 images [B,3,S,S] on the device, numpy metadata) per batch."""
     applies_augment = False
 
-    def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=2, probe_workers=None):
+    def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=2, worker_processes=None):
         fn, types, pipeline_def = import_dali()
         self.fn, self.types, self.pipeline_def = fn, types, pipeline_def
         self.source, self.sampler = source, sampler
@@ -140,10 +156,14 @@ class DaliBackend:
         self._fallback_tmp, self._fallback_lock, self._fallback_cleanup = None, threading.Lock(), None
         self._pool = ThreadPoolExecutor(self.io_workers)
         self._batch_pool = ThreadPoolExecutor(2)
-        # first sightings are probed (header size, GPU-decodable?) in worker processes: in threads the
-        # reads queue on the GIL with the training loop (epoch 0 ran at ~1,800 img/s on the H100 box)
-        self.probe_workers = (max(1, min(8, cpus // 2)) if self.gpu else 0) if probe_workers is None else int(probe_workers)
-        self._probe_pool = None
+        # Worker processes (forked) probe first sightings (header size, GPU-decodable?) and compute each
+        # training batch's metadata (geometry, RandAugment draws, label-map reads and warps, packing):
+        # in the training process that Python work queues on the GIL with the training loop (H100 box:
+        # epoch 0 at ~1,800 img/s with threaded probes; the producer at ~18 ms per batch beside the
+        # step). 0 = all in the producer's threads (the CPU default: tests, no GPU to feed).
+        self.worker_processes = ((max(1, min(8, cpus // 2)) if self.gpu else 0) if worker_processes is None
+                                 else int(worker_processes))
+        self._procs = self._procs_cleanup = None
         self.pipe = None
         self._clean = False
         self._stream = None     # the running producer stream (_Stream) or None
@@ -254,12 +274,12 @@ class DaliBackend:
         """Header probes of the never-seen files among ``idx`` in the process pool; fills the size /
         kind caches. A file a worker could not probe stays unknown: _read tries it again and warns."""
         todo = idx[self._kind[idx] == 0]
-        if not len(todo) or not self.probe_workers:
+        if not len(todo) or not self.worker_processes:
             return
         from .sampling import probe_paths
 
-        pool = self._probe_executor()
-        chunks = [c for c in np.array_split(todo, min(len(todo), 2 * self.probe_workers)) if len(c)]
+        pool = self._process_pool()
+        chunks = [c for c in np.array_split(todo, min(len(todo), 2 * self.worker_processes)) if len(c)]
         futures = [pool.submit(probe_paths, [self.source.dataset.path(j) for j in c.tolist()]) for c in chunks]
         for c, f in zip(chunks, futures):
             for j, r in zip(c.tolist(), f.result()):
@@ -267,22 +287,29 @@ class DaliBackend:
                     self._size[j] = r[:2]
                     self._kind[j] = 1 if r[2] == "jpeg" else 2
 
-    def _probe_executor(self):
+    def _process_pool(self):
         with self._fallback_lock:
-            if self._probe_pool is None:
+            if self._procs is None:
                 import multiprocessing
                 from concurrent.futures import ProcessPoolExecutor
 
-                # fork: the workers run only file reads and PIL header parsing (no CUDA, no DALI), and
-                # fork does not re-run the user's __main__ as spawn/forkserver would
-                pool = ProcessPoolExecutor(self.probe_workers, mp_context=multiprocessing.get_context("fork"))
-                with warnings.catch_warnings():  # "multi-threaded process, fork() may deadlock": see above
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    for f in [pool.submit(int, 0) for _ in range(self.probe_workers)]:
-                        f.result()
-                self._probe_pool = pool
-                self._probe_cleanup = weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
-            return self._probe_pool
+                # fork: the workers run only file reads, PIL header parsing and numpy (no CUDA, no DALI),
+                # and fork does not re-run the user's __main__ as spawn/forkserver would. The source
+                # (dataset, label store, RNG spec) reaches them through the fork, not through pickling.
+                key = id(self)
+                _FORKED[key] = self.source
+                pool = ProcessPoolExecutor(self.worker_processes, mp_context=multiprocessing.get_context("fork"))
+                try:
+                    with warnings.catch_warnings():  # "multi-threaded process, fork() may deadlock": see above
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        for f in [pool.submit(int, 0) for _ in range(self.worker_processes)]:
+                            f.result()
+                finally:
+                    _FORKED.pop(key, None)  # the children have their copy
+                self._procs = pool
+                self._procs_key = key
+                self._procs_cleanup = weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
+            return self._procs
 
     def _prepare(self, epoch, b, idx):
         idx = np.asarray(idx, np.int64)
@@ -296,11 +323,17 @@ class DaliBackend:
             data = [g[1] for g in got]
             hw = np.array([g[2] for g in got], np.int64).reshape(-1, 2)
         src = self.source
+        S = src.image_size
+        packed = None
         if src.train:
-            meta = src.meta(epoch, ids, hw[:, 0], hw[:, 1])
-            crop = meta["crop"]
-            anchor = [np.array([c[1], c[0]], np.float32) for c in crop]  # (x, y)
-            shape = [np.array([c[3], c[2]], np.float32) for c in crop]   # (w, h)
+            if self.worker_processes:
+                fut = self._process_pool().submit(_train_meta, self._procs_key, epoch, ids, hw[:, 0], hw[:, 1])
+                meta, packed = fut.result()
+            else:
+                meta = src.meta(epoch, ids, hw[:, 0], hw[:, 1])
+            crop = np.asarray(meta["crop"])
+            anchor = np.ascontiguousarray(crop[:, [1, 0]], np.float32)  # (x, y) per sample: a [B, 2] batch
+            shape = np.ascontiguousarray(crop[:, [3, 2]], np.float32)   # (w, h)
             interp = np.where(meta["interp"] == 1, int(self.types.INTERP_CUBIC),
                               int(self.types.INTERP_LINEAR)).astype(np.int32)
             dali_inputs = (data, anchor, shape, interp, ids)
@@ -314,14 +347,15 @@ class DaliBackend:
             dali_inputs = (data, size, anchor, ids)
         meta["position"] = (epoch, b)
         # the one host->device buffer of the batch, ready before the training thread needs it
-        from .packing import pack
+        from .packing import host_batch, pack_arrays
 
-        S = src.image_size
+        if packed is None:
+            packed = pack_arrays(meta, height=S, width=S, train=src.train, augment=True)
         if self.gpu:
             with torch.cuda.device(self.device):
-                meta["packed"] = pack(meta, height=S, width=S, train=src.train, augment=True, pin=True)
+                meta["packed"] = host_batch(*packed, height=S, width=S, train=src.train, augment=True, pin=True)
         else:
-            meta["packed"] = pack(meta, height=S, width=S, train=src.train, augment=True, pin=False)
+            meta["packed"] = host_batch(*packed, height=S, width=S, train=src.train, augment=True, pin=False)
         return dali_inputs, meta
 
     # -------------------------------------------------------------------------------- iteration
@@ -431,9 +465,9 @@ class DaliBackend:
         self._wait_copy()
         self.pipe = None
         with self._fallback_lock:  # the probe workers and the PNM cache go too (a later epoch remakes them)
-            if self._probe_pool is not None:
-                self._probe_cleanup()
-                self._probe_pool = None
+            if self._procs is not None:
+                self._procs_cleanup()
+                self._procs = self._procs_cleanup = None
             if self._fallback_cleanup is not None:
                 self._fallback_cleanup()
             self._fallback_tmp = self._fallback_cleanup = None

@@ -36,9 +36,10 @@ def _torch_dtype(a: np.ndarray):
     return torch.from_numpy(np.empty(0, a.dtype)).dtype
 
 
-def pack(meta, *, height, width, train, augment, pin) -> HostBatch:
-    """numpy batch metadata -> HostBatch. train: boxes, flips and erasing are included; augment:
-    RandAugment and the flip are applied on the device (DALI path)."""
+def pack_arrays(meta, *, height, width, train, augment):
+    """numpy batch metadata -> (uint8 buffer, layout with numpy dtype names, plan): pack's work
+    without torch, so a worker process can do it. train: boxes, flips and erasing are included;
+    augment: RandAugment and the flip are applied on the device (DALI path)."""
     table, plan = ra_kernel.build_table(meta, height=height, width=width, train=train, augment=augment)
     arrays = [("classes", np.asarray(meta["classes"], np.int64)),
               ("sample_ids", np.asarray(meta["sample_ids"], np.int64))]
@@ -50,13 +51,29 @@ def pack(meta, *, height, width, train, augment, pin) -> HostBatch:
             arrays.append((key, np.asarray(meta[key])))
     layout, off = [], 0
     for name, a in arrays:
-        layout.append((name, off, _torch_dtype(a), tuple(a.shape)))
+        layout.append((name, off, a.dtype.str, tuple(a.shape)))
         off += -(-a.nbytes // ALIGN) * ALIGN
-    buf = torch.empty(max(off, ALIGN), dtype=torch.uint8, pin_memory=pin)
-    hb = buf.numpy()
+    buf = np.empty(max(off, ALIGN), np.uint8)
     for (name, o, _, _), (_, a) in zip(layout, arrays):
-        hb[o:o + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    return HostBatch(buf, tuple(layout), plan, height, width, train, augment)
+        buf[o:o + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    return buf, tuple(layout), plan
+
+
+def host_batch(buf, layout, plan, *, height, width, train, augment, pin) -> HostBatch:
+    """pack_arrays' output -> HostBatch (copied into pinned memory when ``pin``)."""
+    if pin:
+        t = torch.empty(len(buf), dtype=torch.uint8, pin_memory=True)
+        t.numpy()[:] = buf
+    else:
+        t = torch.from_numpy(buf)
+    layout = tuple((name, o, _torch_dtype(np.empty(0, np.dtype(dt))), shape) for name, o, dt, shape in layout)
+    return HostBatch(t, layout, plan, height, width, train, augment)
+
+
+def pack(meta, *, height, width, train, augment, pin) -> HostBatch:
+    """numpy batch metadata -> HostBatch (see pack_arrays)."""
+    buf, layout, plan = pack_arrays(meta, height=height, width=width, train=train, augment=augment)
+    return host_batch(buf, layout, plan, height=height, width=width, train=train, augment=augment, pin=pin)
 
 
 def to_device(hb: HostBatch, device) -> dict:

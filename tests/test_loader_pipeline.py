@@ -282,25 +282,30 @@ def test_dali_fallback_files_decoded_once_and_cleaned_up(folder, monkeypatch):
     loader.close()
 
 
-def test_dali_probe_workers_give_the_same_batches(folder, monkeypatch):
-    """First sightings probed in worker processes (the GPU default) or in the producer's threads (the
-    CPU default): the same batches, boxes and bad-file handling; the workers go with close()."""
+def test_dali_worker_processes_give_the_same_batches(folder, tmp_path, monkeypatch):
+    """First sightings probed and batch metadata computed in worker processes (the GPU default) or in
+    the producer's threads (the CPU default): the same batches, boxes, label maps, RandAugment table and
+    bad-file handling; the workers go with close()."""
     dali_or_skip()
     root, rel = folder
     _write_bad_files(root)
+    store = str(tmp_path / "labels")
+    make_store(store, rel, num_classes=5, k=2, size=6)
     out = {}
     from tokenlabel.dataloading import sampling
 
     for workers in (0, 2):
         monkeypatch.setattr(sampling, "_warned", set())  # warn_once is per process
-        loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False)
-        loader.backend.probe_workers = workers
+        loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False, labels=store,
+                        missing_labels="class")  # the bad files have no maps: trained on their class
+        loader.backend.worker_processes = workers
         with pytest.warns(RuntimeWarning, match="garbage.jpg"):
             batches = _epoch(loader, 0)
-        out[workers] = [(b["sample_ids"].tolist(), b["boxes"].tolist(), b["flips"].tolist()) for b in batches]
-        assert (loader.backend._probe_pool is not None) == (workers > 0)
+        out[workers] = [{k: v.tolist() for k, v in b.items()} for b in batches]
+        assert "label_values" in batches[0]
+        assert (loader.backend._procs is not None) == (workers > 0)
         loader.close()
-        assert loader.backend._probe_pool is None
+        assert loader.backend._procs is None
     assert out[0] == out[2]
 
 
