@@ -33,6 +33,7 @@ the metadata queued for it, so label maps always belong to the images they arriv
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import queue
@@ -84,7 +85,7 @@ def _train_meta(key, epoch, ids, heights, widths):
     return meta, packed
 
 
-_HIGH_PRIORITY = -5  # CUDA clamps a stream priority to the device's range (H100: 0 lowest .. -5 highest)
+_HIGH_PRIORITY = -5  # lower is higher; CUDA clamps a stream priority to the device's range
 
 
 def _encode_path(path) -> np.ndarray:
@@ -153,7 +154,8 @@ class DaliBackend:
         self._kind = np.zeros(n, np.int8)           # 0 unknown, 1 jpeg for the GPU decoder, 2 PIL fallback, 3 unreadable
         self._fallback = {}                         # index -> PNM file of a PIL-decoded fallback image
         self._paths = [None] * n                    # encoded paths for fn.io.file.read, made on first use
-        self._fallback_tmp, self._fallback_lock, self._fallback_cleanup = None, threading.Lock(), None
+        self._fallback_tmp = self._fallback_cleanup = None
+        self._lock = threading.Lock()  # guards the lazily made worker processes and PNM cache folder
         self._pool = ThreadPoolExecutor(self.io_workers)
         self._batch_pool = ThreadPoolExecutor(2)
         # Worker processes (forked) probe first sightings (header size, GPU-decodable?) and compute each
@@ -161,8 +163,10 @@ class DaliBackend:
         # in the training process that Python work queues on the GIL with the training loop (H100 box:
         # epoch 0 at ~1,800 img/s with threaded probes; the producer at ~18 ms per batch beside the
         # step). 0 = all in the producer's threads (the CPU default: tests, no GPU to feed).
+        if worker_processes is not None and (not isinstance(worker_processes, int) or worker_processes < 0):
+            raise ValueError(f"worker_processes must be an int >= 0 (0: no worker processes), got {worker_processes!r}")
         self.worker_processes = ((max(1, min(8, cpus // 2)) if self.gpu else 0) if worker_processes is None
-                                 else int(worker_processes))
+                                 else worker_processes)
         self._procs = self._procs_cleanup = None
         self.pipe = None
         self._clean = False
@@ -261,7 +265,7 @@ class DaliBackend:
         return e
 
     def _fallback_dir(self):
-        with self._fallback_lock:
+        with self._lock:
             if self._fallback_tmp is None:
                 self._fallback_tmp = tempfile.mkdtemp(prefix="tokenlabel-dali-fallback-")
                 self._fallback_cleanup = weakref.finalize(self, shutil.rmtree, self._fallback_tmp, True)
@@ -288,7 +292,7 @@ class DaliBackend:
                     self._kind[j] = 1 if r[2] == "jpeg" else 2
 
     def _process_pool(self):
-        with self._fallback_lock:
+        with self._lock:
             if self._procs is None:
                 import multiprocessing
                 from concurrent.futures import ProcessPoolExecutor
@@ -351,11 +355,8 @@ class DaliBackend:
 
         if packed is None:
             packed = pack_arrays(meta, height=S, width=S, train=src.train, augment=True)
-        if self.gpu:
-            with torch.cuda.device(self.device):
-                meta["packed"] = host_batch(*packed, height=S, width=S, train=src.train, augment=True, pin=True)
-        else:
-            meta["packed"] = host_batch(*packed, height=S, width=S, train=src.train, augment=True, pin=False)
+        with torch.cuda.device(self.device) if self.gpu else contextlib.nullcontext():  # pinned on CUDA
+            meta["packed"] = host_batch(*packed, height=S, width=S, train=src.train, augment=True, pin=self.gpu)
         return dali_inputs, meta
 
     # -------------------------------------------------------------------------------- iteration
@@ -464,7 +465,7 @@ class DaliBackend:
             self._end_stream(drain=False)
         self._wait_copy()
         self.pipe = None
-        with self._fallback_lock:  # the probe workers and the PNM cache go too (a later epoch remakes them)
+        with self._lock:  # the probe workers and the PNM cache go too (a later epoch remakes them)
             if self._procs is not None:
                 self._procs_cleanup()
                 self._procs = self._procs_cleanup = None

@@ -217,8 +217,9 @@ def _dedupe_sorted(cid, w, valid, C, TS: tl.constexpr):
 
 
 @triton.jit
-def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
-    """Box of sample b -> per-axis RoIAlign geometry for output cell (p, q), flip flag, bad-box flag,
+def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, K, ORIGINAL: tl.constexpr):
+    """Box of sample b -> per-axis RoIAlign geometry for output cell (p, q), the touched pixel rectangle
+    (first row / column, ncols, n_ent = rows x ncols x K tap entries), flip flag, bad-box flag,
     1 / (grid_y * grid_x) (the sample average)."""
     t = tl.load(box_ptr + b * 4 + 0).to(tl.float32)
     l = tl.load(box_ptr + b * 4 + 1).to(tl.float32)
@@ -238,7 +239,9 @@ def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, ORIGINAL: tl.constexpr):
         rs, rn, cs, cn = t, h, l, w
     yb, ys, yg, y_inv, r_lo, r_hi = _axis_geometry(rs, rn, S, L, p)
     xb, xs, xg, x_inv, c_lo, c_hi = _axis_geometry(cs, cn, S, L, q)
-    return yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok, y_inv * x_inv
+    ncols = c_hi - c_lo + 1
+    n_ent = (r_hi - r_lo + 1) * ncols * K
+    return yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, y_inv * x_inv
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,10 +394,8 @@ def _token_rows_kernel(
         # serial tail behind the token rows). Duplicates accumulate through the atomic adds.
         b = pid // CLS_CHUNKS
         a0 = (pid % CLS_CHUNKS) * TBC
-        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok, inv_g = _sample_geometry(box_ptr, flip_ptr, b, S,
-                                                                                            1, 0, 0, ORIGINAL)
-        ncols = c_hi - c_lo + 1
-        n_ent = (r_hi - r_lo + 1) * ncols * K
+        yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
+            box_ptr, flip_ptr, b, S, 1, 0, 0, K, ORIGINAL)
         if a0 < n_ent:
             val_b = val_ptr + b.to(tl.int64) * K * S * S
             idx_b = idx_ptr + b.to(tl.int64) * K * S * S
@@ -416,10 +417,8 @@ def _token_rows_kernel(
         g_row = grad_ptr + row64 * Ca
         # 1. the row is requested first; its latency overlaps the geometry and the tap loads
         x = _row_load(x_row, Ca, BLOCK_C, SINGLE)
-        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok, inv_g = _sample_geometry(box_ptr, flip_ptr, b, S,
-                                                                                            L, p, q, ORIGINAL)
-        ncols = c_hi - c_lo + 1
-        n_ent = (r_hi - r_lo + 1) * ncols * K
+        yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
+            box_ptr, flip_ptr, b, S, L, p, q, K, ORIGINAL)
         val_b = val_ptr + b.to(tl.int64) * K * S * S
         idx_b = idx_ptr + b.to(tl.int64) * K * S * S
         # 2. all taps of the cell in one sorted block: the small one for the common 2 x 2-pixel cell, the
@@ -456,10 +455,8 @@ def _general_rows(i, step, x_ptr, grad_ptr, row_loss_ptr, loss_ptr, val_ptr, idx
         row64 = row.to(tl.int64)
         x_row = x_ptr + row64 * C
         g_row = grad_ptr + row64 * C
-        yb, ys, yg, r_lo, r_hi, xb, xs, xg, c_lo, c_hi, flip, ok, inv_g = _sample_geometry(box_ptr, flip_ptr, b, S,
-                                                                                            L, p, q, ORIGINAL)
-        ncols = c_hi - c_lo + 1
-        n_ent = (r_hi - r_lo + 1) * ncols * K
+        yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
+            box_ptr, flip_ptr, b, S, L, p, q, K, ORIGINAL)
         val_b = val_ptr + b.to(tl.int64) * K * S * S
         idx_b = idx_ptr + b.to(tl.int64) * K * S * S
         ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, SINGLE, FAST)

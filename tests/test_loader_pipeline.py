@@ -307,6 +307,11 @@ def test_dali_worker_processes_give_the_same_batches(folder, tmp_path, monkeypat
         loader.close()
         assert loader.backend._procs is None
     assert out[0] == out[2]
+    from tokenlabel.dataloading.dali_pipeline import DaliBackend
+
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="worker_processes"):
+            DaliBackend(loader.backend.source, loader.backend.sampler, "cpu", worker_processes=bad)
 
 
 def test_missing_labels_and_incompatible_store(folder, tmp_path):
