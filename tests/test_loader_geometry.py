@@ -156,15 +156,20 @@ def test_geometric_op_keeps_label_map_aligned(gen, op):
     for r in range(S):
         for c in range(S):
             px, py, _ = T @ np.array([(c + 0.5) / S, (r + 0.5) / S, 1.0])
-            if not (0 <= px < out and 0 <= py < out) or wv[0, 0, r, c] == 0:
+            iy, ix = int(py), int(px)
+            if not (1 <= ix < out - 1 and 1 <= iy < out - 1) or wv[0, 0, r, c] == 0:
                 continue
-            d = np.abs(palette - y[int(py), int(px)][None]).sum(1)
-            if d.min() > 6:  # fill, or a pixel blended across a cell edge
+            # only cell centres whose 3x3 pixel neighbourhood shows one label cell: within a pixel of a
+            # cell edge, the image's own pixel rounding (nearest resize, then the op) decides, not the warp
+            patch = y[iy - 1: iy + 2, ix - 1: ix + 2].reshape(-1, 3)
+            d = np.abs(palette[None].astype(np.float64) - patch[:, None]).sum(2)  # [9, S*S]
+            near = d.argmin(1)
+            if d.min(1).max() > 6 or (near != near[0]).any():  # fill, a blend, or a cell edge
                 continue
             total += 1
-            agree += wi[0, 0, r, c] == int(d.argmin())
-            unwarped += indices[0, 0, r, c] == int(d.argmin())
-    assert total > 60 and agree / total > 0.95, (agree, total)
+            agree += wi[0, 0, r, c] == near[0]
+            unwarped += indices[0, 0, r, c] == near[0]
+    assert total > 25 and agree == total, (agree, total)
     assert unwarped / total < 0.6, (unwarped, total)  # the op really moved the content
 
 
