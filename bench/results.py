@@ -138,7 +138,7 @@ def _num(v, unit=""):
 
 
 TABLE_METRICS = ("ms", "img/s", "GB/s", "TFLOP/s", "MFU", "MFU_datasheet", "peak_extra_MiB", "replaced_logits_MiB",
-                 "data_wait", "speedup")
+                 "data_wait", "data_wait_gpu", "speedup")
 
 
 def format_table(rows: list[dict]) -> str:

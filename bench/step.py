@@ -18,6 +18,7 @@ import time
 import torch
 
 from .registry import Case, CheckFailed, Prepared, Skip, register
+from .timing import StepGaps, sync
 
 GFLOP_PER_IMAGE = {"lvvit_s": 39.9, "vit_small_patch16_224": 27.6}
 SHAPES = {"S224": (dict(B=128, img=224, C=1000, S=18, k=5), ("bf16",))}
@@ -137,7 +138,7 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
                     flops=gflop * 1e9 * B if gflop else None, mfu=bool(gflop),
                     notes="; ".join(notes) + (f"; {gflop} GFLOP/image (training)" if gflop else ""))
     if loader is not None:
-        _attach_loader(prep, step, loader)
+        _attach_loader(prep, step, loader, case.device)
     return prep
 
 
@@ -249,8 +250,10 @@ def loader_fed(case: Case) -> Prepared:
     return _lvvit_prepare(case, "auto", cuda, loader=loader, compile_mode="reduce-overhead" if cuda else None)
 
 
-def _attach_loader(prep: Prepared, step, loader) -> None:
-    """Time the step fed by ``loader``: wall time per step, and the time spent waiting in next()."""
+def _attach_loader(prep: Prepared, step, loader, device) -> None:
+    """Time the step fed by ``loader``: wall time per step; the share of it the GPU's stream sat idle
+    between steps (``data_wait_gpu``, see ``timing.StepGaps``); and the share the host spent blocked in
+    next() (``data_wait``, which also counts GPU time of the previous step when the step is asynchronous)."""
     stats = {}
 
     def batches():
@@ -265,7 +268,8 @@ def _attach_loader(prep: Prepared, step, loader) -> None:
     def timer(fn, warmup, reps):
         for _ in range(max(1, warmup)):
             step(next(it))
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        sync(device)
+        gaps = StepGaps(device)
         waits, per_step = [], []
         t_start = time.perf_counter()
         last = t_start
@@ -273,23 +277,29 @@ def _attach_loader(prep: Prepared, step, loader) -> None:
             t0 = time.perf_counter()
             batch = next(it)
             waits.append(time.perf_counter() - t0)
+            gaps.begin()
             step(batch)
+            gaps.end()
             now = time.perf_counter()
             per_step.append((now - last) * 1e3)
             last = now
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        idle_ms, span_ms = gaps.result()  # waits for the last step
         total = time.perf_counter() - t_start
-        per_step[-1] += (time.perf_counter() - last) * 1e3  # the tail the sync waited for
+        per_step[-1] += (time.perf_counter() - last) * 1e3  # the tail the wait covered
         stats["wait"] = 100.0 * sum(waits) / total
+        stats["gpu_wait"] = 100.0 * idle_ms / max(span_ms, 1e-9)
         stats["n"] = reps
         return per_step
 
     prep.timer = timer
     prep.check = None   # the same step is checked by the synthetic-input providers
-    prep.notes += "; fed by the real loader (data wait = time blocked in next(loader) / wall time)"
-    prep.extra_rows = lambda: [("train_step", "data_wait", stats["wait"], None, None, "%",
-                                f"share of wall time waiting for the loader over {stats['n']} steps")]
+    prep.notes += ("; fed by the real loader (data_wait_gpu = the step stream's idle time between steps / the "
+                   "steps' span; data_wait = host time blocked in next(loader) / wall time)")
+    prep.extra_rows = lambda: [
+        ("train_step", "data_wait_gpu", stats["gpu_wait"], None, None, "%",
+         f"share of the steps' GPU span the step stream sat idle waiting for the next batch, over {stats['n']} steps"),
+        ("train_step", "data_wait", stats["wait"], None, None, "%",
+         f"share of wall time the host was blocked in next(loader) over {stats['n']} steps")]
 
 
 def yardsticks(device, quick: bool, context: dict) -> list[dict]:

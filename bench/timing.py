@@ -65,6 +65,64 @@ def time_calls(fn, device, warmup: int = 5, reps: int = 20, flush_l2: bool = Tru
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
+class StepGaps:
+    """How long the GPU's stream sat idle between consecutive training steps.
+
+    ``begin()`` before a step's work is enqueued and ``end()`` after it record CUDA events on the current
+    stream; nothing synchronises until ``result()``. The gap from one step's end event to the next one's
+    begin event is time in which that stream had nothing of the step to run: it waited for the input
+    pipeline (the host still blocked in ``next(loader)``, or the batch's own copy or kernels queued in
+    between), not for the previous step. This is the data wait as the GPU sees it; a host-side timer
+    around ``next()`` also counts the GPU time of an asynchronous step, so it overstates it. On the CPU
+    (no events) the two are the same: the wall time between a step's end and the next step's start."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self._spans = []
+        self._open = None
+
+    def begin(self) -> None:
+        if self._open is not None:
+            raise RuntimeError("StepGaps.begin() called twice without end()")
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+        else:
+            e = time.perf_counter()
+        self._open = e
+
+    def end(self) -> None:
+        if self._open is None:
+            raise RuntimeError("StepGaps.end() called without begin()")
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+        else:
+            e = time.perf_counter()
+        self._spans.append((self._open, e))
+        self._open = None
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def result(self) -> tuple[float, float]:
+        """(idle ms between steps, ms from the first step's start to the last step's end); waits for
+        the last step. (0, 0) before any step."""
+        if not self._spans:
+            return 0.0, 0.0
+        if self.cuda:
+            self._spans[-1][1].synchronize()
+            gap = (lambda a, b: a.elapsed_time(b))
+        else:
+            gap = (lambda a, b: (b - a) * 1e3)
+        idle = sum(max(0.0, gap(self._spans[i][1], self._spans[i + 1][0])) for i in range(len(self._spans) - 1))
+        return idle, gap(self._spans[0][0], self._spans[-1][1])
+
+    def reset(self) -> None:
+        self._spans.clear()
+        self._open = None
+
+
 def peak_extra_bytes(fn, device, exclude: int = 0) -> int | None:
     """Peak memory one call of ``fn`` allocates beyond what was allocated before it, less ``exclude``
     (the bytes of its own outputs, e.g. gradients). None off CUDA."""

@@ -208,7 +208,7 @@ def test_tiny_model_trains(gen):
     y = torch.randint(0, 4, (8,), generator=gen)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(20):  # 12 steps fell short of -30% for about 1 seed in 30 (MixToken boxes); 20: none in 360
         cls, aux, box = m(x)
         # Soft CE with the MixToken-mixed cls target (reference §3.5) and per-token class targets.
         t = F.one_hot(y, 4).float()

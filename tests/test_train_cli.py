@@ -148,6 +148,7 @@ def test_token_label_run_with_fused_loss(tmp_path, data):
     r = rows[0]
     assert math.isfinite(float(r["train_loss"])) and 0 <= float(r["top1"]) <= float(r["top5"]) <= 100
     assert 0 <= float(r["data_wait_frac"]) <= 1 and float(r["images_per_s"]) > 0
+    assert 0 <= float(r["gpu_data_wait_frac"]) <= 1
     steps = read_csv(out / "steps.csv")
     assert len(steps) == 2 and all(math.isfinite(float(s["loss"])) for s in steps)
     import yaml

@@ -47,3 +47,18 @@ def tiny_args(data, out, *extra, epochs=2, batch=4, seed=3) -> list[str]:
 def read_csv(path: Path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_append_csv_upgrades_an_older_header_without_losing_rows(tmp_path):
+    from tokenlabel import train as T
+
+    p = tmp_path / "summary.csv"
+    old_fields = T.SUMMARY_FIELDS[:-1]  # a run started by a version without the last column
+    T._append_csv(p, old_fields, [{f: str(i) for i, f in enumerate(old_fields)}])
+    T._append_csv(p, T.SUMMARY_FIELDS, [{f: "x" for f in T.SUMMARY_FIELDS}])
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and list(rows[0]) == T.SUMMARY_FIELDS
+    assert rows[0]["epoch"] == "0" and rows[0][T.SUMMARY_FIELDS[-1]] == ""
+    assert all(v == "x" for v in rows[1].values())
+    assert [q.name for q in tmp_path.iterdir()] == ["summary.csv"]  # no temporary file left

@@ -906,13 +906,29 @@ def _default_output(cfg: dict) -> str:
 
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "lr", "top1", "top5", "ema_top1", "ema_top5", "epoch_time_s",
-                  "images_per_s", "data_wait_frac"]
+                  "images_per_s", "data_wait_frac", "gpu_data_wait_frac"]
 
 
 def _append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append rows; a file written by an older version with fewer columns is first rewritten (atomically)
+    with the new header, its rows kept and the new columns left empty."""
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            old = list(reader) if header and header != fields else None
+        if old is not None:
+            merged = list(header) + [c for c in fields if c not in header]
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=merged, restval="")
+                w.writeheader()
+                w.writerows(old)
+            os.replace(tmp, path)
+            fields = merged
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             w.writeheader()
         w.writerows(rows)
@@ -1039,6 +1055,9 @@ def _run(cfg: dict, d: Dist) -> int:
             it = iter(train_loader)
             t_epoch = time.perf_counter()
             data_wait = 0.0
+            from tokenlabel.bench.timing import StepGaps
+
+            gaps = StepGaps(d.device)  # the GPU's view of the data wait: its idle time between steps
             loss_acc = [torch.zeros((), device=d.device), 0]  # running loss sum and its step count
             pending = []  # (step, loss tensor, lr) not yet written to steps.csv
             n_steps = 0
@@ -1048,6 +1067,7 @@ def _run(cfg: dict, d: Dist) -> int:
                 t0 = time.perf_counter()
                 micro = [_to_device(next(it), d.device) for _ in range(cfg["accum_steps"])]
                 data_wait += time.perf_counter() - t0
+                gaps.begin()
                 step_in_epoch = batches_done // cfg["accum_steps"]
                 lr = tr.set_lr(epoch + step_in_epoch / steps_per_epoch)
                 oom = False
@@ -1068,6 +1088,7 @@ def _run(cfg: dict, d: Dist) -> int:
                                      f"per process on {d.device}; {hint} (try it, or use --accum-steps to keep "
                                      f"the global batch)") from None
                 first_step = False
+                gaps.end()
                 batches_done += cfg["accum_steps"]
                 global_step += 1
                 steps_this_run += 1
@@ -1124,6 +1145,7 @@ def _run(cfg: dict, d: Dist) -> int:
                     f"batch {batches_done}/{len(train_loader)}); saved {out / 'last.pt'}. Continue with the same "
                     f"command plus --resume auto.")
                 return 0
+            gap_ms, span_ms = gaps.result()
             train_time = time.perf_counter() - t_epoch
             fold_loss(loss_acc)
             mean_loss = tr.epoch_loss_sum / max(tr.epoch_steps, 1)
@@ -1141,12 +1163,14 @@ def _run(cfg: dict, d: Dist) -> int:
                    "top5": f"{top5:.3f}", "ema_top1": f"{ema1:.3f}", "ema_top5": f"{ema5:.3f}",
                    "epoch_time_s": f"{epoch_time:.2f}",
                    "images_per_s": f"{n_steps * global_batch / max(train_time, 1e-9):.1f}",
-                   "data_wait_frac": f"{data_wait / max(train_time, 1e-9):.4f}"}
+                   "data_wait_frac": f"{data_wait / max(train_time, 1e-9):.4f}",
+                   "gpu_data_wait_frac": f"{gap_ms / max(span_ms, 1e-9):.4f}"}
             if d.main:
                 _append_csv(out / "summary.csv", SUMMARY_FIELDS, [row])
             log(f"[train] epoch {epoch + 1}/{cfg['epochs']}: loss {mean_loss:.4f} top1 {top1:.2f} top5 {top5:.2f}"
                 + (f" ema top1 {ema1:.2f} top5 {ema5:.2f}" if tr.ema is not None else "")
-                + f" ({epoch_time:.1f}s, {row['images_per_s']} img/s, data wait {float(row['data_wait_frac']):.1%})")
+                + f" ({epoch_time:.1f}s, {row['images_per_s']} img/s, data wait {float(row['data_wait_frac']):.1%}, "
+                   f"GPU idle between steps {float(row['gpu_data_wait_frac']):.1%})")
             save_last(epoch + 1, 0, True)
             if is_best and d.main:
                 tmp = out / f".best.pt.tmp-{os.getpid()}"  # same atomic pattern as last.pt
