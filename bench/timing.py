@@ -81,25 +81,22 @@ class StepGaps:
         self._spans = []
         self._open = None
 
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
     def begin(self) -> None:
         if self._open is not None:
             raise RuntimeError("StepGaps.begin() called twice without end()")
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-        else:
-            e = time.perf_counter()
-        self._open = e
+        self._open = self._mark()
 
     def end(self) -> None:
         if self._open is None:
             raise RuntimeError("StepGaps.end() called without begin()")
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-        else:
-            e = time.perf_counter()
-        self._spans.append((self._open, e))
+        self._spans.append((self._open, self._mark()))
         self._open = None
 
     def __len__(self) -> int:
