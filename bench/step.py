@@ -138,7 +138,7 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
                     flops=gflop * 1e9 * B if gflop else None, mfu=bool(gflop),
                     notes="; ".join(notes) + (f"; {gflop} GFLOP/image (training)" if gflop else ""))
     if loader is not None:
-        _attach_loader(prep, step, loader, case.device)
+        _attach_loader(prep, step, loader, case.device, whole_epochs=not case.quick)
     return prep
 
 
@@ -250,7 +250,7 @@ def loader_fed(case: Case) -> Prepared:
     return _lvvit_prepare(case, "auto", cuda, loader=loader, compile_mode="reduce-overhead" if cuda else None)
 
 
-def _attach_loader(prep: Prepared, step, loader, device) -> None:
+def _attach_loader(prep: Prepared, step, loader, device, whole_epochs: bool) -> None:
     """Time the step fed by ``loader``: wall time per step; the share of it the GPU's stream sat idle
     between steps (``data_wait_gpu``, see ``timing.StepGaps``); and the share the host spent blocked in
     next() (``data_wait``, which also counts GPU time of the previous step when the step is asynchronous)."""
@@ -266,7 +266,12 @@ def _attach_loader(prep: Prepared, step, loader, device) -> None:
     it = batches()
 
     def timer(fn, warmup, reps):
-        for _ in range(max(1, warmup)):
+        # a training run is mostly later epochs: the untimed steps cover the loader's first epoch (files
+        # seen for the first time are probed and read then), and the timed ones at least one epoch
+        n_epoch = len(loader) if whole_epochs else 1
+        warmup, reps = max(1, warmup, n_epoch), max(reps, n_epoch)
+        stats["warmup"] = warmup
+        for _ in range(warmup):
             step(next(it))
         sync(device)
         gaps = StepGaps(device)
@@ -297,9 +302,11 @@ def _attach_loader(prep: Prepared, step, loader, device) -> None:
                    "steps' span; data_wait = host time blocked in next(loader) / wall time)")
     prep.extra_rows = lambda: [
         ("train_step", "data_wait_gpu", stats["gpu_wait"], None, None, "%",
-         f"share of the steps' GPU span the step stream sat idle waiting for the next batch, over {stats['n']} steps"),
+         f"share of the steps' GPU span the step stream sat idle waiting for the next batch, over {stats['n']} steps "
+         f"after {stats['warmup']} untimed ones"),
         ("train_step", "data_wait", stats["wait"], None, None, "%",
-         f"share of wall time the host was blocked in next(loader) over {stats['n']} steps")]
+         f"share of wall time the host was blocked in next(loader) over {stats['n']} steps after {stats['warmup']} "
+         "untimed ones")]
 
 
 def yardsticks(device, quick: bool, context: dict) -> list[dict]:
