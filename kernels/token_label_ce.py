@@ -578,7 +578,7 @@ def _token_rows_kernel(
     TBC: tl.constexpr,  # tap entries per cls-pooling program
     GT: tl.constexpr,  # ground-truth blend of the cls targets
     MIX_FROM_PTR: tl.constexpr,  # lambda from the MixToken box on the device
-    BLOCK_CLS: tl.constexpr,  # columns per block of a cls row
+    BLOCK_LOOP: tl.constexpr,  # columns per block where rows are walked in a loop (cls pair, general token rows)
     VEC_CLS: tl.constexpr,  # as VEC, for the cls logits' dtype
     VEC_Z: tl.constexpr,  # as VEC, for fp32 (the pooled rows)
 ):
@@ -613,7 +613,7 @@ def _token_rows_kernel(
         done = tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel")
         if done == tl.where(b == bp, CLS_CHUNKS, 2 * CLS_CHUNKS) - 1:
             _cls_pair(pair, xc_ptr, gc_ptr, zc_ptr, loss_ptr, gt_ptr, mix_ptr, n_cls, N, C, smoothing, lam_arg,
-                      cls_scale, GT, MIX_FROM_PTR, BLOCK_CLS, VEC_CLS, VEC_Z, FAST)
+                      cls_scale, GT, MIX_FROM_PTR, BLOCK_LOOP, VEC_CLS, VEC_Z, FAST)
     else:
         # ---- one token row: sample b, output cell (p, q)
         row = pid - n_pool
@@ -639,7 +639,7 @@ def _token_rows_kernel(
                               val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_C, SINGLE, TS, FAST)
         else:
             _token_row_general(x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b,
-                               idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_C, TB, FAST)
+                               idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_LOOP, TB, FAST)
 
 
 @triton.jit
@@ -674,13 +674,21 @@ _TB = None  # tap entries per block of the general path; None = _tap_block(K, S,
 _TS = None  # None = _sorted_block(K, S, L)
 _TS1 = None  # None = _small_sorted_block(K)
 _NUM_WARPS = None  # None = 1 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps it)
-# Register cap of the one-warp token-row kernel: 64 registers let 32 one-warp programs share an SM (the
-# resident-block limit) without spills (72 uncapped: 28). 0 = no cap (the sweep compares both).
+# Register cap of the kernel (maxnreg): 64 registers let 32 one-warp programs share an SM (the resident-block
+# limit) without spills (72 uncapped: 28). 0 = no cap (the sweep compares both). See _reg_cap for more warps.
 _MAXNREG = 64
 
 
-def _reg_cap(num_warps):
-    return {"maxnreg": _MAXNREG} if (_MAXNREG and num_warps == 1) else {}
+def _reg_cap(num_warps, block_c, single):
+    """maxnreg of the launch. One warp, or a row walked in blocks: _MAXNREG. More warps with the whole row
+    kept in registers (single): 48 + 2 per column per thread (64 / 80 / 112 at 8 warps for 2,048 / 4,096 /
+    8,192 columns: the counts the token rows take uncapped). Without a cap the rare paths (the cls pair, the
+    general rows) would set the whole kernel's count (107-183 at 8 warps) and cut its occupancy."""
+    if not _MAXNREG:
+        return {}
+    if num_warps == 1 or not single:
+        return {"maxnreg": _MAXNREG}
+    return {"maxnreg": max(_MAXNREG, 48 + 2 * block_c // (32 * num_warps))}
 
 
 def _tap_block(K, S, L, num_warps):
@@ -760,9 +768,10 @@ class _Workspace:
         self.ts1 = _small_sorted_block(K)
         self.tbc = 128
         self.cls_chunks = triton.cdiv(S * S * K, self.tbc)
-        # cls-pair blocks of 8 columns per thread (x 4 rows: both pooled rows, both logits rows): the one-warp
-        # program stays under its register cap without spills (checked in SASS for bf16, fp16, fp32)
-        self.block_cls = min(triton.next_power_of_2(C), 256 * self.num_warps)
+        # rows walked in a loop (the cls pair: 4 rows at once; the general token rows) take blocks of 2 x VEC_Z
+        # columns per thread (8 when rows are 16-byte aligned: vector loads; 2 when every column needs its own
+        # address), so these rare paths fit the token rows' register cap without spills (checked in SASS)
+        self.block_loop = min(triton.next_power_of_2(C), 2 * _row_vec(C, 4) * 32 * self.num_warps)
 
 
 _workspace = _Workspace
@@ -806,9 +815,9 @@ def launch_token_rows(x, grad, w, b_offset, rows, N, C, smoothing, scale, origin
         x, grad, w.loss, w.zc, w.tickets, w.values, w.indices, w.boxes, w.flips, *cls_args, n_cls, b_offset, C,
         float(smoothing), float(scale), *cls_vals, N=N, L=L, S=S, K=K, VEC=_row_vec(C, x.element_size()),
         ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TS1=min(w.ts1, w.ts), TS=w.ts, TB=w.tb,
-        FAST=not _INTERPRET, CLS_CHUNKS=w.cls_chunks, TBC=w.tbc, BLOCK_CLS=w.block_cls, VEC_CLS=vec_cls,
+        FAST=not _INTERPRET, CLS_CHUNKS=w.cls_chunks, TBC=w.tbc, BLOCK_LOOP=w.block_loop, VEC_CLS=vec_cls,
         VEC_Z=_row_vec(C, 4), num_warps=w.num_warps,
-        **cls_kw, **_reg_cap(w.num_warps))
+        **cls_kw, **_reg_cap(w.num_warps, w.block_c, w.single))
 
 
 def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
