@@ -209,8 +209,11 @@ def test_mix_box_as_tensor_and_int32_indices(gen, device):
     assert max(_errors(got, ref)) < 1e-5
 
 
-def test_grad_output_scaling(gen, device):
-    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+@pytest.mark.parametrize("C", [10, 16])
+def test_grad_output_scaling(C, gen, device):
+    """grad_output != 1 scales both gradients in backward (C 16: sizes that are multiples of 16 take the
+    scale kernel's large-block grid, C 10 the small-block one)."""
+    d = make_inputs(2, 4, C, 12, 3, torch.float32, device, generator=gen)
     cls = d["cls"].detach().requires_grad_()
     aux = d["aux"].detach().requires_grad_()
     (-2.5 * _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"])).backward()
