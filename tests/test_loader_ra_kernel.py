@@ -128,9 +128,12 @@ def test_kernel_matches_apply_torch_every_op(gen, H, W, interp):
     want = _reference_uint8(x, meta)
     assert got.dtype == torch.float32 and got.shape == (B, 3, H, W) and got.is_contiguous()
     _check(got, want, np.nonzero(np.isin(ops, ra.GEOMETRIC).any(1))[0])
-    # the ops really ran: a fired non-identity op changes its sample
-    changed = (got != x.float()).flatten(1).any(1) | torch.from_numpy(meta["flips"])
-    assert changed[torch.from_numpy((ops >= 0).any(1))].float().mean() > 0.8
+    # the ops really ran: most samples where an op fired differ from their (flipped) input. Some
+    # legitimately do not (AutoContrast of an image already spanning 0..255, Invert twice,
+    # Posterize 8 bits, ...): about 0.2 of ~16 samples per batch; more than half would be ~1e-10.
+    flips = torch.from_numpy(meta["flips"]).view(-1, 1, 1, 1)
+    changed = (got != torch.where(flips, x.flip(-1), x).float()).flatten(1).any(1)
+    assert changed[torch.from_numpy((ops >= 0).any(1))].float().mean() > 0.5
 
 
 def test_kernel_idle_and_three_layers(gen):
@@ -198,10 +201,17 @@ def test_erasing_noise_is_standard_normal(gen):
     seed = int(rng.integers(0, 2**31 - 1))
     z = rk.finish_images(x, torch.from_numpy(tab), plan, seed=seed).double()
     n = z.numel()  # 12288 values
-    assert abs(float(z.mean())) < 4 / n**0.5 and abs(float(z.std()) - 1) < 0.04
-    assert abs(float((z.abs() < 1).double().mean()) - 0.6827) < 0.03
-    c = np.corrcoef(z[:, 0].flatten().numpy(), z[:, 1].flatten().numpy())[0, 1]
-    assert abs(c) < 0.05  # channels (and samples) draw different counters
+    # Every bound is 6 standard errors of its statistic for n independent N(0, 1) draws (a false
+    # alarm about 2e-9 per check), far below the shift a biased or repeated counter gives.
+    assert abs(float(z.mean())) < 6 / n**0.5
+    assert abs(float(z.std()) - 1) < 6 / (2 * n) ** 0.5
+    p1 = 0.6827  # P(|z| < 1)
+    assert abs(float((z.abs() < 1).double().mean()) - p1) < 6 * (p1 * (1 - p1) / n) ** 0.5
+    # channels, and samples, draw different counters: each value against the next channel's value at the
+    # same pixel (all three channel pairs at once: n pairs), and against the next sample's
+    for other_axis in (z.roll(1, dims=1), z.roll(1, dims=0)):
+        c = np.corrcoef(z.flatten().numpy(), other_axis.flatten().numpy())[0, 1]
+        assert abs(c) < 6 / n**0.5, c
     other = rk.finish_images(x, torch.from_numpy(tab), plan, seed=seed ^ 1).double()
     assert float((other - z).abs().mean()) > 0.5
 
