@@ -14,8 +14,10 @@ def device():
 
 @pytest.fixture
 def gen():
-    """A fresh generator per test: every run draws new random inputs; the seed is printed on failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A fresh generator per test: every run draws new random inputs; the seed is printed on failure,
+    and ``TOKENLABEL_TEST_SEED=<seed> pytest <test id>`` replays that draw."""
+    pinned = os.environ.get("TOKENLABEL_TEST_SEED")
+    seed = int(pinned) if pinned else int.from_bytes(os.urandom(4), "little")
     g = torch.Generator().manual_seed(seed)
     print(f"random seed {seed}")
     return g

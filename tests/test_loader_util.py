@@ -66,7 +66,8 @@ def dali_or_skip():
 
 
 @pytest.fixture
-def folder(tmp_path):
-    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+def folder(tmp_path, gen):
+    """A fresh random folder per test, drawn from ``gen`` so that the printed seed reproduces it."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     rel = make_folder(str(tmp_path / "train"), rng)
     return str(tmp_path / "train"), rel

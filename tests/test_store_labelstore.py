@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -79,14 +80,16 @@ def test_int32_indices_above_int16(tmp_path, rng):
 
 
 def _rchar():
-    with open("/proc/self/io") as f:
+    # this thread's count: reads by other threads of the process (a producer thread or DALI's workers
+    # left by an earlier test) would otherwise be counted as the store's
+    with open(f"/proc/self/task/{threading.get_native_id()}/io") as f:
         for line in f:
             if line.startswith("rchar:"):
                 return int(line.split()[1])
     raise RuntimeError("no rchar")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc/self/task/<tid>/io")
 def test_open_does_not_read_the_maps(tmp_path, rng):
     # 20,000 rows of [5, 64, 64]: each array is ~0.8 GB but sparse on disk (created, never written).
     n, k, s = 20000, 5, 64
