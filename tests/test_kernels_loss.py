@@ -97,9 +97,12 @@ def test_boxes_beyond_the_image_take_the_general_path(gen, device, monkeypatch):
     monkeypatch.setattr(tlce, "_workspace", Spy)
     d = make_inputs(3, 16, 10, 12, 5, torch.float32, device, generator=gen)
     u = torch.rand(3, 4, generator=gen, device=device)
-    # one ordinary crop, one box 1.3-1.9x the image (every cell larger), one tall box starting above it
+    # one ordinary crop, one box 2.2-2.8x the image (cells of 6.6-8.4 map pixels: the cells inside the image
+    # have >= 7 x 7 x k taps, always above the 128-entry block; 1.3-1.9x gave none for some seeds), one tall
+    # box starting above it
     d["boxes"] = torch.stack([torch.stack([0.1 * u[0, 0], 0.1 * u[0, 1], 0.5 + 0.4 * u[0, 2], 0.5 + 0.4 * u[0, 3]]),
-                              torch.stack([-0.3 * u[1, 0], -0.3 * u[1, 1], 1.3 + 0.6 * u[1, 2], 1.3 + 0.6 * u[1, 3]]),
+                              torch.stack([-0.6 - 0.3 * u[1, 0], -0.6 - 0.3 * u[1, 1], 2.2 + 0.6 * u[1, 2],
+                                           2.2 + 0.6 * u[1, 3]]),
                               torch.stack([-0.5 * u[2, 0], 0.2 * u[2, 1], 1.5 + 0.5 * u[2, 2], 0.3 + 0.2 * u[2, 3]])])
     _compare(d, torch.float32, _kw(d, True, 0.1, True, "hw"))
     handed = int(seen[-1].counts.sum())
