@@ -85,9 +85,6 @@ def _train_meta(key, epoch, ids, heights, widths):
     return meta, packed
 
 
-_HIGH_PRIORITY = -5  # lower is higher; CUDA clamps a stream priority to the device's range
-
-
 def _encode_path(path) -> np.ndarray:
     return np.frombuffer(os.fsencode(path), dtype=np.uint8)
 
@@ -181,14 +178,12 @@ class DaliBackend:
         dec = "mixed" if self.gpu else "cpu"
         feeder = self.feeder = _Feeder()
 
-        # DALI's kernels (decode, resize) and the copy out run on high-priority streams: the training
-        # step fills the GPU, and at equal priority every small DALI kernel waits behind the step's
-        # queued kernels, so the loader starves the step it feeds
-        prio = {"default_cuda_stream_priority": _HIGH_PRIORITY} if self.gpu else {}
+        # DALI 2.4 has no stream priority of its own (`default_cuda_stream_priority` is deprecated there
+        # and ignored, with a warning); only the copy out of DALI's buffers runs on a high-priority stream
 
         @self.pipeline_def(batch_size=self.sampler.batch_size, num_threads=self.num_threads,
                            device_id=self.device.index if self.gpu else None,
-                           prefetch_queue_depth=self.prefetch, exec_dynamic=True, **prio)
+                           prefetch_queue_depth=self.prefetch, exec_dynamic=True)
         def pipe():
             if train:
                 paths, anchor, shape, interp, ids = fn.external_source(source=feeder, num_outputs=5, batch=True)
