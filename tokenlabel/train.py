@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokenlabel.bench.timing import StepGaps
+
 # ----------------------------------------------------------------------------------------- config
 
 # Every option with its default. The CLI parser uses default=None for all of them so that the
@@ -1055,8 +1057,6 @@ def _run(cfg: dict, d: Dist) -> int:
             it = iter(train_loader)
             t_epoch = time.perf_counter()
             data_wait = 0.0
-            from tokenlabel.bench.timing import StepGaps
-
             gaps = StepGaps(d.device)  # the GPU's view of the data wait: its idle time between steps
             loss_acc = [torch.zeros((), device=d.device), 0]  # running loss sum and its step count
             pending = []  # (step, loss tensor, lr) not yet written to steps.csv
