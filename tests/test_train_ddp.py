@@ -78,6 +78,7 @@ def _ddp_worker(rank, port, seed, q):
         # was seen to abort at exit (SIGABRT, "terminate called without an active exception")
         torch.distributed.barrier()
     finally:
+        tr = None  # the DDP model goes before its process group (freed after it, gloo can hang)
         torch.distributed.destroy_process_group()
 
 
