@@ -270,7 +270,9 @@ def test_ddp_single_process_gloo(gen, tmp_path):
         assert all(p.grad is not None for p in m.parameters())
     finally:
         # the DDP wrapper (and the outputs' graph) must go before its process group: freed after
-        # destroy_process_group, at the function's return, it hung in gloo for good (2 of 7 pytest runs)
+        # destroy_process_group, its Reducer drops the last reference to the group, whose destructor
+        # joins gloo's worker thread while holding the GIL, and that thread needs the GIL to free its
+        # last work item: a deadlock (2 of 7 pytest runs hung here for good)
         m = cls = aux = None
         dist.destroy_process_group()
 
