@@ -912,23 +912,24 @@ SUMMARY_FIELDS = ["epoch", "train_loss", "lr", "top1", "top5", "ema_top1", "ema_
 
 
 def _append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """Append rows; a file written by an older version with fewer columns is first rewritten (atomically)
-    with the new header, its rows kept and the new columns left empty."""
+    """Append rows under the file's own header. A file written by an older version that lacks some of
+    ``fields`` is first rewritten (atomically) with those columns added, its rows kept, the new cells empty."""
     if path.exists():
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            old = list(reader) if header and header != fields else None
+            header = list(reader.fieldnames or [])
+            missing = [c for c in fields if c not in header]
+            old = list(reader) if header and missing else None
         if old is not None:
-            merged = list(header) + [c for c in fields if c not in header]
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=merged, restval="")
+                w = csv.DictWriter(f, fieldnames=header + missing, restval="")
                 w.writeheader()
                 w.writerows(old)
             os.replace(tmp, path)
-            fields = merged
-    new = not path.exists()
+        if header:
+            fields = header + missing
+    new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
