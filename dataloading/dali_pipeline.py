@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import io
 import os
 import queue
@@ -70,6 +71,13 @@ def dali_available() -> bool:
 
 
 _FORKED = {}  # backend key -> SampleSource, inherited by the forked worker processes
+
+
+def _worker_init():
+    """In a forked worker process, first thing: move every object inherited from the parent to the
+    permanent generation, so the child's collector never finalises the parent's objects (DALI pipelines,
+    CUDA tensors: their destructors call CUDA, which a forked child cannot use)."""
+    gc.freeze()
 
 
 def _train_meta(key, epoch, ids, heights, widths):
@@ -297,7 +305,14 @@ class DaliBackend:
                 # (dataset, label store, RNG spec) reaches them through the fork, not through pickling.
                 key = id(self)
                 _FORKED[key] = self.source
-                pool = ProcessPoolExecutor(self.worker_processes, mp_context=multiprocessing.get_context("fork"))
+                # Garbage that still holds CUDA (e.g. a dropped loader's DALI pipeline in a reference
+                # cycle) must not be finalised in a child: CUDA does not work after fork, DALI's
+                # destructor throws and the child aborts, breaking the pool (seen on the H100 box when a
+                # second loader forked its workers). So collect it here, where CUDA works, and have the
+                # children freeze everything they inherit (_worker_init).
+                gc.collect()
+                pool = ProcessPoolExecutor(self.worker_processes, mp_context=multiprocessing.get_context("fork"),
+                                           initializer=_worker_init)
                 try:
                     with warnings.catch_warnings():  # "multi-threaded process, fork() may deadlock": see above
                         warnings.simplefilter("ignore", DeprecationWarning)

@@ -469,3 +469,40 @@ def test_dali_decoder_failure_recovers(folder, monkeypatch):
     assert "c0/zz_bad.jpg" not in seen and len(seen) == len(names)
     again = _epoch(loader, 1)  # the loader stays usable
     assert sum(b["images"].shape[0] for b in again) == len(names)
+
+
+class _DiesInAChild:
+    """Stands for garbage that holds CUDA (a dropped DALI pipeline): finalised in a forked child, it kills
+    the child, as DALI's destructor does there (CUDA_ERROR_NOT_INITIALIZED, std::terminate)."""
+
+    def __init__(self):
+        self.parent = os.getpid()
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+    def __del__(self):
+        if os.getpid() != self.parent:
+            os._exit(17)
+
+
+def test_dali_worker_processes_survive_inherited_garbage(folder):
+    """Garbage the parent had not collected when the workers forked is never finalised in a worker: the
+    collector runs in the child and the pool stays usable (it used to break the second loader's pool)."""
+    import gc
+
+    dali_or_skip()
+    root, _ = folder
+    loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False)
+    be = loader.backend
+    be.worker_processes = 2
+    was = gc.isenabled()
+    gc.disable()  # keep the cycle as uncollected garbage until the fork
+    try:
+        _DiesInAChild()
+        pool = be._process_pool()
+    finally:
+        if was:
+            gc.enable()
+    # a full collection inside each worker (more tasks than workers: every child gets at least one)
+    assert all(f.result() >= 0 for f in [pool.submit(gc.collect) for _ in range(8)])
+    assert pool.submit(os.getpid).result() != os.getpid()
+    loader.close()
