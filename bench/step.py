@@ -230,6 +230,21 @@ def timm_vit_s_compile(case: Case) -> Prepared:
 def loader_fed(case: Case) -> Prepared:
     """LV-ViT-S (attn auto, compiled with CUDA graphs on CUDA) fed by the real DALI loader: images/s and
     data-wait share."""
+    return _loader_fed(case)
+
+
+@register("step", "loader_fed_hw")
+def loader_fed_hw(case: Case) -> Prepared:
+    """loader_fed with the DALI loader on nvJPEG's hardware decoder (90%, 8 threads: the loader bench's
+    dali_hw), the configuration fastest alone."""
+    if case.device.type != "cuda":
+        raise Skip("the hardware JPEG decoder needs CUDA")
+    from .loader import HW_DECODER
+
+    return _loader_fed(case, **HW_DECODER)
+
+
+def _loader_fed(case: Case, **loader_kw) -> Prepared:
     data = case.options.get("data")
     if data is None:
         raise Skip("needs --data (a folder or .tar of JPEGs) to feed the step from the real loader")
@@ -245,7 +260,7 @@ def loader_fed(case: Case) -> Prepared:
     case = replace(case, params={**case.params, "C": LabelStore.open(store).num_classes})  # the model fits the store
     p = case.params
     loader = make_loader("dali" if case.device.type == "cuda" else "torch", root, store, p["B"], p["img"],
-                         case.device)
+                         case.device, **loader_kw)
     cuda = case.device.type == "cuda"
     return _lvvit_prepare(case, "auto", cuda, loader=loader, compile_mode="reduce-overhead" if cuda else None)
 

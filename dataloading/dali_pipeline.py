@@ -135,24 +135,31 @@ class DaliBackend:
     """Yields (uint8 images [B,3,S,S] on the device, numpy metadata) per batch."""
     applies_augment = False
 
-    def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=2, worker_processes=None):
+    def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=2, worker_processes=None,
+                 hw_decoder_load=0.0):
         fn, types, pipeline_def = import_dali()
         self.fn, self.types, self.pipeline_def = fn, types, pipeline_def
         self.source, self.sampler = source, sampler
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         cpus = os.cpu_count() or 2
-        # 8 host threads for the mixed decoder: on the H100 machine (16 cores) 16 threads measured
-        # 2,086 img/s against 2,919 with 8 (bench/results/loader.csv, 2026-11-24), as DALI's own
-        # 8-vs-16 thread figures also favour 8 there.
-        self.num_threads = num_threads or (min(8, cpus) if self.gpu else min(4, cpus))
+        # The JPEG decoder: nvJPEG's hybrid path (Huffman on the CPU in DALI's threads, IDCT and colour on the
+        # GPU) for all images by default (hw_decoder_load 0.0), with 12 threads. The hardware decoder is the
+        # fastest alone (H100 box, 4,096 ImageNet JPEGs, B 128: 14-18k img/s at load 0.9 and 8 threads
+        # against 5.5-6.8k for the hybrid path), but beside an LV-ViT-S training step it sustained only
+        # ~4,000 img/s: every image's colour-conversion kernel and event sync queue behind the step's
+        # kernels. The step's GPU sat idle 11-13% between steps waiting for the batch (0.65: 8-9%,
+        # 0.3: ~5%, 0.0: 1.8-3.0% over 5 runs), dataloading/NOTES.md "2026-11-25".
+        if not isinstance(hw_decoder_load, (int, float)) or isinstance(hw_decoder_load, bool) or \
+                not 0.0 <= float(hw_decoder_load) <= 1.0:
+            raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
+        self.num_threads = num_threads or (min(12, cpus) if self.gpu else min(4, cpus))
         self.io_workers = io_workers or min(16, max(2, cpus))
         self.prefetch = prefetch
         # knobs of the DALI graph (read when the pipeline is built): the share of JPEGs the hardware
-        # decoder takes (DALI's default 0.65), and whether fn.io.file.read maps files instead of
-        # reading them. H100 box, 4,096 ImageNet JPEGs, B 128, 8 threads (2026-11-24 sweep):
-        # backend alone 6,892 img/s with (0.65, mmap), 8,199 with (0.9, read); 12 and 16 threads slower.
-        self.hw_decoder_load = 0.9
+        # decoder takes (above), and whether fn.io.file.read maps files instead of reading them
+        # (plain reads measured faster on the H100 box, 2026-11-24).
+        self.hw_decoder_load = float(hw_decoder_load)
         self.io_mmap = False
         n = len(source.dataset)
         self._size = np.full((n, 2), -1, np.int64)  # header (H, W) cache

@@ -506,3 +506,21 @@ def test_dali_worker_processes_survive_inherited_garbage(folder):
     assert all(f.result() >= 0 for f in [pool.submit(gc.collect) for _ in range(8)])
     assert pool.submit(os.getpid).result() != os.getpid()
     loader.close()
+
+
+def test_hw_decoder_load(folder):
+    """DALI's hardware-decoder share: 0.0 by default (the hybrid path, which keeps a training step fed),
+    a number in [0, 1] reaches the pipeline; anything else, or the knob on the PIL backend, is a ValueError
+    that names it."""
+    dali_or_skip()
+    root, _ = folder
+    assert _build(root, "dali", batch_size=4, image_size=16).backend.hw_decoder_load == 0.0
+    loader = _build(root, "dali", batch_size=4, image_size=16, hw_decoder_load=0.9, dali_threads=3)
+    assert (loader.backend.hw_decoder_load, loader.backend.num_threads) == (0.9, 3)
+    assert sum(b["images"].shape[0] for b in _epoch(loader, 0)) > 0  # the graph takes the knob
+    loader.close()
+    for bad in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="hw_decoder_load"):
+            _build(root, "dali", batch_size=4, image_size=16, hw_decoder_load=bad)
+    with pytest.raises(ValueError, match="hw_decoder_load.*dali"):
+        _build(root, "torch", batch_size=4, image_size=16, hw_decoder_load=0.5)

@@ -269,3 +269,13 @@ def test_teacher_annotate_student_pipeline(tmp_path, data):
     assert main(tiny_args(data, out, "--labels", store, "--batch-size", 16, "--max-steps", 1)) == 0
     steps = read_csv(out / "steps.csv")
     assert len(steps) == 1 and math.isfinite(float(steps[0]["loss"]))
+
+
+def test_hw_decoder_load_flag(tmp_path, data):
+    """--hw-decoder-load belongs to the DALI loader: on the PIL loader it is refused before anything runs,
+    and a value outside [0, 1] names the option (the loader's ValueError)."""
+    _fails(tiny_args(data, tmp_path / "o1", "--loader", "torch", "--hw-decoder-load", 0.5),
+           "--hw-decoder-load applies to the DALI loader only")
+    assert not (tmp_path / "o1" / "last.pt").exists()
+    pytest.importorskip("nvidia.dali")
+    _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--hw-decoder-load", 1.5), "hw_decoder_load")

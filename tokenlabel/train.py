@@ -77,6 +77,7 @@ DEFAULTS: dict = {
     "amp": None,                # bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler
     "loader": None,             # dali when importable and on CUDA, else torch
     "workers": None,
+    "hw_decoder_load": None,    # DALI: share of JPEGs on nvJPEG's hardware decoder (None: the loader's 0.0)
     "randaugment": "rand-m9-mstd0.5-inc1",
     "random_erasing": 0.25,
     "crop_pct": None,
@@ -149,6 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", help="label-map store for token labeling (omit: class labels only, the baseline)")
     g.add_argument("--loader", choices=["dali", "torch"], help="default: dali if importable and on CUDA, else torch")
     g.add_argument("--workers", type=int, help="loader worker processes/threads per process")
+    g.add_argument("--hw-decoder-load", type=float,
+                   help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1] (default 0: the hybrid "
+                        "path, which kept an LV-ViT-S step fed on an H100; see dataloading/NOTES.md)")
     g.add_argument("--img-size", type=int)
     g.add_argument("--token-label-size", type=int, help="token grid L of the targets (default img-size/16)")
     g.add_argument("--randaugment", help="RandAugment spec, or 'none'")
@@ -410,6 +414,10 @@ def build_loaders(cfg: dict, d: Dist):
     common = dict(backend=cfg["loader"], device=d.device.type, shard_id=d.rank, num_shards=d.world, seed=cfg["seed"])
     if cfg["workers"] is not None:
         common["num_workers"] = cfg["workers"]
+    if cfg["hw_decoder_load"] is not None:
+        if cfg["loader"] != "dali":
+            raise SystemExit(f"--hw-decoder-load applies to the DALI loader only (the loader is {cfg['loader']})")
+        common["hw_decoder_load"] = cfg["hw_decoder_load"]
     if cfg["labels"]:
         _check_store(cfg)
     try:
