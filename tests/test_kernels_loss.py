@@ -82,37 +82,105 @@ def test_full_box_and_flip(gen, device):
     _compare(d, torch.float32, _kw(d, True, 0.1, True, "original"))
 
 
-def test_boxes_beyond_the_image_take_the_general_path(gen, device, monkeypatch):
-    """Cells of a box larger than the image touch more map pixels than the sorted one-block path holds:
-    kernel 1 hands those rows to the general kernel (on the device); both halves match the reference."""
-    import tokenlabel.kernels.token_label_ce as tlce
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the Triton kernels launched (kernel[grid](...)), in order, while the fixture is active."""
+    from triton.runtime.jit import KernelInterface
 
     seen = []
+    real = KernelInterface.__getitem__
 
-    class Spy(tlce._Workspace):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            seen.append(self)
+    def spy(self, grid):
+        seen.append(getattr(self, "__name__", None) or self.fn.__name__)
+        return real(self, grid)
 
-    monkeypatch.setattr(tlce, "_workspace", Spy)
+    monkeypatch.setattr(KernelInterface, "__getitem__", spy)
+    return seen
+
+
+def _beyond_boxes(gen, device):
+    """One ordinary crop, one box 2.2-2.8x the image (cells of 6.6-8.4 map pixels: the cells inside the image
+    have >= 7 x 7 x k taps, always above the 128-entry block; 1.3-1.9x gave none for some seeds), one tall box
+    starting above it."""
+    u = torch.rand(3, 4, generator=gen).to(device)
+    return torch.stack([torch.stack([0.1 * u[0, 0], 0.1 * u[0, 1], 0.5 + 0.4 * u[0, 2], 0.5 + 0.4 * u[0, 3]]),
+                        torch.stack([-0.6 - 0.3 * u[1, 0], -0.6 - 0.3 * u[1, 1], 2.2 + 0.6 * u[1, 2],
+                                     2.2 + 0.6 * u[1, 3]]),
+                        torch.stack([-0.5 * u[2, 0], 0.2 * u[2, 1], 1.5 + 0.5 * u[2, 2], 0.3 + 0.2 * u[2, 3]])])
+
+
+def _taps_lower_bound(d, L):
+    """Per cell, a lower bound of its tap entries: map rows x columns with a non-zero RoIAlign weight, x k
+    (the kernel's tap rectangle spans at least these pixels)."""
+    from tokenlabel.kernels.reference import _axis_weights, box_axes
+
+    S, k = d["values"].shape[-1], d["values"].shape[1]
+    rs, rn, cs, cn = box_axes(d["boxes"].cpu(), d["flips"].cpu())
+    rows = (_axis_weights(rs, rn, S, L) > 0).sum(-1)  # [B, L]
+    cols = (_axis_weights(cs, cn, S, L) > 0).sum(-1)
+    return rows[:, :, None] * cols[:, None, :] * k
+
+
+def test_boxes_beyond_the_image_inline(gen, device, launches):
+    """Cells of a box larger than the image touch more map pixels than the sorted one-block path holds: the
+    token program handles them itself with the general (pairwise) dedupe (no second launch); all rows match
+    the reference."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
     d = make_inputs(3, 16, 10, 12, 5, torch.float32, device, generator=gen)
-    u = torch.rand(3, 4, generator=gen, device=device)
-    # one ordinary crop, one box 2.2-2.8x the image (cells of 6.6-8.4 map pixels: the cells inside the image
-    # have >= 7 x 7 x k taps, always above the 128-entry block; 1.3-1.9x gave none for some seeds), one tall
-    # box starting above it
-    d["boxes"] = torch.stack([torch.stack([0.1 * u[0, 0], 0.1 * u[0, 1], 0.5 + 0.4 * u[0, 2], 0.5 + 0.4 * u[0, 3]]),
-                              torch.stack([-0.6 - 0.3 * u[1, 0], -0.6 - 0.3 * u[1, 1], 2.2 + 0.6 * u[1, 2],
-                                           2.2 + 0.6 * u[1, 3]]),
-                              torch.stack([-0.5 * u[2, 0], 0.2 * u[2, 1], 1.5 + 0.5 * u[2, 2], 0.3 + 0.2 * u[2, 3]])])
+    d["boxes"] = _beyond_boxes(gen, device)
+    ts = tlce._sorted_block(5, 12, 4)
+    taps = _taps_lower_bound(d, 4)
+    assert (taps > ts).any() and (taps[0] <= ts).all(), f"TS {ts}, taps per cell {taps.tolist()}"
     _compare(d, torch.float32, _kw(d, True, 0.1, True, "hw"))
-    handed = int(seen[-1].counts.sum())
-    assert 0 < handed < 3 * 16, f"{handed} of 48 rows went to the general kernel"
+    assert launches == ["_token_rows_kernel", "_scale2_kernel"], launches  # the references launch nothing
+
+
+def test_forward_is_one_fill_and_one_launch(gen, device, launches):
+    """The forward is the workspace fill plus one kernel launch (MixToken and the ground-truth blend on);
+    the backward is one scale launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if any(w in name for w in ("zeros", "zero_", "fill", "full", "ones")):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    d = make_inputs(3, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    cls = d["cls"].detach().requires_grad_()
+    aux = d["aux"].detach().requires_grad_()
+    with Fills() as fills:
+        loss = _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"], gt_classes=d["gt"], ground_truth=True,
+                    validate=False)
+    assert launches == ["_token_rows_kernel"], launches
+    assert fills.ops == ["aten.zeros.default"], fills.ops
+    loss.backward()
+    assert launches == ["_token_rows_kernel", "_scale2_kernel"], launches
+    ref = _run(token_label_cross_entropy_reference, d, d["cls"].double(), d["aux"].double(), mix_box=d["mix"],
+               gt_classes=d["gt"], ground_truth=True)
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_fused_linear_one_launch_per_chunk(gen, device, launches):
+    """The chunked fused-linear path: one kernel launch per chunk (the first also does the cls rows)."""
+    d = make_inputs(3, 9, 10, 12, 3, torch.float32, device, generator=gen)
+    feats = torch.randn(3, 9, 6, generator=gen).to(device)
+    W = torch.randn(10, 6, generator=gen).to(device)
+    fused_linear_token_label_cross_entropy(d["cls"], feats, W, None, d["values"], d["indices"], d["boxes"],
+                                           d["flips"], mix_box=d["mix"], chunk_samples=2)
+    assert launches == ["_token_rows_kernel"] * 2, launches
 
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_mixtoken_pairs(B, gen, device):
-    """MixToken pairs {b, B-1-b}: odd batches (the middle sample pairs with
-    itself), B = 1, MixToken as a python box and as a device tensor, with
+    """The cls rows are built by the last pooling program of each MixToken pair {b, B-1-b}: odd batches
+    (the middle sample pairs with itself), B = 1, MixToken as a python box and as a device tensor, with
     the ground-truth blend."""
     d = make_inputs(B, 4, 10, 12, 3, torch.float32, device, generator=gen)
     kw = _kw(d, True, 0.1, True, "hw")
@@ -124,8 +192,8 @@ def test_mixtoken_pairs(B, gen, device):
 
 
 def test_cls_pooling_in_many_chunks(gen, device):
-    """S*S*k = 1,024 tap entries per sample: 8 pooling programs per sample (128 entries each) accumulate one
-    pooled row (whole-image and partial crops, odd B, GT on)."""
+    """S*S*k = 1,024 tap entries per sample: 8 pooling programs per sample (128 entries each), all of a pair
+    counted by the ticket before its cls rows are built (whole-image and partial crops, odd B, GT on)."""
     import tokenlabel.kernels.token_label_ce as tlce
 
     d = make_inputs(3, 16, 10, 16, 4, torch.float32, device, generator=gen)
@@ -144,8 +212,11 @@ def test_mix_box_as_tensor_and_int32_indices(gen, device):
     assert max(_errors(got, ref)) < 1e-5
 
 
-def test_grad_output_scaling(gen, device):
-    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+@pytest.mark.parametrize("C", [10, 16])
+def test_grad_output_scaling(C, gen, device):
+    """grad_output != 1 scales both gradients in backward (C 16: sizes that are multiples of 16 take the
+    scale kernel's large-block grid, C 10 the small-block one)."""
+    d = make_inputs(2, 4, C, 12, 3, torch.float32, device, generator=gen)
     cls = d["cls"].detach().requires_grad_()
     aux = d["aux"].detach().requires_grad_()
     (-2.5 * _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"])).backward()
@@ -181,6 +252,12 @@ def test_bad_values_without_validation_give_nan(gen, device):
     idx = d["indices"].clone()
     idx[1, 0] = 10  # everywhere in one slot of sample 1: a bad id is only seen where the crop reads the map
     loss = token_label_cross_entropy(d["cls"], d["aux"], d["values"], idx, d["boxes"], d["flips"], validate=False)
+    assert torch.isnan(loss)
+    # a ground-truth class outside [0, C) in the middle sample of an odd batch (its pair is itself)
+    d3 = make_inputs(3, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    loss = token_label_cross_entropy(d3["cls"], d3["aux"], d3["values"], d3["indices"], d3["boxes"], d3["flips"],
+                                     gt_classes=torch.tensor([1, 2, 10], device=device), ground_truth=True,
+                                     validate=False)
     assert torch.isnan(loss)
     boxes = d["boxes"].clone()
     boxes[0, 2] = -0.5
