@@ -31,8 +31,8 @@ for C <= 1024) per logits row:
     class's total z at the last entry of its run (an entry counts towards U only there); a 2 x 2-pixel
     cell (4k entries) sorts a block of 32 at k 5, larger cells one of 64;
  3. read the row once: max, sum of e^{x - max} (kept in registers), sum(x);
- 4. add the row's scaled loss into the scalar (an atomic add) and write the dense gradient
-    (1 + s/C) * softmax(x) - on/Z - off, scaled;
+ 4. add the row's scaled loss into one of STRIPES partial sums (each in its own 128-byte line) and count
+    it there, then write the dense gradient (1 + s/C) * softmax(x) - on/Z - off, scaled;
  5. after a barrier, overwrite the |U| corrected entries (1 + s/C) * softmax(x)_c - t_c.
 A cell with more taps than the large sorted block (a box beyond the image; rare) is handled by the same
 program with the general algorithm: blocks of TB entries deduped with pairwise equality masks, in two
@@ -42,6 +42,10 @@ one block of TBC tap entries each) into a [B, C] fp32 buffer (atomic adds: dupli
 take a ticket on their MixToken pair {b, B-1-b}; the last pooling program of a pair builds both cls
 targets (softmax, smoothing, ground-truth blend, mixing with the batch-reversed partner) and writes
 their loss and gradient, while the token rows run beside it.
+The loss: every token row and every cls pair is one loss item, added into partial sum (item % STRIPES) and
+counted there (release); the program whose item completes a stripe acquires it and counts the stripe as
+closed, and the one that closes the last stripe sums the STRIPES partials (fixed order) and stores the loss.
+No address takes more than n_items / STRIPES atomics, and the loss scalar is written once.
 
 The gradient is written during the forward, so backward is only a scale by grad_output, which the
 scale kernel reads on the device and skips when it is 1.0 (no host synchronisation anywhere).
@@ -58,6 +62,12 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)  # e^x = 2^(x log2 e)
+
+
+# Loss accumulation (v7): every loss item (a token row, a cls pair) adds into one of STRIPES partial sums, each in
+# its own 128-byte line of the workspace (word 0: the fp32 partial, word 1: the int32 count of items added).
+_STRIPES = 128
+_LINE = tl.constexpr(32)  # int32 words per 128-byte line
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,10 +332,48 @@ def _row_cell(row, b_offset, N, L):
 
 
 @triton.jit
-def _token_row_sorted(x, x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b,
-                      idx_b, flip, ok, C, smoothing, scale, S, K, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-                      TS: tl.constexpr, FAST: tl.constexpr):
-    """Loss (added into the scalar at loss_ptr) and gradient of one token row whose cell has at most TS tap
+def _loss_add(value, item, part_ptr, cnt_ptr, n_items, STRIPES: tl.constexpr, KERNEL_SUM: tl.constexpr):
+    """Add one loss item (the scaled loss of a token row or of a cls pair) into partial sum item % STRIPES (a
+    relaxed reduction: nothing waits on it). KERNEL_SUM: then count the item on its stripe with a returning
+    add that has release semantics (a fence, then the add: the partial's add is ordered before the count
+    for every program that later acquires the count). Returns whether this item completed its stripe (the
+    stripe's last count; n_items items over STRIPES stripes round-robin); False without KERNEL_SUM (the
+    partial sums are then summed by torch after the launch)."""
+    s = item % STRIPES
+    tl.atomic_add(part_ptr + s * _LINE, value, sem="relaxed")
+    if KERNEL_SUM:
+        done = tl.atomic_add(cnt_ptr + s * _LINE + 1, 1, sem="release")
+        need = n_items // STRIPES + (s < n_items % STRIPES).to(tl.int32)
+        last = done == need - 1
+    else:
+        last = False
+    return last
+
+
+@triton.jit
+def _loss_close(last, item, part_ptr, cnt_ptr, loss_ptr, n_items, STRIPES: tl.constexpr, KERNEL_SUM: tl.constexpr):
+    """The program that completed a stripe (last, from _loss_add) acquires it (an acquire read of its count:
+    every item's add to that partial is now visible) and counts it on the second-level counter (the line
+    after the stripes; acq_rel). The program that closes the last non-empty stripe reads all STRIPES
+    partials and stores their sum (a fixed reduction tree) into the loss scalar: the scalar is written once,
+    by a store, never accumulated."""
+    if KERNEL_SUM:
+        if last:
+            s = item % STRIPES
+            tl.atomic_add(cnt_ptr + s * _LINE + 1, 0, sem="acquire")
+            closed = tl.atomic_add(cnt_ptr + STRIPES * _LINE, 1, sem="acq_rel")
+            if closed == tl.minimum(n_items, STRIPES) - 1:
+                k = tl.arange(0, STRIPES)
+                parts = tl.load(part_ptr + k * _LINE, cache_modifier=".cg")  # (L2: written by other SMs' atomics)
+                tl.store(loss_ptr, tl.sum(parts, axis=0))
+
+
+@triton.jit
+def _token_row_sorted(x, x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo, yb, ys,
+                      yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, C, smoothing, scale, S, K, BLOCK_C: tl.constexpr,
+                      SINGLE: tl.constexpr, TS: tl.constexpr, FAST: tl.constexpr, STRIPES: tl.constexpr,
+                      KERNEL_SUM: tl.constexpr):
+    """Loss (loss item `item`, see _loss_add) and gradient of one token row whose cell has at most TS tap
     entries (x: from _row_load)."""
     s_over_c = tl.fdiv(smoothing, C.to(tl.float32))
     on = 1.0 - smoothing + s_over_c
@@ -336,34 +384,36 @@ def _token_row_sorted(x, x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, y
                                   idx_b, S, C, flip)
     w = tl.where(bad, float("nan"), w)
     # dedupe first (while the row is still in flight; e^{x - max} is not live yet, fewer registers)
-    cs, z, last = _dedupe_sorted(cid, w, valid, C, TS)
+    cs, z, last_u = _dedupe_sorted(cid, w, valid, C, TS)
     # log-sum-exp, sum(x) of the row (e^{x - max} stays in registers for the gradient)
     ex, mx, se, sum_x = _row_stats(x, x_row, C, BLOCK_C, SINGLE, FAST)
     lse = mx + _log(se, FAST)
     # the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
-    xu = tl.load(x_row + cs, mask=last, other=0.0).to(tl.float32)  # L1 hits: the row was just read
-    m = tl.max(tl.where(last, z, 0.0), axis=0)  # >= 0: the masked entries count as 0
-    ez = tl.where(last, _exp2((z - m) * _LOG2E, FAST), 0.0)
+    xu = tl.load(x_row + cs, mask=last_u, other=0.0).to(tl.float32)  # L1 hits: the row was just read
+    m = tl.max(tl.where(last_u, z, 0.0), axis=0)  # >= 0: the masked entries count as 0
+    ez = tl.where(last_u, _exp2((z - m) * _LOG2E, FAST), 0.0)
     e_off = _exp2(-m * _LOG2E, FAST)  # e^{0 - m}: every class outside U
-    r_z = tl.fdiv(1.0, tl.sum(ez, axis=0) + (C - tl.sum(last.to(tl.int32), axis=0)).to(tl.float32) * e_off)
-    sum_xu = tl.sum(tl.where(last, xu, 0.0), axis=0)
+    r_z = tl.fdiv(1.0, tl.sum(ez, axis=0) + (C - tl.sum(last_u.to(tl.int32), axis=0)).to(tl.float32) * e_off)
+    sum_xu = tl.sum(tl.where(last_u, xu, 0.0), axis=0)
     loss = t_sum * lse - on * (tl.sum(ez * xu, axis=0) + e_off * (sum_x - sum_xu)) * r_z - off * sum_x
     loss = tl.where(ok & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
-    tl.atomic_add(loss_ptr, loss * scale, sem="relaxed")  # a reduction: no fence, nothing waits on it
+    # before the gradient stores: the count's fence then waits for the loss's add only
+    last = _loss_add(loss * scale, item, part_ptr, cnt_ptr, n_items, STRIPES, KERNEL_SUM)
     # dense gradient: every class gets the off-U target first
     _write_dense_grad(ex, x_row, g_row, mx, tl.fdiv(t_sum * scale, se), (on * e_off * r_z + off) * scale, C, BLOCK_C,
                       SINGLE, FAST)
     tl.debug_barrier()
     # corrections at the classes of U (one write per class: the last entry of its run)
     g_u = (t_sum * _exp2((xu - lse) * _LOG2E, FAST) - (on * ez * r_z + off)) * scale
-    tl.store(g_row + cs, g_u.to(g_row.dtype.element_ty), mask=last)
+    tl.store(g_row + cs, g_u.to(g_row.dtype.element_ty), mask=last_u)
+    _loss_close(last, item, part_ptr, cnt_ptr, loss_ptr, n_items, STRIPES, KERNEL_SUM)
 
 
 @triton.jit
-def _token_row_general(x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b,
-                       flip, ok, C, smoothing, scale, S, K, BLOCK_C: tl.constexpr, TB: tl.constexpr,
-                       FAST: tl.constexpr):
-    """Loss (added into the scalar) and gradient of one token row whose cell has more tap entries than the
+def _token_row_general(x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo, yb, ys,
+                       yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, C, smoothing, scale, S, K, BLOCK_C: tl.constexpr,
+                       TB: tl.constexpr, FAST: tl.constexpr, STRIPES: tl.constexpr, KERNEL_SUM: tl.constexpr):
+    """Loss (loss item `item`) and gradient of one token row whose cell has more tap entries than the
     sorted block holds (a box beyond the image; rare): blocks of TB entries deduped with pairwise equality
     masks, one pass over the blocks for the U statistics and one for the corrections. The row is streamed
     in blocks of BLOCK_C after the U pass (twice: statistics, gradient), so no row-sized value is live
@@ -392,7 +442,7 @@ def _token_row_general(x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, ys,
     Z = sum_ez + (C - n_u).to(tl.float32) * e_off
     loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
     loss = tl.where((n_bad == 0) & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
-    tl.atomic_add(loss_ptr, loss * scale, sem="relaxed")
+    last = _loss_add(loss * scale, item, part_ptr, cnt_ptr, n_items, STRIPES, KERNEL_SUM)
     _write_dense_grad(ex, x_row, g_row, mx, t_sum * scale / se, (on * e_off / Z + off) * scale, C, BLOCK_C, False,
                       FAST)
     tl.debug_barrier()
@@ -404,6 +454,7 @@ def _token_row_general(x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, ys,
         g_u = (t_sum * tl.exp(xu - lse) - (on * tl.exp(z - m) / Z + off)) * scale
         tl.store(g_row + cid, g_u.to(g_row.dtype.element_ty), mask=first)
         a0 += TB
+    _loss_close(last, item, part_ptr, cnt_ptr, loss_ptr, n_items, STRIPES, KERNEL_SUM)
 
 
 @triton.jit
@@ -419,12 +470,12 @@ def _pair_block(z_b, z_p, x_b, x_p, idx, Cz, Cx, Z_OTHER: tl.constexpr, X_OTHER:
 
 
 @triton.jit
-def _cls_pair(b, x_ptr, grad_ptr, zc_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, smoothing, lam_arg, scale,
-              GT: tl.constexpr, MIX_FROM_PTR: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
-              VEC_Z: tl.constexpr, FAST: tl.constexpr):
+def _cls_pair(b, x_ptr, grad_ptr, zc_ptr, part_ptr, cnt_ptr, loss_ptr, n_items, gt_ptr, mix_ptr, B, N, C, smoothing,
+              lam_arg, scale, GT: tl.constexpr, MIX_FROM_PTR: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+              VEC_Z: tl.constexpr, FAST: tl.constexpr, STRIPES: tl.constexpr, KERNEL_SUM: tl.constexpr):
     """The cls rows of the MixToken pair {b, B-1-b} (one row when b is the middle of an odd batch): each
     target from the pooled logits of both samples (complete: the caller holds the pair's last ticket), the
-    loss of both rows (added into the scalar) and their gradients.
+    loss of both rows (one loss item, B * N + b, after the B * N token rows) and their gradients.
 
     Both rows read the same two pooled rows (their own and the partner's, roles swapped), so one set of
     passes serves both: 3 passes over blocks of BLOCK_C columns instead of 3 per row. VEC / VEC_Z: powers
@@ -537,7 +588,9 @@ def _cls_pair(b, x_ptr, grad_ptr, zc_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, sm
         blk += 1
     loss = (ts_b * lse_b - sum_tx_b) + tl.where(two, ts_p * lse_p - sum_tx_p, 0.0)
     loss = tl.where(nonfinite > 0, float("nan"), loss * scale)
-    tl.atomic_add(loss_ptr, loss, sem="relaxed")
+    item = B * N + b
+    last = _loss_add(loss, item, part_ptr, cnt_ptr, n_items, STRIPES, KERNEL_SUM)
+    _loss_close(last, item, part_ptr, cnt_ptr, loss_ptr, n_items, STRIPES, KERNEL_SUM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +600,9 @@ def _cls_pair(b, x_ptr, grad_ptr, zc_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, sm
 def _token_rows_kernel(
     x_ptr,  # aux logits [B*N, C], contiguous rows
     grad_ptr,  # gradient of the aux logits [B*N, C] (written here)
-    loss_ptr,  # fp32 scalar, zero on entry: every token row and cls row adds its scaled loss
+    loss_ptr,  # fp32 scalar: the loss, stored once by the program that closes the last stripe (KERNEL_SUM)
+    part_ptr,  # fp32 [STRIPES lines of 32 words], zero on entry: word 0 of line s is the partial sum of stripe s
+    cnt_ptr,  # int32 view of the same lines: word 1 counts the stripe's items; line STRIPES: closed stripes
     zc_ptr,  # [B, C] fp32, zero on entry: pooled cls logits (atomically accumulated)
     ticket_ptr,  # int32 [B], zero on entry: pooling programs finished, per MixToken pair (index min(b, B-1-b))
     val_ptr,  # [B, K, S, S] teacher logits
@@ -559,6 +614,7 @@ def _token_rows_kernel(
     gt_ptr,  # [B] ground-truth classes (read only when GT)
     mix_ptr,  # [4] MixToken box (r0, c0, r1, c1) (read only when MIX_FROM_PTR)
     n_cls,  # B: the first B * CLS_CHUNKS programs do the cls rows of the whole batch; 0: none (later chunks)
+    n_items,  # loss items of the whole forward (all launches): B * N token rows + ceil(B / 2) cls pairs
     b_offset,  # token rows of this launch belong to samples b_offset + row // N (chunked launches)
     C,  # classes
     smoothing,  # label smoothing s
@@ -581,6 +637,8 @@ def _token_rows_kernel(
     BLOCK_LOOP: tl.constexpr,  # columns per block where rows are walked in a loop (cls pair, general token rows)
     VEC_CLS: tl.constexpr,  # as VEC, for the cls logits' dtype
     VEC_Z: tl.constexpr,  # as VEC, for fp32 (the pooled rows)
+    STRIPES: tl.constexpr,  # partial sums of the loss (a power of two), see _loss_add
+    KERNEL_SUM: tl.constexpr,  # the launch sums the partials into loss_ptr (else torch does, after it)
 ):
     pid = tl.program_id(0)
     n_pool = n_cls * CLS_CHUNKS
@@ -612,8 +670,9 @@ def _token_rows_kernel(
         tl.debug_barrier()
         done = tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel")
         if done == tl.where(b == bp, CLS_CHUNKS, 2 * CLS_CHUNKS) - 1:
-            _cls_pair(pair, xc_ptr, gc_ptr, zc_ptr, loss_ptr, gt_ptr, mix_ptr, n_cls, N, C, smoothing, lam_arg,
-                      cls_scale, GT, MIX_FROM_PTR, BLOCK_LOOP, VEC_CLS, VEC_Z, FAST)
+            _cls_pair(pair, xc_ptr, gc_ptr, zc_ptr, part_ptr, cnt_ptr, loss_ptr, n_items, gt_ptr, mix_ptr, n_cls, N, C,
+                      smoothing, lam_arg, cls_scale, GT, MIX_FROM_PTR, BLOCK_LOOP, VEC_CLS, VEC_Z, FAST, STRIPES,
+                      KERNEL_SUM)
     else:
         # ---- one token row: sample b, output cell (p, q)
         row = pid - n_pool
@@ -622,6 +681,7 @@ def _token_rows_kernel(
         Ca = (C // VEC) * VEC  # == C; written so the compiler sees the alignment (vector loads and stores)
         x_row = x_ptr + row64 * Ca
         g_row = grad_ptr + row64 * Ca
+        item = b_offset * N + row  # the row's loss item: its row in the whole batch
         # 1. the row is requested first; its latency overlaps the geometry and the tap loads
         x = _row_load(x_row, Ca, BLOCK_C, SINGLE)
         yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
@@ -632,14 +692,17 @@ def _token_rows_kernel(
         #    large one for cells of 3 pixels along an axis; a larger cell (a box beyond the image) takes the
         #    general path in this program
         if n_ent <= TS1:
-            _token_row_sorted(x, x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g,
-                              val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_C, SINGLE, TS1, FAST)
+            _token_row_sorted(x, x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo,
+                              yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K,
+                              BLOCK_C, SINGLE, TS1, FAST, STRIPES, KERNEL_SUM)
         elif n_ent <= TS:
-            _token_row_sorted(x, x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g,
-                              val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_C, SINGLE, TS, FAST)
+            _token_row_sorted(x, x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo,
+                              yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K,
+                              BLOCK_C, SINGLE, TS, FAST, STRIPES, KERNEL_SUM)
         else:
-            _token_row_general(x_row, g_row, loss_ptr, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b,
-                               idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_LOOP, TB, FAST)
+            _token_row_general(x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo, yb,
+                               ys, yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K,
+                               BLOCK_LOOP, TB, FAST, STRIPES, KERNEL_SUM)
 
 
 @triton.jit
@@ -735,21 +798,38 @@ def _row_block(C):
 
 
 class _Workspace:
-    """Kernel inputs in kernel layout plus the small buffers the atomics add into: the loss (fp32 scalar),
-    zc [B, C] (fp32 pooled cls logits) and one ticket counter per MixToken pair (int32 [B]).
+    """Kernel inputs in kernel layout plus the small buffers the atomics add into, in one int32 allocation
+    zeroed by one fill launch: zc [B, C] (fp32 pooled cls logits; first, so its rows start 16-byte aligned),
+    the loss (fp32 scalar), one ticket counter per MixToken pair (int32 [B]), then from the next 128-byte line
+    on `stripes` lines of the loss's partial sums (word 0: fp32 partial, word 1: int32 item count) and one line
+    for the count of closed stripes.
 
-    One allocation and one zero-fill launch for all three; the inputs are passed as they are whenever the
-    kernel can read them directly (any float box dtype, any integer flip dtype are converted on load), so
-    no cast or copy kernels run.
+    The inputs are passed as they are whenever the kernel can read them directly (any float box dtype, any
+    integer flip dtype are converted on load), so no cast or copy kernels run.
+
+    stripes (a power of two, default _STRIPES) and kernel_sum (default True: the launch itself sums the
+    partials into the scalar; False: torch sums them after the launch, one more launch) are for timing
+    comparisons only.
     """
 
-    def __init__(self, label_values, label_indices, boxes, flips, B, N, C):
+    def __init__(self, label_values, label_indices, boxes, flips, B, N, C, stripes=None, kernel_sum=True):
         dev = label_values.device
-        buf = torch.zeros(B * C + 1 + B, device=dev, dtype=torch.int32)
+        stripes = _STRIPES if stripes is None else stripes
+        if not (isinstance(stripes, int) and 1 <= stripes <= 4096 and stripes & (stripes - 1) == 0):
+            raise ValueError(f"stripes must be a power of two in [1, 4096], got {stripes!r}")
+        line = _LINE.value
+        head = B * C + 1 + B
+        base = -(-head // line) * line  # the stripes start on a 128-byte line (the allocation is aligned)
+        buf = torch.zeros(base + (stripes + 1) * line, device=dev, dtype=torch.int32)
         fbuf = buf.view(torch.float32)
-        self.zc = fbuf[:B * C].view(B, C)  # first: its rows start 16-byte aligned when C % 4 == 0
+        self.zc = fbuf[:B * C].view(B, C)
         self.loss = fbuf[B * C]
-        self.tickets = buf[B * C + 1:]
+        self.tickets = buf[B * C + 1:head]
+        self.counts = buf[base:]  # word 1 of each stripe's line; the line after the stripes: closed stripes
+        self.partials = fbuf[base:]  # word 0 of each stripe's line
+        self.stripes = stripes
+        self.kernel_sum = bool(kernel_sum)
+        self.n_items = B * N + (B + 1) // 2  # loss items: the token rows, then the cls pairs {b, B-1-b}
         self.values = label_values if label_values.is_contiguous() else label_values.contiguous()
         self.indices = label_indices if label_indices.is_contiguous() else label_indices.contiguous()
         self.boxes = boxes if boxes.is_contiguous() else boxes.contiguous()
@@ -770,6 +850,14 @@ class _Workspace:
         # address), so these rare paths fit the token rows' register cap without spills (checked in SASS)
         self.block_loop = min(triton.next_power_of_2(C), 2 * _row_vec(C, 4) * 32 * self.num_warps)
 
+    def stripe_partials(self):
+        """The partial sums (a strided view: word 0 of each stripe's line)."""
+        return self.partials[:self.stripes * _LINE.value:_LINE.value]
+
+    def total_loss(self):
+        """The loss after the launches: the scalar the kernel stored, or (kernel_sum False) one torch sum."""
+        return self.loss if self.kernel_sum else self.stripe_partials().sum()
+
 
 _workspace = _Workspace
 
@@ -787,10 +875,12 @@ def _sm_count(device):
 
 
 def launch_token_rows(x, grad, w, b_offset, rows, N, C, smoothing, scale, original, cls=None):
-    """The kernel over ``rows`` token rows of ``x`` (samples from b_offset on); their scaled losses are added
-    into w.loss. ``cls`` = (cls logits [B, C], their gradient, gt_classes or None, mix tensor or None, lam,
-    cls_weight, ground_truth): the same launch also pools the cls targets of the whole batch and writes the
-    cls rows' loss and gradient (in one launch per forward; None: token rows only)."""
+    """The kernel over ``rows`` token rows of ``x`` (samples from b_offset on); their scaled losses go into
+    w's partial sums (loss items b_offset * N + row), and whichever launch completes the forward's last item
+    stores the total into w.loss (w.kernel_sum). ``cls`` = (cls logits [B, C], their gradient, gt_classes or
+    None, mix tensor or None, lam, cls_weight, ground_truth): the same launch also pools the cls targets of
+    the whole batch and writes the cls rows' loss and gradient (in one launch per forward; None: token rows
+    only)."""
     K, S = w.values.shape[1], w.values.shape[-1]
     L = math.isqrt(N)
     if cls is not None:
@@ -806,22 +896,23 @@ def launch_token_rows(x, grad, w, b_offset, rows, N, C, smoothing, scale, origin
         n_cls = 0
         cls_args = (x, grad, w.zc, w.zc)
         cls_vals = (1.0, 0.0)
-        vec_cls = 1
+        vec_cls = _row_vec(C, x.element_size())  # (as the token rows: vector accesses in the unused cls code)
         cls_kw = dict(GT=False, MIX_FROM_PTR=False)
     _token_rows_kernel[(n_cls * w.cls_chunks + rows,)](
-        x, grad, w.loss, w.zc, w.tickets, w.values, w.indices, w.boxes, w.flips, *cls_args, n_cls, b_offset, C,
-        float(smoothing), float(scale), *cls_vals, N=N, L=L, S=S, K=K, VEC=_row_vec(C, x.element_size()),
-        ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TS1=min(w.ts1, w.ts), TS=w.ts, TB=w.tb,
-        FAST=not _INTERPRET, CLS_CHUNKS=w.cls_chunks, TBC=w.tbc, BLOCK_LOOP=w.block_loop, VEC_CLS=vec_cls,
-        VEC_Z=_row_vec(C, 4), num_warps=w.num_warps,
-        **cls_kw, **_reg_cap(w.num_warps))
+        x, grad, w.loss, w.partials, w.counts, w.zc, w.tickets, w.values, w.indices, w.boxes, w.flips, *cls_args,
+        n_cls, w.n_items, b_offset, C, float(smoothing), float(scale), *cls_vals, N=N, L=L, S=S, K=K,
+        VEC=_row_vec(C, x.element_size()), ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single,
+        TS1=min(w.ts1, w.ts), TS=w.ts, TB=w.tb, FAST=not _INTERPRET, CLS_CHUNKS=w.cls_chunks, TBC=w.tbc,
+        BLOCK_LOOP=w.block_loop, VEC_CLS=vec_cls, VEC_Z=_row_vec(C, 4), STRIPES=w.stripes,
+        KERNEL_SUM=w.kernel_sum, num_warps=w.num_warps, **cls_kw, **_reg_cap(w.num_warps))
 
 
 def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
                            gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original,
-                           grad_cls=None, grad_aux=None):
+                           grad_cls=None, grad_aux=None, stripes=None, kernel_sum=True):
     """The workspace fill and one launch. Returns (loss fp32 scalar, grad_cls, grad_aux); inputs already
-    validated.
+    validated. ``stripes`` / ``kernel_sum``: see _Workspace (timing comparisons only; the defaults are what
+    the autograd paths use).
 
     ``grad_cls``/``grad_aux`` may be preallocated buffers (any rows-contiguous [.., C] tensor of the
     logits' dtype); a caller that no longer needs the logits may pass the logits themselves only if
@@ -837,10 +928,10 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
         grad_aux = torch.empty_like(x_aux)
     if grad_cls is None:
         grad_cls = torch.empty_like(x_cls)
-    w = _workspace(label_values, label_indices, boxes, flips, B, N, C)
+    w = _workspace(label_values, label_indices, boxes, flips, B, N, C, stripes=stripes, kernel_sum=kernel_sum)
     launch_token_rows(x_aux, grad_aux, w, 0, B * N, N, C, smoothing, dense_weight / (B * N), original,
                       cls=(x_cls, grad_cls, gt_classes, mix_tensor, lam, cls_weight, ground_truth))
-    return w.loss, grad_cls, grad_aux.view(B, N, C)
+    return w.total_loss(), grad_cls, grad_aux.view(B, N, C)
 
 
 def _traced(grad):

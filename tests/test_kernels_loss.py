@@ -203,6 +203,110 @@ def test_cls_pooling_in_many_chunks(gen, device):
     _compare(d, torch.float32, _kw(d, True, 0.0, True, "original"))
 
 
+@pytest.fixture
+def workspaces(monkeypatch):
+    """The loss workspaces created while the fixture is active (in order)."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
+    seen = []
+
+    class Spy(tlce._Workspace):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(tlce, "_workspace", Spy)
+    return seen
+
+
+def _forward(d, **kw):
+    """The op's forward (loss, grad_cls, grad_aux) without autograd: MixToken box, ground truth, smoothing 0.1."""
+    from tokenlabel.kernels.token_label_ce import token_label_ce_forward
+
+    B, N, C = d["aux"].shape
+    lam = 1 - (d["mix"][2] - d["mix"][0]) * (d["mix"][3] - d["mix"][1]) / N
+    mix = torch.tensor(d["mix"], device=d["aux"].device, dtype=torch.int32)
+    return token_label_ce_forward(d["cls"].detach(), d["aux"].detach(), d["values"], d["indices"], d["boxes"],
+                                  d["flips"], mix, d["gt"], lam, 0.1, 1.0, 1.0, True, False, **kw)
+
+
+@pytest.mark.parametrize("B,L,stripes", [(3, 3, 4), (2, 3, 8), (1, 2, 16), (4, 2, 2)])
+def test_loss_stripes_and_tickets(B, L, stripes, gen, device, workspaces):
+    """The loss items (B * N token rows, then ceil(B / 2) cls pairs) go round-robin into `stripes` partial sums:
+    item counts that are not a multiple of the stripes, several items per stripe, and more stripes than items
+    (empty stripes never close; (1, 2, 16): 5 items). Every stripe counts its items, every non-empty stripe is
+    closed once, the scalar is the sum of the partials and matches the reference; the torch-sum variant agrees
+    to fp32 rounding."""
+    d = make_inputs(B, L * L, 10, 12, 3, torch.float32, device, generator=gen)
+    loss, g_cls, g_aux = _forward(d, stripes=stripes)
+    w = workspaces[-1]
+    n_items = B * L * L + (B + 1) // 2
+    assert w.n_items == n_items and w.stripes == stripes
+    counts = w.counts[1:stripes * 32:32].cpu()
+    want = torch.tensor([len(range(s, n_items, stripes)) for s in range(stripes)], dtype=counts.dtype)
+    assert torch.equal(counts, want), (counts, want)
+    assert int(w.counts[stripes * 32]) == min(n_items, stripes)  # stripes closed
+    parts = w.stripe_partials().double()
+    assert (parts[n_items:] == 0).all()
+    assert abs(loss.item() - parts.sum().item()) <= 1e-6 * abs(loss.item())
+    ref = _run(token_label_cross_entropy_reference, d, d["cls"].double(), d["aux"].double(), mix_box=d["mix"],
+               gt_classes=d["gt"], ground_truth=True)
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    loss_t, g_cls_t, g_aux_t = _forward(d, stripes=stripes, kernel_sum=False)
+    assert abs(loss_t.item() - loss.item()) <= 1e-6 * abs(loss.item())
+    assert int(workspaces[-1].counts[1:stripes * 32:32].sum()) == 0  # the torch-sum variant counts nothing
+    assert torch.equal(g_cls_t, g_cls) and torch.equal(g_aux_t, g_aux)
+
+
+def test_loss_is_stored_once_not_accumulated(gen, device, monkeypatch, workspaces):
+    """The program closing the last stripe stores the loss: a scalar that is not zero before the launch does
+    not leak into it, and two calls in a row give the same loss (fp32 rounding apart: the partials' adds
+    come in any order on the GPU)."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
+    d = make_inputs(3, 9, 10, 12, 3, torch.float32, device, generator=gen)
+    first, _, _ = _forward(d)
+    again, _, _ = _forward(d)
+    assert abs(first.item() - again.item()) <= 1e-6 * abs(first.item())
+    assert workspaces[0].loss.data_ptr() != workspaces[1].loss.data_ptr()  # a fresh workspace per call
+
+    class Dirty(tlce._Workspace):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.loss.fill_(1e6)
+
+    monkeypatch.setattr(tlce, "_workspace", Dirty)
+    dirty, _, _ = _forward(d)
+    assert abs(dirty.item() - first.item()) <= 1e-6 * abs(first.item())
+
+
+def test_loss_stripes_in_chunked_fused_linear(gen, device, monkeypatch, workspaces):
+    """The fused-linear path launches once per chunk on one workspace: the counts carry over between the
+    launches, and whichever launch completes the last stripe stores the loss (4 stripes: several items each)."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
+    monkeypatch.setattr(tlce, "_STRIPES", 4)
+    B, L, C, D = 3, 3, 10, 6
+    d = make_inputs(B, L * L, C, 12, 3, torch.float32, device, generator=gen)
+    feats = torch.randn(B, L * L, D, generator=gen).to(device)
+    W = torch.randn(C, D, generator=gen).to(device)
+    kw = dict(mix_box=d["mix"], gt_classes=d["gt"], ground_truth=True)
+    loss = fused_linear_token_label_cross_entropy(d["cls"].detach(), feats, W, None, d["values"], d["indices"],
+                                                  d["boxes"], d["flips"], chunk_samples=2, **kw)
+    w = workspaces[-1]
+    assert w.stripes == 4 and int(w.counts[1:4 * 32:32].sum()) == B * L * L + 2
+    ref = token_label_cross_entropy_reference(d["cls"].double(), feats.double() @ W.double().T, d["values"],
+                                              d["indices"], d["boxes"], d["flips"], **kw)
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_bad_stripes_raise(gen, device):
+    d = make_inputs(1, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    for bad in (0, 3, 8192, 2.0):
+        with pytest.raises(ValueError, match="stripes"):
+            _forward(d, stripes=bad)
+
+
 def test_mix_box_as_tensor_and_int32_indices(gen, device):
     d = make_inputs(3, 9, 10, 12, 5, torch.float32, device, generator=gen, index_dtype=torch.int32)
     ref = _loss_and_grads(token_label_cross_entropy_reference, d, torch.float64, **_kw(d, True, 0.1, False, "hw"))
@@ -413,6 +517,25 @@ def test_full_grid_gpu(C, k, S, L, B, gen):
 def test_half_precision_error_gpu(dtype, B, L, C, gen):
     d = make_inputs(B, L * L, C, 18, 5, torch.float32, "cuda", generator=gen)
     _compare(d, dtype, _kw(d, True, 0.1, True, "hw"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stripes", [128, 256])
+def test_loss_sum_repeatable_gpu(stripes, gen, workspaces):
+    """S/224 bf16 (25,088 token rows and 64 cls pairs over the stripes, under real concurrency): every stripe
+    closes, repeated calls agree to fp32 rounding, the in-kernel sum equals the torch sum of the partials."""
+    d = make_inputs(128, 196, 1000, 18, 5, torch.bfloat16, "cuda", generator=gen)
+    losses = [_forward(d, stripes=stripes)[0].item() for _ in range(3)]
+    w = workspaces[-1]
+    assert int(w.counts[stripes * 32]) == stripes
+    assert abs(w.loss.item() - w.stripe_partials().double().sum().item()) <= 1e-6 * abs(losses[0])
+    assert max(losses) - min(losses) <= 2e-6 * abs(losses[0]), losses
+    torch_sum = _forward(d, stripes=stripes, kernel_sum=False)[0].item()
+    assert abs(torch_sum - losses[0]) <= 2e-6 * abs(losses[0])
+    ref = token_label_cross_entropy_reference(d["cls"].double(), d["aux"].double(), d["values"], d["indices"],
+                                              d["boxes"], d["flips"], mix_box=d["mix"], gt_classes=d["gt"],
+                                              ground_truth=True)
+    assert abs(losses[0] - ref.item()) < 1e-3 * abs(ref.item())
 
 
 @pytest.mark.gpu
