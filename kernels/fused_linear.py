@@ -66,7 +66,7 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
         ctx.b_dtype = bias.dtype if bias is not None else None
         # plain ctx attributes, dropped in backward: autograd can take the buffers as .grad (no clone)
         ctx.bufs = [grad_cls, grad_feat, grad_w, grad_b]
-        return ws.loss
+        return ws.total_loss()
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -238,7 +238,7 @@ def test_loss_stripes_and_tickets(B, L, stripes, gen, device, workspaces):
     closed once, the scalar is the sum of the partials and matches the reference; the torch-sum variant agrees
     to fp32 rounding."""
     d = make_inputs(B, L * L, 10, 12, 3, torch.float32, device, generator=gen)
-    loss, g_cls, g_aux = _forward(d, stripes=stripes)
+    loss, g_cls, g_aux = _forward(d, stripes=stripes, kernel_sum=True)
     w = workspaces[-1]
     n_items = B * L * L + (B + 1) // 2
     assert w.n_items == n_items and w.stripes == stripes
@@ -255,7 +255,10 @@ def test_loss_stripes_and_tickets(B, L, stripes, gen, device, workspaces):
     loss_t, g_cls_t, g_aux_t = _forward(d, stripes=stripes, kernel_sum=False)
     assert abs(loss_t.item() - loss.item()) <= 1e-6 * abs(loss.item())
     assert int(workspaces[-1].counts[1:stripes * 32:32].sum()) == 0  # the torch-sum variant counts nothing
-    assert torch.equal(g_cls_t, g_cls) and torch.equal(g_aux_t, g_aux)
+    # the gradients do not depend on how the loss is summed; on the GPU the pooled cls targets are fp32
+    # atomic sums in run-dependent order, so the cls rows agree to rounding, not bit for bit
+    torch.testing.assert_close(g_cls_t, g_cls, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_aux_t, g_aux, rtol=1e-5, atol=1e-7)
 
 
 def test_loss_is_stored_once_not_accumulated(gen, device, monkeypatch, workspaces):
@@ -265,8 +268,8 @@ def test_loss_is_stored_once_not_accumulated(gen, device, monkeypatch, workspace
     import tokenlabel.kernels.token_label_ce as tlce
 
     d = make_inputs(3, 9, 10, 12, 3, torch.float32, device, generator=gen)
-    first, _, _ = _forward(d)
-    again, _, _ = _forward(d)
+    first, _, _ = _forward(d, kernel_sum=True)
+    again, _, _ = _forward(d, kernel_sum=True)
     assert abs(first.item() - again.item()) <= 1e-6 * abs(first.item())
     assert workspaces[0].loss.data_ptr() != workspaces[1].loss.data_ptr()  # a fresh workspace per call
 
@@ -276,7 +279,7 @@ def test_loss_is_stored_once_not_accumulated(gen, device, monkeypatch, workspace
             self.loss.fill_(1e6)
 
     monkeypatch.setattr(tlce, "_workspace", Dirty)
-    dirty, _, _ = _forward(d)
+    dirty, _, _ = _forward(d, kernel_sum=True)
     assert abs(dirty.item() - first.item()) <= 1e-6 * abs(first.item())
 
 
@@ -291,13 +294,26 @@ def test_loss_stripes_in_chunked_fused_linear(gen, device, monkeypatch, workspac
     feats = torch.randn(B, L * L, D, generator=gen).to(device)
     W = torch.randn(C, D, generator=gen).to(device)
     kw = dict(mix_box=d["mix"], gt_classes=d["gt"], ground_truth=True)
-    loss = fused_linear_token_label_cross_entropy(d["cls"].detach(), feats, W, None, d["values"], d["indices"],
-                                                  d["boxes"], d["flips"], chunk_samples=2, **kw)
-    w = workspaces[-1]
-    assert w.stripes == 4 and int(w.counts[1:4 * 32:32].sum()) == B * L * L + 2
+
+    def run():
+        return fused_linear_token_label_cross_entropy(d["cls"].detach(), feats, W, None, d["values"], d["indices"],
+                                                      d["boxes"], d["flips"], chunk_samples=2, **kw)
+
     ref = token_label_cross_entropy_reference(d["cls"].double(), feats.double() @ W.double().T, d["values"],
                                               d["indices"], d["boxes"], d["flips"], **kw)
+    loss = run()  # the default: the partials summed by torch after the chunks' launches
+    assert workspaces[-1].stripes == 4 and not workspaces[-1].kernel_sum
     assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+    class KernelSum(tlce._workspace):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "kernel_sum": True})
+
+    monkeypatch.setattr(tlce, "_workspace", KernelSum)
+    loss_k = run()  # the in-kernel sum: the counts carry over between the chunks' launches
+    w = workspaces[-1]
+    assert w.kernel_sum and int(w.counts[1:4 * 32:32].sum()) == B * L * L + 2
+    assert abs(loss_k.item() - ref.item()) < 1e-5 * abs(ref.item())
 
 
 def test_bad_stripes_raise(gen, device):
@@ -525,7 +541,7 @@ def test_loss_sum_repeatable_gpu(stripes, gen, workspaces):
     """S/224 bf16 (25,088 token rows and 64 cls pairs over the stripes, under real concurrency): every stripe
     closes, repeated calls agree to fp32 rounding, the in-kernel sum equals the torch sum of the partials."""
     d = make_inputs(128, 196, 1000, 18, 5, torch.bfloat16, "cuda", generator=gen)
-    losses = [_forward(d, stripes=stripes)[0].item() for _ in range(3)]
+    losses = [_forward(d, stripes=stripes, kernel_sum=True)[0].item() for _ in range(3)]
     w = workspaces[-1]
     assert int(w.counts[stripes * 32]) == stripes
     assert abs(w.loss.item() - w.stripe_partials().double().sum().item()) <= 1e-6 * abs(losses[0])
