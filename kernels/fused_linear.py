@@ -26,7 +26,7 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cls_logits, features, weight, bias, label_values, label_indices, boxes, flips, mix_tensor,
                 gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original, chunk):
-        from .token_label_ce import _cls_launch, _workspace, launch_token_rows
+        from .token_label_ce import _workspace, launch_token_rows
 
         B, N, D = features.shape
         C = weight.shape[0]
@@ -41,7 +41,6 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
         grad_w = torch.zeros(C, D, device=dev, dtype=torch.float32) if weight.requires_grad else None
         grad_b = torch.zeros(C, device=dev, dtype=torch.float32) if (bias is not None and bias.requires_grad) else None
         ws = _workspace(label_values, label_indices, boxes, flips, B, N, C)
-        zc, loss, row_loss = ws.zc, ws.loss, ws.row_loss
         logits_buf = torch.empty(min(chunk, B) * N, C, device=dev, dtype=dt)
         grad_buf = torch.empty_like(logits_buf)
         for b0 in range(0, B, chunk):
@@ -53,23 +52,21 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
                 torch.addmm(bvec, f, w.t(), out=x)
             else:
                 torch.mm(f, w.t(), out=x)
-            n_cls = B if b0 == 0 else 0
-            launch_token_rows(x, g, row_loss[b0 * N:], ws, n_cls, b0, bc * N, N, C, smoothing,
-                              float(dense_weight) / (B * N), original)
+            # the first chunk's launch also pools the cls targets and writes the cls rows (whole batch)
+            cls = (x_cls, grad_cls, gt_classes, mix_tensor, lam, cls_weight, ground_truth) if b0 == 0 else None
+            launch_token_rows(x, g, ws, b0, bc * N, N, C, smoothing, float(dense_weight) / (B * N), original, cls=cls)
             grad_feat[b0:b0 + bc] = (g @ w).view(bc, N, D).to(features.dtype)
             if grad_w is not None:
                 grad_w += (g.t() @ f).float()
             if grad_b is not None:
                 grad_b += g.float().sum(0)
-        _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
-                    ground_truth)
         ctx.has_w = grad_w is not None
         ctx.has_b = grad_b is not None
         ctx.w_dtype = weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
         # plain ctx attributes, dropped in backward: autograd can take the buffers as .grad (no clone)
         ctx.bufs = [grad_cls, grad_feat, grad_w, grad_b]
-        return loss
+        return ws.total_loss()
 
     @staticmethod
     def backward(ctx, grad_loss):

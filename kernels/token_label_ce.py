@@ -22,7 +22,8 @@ sum(x) and the gathers x_c for c in U:
 and its gradient is d loss / d x_c = (1 + s/C) * softmax(x)_c - t_c (the target does not sum to 1).
 For numerical range every e^{z} is taken relative to m = max(0, max_U z).
 
-One program (one warp for C <= 1024) per logits row:
+One launch (after one zero fill of a small workspace) does the whole forward. One program (one warp
+for C <= 1024) per logits row:
  1. request the row, then load the taps (rows x cols x k entries of the map rectangle the cell touches)
     with their weights Wy * Wx * value (the bilinear weights as tents, the common two samples per axis
     without a loop);
@@ -30,15 +31,21 @@ One program (one warp for C <= 1024) per logits row:
     class's total z at the last entry of its run (an entry counts towards U only there); a 2 x 2-pixel
     cell (4k entries) sorts a block of 32 at k 5, larger cells one of 64;
  3. read the row once: max, sum of e^{x - max} (kept in registers), sum(x);
- 4. write the row's loss and the dense gradient (1 + s/C) * softmax(x) - on/Z - off, scaled;
+ 4. add the row's scaled loss into one of STRIPES partial sums (each in its own 128-byte line) and count
+    it there, then write the dense gradient (1 + s/C) * softmax(x) - on/Z - off, scaled;
  5. after a barrier, overwrite the |U| corrected entries (1 + s/C) * softmax(x)_c - t_c.
-A cell with more taps than the large sorted block (a box beyond the image) is handed through a
-device-side list to the general rows, which dedupe in blocks of TB entries with pairwise equality
-masks (extra programs of the cls launch; a kernel of their own in the chunked fused-linear path).
-The cls rows' targets (1 x 1 pooling) are pooled by extra programs of kernel 1 into a [B, C] fp32
-buffer (atomic adds: duplicates accumulate); the cls launch then builds each cls target (softmax,
-smoothing, ground-truth blend, MixToken mixing with the batch-reversed partner), writes the cls loss
-and gradient and adds its sample's token losses into the scalar loss.
+A cell with more taps than the large sorted block (a box beyond the image; rare) is handled by the same
+program with the general algorithm: blocks of TB entries deduped with pairwise equality masks, in two
+passes over the blocks (U statistics, then the corrections).
+The programs with the lowest ids pool the cls targets (1 x 1 RoIAlign, CLS_CHUNKS programs per sample,
+one block of TBC tap entries each) into a [B, C] fp32 buffer (atomic adds: duplicates accumulate), then
+take a ticket on their MixToken pair {b, B-1-b}; the last pooling program of a pair builds both cls
+targets (softmax, smoothing, ground-truth blend, mixing with the batch-reversed partner) and writes
+their loss and gradient, while the token rows run beside it.
+The loss: every token row and every cls pair is one loss item, added into partial sum (item % STRIPES) and
+counted there (release); the program whose item completes a stripe acquires it and counts the stripe as
+closed, and the one that closes the last stripe sums the STRIPES partials (fixed order) and stores the loss.
+No address takes more than n_items / STRIPES atomics, and the loss scalar is written once.
 
 The gradient is written during the forward, so backward is only a scale by grad_output, which the
 scale kernel reads on the device and skips when it is 1.0 (no host synchronisation anywhere).
@@ -55,6 +62,12 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)  # e^x = 2^(x log2 e)
+
+
+# Loss accumulation (v7): every loss item (a token row, a cls pair) adds into one of STRIPES partial sums, each in
+# its own 128-byte line of the workspace (word 0: the fp32 partial, word 1: the int32 count of items added).
+_STRIPES = 128
+_LINE = tl.constexpr(32)  # int32 words per 128-byte line
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +258,7 @@ def _sample_geometry(box_ptr, flip_ptr, b, S, L, p, q, K, ORIGINAL: tl.constexpr
 
 
 # --------------------------------------------------------------------------------------------
-# pieces of a token row shared by the fast and the general kernel
+# pieces of a token row shared by the sorted and the general path
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _row_load(x_row, C, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr):
@@ -319,10 +332,49 @@ def _row_cell(row, b_offset, N, L):
 
 
 @triton.jit
-def _token_row_sorted(x, x_row, g_row, loss_out, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b,
-                      idx_b, flip, ok, C, smoothing, scale, S, K, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-                      TS: tl.constexpr, FAST: tl.constexpr):
-    """Loss and gradient of one token row whose cell has at most TS tap entries (x: from _row_load)."""
+def _loss_add(value, item, part_ptr, cnt_ptr, n_items, STRIPES: tl.constexpr, KERNEL_SUM: tl.constexpr):
+    """Add one loss item (the scaled loss of a token row or of a cls pair) into partial sum item % STRIPES (a
+    relaxed reduction: nothing waits on it). KERNEL_SUM: then count the item on its stripe with a returning
+    add that has release semantics (a fence, then the add: the partial's add is ordered before the count
+    for every program that later acquires the count). Returns whether this item completed its stripe (the
+    stripe's last count; n_items items over STRIPES stripes round-robin); False without KERNEL_SUM (the
+    partial sums are then summed by torch after the launch)."""
+    s = item % STRIPES
+    tl.atomic_add(part_ptr + s * _LINE, value, sem="relaxed")
+    if KERNEL_SUM:
+        done = tl.atomic_add(cnt_ptr + s * _LINE + 1, 1, sem="release")
+        need = n_items // STRIPES + (s < n_items % STRIPES).to(tl.int32)
+        last = done == need - 1
+    else:
+        last = False
+    return last
+
+
+@triton.jit
+def _loss_close(last, item, part_ptr, cnt_ptr, loss_ptr, n_items, STRIPES: tl.constexpr, KERNEL_SUM: tl.constexpr):
+    """The program that completed a stripe (last, from _loss_add) acquires it (an acquire read of its count:
+    every item's add to that partial is now visible) and counts it on the second-level counter (the line
+    after the stripes; acq_rel). The program that closes the last non-empty stripe reads all STRIPES
+    partials and stores their sum (a fixed reduction tree) into the loss scalar: the scalar is written once,
+    by a store, never accumulated."""
+    if KERNEL_SUM:
+        if last:
+            s = item % STRIPES
+            tl.atomic_add(cnt_ptr + s * _LINE + 1, 0, sem="acquire")
+            closed = tl.atomic_add(cnt_ptr + STRIPES * _LINE, 1, sem="acq_rel")
+            if closed == tl.minimum(n_items, STRIPES) - 1:
+                k = tl.arange(0, STRIPES)
+                parts = tl.load(part_ptr + k * _LINE, cache_modifier=".cg")  # (L2: written by other SMs' atomics)
+                tl.store(loss_ptr, tl.sum(parts, axis=0))
+
+
+@triton.jit
+def _token_row_sorted(x, x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo, yb, ys,
+                      yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, C, smoothing, scale, S, K, BLOCK_C: tl.constexpr,
+                      SINGLE: tl.constexpr, TS: tl.constexpr, FAST: tl.constexpr, STRIPES: tl.constexpr,
+                      KERNEL_SUM: tl.constexpr):
+    """Loss (loss item `item`, see _loss_add) and gradient of one token row whose cell has at most TS tap
+    entries (x: from _row_load)."""
     s_over_c = tl.fdiv(smoothing, C.to(tl.float32))
     on = 1.0 - smoothing + s_over_c
     off = s_over_c
@@ -332,234 +384,108 @@ def _token_row_sorted(x, x_row, g_row, loss_out, n_ent, ncols, r_lo, c_lo, yb, y
                                   idx_b, S, C, flip)
     w = tl.where(bad, float("nan"), w)
     # dedupe first (while the row is still in flight; e^{x - max} is not live yet, fewer registers)
-    cs, z, last = _dedupe_sorted(cid, w, valid, C, TS)
+    cs, z, last_u = _dedupe_sorted(cid, w, valid, C, TS)
     # log-sum-exp, sum(x) of the row (e^{x - max} stays in registers for the gradient)
     ex, mx, se, sum_x = _row_stats(x, x_row, C, BLOCK_C, SINGLE, FAST)
     lse = mx + _log(se, FAST)
     # the sparse target: Z, sum_U e^{z} x, sum_U x, |U| (relative to m = max(0, max_U z))
-    xu = tl.load(x_row + cs, mask=last, other=0.0).to(tl.float32)  # L1 hits: the row was just read
-    m = tl.max(tl.where(last, z, 0.0), axis=0)  # >= 0: the masked entries count as 0
-    ez = tl.where(last, _exp2((z - m) * _LOG2E, FAST), 0.0)
+    xu = tl.load(x_row + cs, mask=last_u, other=0.0).to(tl.float32)  # L1 hits: the row was just read
+    m = tl.max(tl.where(last_u, z, 0.0), axis=0)  # >= 0: the masked entries count as 0
+    ez = tl.where(last_u, _exp2((z - m) * _LOG2E, FAST), 0.0)
     e_off = _exp2(-m * _LOG2E, FAST)  # e^{0 - m}: every class outside U
-    r_z = tl.fdiv(1.0, tl.sum(ez, axis=0) + (C - tl.sum(last.to(tl.int32), axis=0)).to(tl.float32) * e_off)
-    sum_xu = tl.sum(tl.where(last, xu, 0.0), axis=0)
+    r_z = tl.fdiv(1.0, tl.sum(ez, axis=0) + (C - tl.sum(last_u.to(tl.int32), axis=0)).to(tl.float32) * e_off)
+    sum_xu = tl.sum(tl.where(last_u, xu, 0.0), axis=0)
     loss = t_sum * lse - on * (tl.sum(ez * xu, axis=0) + e_off * (sum_x - sum_xu)) * r_z - off * sum_x
     loss = tl.where(ok & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
-    tl.store(loss_out, loss * scale)
+    # before the gradient stores: the count's fence then waits for the loss's add only
+    last = _loss_add(loss * scale, item, part_ptr, cnt_ptr, n_items, STRIPES, KERNEL_SUM)
     # dense gradient: every class gets the off-U target first
     _write_dense_grad(ex, x_row, g_row, mx, tl.fdiv(t_sum * scale, se), (on * e_off * r_z + off) * scale, C, BLOCK_C,
                       SINGLE, FAST)
     tl.debug_barrier()
     # corrections at the classes of U (one write per class: the last entry of its run)
     g_u = (t_sum * _exp2((xu - lse) * _LOG2E, FAST) - (on * ez * r_z + off)) * scale
-    tl.store(g_row + cs, g_u.to(g_row.dtype.element_ty), mask=last)
+    tl.store(g_row + cs, g_u.to(g_row.dtype.element_ty), mask=last_u)
+    _loss_close(last, item, part_ptr, cnt_ptr, loss_ptr, n_items, STRIPES, KERNEL_SUM)
 
 
-# --------------------------------------------------------------------------------------------
-# kernel 1: token rows (loss + gradient), fast path, and cls pooling
-# --------------------------------------------------------------------------------------------
 @triton.jit
-def _token_rows_kernel(
-    x_ptr,  # aux logits [B*N, C], contiguous rows
-    grad_ptr,  # gradient of the aux logits [B*N, C] (written here)
-    row_loss_ptr,  # [B*N] fp32: scaled loss of each token row
-    zc_ptr,  # [B, C] fp32, zero on entry: pooled cls logits (atomically accumulated)
-    val_ptr,  # [B, K, S, S] teacher logits
-    idx_ptr,  # [B, K, S, S] class ids
-    box_ptr,  # [B, 4] fp32 (top, left, height, width), normalised, before the flip
-    flip_ptr,  # [B] uint8
-    list_ptr,  # int32 [rows]: token rows left to the general kernel (cells with more than TS entries)
-    count_ptr,  # int32 scalar, zero on entry: how many rows are in the list
-    n_cls,  # the first n_cls * CLS_CHUNKS programs pool the cls targets of samples 0..n_cls-1 (0: none)
-    b_offset,  # token rows of this launch belong to samples b_offset + row // N (chunked launches)
-    C,  # classes
-    smoothing,  # label smoothing s
-    scale,  # dense_weight / (B * N)
-    N: tl.constexpr, L: tl.constexpr, S: tl.constexpr, K: tl.constexpr,  # tokens (L * L), grid side, map side, top-k
-    VEC: tl.constexpr,  # a power of two dividing C (up to 16 bytes of logits): rows start 16-byte aligned
-    ORIGINAL: tl.constexpr,  # box_order == "original"
-    BLOCK_C: tl.constexpr,  # columns per block of a logits row
-    SINGLE: tl.constexpr,  # the whole row fits one block (kept in registers between passes)
-    TS1: tl.constexpr,  # the small sorted block (a 2 x 2-pixel cell: 4k entries)
-    TS: tl.constexpr,  # tap entries of a cell handled here (the large sorted block)
-    FAST: tl.constexpr,  # compiled (not the interpreter): ex2/lg2 .approx.ftz by inline PTX
-    CLS_CHUNKS: tl.constexpr,  # cdiv(S*S*K, TBC): cls-pooling programs per sample
-    TBC: tl.constexpr,  # tap entries per cls-pooling program
-):
-    pid = tl.program_id(0)
-    n_pool = n_cls * CLS_CHUNKS
-    if pid < n_pool:
-        # ---- cls pooling (1 x 1 RoIAlign) into zc[b, :]: CLS_CHUNKS programs per sample, each one block
-        # of TBC tap entries (a whole-crop pool touches up to S*S*k entries; spread, they do not form a
-        # serial tail behind the token rows). Duplicates accumulate through the atomic adds.
-        b = pid // CLS_CHUNKS
-        a0 = (pid % CLS_CHUNKS) * TBC
-        yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
-            box_ptr, flip_ptr, b, S, 1, 0, 0, K, ORIGINAL)
-        if a0 < n_ent:
-            val_b = val_ptr + b.to(tl.int64) * K * S * S
-            idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-            zrow = zc_ptr + b.to(tl.int64) * C
-            e = a0 + tl.arange(0, TBC)
-            cid, w, valid, bad = _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b,
-                                          S, C, flip)
-            tl.atomic_add(zrow + cid, w, mask=valid)
-            nbad = tl.sum(bad.to(tl.int32), axis=0) + tl.where(a0 == 0, 1 - ok.to(tl.int32), 0)
-            if nbad > 0:  # invalid class ids or box: poison the cls target so the loss is NaN
-                tl.atomic_add(zrow, float("nan"))
-    else:
-        # ---- one token row: sample b, output cell (p, q)
-        row = pid - n_pool
-        b, p, q = _row_cell(row, b_offset, N, L)
-        row64 = row.to(tl.int64)
-        Ca = (C // VEC) * VEC  # == C; written so the compiler sees the alignment (vector loads and stores)
-        x_row = x_ptr + row64 * Ca
-        g_row = grad_ptr + row64 * Ca
-        # 1. the row is requested first; its latency overlaps the geometry and the tap loads
-        x = _row_load(x_row, Ca, BLOCK_C, SINGLE)
-        yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
-            box_ptr, flip_ptr, b, S, L, p, q, K, ORIGINAL)
-        val_b = val_ptr + b.to(tl.int64) * K * S * S
-        idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-        # 2. all taps of the cell in one sorted block: the small one for the common 2 x 2-pixel cell, the
-        #    large one for cells of 3 pixels along an axis; a larger cell (a box beyond the image) goes
-        #    to the general kernel through the list
-        if n_ent <= TS1:
-            _token_row_sorted(x, x_row, g_row, row_loss_ptr + row64, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs,
-                              xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_C, SINGLE, TS1, FAST)
-        elif n_ent <= TS:
-            _token_row_sorted(x, x_row, g_row, row_loss_ptr + row64, n_ent, ncols, r_lo, c_lo, yb, ys, yg, xb, xs,
-                              xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K, BLOCK_C, SINGLE, TS, FAST)
-        else:
-            tl.store(list_ptr + tl.atomic_add(count_ptr, 1), row)
-
-
-# --------------------------------------------------------------------------------------------
-# kernel 1b: the token rows the fast path handed over (cells with more than TS tap entries)
-# --------------------------------------------------------------------------------------------
-@triton.jit
-def _general_rows(i, step, x_ptr, grad_ptr, row_loss_ptr, loss_ptr, val_ptr, idx_ptr, box_ptr, flip_ptr, list_ptr,
-                  count_ptr, b_offset, N, L, C, S, K, smoothing, scale, ORIGINAL: tl.constexpr, BLOCK_C: tl.constexpr,
-                  SINGLE: tl.constexpr, TB: tl.constexpr, FAST: tl.constexpr, TO_LOSS: tl.constexpr):
-    """The token rows handed over by kernel 1 (cells with more than TS tap entries), entries i, i + step, ...
-    of the list. Their losses go to row_loss, or (TO_LOSS: when this runs beside the cls rows, which sum
-    row_loss) straight into the scalar loss by atomic adds."""
-    count = tl.load(count_ptr)
-    s_over_c = smoothing / C
+def _token_row_general(x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo, yb, ys,
+                       yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, C, smoothing, scale, S, K, BLOCK_C: tl.constexpr,
+                       TB: tl.constexpr, FAST: tl.constexpr, STRIPES: tl.constexpr, KERNEL_SUM: tl.constexpr):
+    """Loss (loss item `item`) and gradient of one token row whose cell has more tap entries than the
+    sorted block holds (a box beyond the image; rare): blocks of TB entries deduped with pairwise equality
+    masks, one pass over the blocks for the U statistics and one for the corrections. The row is streamed
+    in blocks of BLOCK_C after the U pass (twice: statistics, gradient), so no row-sized value is live
+    during the pairwise dedupe or across the loss (the one-warp program stays under its register cap)."""
+    s_over_c = tl.fdiv(smoothing, C.to(tl.float32))
     on = 1.0 - smoothing + s_over_c
     off = s_over_c
     t_sum = 1.0 + s_over_c
-    while i < count:
-        row = tl.load(list_ptr + i)
-        b, p, q = _row_cell(row, b_offset, N, L)
-        row64 = row.to(tl.int64)
-        x_row = x_ptr + row64 * C
-        g_row = grad_ptr + row64 * C
-        yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
-            box_ptr, flip_ptr, b, S, L, p, q, K, ORIGINAL)
-        val_b = val_ptr + b.to(tl.int64) * K * S * S
-        idx_b = idx_ptr + b.to(tl.int64) * K * S * S
-        ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, SINGLE, FAST)
-        lse = mx + tl.log(se)
-        m = 0.0
-        sum_ez = 0.0
-        sum_ezx = 0.0
-        sum_xu = 0.0
-        n_u = 0
-        n_bad = 1 - ok.to(tl.int32)
-        a0 = 0
-        while a0 < n_ent:
-            cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g,
-                                                       val_b, idx_b, S, C, flip, TB)
-            xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
-            m, sum_ez, sum_ezx, sum_xu, n_u, n_bad = _u_stats(z, xu, first, bad, m, sum_ez, sum_ezx, sum_xu, n_u,
-                                                              n_bad)
-            a0 += TB
-        e_off = tl.exp(-m)
-        Z = sum_ez + (C - n_u).to(tl.float32) * e_off
-        loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
-        loss = tl.where((n_bad == 0) & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
-        if TO_LOSS:
-            tl.atomic_add(loss_ptr, loss * scale)
-        else:
-            tl.store(row_loss_ptr + row64, loss * scale)
-        _write_dense_grad(ex, x_row, g_row, mx, t_sum * scale / se, (on * e_off / Z + off) * scale, C, BLOCK_C,
-                          SINGLE, FAST)
-        tl.debug_barrier()
-        a0 = 0
-        while a0 < n_ent:
-            cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g,
-                                                       val_b, idx_b, S, C, flip, TB)
-            xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
-            g_u = (t_sum * tl.exp(xu - lse) - (on * tl.exp(z - m) / Z + off)) * scale
-            tl.store(g_row + cid, g_u.to(grad_ptr.dtype.element_ty), mask=first)
-            a0 += TB
-        tl.debug_barrier()
-        i += step
-
-
+    m = 0.0
+    sum_ez = 0.0
+    sum_ezx = 0.0
+    sum_xu = 0.0
+    n_u = 0
+    n_bad = 1 - ok.to(tl.int32)
+    a0 = 0
+    while a0 < n_ent:
+        cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g,
+                                                   val_b, idx_b, S, C, flip, TB)
+        xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
+        m, sum_ez, sum_ezx, sum_xu, n_u, n_bad = _u_stats(z, xu, first, bad, m, sum_ez, sum_ezx, sum_xu, n_u, n_bad)
+        a0 += TB
+    # streamed (not SINGLE: e^{x - max} is not kept across the loss), the row is read again below: L2 hits
+    ex, mx, se, sum_x = _row_lse(x_row, C, BLOCK_C, False, FAST)
+    lse = mx + tl.log(se)
+    e_off = tl.exp(-m)
+    Z = sum_ez + (C - n_u).to(tl.float32) * e_off
+    loss = t_sum * lse - on * (sum_ezx + e_off * (sum_x - sum_xu)) / Z - off * sum_x
+    loss = tl.where((n_bad == 0) & (tl.abs(sum_x) < float("inf")), loss, float("nan"))
+    last = _loss_add(loss * scale, item, part_ptr, cnt_ptr, n_items, STRIPES, KERNEL_SUM)
+    _write_dense_grad(ex, x_row, g_row, mx, t_sum * scale / se, (on * e_off / Z + off) * scale, C, BLOCK_C, False,
+                      FAST)
+    tl.debug_barrier()
+    a0 = 0
+    while a0 < n_ent:
+        cid, z, valid, first, bad = _entries_dedup(a0, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g,
+                                                   val_b, idx_b, S, C, flip, TB)
+        xu = tl.load(x_row + cid, mask=first, other=0.0).to(tl.float32)
+        g_u = (t_sum * tl.exp(xu - lse) - (on * tl.exp(z - m) / Z + off)) * scale
+        tl.store(g_row + cid, g_u.to(g_row.dtype.element_ty), mask=first)
+        a0 += TB
+    _loss_close(last, item, part_ptr, cnt_ptr, loss_ptr, n_items, STRIPES, KERNEL_SUM)
 
 
 @triton.jit
-def _token_rows_general_kernel(
-    x_ptr, grad_ptr, row_loss_ptr, val_ptr, idx_ptr, box_ptr, flip_ptr,  # as kernel 1
-    list_ptr,  # int32: rows handed over by kernel 1
-    count_ptr,  # int32 scalar: their number (read on the device; 0 in the usual case)
-    b_offset, N, L, C, S, K, smoothing, scale,
-    ORIGINAL: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-    TB: tl.constexpr,  # tap entries per dedupe block (blocks of entries, pairwise equality per block pair)
-    FAST: tl.constexpr,  # as kernel 1
-):
-    _general_rows(tl.program_id(0), tl.num_programs(0), x_ptr, grad_ptr, row_loss_ptr, row_loss_ptr, val_ptr, idx_ptr,
-                  box_ptr, flip_ptr, list_ptr, count_ptr, b_offset, N, L, C, S, K, smoothing, scale, ORIGINAL, BLOCK_C,
-                  SINGLE, TB, FAST, False)
-
-
-# --------------------------------------------------------------------------------------------
-# kernel 2: cls rows (target from the pooled logits, GT blend, MixToken) + loss reduction
-# --------------------------------------------------------------------------------------------
-@triton.jit
-def _cls_rows_kernel(
-    x_ptr,  # cls logits [B, C]
-    grad_ptr,  # gradient of the cls logits [B, C]
-    zc_ptr,  # [B, C] fp32 pooled cls logits from kernel 1
-    row_loss_ptr,  # [B*N] scaled token-row losses from kernel 1
-    loss_ptr,  # fp32 scalar, zero on entry
-    gt_ptr,  # [B] ground-truth classes (read only when GT)
-    mix_ptr,  # [4] MixToken box (r0, c0, r1, c1) (read only when MIX_FROM_PTR)
-    B, N, C,
-    smoothing,
-    lam_arg,  # lambda' = 1 - box area / N, when given on the host
-    scale,  # cls_weight / B
-    # programs B.. handle the token rows kernel 1 handed over (general path), as kernel 1b with TO_LOSS:
-    aux_ptr, aux_grad_ptr, val_ptr, idx_ptr, box_ptr, flip_ptr, list_ptr, count_ptr, L, S, K, tok_scale,
-    GT: tl.constexpr,
-    MIX_FROM_PTR: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    GENERAL: tl.constexpr,  # the general-row programs are launched (else the token arguments are unused)
-    ORIGINAL: tl.constexpr, BLOCK_T: tl.constexpr, SINGLE_T: tl.constexpr, TB: tl.constexpr, FAST: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if GENERAL:
-        if pid >= B:  # one launch less: the general rows run beside the cls rows (losses by atomic adds)
-            _general_rows(pid - B, tl.num_programs(0) - B, aux_ptr, aux_grad_ptr, row_loss_ptr, loss_ptr, val_ptr,
-                          idx_ptr, box_ptr, flip_ptr, list_ptr, count_ptr, 0, N, L, C, S, K, smoothing, tok_scale,
-                          ORIGINAL, BLOCK_T, SINGLE_T, TB, FAST, True)
-        else:
-            _cls_row(pid, x_ptr, grad_ptr, zc_ptr, row_loss_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, smoothing,
-                     lam_arg, scale, GT, MIX_FROM_PTR, BLOCK_C, BLOCK_N)
-    else:
-        _cls_row(pid, x_ptr, grad_ptr, zc_ptr, row_loss_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, smoothing, lam_arg,
-                 scale, GT, MIX_FROM_PTR, BLOCK_C, BLOCK_N)
+def _pair_block(z_b, z_p, x_b, x_p, idx, Cz, Cx, Z_OTHER: tl.constexpr, X_OTHER: tl.constexpr):
+    """Columns idx of the pair's two pooled rows (read from L2, ".cg": written by other programs' atomics,
+    never served from an L1 line this SM may have fetched before they were complete) and of its two cls
+    logits rows (fp32)."""
+    zb = tl.load(z_b + idx, mask=idx < Cz, other=Z_OTHER, cache_modifier=".cg")
+    zp = tl.load(z_p + idx, mask=idx < Cz, other=Z_OTHER, cache_modifier=".cg")
+    xb = tl.load(x_b + idx, mask=idx < Cx, other=X_OTHER).to(tl.float32)
+    xp = tl.load(x_p + idx, mask=idx < Cx, other=X_OTHER).to(tl.float32)
+    return zb, zp, xb, xp
 
 
 @triton.jit
-def _cls_row(b, x_ptr, grad_ptr, zc_ptr, row_loss_ptr, loss_ptr, gt_ptr, mix_ptr, B, N, C, smoothing, lam_arg, scale,
-             GT: tl.constexpr, MIX_FROM_PTR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """cls row b: its target from the pooled logits, the loss and gradient, and the sample's token losses."""
+def _cls_pair(b, x_ptr, grad_ptr, zc_ptr, part_ptr, cnt_ptr, loss_ptr, n_items, gt_ptr, mix_ptr, B, N, C, smoothing,
+              lam_arg, scale, GT: tl.constexpr, MIX_FROM_PTR: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+              VEC_Z: tl.constexpr, FAST: tl.constexpr, STRIPES: tl.constexpr, KERNEL_SUM: tl.constexpr):
+    """The cls rows of the MixToken pair {b, B-1-b} (one row when b is the middle of an odd batch): each
+    target from the pooled logits of both samples (complete: the caller holds the pair's last ticket), the
+    loss of both rows (one loss item, B * N + b, after the B * N token rows) and their gradients.
+
+    Both rows read the same two pooled rows (their own and the partner's, roles swapped), so one set of
+    passes serves both: 3 passes over blocks of BLOCK_C columns instead of 3 per row. VEC / VEC_Z: powers
+    of two dividing C (up to 16 bytes of the logits / of fp32); the row lengths and block offsets are
+    written so the compiler sees 16-byte alignment (vector loads, one address per vector)."""
     bp = B - 1 - b  # MixToken partner: the batch reversed
+    two = bp != b
     cols = tl.arange(0, BLOCK_C)
+    Cx = (C // VEC) * VEC  # == C
+    Cz = (C // VEC_Z) * VEC_Z  # == C
     s_over_c = smoothing / C
     on = 1.0 - smoothing + s_over_c
     off = s_over_c
@@ -573,51 +499,51 @@ def _cls_row(b, x_ptr, grad_ptr, zc_ptr, row_loss_ptr, loss_ptr, gt_ptr, mix_ptr
         lam = lam_arg
     b64 = b.to(tl.int64)
     bp64 = bp.to(tl.int64)
-    z_b = zc_ptr + b64 * C
-    z_p = zc_ptr + bp64 * C
-    x_row = x_ptr + b64 * C
-    g_row = grad_ptr + b64 * C
-
-    # A. maxima (+ first argmax, torch's tie-breaking) of both pooled rows; online lse of x
+    z_b = zc_ptr + b64 * Cz
+    z_p = zc_ptr + bp64 * Cz
+    x_b = x_ptr + b64 * Cx
+    x_p = x_ptr + bp64 * Cx
+    n_blk = tl.cdiv(C, BLOCK_C)
+    # A. maxima (+ first argmax, torch's tie-breaking) of both pooled rows; online lse of both logits rows
     mz_b = float("-inf")
     mz_p = float("-inf")
     az_b = 0
     az_p = 0
-    mx = float("-inf")
-    se = 0.0
-    c0 = 0
-    while c0 < C:
-        mask = c0 + cols < C
-        zb = tl.load(z_b + c0 + cols, mask=mask, other=float("-inf"))
-        zp = tl.load(z_p + c0 + cols, mask=mask, other=float("-inf"))
+    mx_b = float("-inf")
+    mx_p = float("-inf")
+    se_b = 0.0
+    se_p = 0.0
+    blk = 0
+    while blk < n_blk:
+        idx = blk * BLOCK_C + cols
+        zb, zp, xb, xp = _pair_block(z_b, z_p, x_b, x_p, idx, Cz, Cx, float("-inf"), float("-inf"))
         vb = tl.max(zb, axis=0)
         vp = tl.max(zp, axis=0)
-        ib = tl.argmax(zb, axis=0, tie_break_left=True) + c0
-        ip = tl.argmax(zp, axis=0, tie_break_left=True) + c0
-        az_b = tl.where(vb > mz_b, ib, az_b)
-        az_p = tl.where(vp > mz_p, ip, az_p)
+        az_b = tl.where(vb > mz_b, tl.argmax(zb, axis=0, tie_break_left=True) + blk * BLOCK_C, az_b)
+        az_p = tl.where(vp > mz_p, tl.argmax(zp, axis=0, tie_break_left=True) + blk * BLOCK_C, az_p)
         mz_b = tl.maximum(mz_b, vb)
         mz_p = tl.maximum(mz_p, vp)
-        xb_ = tl.load(x_row + c0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(mx, tl.max(xb_, axis=0))
-        se = se * tl.exp(mx - m_new) + tl.sum(tl.where(mask, tl.exp(xb_ - m_new), 0.0), axis=0)
-        mx = m_new
-        c0 += BLOCK_C
-    lse = mx + tl.log(se)
-    # B. softmax denominators of the pooled rows (NaN-poisoned rows stay NaN)
+        m_b = tl.maximum(mx_b, tl.max(xb, axis=0))
+        m_p = tl.maximum(mx_p, tl.max(xp, axis=0))
+        se_b = se_b * _exp2((mx_b - m_b) * _LOG2E, FAST) + tl.sum(_exp2((xb - m_b) * _LOG2E, FAST), axis=0)
+        se_p = se_p * _exp2((mx_p - m_p) * _LOG2E, FAST) + tl.sum(_exp2((xp - m_p) * _LOG2E, FAST), axis=0)
+        mx_b = m_b
+        mx_p = m_p
+        blk += 1
+    lse_b = mx_b + tl.log(se_b)
+    lse_p = mx_p + tl.log(se_p)
+    # B. softmax denominators of the pooled rows (NaN-poisoned rows stay NaN); non-finite logits
     sz_b = 0.0
     sz_p = 0.0
     nonfinite = 0
-    c0 = 0
-    while c0 < C:
-        mask = c0 + cols < C
-        zb = tl.load(z_b + c0 + cols, mask=mask, other=0.0)
-        zp = tl.load(z_p + c0 + cols, mask=mask, other=0.0)
-        sz_b += tl.sum(tl.where(mask, tl.exp(zb - mz_b), 0.0), axis=0)
-        sz_p += tl.sum(tl.where(mask, tl.exp(zp - mz_p), 0.0), axis=0)
-        xb_ = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-        nonfinite += tl.sum((mask & ~(tl.abs(xb_) < float("inf"))).to(tl.int32), axis=0)
-        c0 += BLOCK_C
+    blk = 0
+    while blk < n_blk:
+        idx = blk * BLOCK_C + cols
+        zb, zp, xb, xp = _pair_block(z_b, z_p, x_b, x_p, idx, Cz, Cx, float("-inf"), 0.0)
+        sz_b += tl.sum(_exp2((zb - mz_b) * _LOG2E, FAST), axis=0)  # 0 at the masked columns
+        sz_p += tl.sum(_exp2((zp - mz_p) * _LOG2E, FAST), axis=0)
+        nonfinite += tl.sum((~(tl.abs(xb) < float("inf")) | ~(tl.abs(xp) < float("inf"))).to(tl.int32), axis=0)
+        blk += 1
     # ground-truth blend ratios (§2.6: 0.5 when the GT's argmax agrees with the target's, else 0.9)
     if GT:
         g_b = tl.load(gt_ptr + b).to(tl.int32)
@@ -633,34 +559,150 @@ def _cls_row(b, x_ptr, grad_ptr, zc_ptr, row_loss_ptr, loss_ptr, gt_ptr, mix_ptr
         g_p = -1
         r_b = 1.0
         r_p = 1.0
-    # sum of the final target: blended columns sum to r(1 + s/C) + (1 - r); mixing is convex
-    t_sum = lam * (r_b * (1.0 + s_over_c) + 1.0 - r_b) + (1.0 - lam) * (r_p * (1.0 + s_over_c) + 1.0 - r_p)
-    # C. target, loss and gradient
-    sum_tx = 0.0
-    c0 = 0
-    while c0 < C:
-        idx = c0 + cols
-        mask = idx < C
-        zb = tl.load(z_b + idx, mask=mask, other=0.0)
-        zp = tl.load(z_p + idx, mask=mask, other=0.0)
-        tb = r_b * (on * tl.exp(zb - mz_b) / sz_b + off) + (1.0 - r_b) * tl.where(idx == g_b, on, off)
-        tp = r_p * (on * tl.exp(zp - mz_p) / sz_p + off) + (1.0 - r_p) * tl.where(idx == g_p, on, off)
-        t = lam * tb + (1.0 - lam) * tp
-        xb_ = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
-        sum_tx += tl.sum(tl.where(mask, t * xb_, 0.0), axis=0)
-        g = (t_sum * tl.exp(xb_ - lse) - t) * scale
-        tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
-        c0 += BLOCK_C
-    loss = (t_sum * lse - sum_tx) * scale
-    loss = tl.where(nonfinite > 0, float("nan"), loss)
-    # D. this sample's token-row losses join the scalar
-    offs = tl.arange(0, BLOCK_N)
-    tok = 0.0
-    n0 = 0
-    while n0 < N:
-        tok += tl.sum(tl.load(row_loss_ptr + b64 * N + n0 + offs, mask=n0 + offs < N, other=0.0), axis=0)
-        n0 += BLOCK_N
-    tl.atomic_add(loss_ptr, loss + tok)
+    # each sample's own target T = r * (on * softmax(z) + off) + (1 - r) * (smoothed one-hot of its GT); the
+    # row of b takes lam * T_b + (1 - lam) * T_p, the row of bp the roles swapped. Sums: a blended target
+    # sums to r (1 + s/C) + 1 - r (mixing is convex)
+    sum_b = r_b * (1.0 + s_over_c) + 1.0 - r_b
+    sum_p = r_p * (1.0 + s_over_c) + 1.0 - r_p
+    ts_b = lam * sum_b + (1.0 - lam) * sum_p
+    ts_p = lam * sum_p + (1.0 - lam) * sum_b
+    on_b = r_b * on / sz_b  # the divisions hoisted out of the column loop
+    on_p = r_p * on / sz_p
+    # C. targets, losses and gradients of both rows
+    sum_tx_b = 0.0
+    sum_tx_p = 0.0
+    blk = 0
+    while blk < n_blk:
+        idx = blk * BLOCK_C + cols
+        zb, zp, xb, xp = _pair_block(z_b, z_p, x_b, x_p, idx, Cz, Cx, 0.0, 0.0)
+        tb = on_b * _exp2((zb - mz_b) * _LOG2E, FAST) + r_b * off + (1.0 - r_b) * tl.where(idx == g_b, on, off)
+        tp = on_p * _exp2((zp - mz_p) * _LOG2E, FAST) + r_p * off + (1.0 - r_p) * tl.where(idx == g_p, on, off)
+        t_b = lam * tb + (1.0 - lam) * tp
+        t_p = lam * tp + (1.0 - lam) * tb
+        sum_tx_b += tl.sum(tl.where(idx < C, t_b * xb, 0.0), axis=0)
+        sum_tx_p += tl.sum(tl.where(idx < C, t_p * xp, 0.0), axis=0)
+        gb = (ts_b * _exp2((xb - lse_b) * _LOG2E, FAST) - t_b) * scale
+        gp = (ts_p * _exp2((xp - lse_p) * _LOG2E, FAST) - t_p) * scale
+        tl.store(grad_ptr + b64 * Cx + idx, gb.to(grad_ptr.dtype.element_ty), mask=idx < Cx)
+        tl.store(grad_ptr + bp64 * Cx + idx, gp.to(grad_ptr.dtype.element_ty), mask=(idx < Cx) & two)
+        blk += 1
+    loss = (ts_b * lse_b - sum_tx_b) + tl.where(two, ts_p * lse_p - sum_tx_p, 0.0)
+    loss = tl.where(nonfinite > 0, float("nan"), loss * scale)
+    item = B * N + b
+    last = _loss_add(loss, item, part_ptr, cnt_ptr, n_items, STRIPES, KERNEL_SUM)
+    _loss_close(last, item, part_ptr, cnt_ptr, loss_ptr, n_items, STRIPES, KERNEL_SUM)
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel: cls pooling (+ cls rows by the last pooling program of each pair), then token rows
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _token_rows_kernel(
+    x_ptr,  # aux logits [B*N, C], contiguous rows
+    grad_ptr,  # gradient of the aux logits [B*N, C] (written here)
+    loss_ptr,  # fp32 scalar: the loss, stored once by the program that closes the last stripe (KERNEL_SUM)
+    part_ptr,  # fp32 [STRIPES lines of 32 words], zero on entry: word 0 of line s is the partial sum of stripe s
+    cnt_ptr,  # int32 view of the same lines: word 1 counts the stripe's items; line STRIPES: closed stripes
+    zc_ptr,  # [B, C] fp32, zero on entry: pooled cls logits (atomically accumulated)
+    ticket_ptr,  # int32 [B], zero on entry: pooling programs finished, per MixToken pair (index min(b, B-1-b))
+    val_ptr,  # [B, K, S, S] teacher logits
+    idx_ptr,  # [B, K, S, S] class ids
+    box_ptr,  # [B, 4] (top, left, height, width), normalised, before the flip (any float dtype)
+    flip_ptr,  # [B] flips (any integer dtype, != 0 = flipped)
+    xc_ptr,  # cls logits [B, C] (read only when n_cls > 0)
+    gc_ptr,  # their gradient [B, C] (written only when n_cls > 0)
+    gt_ptr,  # [B] ground-truth classes (read only when GT)
+    mix_ptr,  # [4] MixToken box (r0, c0, r1, c1) (read only when MIX_FROM_PTR)
+    n_cls,  # B: the first B * CLS_CHUNKS programs do the cls rows of the whole batch; 0: none (later chunks)
+    n_items,  # loss items of the whole forward (all launches): B * N token rows + ceil(B / 2) cls pairs
+    b_offset,  # token rows of this launch belong to samples b_offset + row // N (chunked launches)
+    C,  # classes
+    smoothing,  # label smoothing s
+    scale,  # dense_weight / (B * N)
+    lam_arg,  # lambda' = 1 - box area / N, when given on the host
+    cls_scale,  # cls_weight / B
+    N: tl.constexpr, L: tl.constexpr, S: tl.constexpr, K: tl.constexpr,  # tokens (L * L), grid side, map side, top-k
+    VEC: tl.constexpr,  # a power of two dividing C (up to 16 bytes of logits): rows start 16-byte aligned
+    ORIGINAL: tl.constexpr,  # box_order == "original"
+    BLOCK_C: tl.constexpr,  # columns per block of a logits row
+    SINGLE: tl.constexpr,  # the whole row fits one block (kept in registers between passes)
+    TS1: tl.constexpr,  # the small sorted block (a 2 x 2-pixel cell: 4k entries)
+    TS: tl.constexpr,  # the large sorted block; cells with more tap entries take the general path
+    TB: tl.constexpr,  # tap entries per block of the general path (pairwise equality per block pair)
+    FAST: tl.constexpr,  # compiled (not the interpreter): ex2/lg2 .approx.ftz by inline PTX
+    CLS_CHUNKS: tl.constexpr,  # cdiv(S*S*K, TBC): cls-pooling programs per sample
+    TBC: tl.constexpr,  # tap entries per cls-pooling program
+    GT: tl.constexpr,  # ground-truth blend of the cls targets
+    MIX_FROM_PTR: tl.constexpr,  # lambda from the MixToken box on the device
+    BLOCK_LOOP: tl.constexpr,  # columns per block where rows are walked in a loop (cls pair, general token rows)
+    VEC_CLS: tl.constexpr,  # as VEC, for the cls logits' dtype
+    VEC_Z: tl.constexpr,  # as VEC, for fp32 (the pooled rows)
+    STRIPES: tl.constexpr,  # partial sums of the loss (a power of two), see _loss_add
+    KERNEL_SUM: tl.constexpr,  # the launch sums the partials into loss_ptr (else torch does, after it)
+):
+    pid = tl.program_id(0)
+    n_pool = n_cls * CLS_CHUNKS
+    if pid < n_pool:
+        # ---- cls pooling (1 x 1 RoIAlign) into zc[b, :]: CLS_CHUNKS programs per sample, each one block
+        # of TBC tap entries (a whole-crop pool touches up to S*S*k entries; spread, they do not form a
+        # serial tail behind the token rows). Duplicates accumulate through the atomic adds.
+        b = pid // CLS_CHUNKS
+        a0 = (pid % CLS_CHUNKS) * TBC
+        yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
+            box_ptr, flip_ptr, b, S, 1, 0, 0, K, ORIGINAL)
+        zrow = zc_ptr + b.to(tl.int64) * C  # scattered adds: no alignment to show
+        if a0 < n_ent:
+            val_b = val_ptr + b.to(tl.int64) * K * S * S
+            idx_b = idx_ptr + b.to(tl.int64) * K * S * S
+            e = a0 + tl.arange(0, TBC)
+            cid, w, valid, bad = _entries(e, n_ent, ncols, K, r_lo, c_lo, yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b,
+                                          S, C, flip)
+            # relaxed: no fence per add; the ticket below orders them all at once
+            tl.atomic_add(zrow + cid, w, mask=valid, sem="relaxed")
+            nbad = tl.sum(bad.to(tl.int32), axis=0) + tl.where(a0 == 0, 1 - ok.to(tl.int32), 0)
+            if nbad > 0:  # invalid class ids or box: poison the cls target so the loss is NaN
+                tl.atomic_add(zrow, float("nan"), sem="relaxed")
+        # ---- ticket: the pair {b, B-1-b} (the middle sample of an odd batch pairs with itself) is complete
+        # when all its pooling programs have added; the CTA barrier puts every thread's adds before the
+        # ticket's release, and the last program's acquire makes all of them visible to it
+        bp = n_cls - 1 - b
+        pair = tl.minimum(b, bp)
+        tl.debug_barrier()
+        done = tl.atomic_add(ticket_ptr + pair, 1, sem="acq_rel")
+        if done == tl.where(b == bp, CLS_CHUNKS, 2 * CLS_CHUNKS) - 1:
+            _cls_pair(pair, xc_ptr, gc_ptr, zc_ptr, part_ptr, cnt_ptr, loss_ptr, n_items, gt_ptr, mix_ptr, n_cls, N, C,
+                      smoothing, lam_arg, cls_scale, GT, MIX_FROM_PTR, BLOCK_LOOP, VEC_CLS, VEC_Z, FAST, STRIPES,
+                      KERNEL_SUM)
+    else:
+        # ---- one token row: sample b, output cell (p, q)
+        row = pid - n_pool
+        b, p, q = _row_cell(row, b_offset, N, L)
+        row64 = row.to(tl.int64)
+        Ca = (C // VEC) * VEC  # == C; written so the compiler sees the alignment (vector loads and stores)
+        x_row = x_ptr + row64 * Ca
+        g_row = grad_ptr + row64 * Ca
+        item = b_offset * N + row  # the row's loss item: its row in the whole batch
+        # 1. the row is requested first; its latency overlaps the geometry and the tap loads
+        x = _row_load(x_row, Ca, BLOCK_C, SINGLE)
+        yb, ys, yg, r_lo, xb, xs, xg, c_lo, ncols, n_ent, flip, ok, inv_g = _sample_geometry(
+            box_ptr, flip_ptr, b, S, L, p, q, K, ORIGINAL)
+        val_b = val_ptr + b.to(tl.int64) * K * S * S
+        idx_b = idx_ptr + b.to(tl.int64) * K * S * S
+        # 2. all taps of the cell in one sorted block: the small one for the common 2 x 2-pixel cell, the
+        #    large one for cells of 3 pixels along an axis; a larger cell (a box beyond the image) takes the
+        #    general path in this program
+        if n_ent <= TS1:
+            _token_row_sorted(x, x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo,
+                              yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K,
+                              BLOCK_C, SINGLE, TS1, FAST, STRIPES, KERNEL_SUM)
+        elif n_ent <= TS:
+            _token_row_sorted(x, x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo,
+                              yb, ys, yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K,
+                              BLOCK_C, SINGLE, TS, FAST, STRIPES, KERNEL_SUM)
+        else:
+            _token_row_general(x_row, g_row, item, part_ptr, cnt_ptr, loss_ptr, n_items, n_ent, ncols, r_lo, c_lo, yb,
+                               ys, yg, xb, xs, xg, inv_g, val_b, idx_b, flip, ok, Ca, smoothing, scale, S, K,
+                               BLOCK_LOOP, TB, FAST, STRIPES, KERNEL_SUM)
 
 
 @triton.jit
@@ -691,27 +733,33 @@ def _scale2_kernel(a_ptr, na, b_ptr, nb, go_ptr, BLOCK: tl.constexpr):
 # launcher
 # --------------------------------------------------------------------------------------------
 _MAX_SINGLE_BLOCK = 8192
-# Tap entries per dedupe block. A token cell of a typical crop (bin <= 1 map pixel, grid 1) touches
-# 2 x 2 map pixels = 4k entries; larger cells loop over more blocks. None = next_pow2(4k), >= 16.
-_TB = None
+_TB = None  # tap entries per block of the general path; None = _tap_block(K, S, L, num_warps)
 _TS = None  # None = _sorted_block(K, S, L)
 _TS1 = None  # None = _small_sorted_block(K)
 _NUM_WARPS = None  # None = 1 for rows up to 1024 columns, else 8 (kernels/_tune.py sweeps it)
-# Register cap of the one-warp token-row kernel: 64 registers let 32 one-warp programs share an SM (the
-# resident-block limit) without spills (72 uncapped: 28). 0 = no cap (the sweep compares both).
+# Register cap of the kernel (maxnreg): 64 registers let 32 one-warp programs share an SM (the resident-block
+# limit) without spills (72 uncapped: 28). 0 = no cap (the sweep compares both). See _reg_cap for more warps.
 _MAXNREG = 64
 
 
 def _reg_cap(num_warps):
-    return {"maxnreg": _MAXNREG} if (_MAXNREG and num_warps == 1) else {}
+    """maxnreg of the launch: _MAXNREG on one-warp launches; none on more warps (C > 1024), v5's rule. v6 capped
+    those too (64, or 48 + 2 per kept column per thread) and measured 1.87 ms at C 21,841 against 1.24 ms
+    for the same kernel uncapped (79 registers, no spills)."""
+    if num_warps == 1 and _MAXNREG:
+        return {"maxnreg": _MAXNREG}
+    return {}
 
 
-def _tap_block(K, S, L):
-    """Entries per dedupe block: 4k covers a cell whose bins are at most ~2 map pixels (L >= S/2);
-    coarser grids touch up to (ceil(S/L) + 1)^2 pixels per cell, so the block grows (to 64 at most) to
-    keep the number of [TB, TB] block pairs of the O(T^2) dedupe small."""
+def _tap_block(K, S, L, num_warps):
+    """Entries per block of the general path (cells with more taps than the large sorted block). One warp:
+    16, so a [TB, TB] equality mask is 8 values per thread and the path fits the register cap. More warps:
+    4k, growing (to 64 at most) for coarse grids (up to (ceil(S/L) + 1)^2 pixels per cell) to keep the
+    number of [TB, TB] block pairs of the O(T^2) dedupe small."""
     if _TB:
         return _TB
+    if num_warps == 1 and not _INTERPRET:  # (the interpreter has no registers: fewer, larger blocks)
+        return 16
     tb = max(16, triton.next_power_of_2(4 * K))
     if 2 * L < S:
         cells = min(S, -(-S // L) + 1)
@@ -750,24 +798,40 @@ def _row_block(C):
 
 
 class _Workspace:
-    """Kernel inputs in kernel layout plus the small fp32 buffers: zc [B, C], row losses [B*N], loss.
+    """Kernel inputs in kernel layout plus the small buffers the atomics add into, in one int32 allocation
+    zeroed by one fill launch: zc [B, C] (fp32 pooled cls logits; first, so its rows start 16-byte aligned),
+    the loss (fp32 scalar), one ticket counter per MixToken pair (int32 [B]), then from the next 128-byte line
+    on `stripes` lines of the loss's partial sums (word 0: fp32 partial, word 1: int32 item count) and one line
+    for the count of closed stripes.
 
-    One allocation and one fill launch for all three (zc and the loss must start at zero: atomics add
-    into them); the inputs are passed as they are whenever the kernels can read them directly (any
-    float box dtype, any integer flip dtype are converted on load), so no cast or copy kernels run.
+    The inputs are passed as they are whenever the kernel can read them directly (any float box dtype, any
+    integer flip dtype are converted on load), so no cast or copy kernels run.
+
+    stripes (a power of two, default _STRIPES) and kernel_sum (default False: torch sums the partials after
+    the launch, one more small launch; True: the launch itself sums them into the scalar through per-stripe
+    counts) are for timing comparisons. The torch sum is the default because it measured faster on the H100
+    (2026-11-25, CUDA-graph fwd+bwd: S/224 49.4 vs 51.9 us, S/384 64.4 vs 68.2, C 21,841 1,247 vs 1,295):
+    the in-kernel sum's release count and fence cost each row two L2 round trips before its stores.
     """
 
-    def __init__(self, label_values, label_indices, boxes, flips, B, N, C):
+    def __init__(self, label_values, label_indices, boxes, flips, B, N, C, stripes=None, kernel_sum=False):
         dev = label_values.device
-        # one zero fill: loss, zc, row losses (fp32 views) and one list counter per sample (int32 view; a
-        # chunked launch uses the counter of its first sample), then the list of handed-over rows
-        buf = torch.zeros(1 + B * C + B * N + B + B * N, device=dev, dtype=torch.int32)
+        stripes = _STRIPES if stripes is None else stripes
+        if not (isinstance(stripes, int) and 1 <= stripes <= 4096 and stripes & (stripes - 1) == 0):
+            raise ValueError(f"stripes must be a power of two in [1, 4096], got {stripes!r}")
+        line = _LINE.value
+        head = B * C + 1 + B
+        base = -(-head // line) * line  # the stripes start on a 128-byte line (the allocation is aligned)
+        buf = torch.zeros(base + (stripes + 1) * line, device=dev, dtype=torch.int32)
         fbuf = buf.view(torch.float32)
-        self.loss = fbuf[0]
-        self.zc = fbuf[1:1 + B * C].view(B, C)
-        self.row_loss = fbuf[1 + B * C:1 + B * C + B * N]
-        self.counts = buf[1 + B * C + B * N:1 + B * C + B * N + B]
-        self.rows = buf[1 + B * C + B * N + B:]
+        self.zc = fbuf[:B * C].view(B, C)
+        self.loss = fbuf[B * C]
+        self.tickets = buf[B * C + 1:head]
+        self.counts = buf[base:]  # word 1 of each stripe's line; the line after the stripes: closed stripes
+        self.partials = fbuf[base:]  # word 0 of each stripe's line
+        self.stripes = stripes
+        self.kernel_sum = bool(kernel_sum)
+        self.n_items = B * N + (B + 1) // 2  # loss items: the token rows, then the cls pairs {b, B-1-b}
         self.values = label_values if label_values.is_contiguous() else label_values.contiguous()
         self.indices = label_indices if label_indices.is_contiguous() else label_indices.contiguous()
         self.boxes = boxes if boxes.is_contiguous() else boxes.contiguous()
@@ -778,11 +842,23 @@ class _Workspace:
         K, S = label_values.shape[1], label_values.shape[-1]
         self.block_c, self.single = _row_block(C)
         self.num_warps = _NUM_WARPS or (1 if self.block_c <= 1024 else 8)
-        self.tb = _tap_block(K, S, math.isqrt(N))
+        self.tb = _tap_block(K, S, math.isqrt(N), self.num_warps)
         self.ts = _sorted_block(K, S, math.isqrt(N))
         self.ts1 = _small_sorted_block(K)
         self.tbc = 128
         self.cls_chunks = triton.cdiv(S * S * K, self.tbc)
+        # rows walked in a loop (the cls pair: 4 rows at once; the general token rows) take blocks of 2 x VEC_Z
+        # columns per thread (8 when rows are 16-byte aligned: vector loads; 2 when every column needs its own
+        # address), so these rare paths fit the token rows' register cap without spills (checked in SASS)
+        self.block_loop = min(triton.next_power_of_2(C), 2 * _row_vec(C, 4) * 32 * self.num_warps)
+
+    def stripe_partials(self):
+        """The partial sums (a strided view: word 0 of each stripe's line)."""
+        return self.partials[:self.stripes * _LINE.value:_LINE.value]
+
+    def total_loss(self):
+        """The loss after the launches: the scalar the kernel stored, or (kernel_sum False) one torch sum."""
+        return self.loss if self.kernel_sum else self.stripe_partials().sum()
 
 
 _workspace = _Workspace
@@ -791,41 +867,54 @@ _workspace = _Workspace
 _SM_COUNT = {}
 
 
-def _general_programs(device):
-    """Programs of the general kernel: 2 per SM on CUDA (it loops over the list), 4 elsewhere."""
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (2 elsewhere: the interpreter)."""
     if device.type != "cuda":
-        return 4
+        return 2
     if device.index not in _SM_COUNT:
         _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 2 * _SM_COUNT[device.index]
+    return _SM_COUNT[device.index]
 
 
-def launch_token_rows(x, grad, row_loss, w, n_cls, b_offset, rows, N, C, smoothing, scale, original, general=True):
-    """Kernel 1 over ``rows`` token rows of ``x`` (samples from b_offset on), plus the cls pooling of
-    samples 0..n_cls-1 (n_cls 0: none) into w.zc. ``general``: also launch kernel 1b for the rows handed
-    over (False: the cls launch takes them, see _cls_launch)."""
+def launch_token_rows(x, grad, w, b_offset, rows, N, C, smoothing, scale, original, cls=None):
+    """The kernel over ``rows`` token rows of ``x`` (samples from b_offset on); their scaled losses go into
+    w's partial sums (loss items b_offset * N + row), and whichever launch completes the forward's last item
+    stores the total into w.loss (w.kernel_sum). ``cls`` = (cls logits [B, C], their gradient, gt_classes or
+    None, mix tensor or None, lam, cls_weight, ground_truth): the same launch also pools the cls targets of
+    the whole batch and writes the cls rows' loss and gradient (in one launch per forward; None: token rows
+    only)."""
     K, S = w.values.shape[1], w.values.shape[-1]
     L = math.isqrt(N)
-    lst, count = w.rows[b_offset * N:], w.counts[b_offset:]
+    if cls is not None:
+        x_cls, grad_cls, gt_classes, mix_tensor, lam, cls_weight, ground_truth = cls
+        n_cls = x_cls.shape[0]
+        gt = gt_classes if (ground_truth and gt_classes is not None) else w.zc  # placeholder when unused
+        mix = mix_tensor if mix_tensor is not None else w.zc
+        cls_args = (x_cls, grad_cls, gt, mix)
+        cls_vals = (float(lam), float(cls_weight) / n_cls)
+        vec_cls = _row_vec(C, x_cls.element_size())
+        cls_kw = dict(GT=bool(ground_truth and gt_classes is not None), MIX_FROM_PTR=mix_tensor is not None)
+    else:  # placeholders the kernel never reads
+        n_cls = 0
+        cls_args = (x, grad, w.zc, w.zc)
+        cls_vals = (1.0, 0.0)
+        vec_cls = _row_vec(C, x.element_size())  # (as the token rows: vector accesses in the unused cls code)
+        cls_kw = dict(GT=False, MIX_FROM_PTR=False)
     _token_rows_kernel[(n_cls * w.cls_chunks + rows,)](
-        x, grad, row_loss, w.zc, w.values, w.indices, w.boxes, w.flips, lst, count, n_cls, b_offset, C,
-        float(smoothing), float(scale), N=N, L=L, S=S, K=K, VEC=_row_vec(C, x.element_size()),
-        ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TS1=min(w.ts1, w.ts), TS=w.ts, FAST=not _INTERPRET,
-        CLS_CHUNKS=w.cls_chunks, TBC=w.tbc, num_warps=w.num_warps, **_reg_cap(w.num_warps))
-    if not general:
-        return
-    # rows whose cell has more than TS tap entries (boxes beyond the image; usually none): a small
-    # persistent grid reads their count on the device, so the host never waits
-    _token_rows_general_kernel[(min(rows, _general_programs(x.device)),)](
-        x, grad, row_loss, w.values, w.indices, w.boxes, w.flips, lst, count, b_offset, N, L, C, S, K,
-        float(smoothing), float(scale), ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single, TB=w.tb,
-        FAST=not _INTERPRET, num_warps=4 if w.block_c <= 1024 else 8)
+        x, grad, w.loss, w.partials, w.counts, w.zc, w.tickets, w.values, w.indices, w.boxes, w.flips, *cls_args,
+        n_cls, w.n_items, b_offset, C, float(smoothing), float(scale), *cls_vals, N=N, L=L, S=S, K=K,
+        VEC=_row_vec(C, x.element_size()), ORIGINAL=bool(original), BLOCK_C=w.block_c, SINGLE=w.single,
+        TS1=min(w.ts1, w.ts), TS=w.ts, TB=w.tb, FAST=not _INTERPRET, CLS_CHUNKS=w.cls_chunks, TBC=w.tbc,
+        BLOCK_LOOP=w.block_loop, VEC_CLS=vec_cls, VEC_Z=_row_vec(C, 4), STRIPES=w.stripes,
+        KERNEL_SUM=w.kernel_sum, num_warps=w.num_warps, **cls_kw, **_reg_cap(w.num_warps))
 
 
 def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
                            gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original,
-                           grad_cls=None, grad_aux=None):
-    """Launch both kernels. Returns (loss fp32 scalar, grad_cls, grad_aux); inputs already validated.
+                           grad_cls=None, grad_aux=None, stripes=None, kernel_sum=False):
+    """The workspace fill and one launch. Returns (loss fp32 scalar, grad_cls, grad_aux); inputs already
+    validated. ``stripes`` / ``kernel_sum``: see _Workspace (timing comparisons only; the defaults are what
+    the autograd paths use).
 
     ``grad_cls``/``grad_aux`` may be preallocated buffers (any rows-contiguous [.., C] tensor of the
     logits' dtype); a caller that no longer needs the logits may pass the logits themselves only if
@@ -841,39 +930,10 @@ def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, 
         grad_aux = torch.empty_like(x_aux)
     if grad_cls is None:
         grad_cls = torch.empty_like(x_cls)
-    w = _workspace(label_values, label_indices, boxes, flips, B, N, C)
-    tok_scale = dense_weight / (B * N)
-    launch_token_rows(x_aux, grad_aux, w.row_loss, w, B, 0, B * N, N, C, smoothing, tok_scale, original, general=False)
-    zc, row_loss, loss = w.zc, w.row_loss, w.loss
-    _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
-                ground_truth, general=(x_aux, grad_aux, w, tok_scale, original))
-    return loss, grad_cls, grad_aux.view(B, N, C)
-
-
-def _cls_launch(x_cls, grad_cls, zc, row_loss, loss, gt_classes, mix_tensor, B, N, C, smoothing, lam, cls_weight,
-                ground_truth, general=None):
-    """Kernel 2 over the B cls rows. ``general`` = (aux logits [B*N, C], their gradient, workspace, token
-    scale, original): extra programs also handle the token rows kernel 1 handed over (one launch less)."""
-    gt = gt_classes if (ground_truth and gt_classes is not None) else zc  # dummy pointer when unused
-    mix = mix_tensor if mix_tensor is not None else zc
-    BC2 = min(triton.next_power_of_2(C), 4096)
-    if general is not None:
-        x_aux, grad_aux, w, tok_scale, original = general
-        K, S = w.values.shape[1], w.values.shape[-1]
-        n_gen = _general_programs(x_cls.device)
-        tok = (x_aux, grad_aux, w.values, w.indices, w.boxes, w.flips, w.rows, w.counts, math.isqrt(N), S, K,
-               float(tok_scale))
-        tok_kw = dict(GENERAL=True, ORIGINAL=bool(original), BLOCK_T=w.block_c, SINGLE_T=w.single, TB=w.tb)
-    else:  # no extra programs; the token arguments are placeholders the kernel never reads
-        n_gen = 0
-        tok = (x_cls, grad_cls, zc, zc, zc, zc, zc, zc, 1, 1, 1, 0.0)
-        tok_kw = dict(GENERAL=False, ORIGINAL=False, BLOCK_T=16, SINGLE_T=True, TB=16)
-    _cls_rows_kernel[(B + n_gen,)](
-        x_cls, grad_cls, zc, row_loss, loss, gt, mix, B, N, C, float(smoothing), float(lam),
-        float(cls_weight) / B, *tok, GT=bool(ground_truth), MIX_FROM_PTR=mix_tensor is not None,
-        BLOCK_C=BC2, BLOCK_N=min(triton.next_power_of_2(N), 1024), FAST=not _INTERPRET,
-        num_warps=4 if max(BC2, tok_kw["BLOCK_T"]) <= 1024 else 8, **tok_kw,
-    )
+    w = _workspace(label_values, label_indices, boxes, flips, B, N, C, stripes=stripes, kernel_sum=kernel_sum)
+    launch_token_rows(x_aux, grad_aux, w, 0, B * N, N, C, smoothing, dense_weight / (B * N), original,
+                      cls=(x_cls, grad_cls, gt_classes, mix_tensor, lam, cls_weight, ground_truth))
+    return w.total_loss(), grad_cls, grad_aux.view(B, N, C)
 
 
 def _traced(grad):
@@ -887,12 +947,23 @@ def _go_ptr(grad_output):
     return grad_output if grad_output.dtype == torch.float32 else grad_output.to(torch.float32)
 
 
+# The scale kernel's grid: a few programs per SM walk blocks of the gradients. When grad_output is 1 every
+# program only reads it and exits, so fewer programs cost less. When both sizes are multiples of 16 (Triton
+# then specialises them and the accesses become 16-byte vectors; 40 registers bf16, 80 fp32 at 8 warps):
+# 2 programs per SM with 16,384-element blocks, the same bytes in flight as v5's 8 x 4,096 when grad_output
+# is not 1. Otherwise v5's grid (a 16,384 block of element-wise masked accesses takes 231-254 registers).
+def _scale_grid(na, nb, device):
+    if na % 16 == 0 and nb % 16 == 0:
+        return 16384, 2 * _sm_count(device)
+    return 4096, 8 * _sm_count(device)
+
+
 def _scale_launch(grad_a, grad_b, grad_output):
     na, nb = grad_a.numel(), grad_b.numel()
-    BLOCK = 4096
-    blocks = triton.cdiv(na, BLOCK) + triton.cdiv(nb, BLOCK)
-    _scale2_kernel[(max(1, min(blocks, 4 * _general_programs(grad_a.device))),)](
-        grad_a, na, grad_b, nb, _go_ptr(grad_output), BLOCK=BLOCK, num_warps=8)
+    block, programs = _scale_grid(na, nb, grad_a.device)
+    blocks = triton.cdiv(na, block) + triton.cdiv(nb, block)
+    _scale2_kernel[(max(1, min(blocks, programs)),)](grad_a, na, grad_b, nb, _go_ptr(grad_output), BLOCK=block,
+                                                      num_warps=8)
 
 
 def scale_grad_(grad, grad_output):

@@ -82,37 +82,105 @@ def test_full_box_and_flip(gen, device):
     _compare(d, torch.float32, _kw(d, True, 0.1, True, "original"))
 
 
-def test_boxes_beyond_the_image_take_the_general_path(gen, device, monkeypatch):
-    """Cells of a box larger than the image touch more map pixels than the sorted one-block path holds:
-    kernel 1 hands those rows to the general kernel (on the device); both halves match the reference."""
-    import tokenlabel.kernels.token_label_ce as tlce
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the Triton kernels launched (kernel[grid](...)), in order, while the fixture is active."""
+    from triton.runtime.jit import KernelInterface
 
     seen = []
+    real = KernelInterface.__getitem__
 
-    class Spy(tlce._Workspace):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            seen.append(self)
+    def spy(self, grid):
+        seen.append(getattr(self, "__name__", None) or self.fn.__name__)
+        return real(self, grid)
 
-    monkeypatch.setattr(tlce, "_workspace", Spy)
+    monkeypatch.setattr(KernelInterface, "__getitem__", spy)
+    return seen
+
+
+def _beyond_boxes(gen, device):
+    """One ordinary crop, one box 2.2-2.8x the image (cells of 6.6-8.4 map pixels: the cells inside the image
+    have >= 7 x 7 x k taps, always above the 128-entry block; 1.3-1.9x gave none for some seeds), one tall box
+    starting above it."""
+    u = torch.rand(3, 4, generator=gen).to(device)
+    return torch.stack([torch.stack([0.1 * u[0, 0], 0.1 * u[0, 1], 0.5 + 0.4 * u[0, 2], 0.5 + 0.4 * u[0, 3]]),
+                        torch.stack([-0.6 - 0.3 * u[1, 0], -0.6 - 0.3 * u[1, 1], 2.2 + 0.6 * u[1, 2],
+                                     2.2 + 0.6 * u[1, 3]]),
+                        torch.stack([-0.5 * u[2, 0], 0.2 * u[2, 1], 1.5 + 0.5 * u[2, 2], 0.3 + 0.2 * u[2, 3]])])
+
+
+def _taps_lower_bound(d, L):
+    """Per cell, a lower bound of its tap entries: map rows x columns with a non-zero RoIAlign weight, x k
+    (the kernel's tap rectangle spans at least these pixels)."""
+    from tokenlabel.kernels.reference import _axis_weights, box_axes
+
+    S, k = d["values"].shape[-1], d["values"].shape[1]
+    rs, rn, cs, cn = box_axes(d["boxes"].cpu(), d["flips"].cpu())
+    rows = (_axis_weights(rs, rn, S, L) > 0).sum(-1)  # [B, L]
+    cols = (_axis_weights(cs, cn, S, L) > 0).sum(-1)
+    return rows[:, :, None] * cols[:, None, :] * k
+
+
+def test_boxes_beyond_the_image_inline(gen, device, launches):
+    """Cells of a box larger than the image touch more map pixels than the sorted one-block path holds: the
+    token program handles them itself with the general (pairwise) dedupe (no second launch); all rows match
+    the reference."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
     d = make_inputs(3, 16, 10, 12, 5, torch.float32, device, generator=gen)
-    u = torch.rand(3, 4, generator=gen, device=device)
-    # one ordinary crop, one box 2.2-2.8x the image (cells of 6.6-8.4 map pixels: the cells inside the image
-    # have >= 7 x 7 x k taps, always above the 128-entry block; 1.3-1.9x gave none for some seeds), one tall
-    # box starting above it
-    d["boxes"] = torch.stack([torch.stack([0.1 * u[0, 0], 0.1 * u[0, 1], 0.5 + 0.4 * u[0, 2], 0.5 + 0.4 * u[0, 3]]),
-                              torch.stack([-0.6 - 0.3 * u[1, 0], -0.6 - 0.3 * u[1, 1], 2.2 + 0.6 * u[1, 2],
-                                           2.2 + 0.6 * u[1, 3]]),
-                              torch.stack([-0.5 * u[2, 0], 0.2 * u[2, 1], 1.5 + 0.5 * u[2, 2], 0.3 + 0.2 * u[2, 3]])])
+    d["boxes"] = _beyond_boxes(gen, device)
+    ts = tlce._sorted_block(5, 12, 4)
+    taps = _taps_lower_bound(d, 4)
+    assert (taps > ts).any() and (taps[0] <= ts).all(), f"TS {ts}, taps per cell {taps.tolist()}"
     _compare(d, torch.float32, _kw(d, True, 0.1, True, "hw"))
-    handed = int(seen[-1].counts.sum())
-    assert 0 < handed < 3 * 16, f"{handed} of 48 rows went to the general kernel"
+    assert launches == ["_token_rows_kernel", "_scale2_kernel"], launches  # the references launch nothing
+
+
+def test_forward_is_one_fill_and_one_launch(gen, device, launches):
+    """The forward is the workspace fill plus one kernel launch (MixToken and the ground-truth blend on);
+    the backward is one scale launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if any(w in name for w in ("zeros", "zero_", "fill", "full", "ones")):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    d = make_inputs(3, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    cls = d["cls"].detach().requires_grad_()
+    aux = d["aux"].detach().requires_grad_()
+    with Fills() as fills:
+        loss = _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"], gt_classes=d["gt"], ground_truth=True,
+                    validate=False)
+    assert launches == ["_token_rows_kernel"], launches
+    assert fills.ops == ["aten.zeros.default"], fills.ops
+    loss.backward()
+    assert launches == ["_token_rows_kernel", "_scale2_kernel"], launches
+    ref = _run(token_label_cross_entropy_reference, d, d["cls"].double(), d["aux"].double(), mix_box=d["mix"],
+               gt_classes=d["gt"], ground_truth=True)
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_fused_linear_one_launch_per_chunk(gen, device, launches):
+    """The chunked fused-linear path: one kernel launch per chunk (the first also does the cls rows)."""
+    d = make_inputs(3, 9, 10, 12, 3, torch.float32, device, generator=gen)
+    feats = torch.randn(3, 9, 6, generator=gen).to(device)
+    W = torch.randn(10, 6, generator=gen).to(device)
+    fused_linear_token_label_cross_entropy(d["cls"], feats, W, None, d["values"], d["indices"], d["boxes"],
+                                           d["flips"], mix_box=d["mix"], chunk_samples=2)
+    assert launches == ["_token_rows_kernel"] * 2, launches
 
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_mixtoken_pairs(B, gen, device):
-    """MixToken pairs {b, B-1-b}: odd batches (the middle sample pairs with
-    itself), B = 1, MixToken as a python box and as a device tensor, with
+    """The cls rows are built by the last pooling program of each MixToken pair {b, B-1-b}: odd batches
+    (the middle sample pairs with itself), B = 1, MixToken as a python box and as a device tensor, with
     the ground-truth blend."""
     d = make_inputs(B, 4, 10, 12, 3, torch.float32, device, generator=gen)
     kw = _kw(d, True, 0.1, True, "hw")
@@ -124,8 +192,8 @@ def test_mixtoken_pairs(B, gen, device):
 
 
 def test_cls_pooling_in_many_chunks(gen, device):
-    """S*S*k = 1,024 tap entries per sample: 8 pooling programs per sample (128 entries each) accumulate one
-    pooled row (whole-image and partial crops, odd B, GT on)."""
+    """S*S*k = 1,024 tap entries per sample: 8 pooling programs per sample (128 entries each), all of a pair
+    counted by the ticket before its cls rows are built (whole-image and partial crops, odd B, GT on)."""
     import tokenlabel.kernels.token_label_ce as tlce
 
     d = make_inputs(3, 16, 10, 16, 4, torch.float32, device, generator=gen)
@@ -133,6 +201,126 @@ def test_cls_pooling_in_many_chunks(gen, device):
     w = tlce._Workspace(d["values"], d["indices"], d["boxes"], d["flips"], 3, 16, 10)
     assert w.cls_chunks == 8
     _compare(d, torch.float32, _kw(d, True, 0.0, True, "original"))
+
+
+@pytest.fixture
+def workspaces(monkeypatch):
+    """The loss workspaces created while the fixture is active (in order)."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
+    seen = []
+
+    class Spy(tlce._Workspace):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(tlce, "_workspace", Spy)
+    return seen
+
+
+def _forward(d, **kw):
+    """The op's forward (loss, grad_cls, grad_aux) without autograd: MixToken box, ground truth, smoothing 0.1."""
+    from tokenlabel.kernels.token_label_ce import token_label_ce_forward
+
+    B, N, C = d["aux"].shape
+    lam = 1 - (d["mix"][2] - d["mix"][0]) * (d["mix"][3] - d["mix"][1]) / N
+    mix = torch.tensor(d["mix"], device=d["aux"].device, dtype=torch.int32)
+    return token_label_ce_forward(d["cls"].detach(), d["aux"].detach(), d["values"], d["indices"], d["boxes"],
+                                  d["flips"], mix, d["gt"], lam, 0.1, 1.0, 1.0, True, False, **kw)
+
+
+@pytest.mark.parametrize("B,L,stripes", [(3, 3, 4), (2, 3, 8), (1, 2, 16), (4, 2, 2)])
+def test_loss_stripes_and_tickets(B, L, stripes, gen, device, workspaces):
+    """The loss items (B * N token rows, then ceil(B / 2) cls pairs) go round-robin into `stripes` partial sums:
+    item counts that are not a multiple of the stripes, several items per stripe, and more stripes than items
+    (empty stripes never close; (1, 2, 16): 5 items). Every stripe counts its items, every non-empty stripe is
+    closed once, the scalar is the sum of the partials and matches the reference; the torch-sum variant agrees
+    to fp32 rounding."""
+    d = make_inputs(B, L * L, 10, 12, 3, torch.float32, device, generator=gen)
+    loss, g_cls, g_aux = _forward(d, stripes=stripes, kernel_sum=True)
+    w = workspaces[-1]
+    n_items = B * L * L + (B + 1) // 2
+    assert w.n_items == n_items and w.stripes == stripes
+    counts = w.counts[1:stripes * 32:32].cpu()
+    want = torch.tensor([len(range(s, n_items, stripes)) for s in range(stripes)], dtype=counts.dtype)
+    assert torch.equal(counts, want), (counts, want)
+    assert int(w.counts[stripes * 32]) == min(n_items, stripes)  # stripes closed
+    parts = w.stripe_partials().double()
+    assert (parts[n_items:] == 0).all()
+    assert abs(loss.item() - parts.sum().item()) <= 1e-6 * abs(loss.item())
+    ref = _run(token_label_cross_entropy_reference, d, d["cls"].double(), d["aux"].double(), mix_box=d["mix"],
+               gt_classes=d["gt"], ground_truth=True)
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    loss_t, g_cls_t, g_aux_t = _forward(d, stripes=stripes, kernel_sum=False)
+    assert abs(loss_t.item() - loss.item()) <= 1e-6 * abs(loss.item())
+    assert int(workspaces[-1].counts[1:stripes * 32:32].sum()) == 0  # the torch-sum variant counts nothing
+    # the gradients do not depend on how the loss is summed; on the GPU the pooled cls targets are fp32
+    # atomic sums in run-dependent order, so the cls rows agree to rounding, not bit for bit
+    torch.testing.assert_close(g_cls_t, g_cls, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_aux_t, g_aux, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_is_stored_once_not_accumulated(gen, device, monkeypatch, workspaces):
+    """The program closing the last stripe stores the loss: a scalar that is not zero before the launch does
+    not leak into it, and two calls in a row give the same loss (fp32 rounding apart: the partials' adds
+    come in any order on the GPU)."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
+    d = make_inputs(3, 9, 10, 12, 3, torch.float32, device, generator=gen)
+    first, _, _ = _forward(d, kernel_sum=True)
+    again, _, _ = _forward(d, kernel_sum=True)
+    assert abs(first.item() - again.item()) <= 1e-6 * abs(first.item())
+    assert workspaces[0].loss.data_ptr() != workspaces[1].loss.data_ptr()  # a fresh workspace per call
+
+    class Dirty(tlce._Workspace):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.loss.fill_(1e6)
+
+    monkeypatch.setattr(tlce, "_workspace", Dirty)
+    dirty, _, _ = _forward(d, kernel_sum=True)
+    assert abs(dirty.item() - first.item()) <= 1e-6 * abs(first.item())
+
+
+def test_loss_stripes_in_chunked_fused_linear(gen, device, monkeypatch, workspaces):
+    """The fused-linear path launches once per chunk on one workspace: the counts carry over between the
+    launches, and whichever launch completes the last stripe stores the loss (4 stripes: several items each)."""
+    import tokenlabel.kernels.token_label_ce as tlce
+
+    monkeypatch.setattr(tlce, "_STRIPES", 4)
+    B, L, C, D = 3, 3, 10, 6
+    d = make_inputs(B, L * L, C, 12, 3, torch.float32, device, generator=gen)
+    feats = torch.randn(B, L * L, D, generator=gen).to(device)
+    W = torch.randn(C, D, generator=gen).to(device)
+    kw = dict(mix_box=d["mix"], gt_classes=d["gt"], ground_truth=True)
+
+    def run():
+        return fused_linear_token_label_cross_entropy(d["cls"].detach(), feats, W, None, d["values"], d["indices"],
+                                                      d["boxes"], d["flips"], chunk_samples=2, **kw)
+
+    ref = token_label_cross_entropy_reference(d["cls"].double(), feats.double() @ W.double().T, d["values"],
+                                              d["indices"], d["boxes"], d["flips"], **kw)
+    loss = run()  # the default: the partials summed by torch after the chunks' launches
+    assert workspaces[-1].stripes == 4 and not workspaces[-1].kernel_sum
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+    class KernelSum(tlce._workspace):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "kernel_sum": True})
+
+    monkeypatch.setattr(tlce, "_workspace", KernelSum)
+    loss_k = run()  # the in-kernel sum: the counts carry over between the chunks' launches
+    w = workspaces[-1]
+    assert w.kernel_sum and int(w.counts[1:4 * 32:32].sum()) == B * L * L + 2
+    assert abs(loss_k.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_bad_stripes_raise(gen, device):
+    d = make_inputs(1, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    for bad in (0, 3, 8192, 2.0):
+        with pytest.raises(ValueError, match="stripes"):
+            _forward(d, stripes=bad)
 
 
 def test_mix_box_as_tensor_and_int32_indices(gen, device):
@@ -144,8 +332,11 @@ def test_mix_box_as_tensor_and_int32_indices(gen, device):
     assert max(_errors(got, ref)) < 1e-5
 
 
-def test_grad_output_scaling(gen, device):
-    d = make_inputs(2, 4, 10, 12, 3, torch.float32, device, generator=gen)
+@pytest.mark.parametrize("C", [10, 16])
+def test_grad_output_scaling(C, gen, device):
+    """grad_output != 1 scales both gradients in backward (C 16: sizes that are multiples of 16 take the
+    scale kernel's large-block grid, C 10 the small-block one)."""
+    d = make_inputs(2, 4, C, 12, 3, torch.float32, device, generator=gen)
     cls = d["cls"].detach().requires_grad_()
     aux = d["aux"].detach().requires_grad_()
     (-2.5 * _run(token_label_cross_entropy, d, cls, aux, mix_box=d["mix"])).backward()
@@ -181,6 +372,12 @@ def test_bad_values_without_validation_give_nan(gen, device):
     idx = d["indices"].clone()
     idx[1, 0] = 10  # everywhere in one slot of sample 1: a bad id is only seen where the crop reads the map
     loss = token_label_cross_entropy(d["cls"], d["aux"], d["values"], idx, d["boxes"], d["flips"], validate=False)
+    assert torch.isnan(loss)
+    # a ground-truth class outside [0, C) in the middle sample of an odd batch (its pair is itself)
+    d3 = make_inputs(3, 4, 10, 12, 3, torch.float32, device, generator=gen)
+    loss = token_label_cross_entropy(d3["cls"], d3["aux"], d3["values"], d3["indices"], d3["boxes"], d3["flips"],
+                                     gt_classes=torch.tensor([1, 2, 10], device=device), ground_truth=True,
+                                     validate=False)
     assert torch.isnan(loss)
     boxes = d["boxes"].clone()
     boxes[0, 2] = -0.5
@@ -336,6 +533,25 @@ def test_full_grid_gpu(C, k, S, L, B, gen):
 def test_half_precision_error_gpu(dtype, B, L, C, gen):
     d = make_inputs(B, L * L, C, 18, 5, torch.float32, "cuda", generator=gen)
     _compare(d, dtype, _kw(d, True, 0.1, True, "hw"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stripes", [128, 256])
+def test_loss_sum_repeatable_gpu(stripes, gen, workspaces):
+    """S/224 bf16 (25,088 token rows and 64 cls pairs over the stripes, under real concurrency): every stripe
+    closes, repeated calls agree to fp32 rounding, the in-kernel sum equals the torch sum of the partials."""
+    d = make_inputs(128, 196, 1000, 18, 5, torch.bfloat16, "cuda", generator=gen)
+    losses = [_forward(d, stripes=stripes, kernel_sum=True)[0].item() for _ in range(3)]
+    w = workspaces[-1]
+    assert int(w.counts[stripes * 32]) == stripes
+    assert abs(w.loss.item() - w.stripe_partials().double().sum().item()) <= 1e-6 * abs(losses[0])
+    assert max(losses) - min(losses) <= 2e-6 * abs(losses[0]), losses
+    torch_sum = _forward(d, stripes=stripes, kernel_sum=False)[0].item()
+    assert abs(torch_sum - losses[0]) <= 2e-6 * abs(losses[0])
+    ref = token_label_cross_entropy_reference(d["cls"].double(), d["aux"].double(), d["values"], d["indices"],
+                                              d["boxes"], d["flips"], mix_box=d["mix"], gt_classes=d["gt"],
+                                              ground_truth=True)
+    assert abs(losses[0] - ref.item()) < 1e-3 * abs(ref.item())
 
 
 @pytest.mark.gpu
