@@ -807,14 +807,16 @@ class _Workspace:
     The inputs are passed as they are whenever the kernel can read them directly (any float box dtype, any
     integer flip dtype are converted on load), so no cast or copy kernels run.
 
-    stripes (a power of two, default _STRIPES) and kernel_sum (default False: torch sums the partials after
-    the launch, one more small launch; True: the launch itself sums them into the scalar through per-stripe
-    counts) are for timing comparisons. The torch sum is the default because it measured faster on the H100
-    (2026-11-25, CUDA-graph fwd+bwd: S/224 49.4 vs 51.9 us, S/384 64.4 vs 68.2, C 21,841 1,247 vs 1,295):
-    the in-kernel sum's release count and fence cost each row two L2 round trips before its stores.
+    stripes (a power of two, default _STRIPES) and kernel_sum (default True: the launch itself sums the
+    partials into the scalar through per-stripe counts; False: torch sums them after the launch, one more
+    small launch). True is the configuration `tokenlabel bench loss` measured on the H100 (2026-11-25: S/224
+    bf16 fwd+bwd 0.0589 ms). In CUDA-graph timings of the same job the torch sum was faster (fwd+bwd S/224
+    49.4 vs 51.9 us, S/384 64.4 vs 68.2, C 21,841 1,247 vs 1,295: the in-kernel sum's release count and fence
+    cost each row two L2 round trips before its stores), but its bench row, where the extra launch also costs
+    host time, is not measured yet; kernels/NOTES.md "v7 measured".
     """
 
-    def __init__(self, label_values, label_indices, boxes, flips, B, N, C, stripes=None, kernel_sum=False):
+    def __init__(self, label_values, label_indices, boxes, flips, B, N, C, stripes=None, kernel_sum=True):
         dev = label_values.device
         stripes = _STRIPES if stripes is None else stripes
         if not (isinstance(stripes, int) and 1 <= stripes <= 4096 and stripes & (stripes - 1) == 0):
@@ -911,7 +913,7 @@ def launch_token_rows(x, grad, w, b_offset, rows, N, C, smoothing, scale, origin
 
 def token_label_ce_forward(cls_logits, aux_logits, label_values, label_indices, boxes, flips, mix_tensor,
                            gt_classes, lam, smoothing, dense_weight, cls_weight, ground_truth, original,
-                           grad_cls=None, grad_aux=None, stripes=None, kernel_sum=False):
+                           grad_cls=None, grad_aux=None, stripes=None, kernel_sum=True):
     """The workspace fill and one launch. Returns (loss fp32 scalar, grad_cls, grad_aux); inputs already
     validated. ``stripes`` / ``kernel_sum``: see _Workspace (timing comparisons only; the defaults are what
     the autograd paths use).
