@@ -85,7 +85,7 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
                             fused=bool(fused_adamw and case.device.type == "cuda"))
     if compile_:
         model.compile(mode=compile_mode)
-    graphs = compile_ and compile_mode == "reduce-overhead"
+    graphs = compile_ and compile_mode in ("reduce-overhead", "max-autotune")  # both replay CUDA graphs
     notes = [f"attn={attn}", f"loss={loss_kind}",
              ("compiled" + (f" mode={compile_mode} (CUDA graphs)" if graphs else "")) if compile_ else "eager",
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
@@ -176,6 +176,9 @@ for _attn in ("sdpa", "xformers", "auto"):
     register("step", f"compile_{_attn}")(_backend_provider(_attn, True))
 # the compiled forward and backward replayed as CUDA graphs: the host no longer paces the GPU
 register("step", "compile_graphs_auto")(_backend_provider("auto", True, "reduce-overhead"))
+# the same with inductor's GEMM templates autotuned, pointwise ops fused into their epilogues (GELU after fc1):
+# minutes of compile; the candidate for the GELU / bias / residual kernels of the step (models/NOTES.md)
+register("step", "compile_autotune_auto")(_backend_provider("auto", True, "max-autotune"))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:
