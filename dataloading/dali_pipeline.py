@@ -36,6 +36,7 @@ import collections
 import contextlib
 import gc
 import io
+import numbers
 import os
 import queue
 import shutil
@@ -150,7 +151,7 @@ class DaliBackend:
         # ~4,000 img/s: every image's colour-conversion kernel and event sync queue behind the step's
         # kernels. The step's GPU sat idle 11-13% between steps waiting for the batch (0.65: 8-9%,
         # 0.3: ~5%, 0.0: 1.8-3.0% over 5 runs), dataloading/NOTES.md "2026-11-25".
-        if not isinstance(hw_decoder_load, (int, float)) or isinstance(hw_decoder_load, bool) or \
+        if not isinstance(hw_decoder_load, numbers.Real) or isinstance(hw_decoder_load, bool) or \
                 not 0.0 <= float(hw_decoder_load) <= 1.0:
             raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
         self.num_threads = num_threads or (min(12, cpus) if self.gpu else min(4, cpus))

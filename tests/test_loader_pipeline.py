@@ -517,6 +517,7 @@ def test_hw_decoder_load(folder):
     assert _build(root, "dali", batch_size=4, image_size=16).backend.hw_decoder_load == 0.0
     loader = _build(root, "dali", batch_size=4, image_size=16, hw_decoder_load=0.9, dali_threads=3)
     assert (loader.backend.hw_decoder_load, loader.backend.num_threads) == (0.9, 3)
+    assert _build(root, "dali", batch_size=4, image_size=16, hw_decoder_load=np.float32(0.5)).backend.hw_decoder_load == 0.5
     assert sum(b["images"].shape[0] for b in _epoch(loader, 0)) > 0  # the graph takes the knob
     loader.close()
     for bad in (-0.1, 1.5, float("nan"), "0.5", True):
