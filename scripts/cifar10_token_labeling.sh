@@ -81,7 +81,10 @@ if [[ $step == report || $step == all || $step == students ]]; then
   python3 - "$RUNS" <<'PY'
 import csv, sys, pathlib
 runs = pathlib.Path(sys.argv[1])
-print(f"{'run':<12} {'epochs':>6} {'top1':>7} {'ema_top1':>8} {'best':>7} {'epoch_s':>8} {'img/s':>8} {'wait%':>6}")
+# wait%: the host's time in next(); gpu_wait%: the step stream's idle time between steps (CUDA events), the
+# share of the training time the GPU spent waiting for data
+print(f"{'run':<12} {'epochs':>6} {'top1':>7} {'ema_top1':>8} {'best':>7} {'epoch_s':>8} {'img/s':>8} {'wait%':>6}"
+      f" {'gpu_wait%':>9}")
 for run in sorted(p for p in runs.iterdir() if (p / "summary.csv").exists()):
     rows = list(csv.DictReader(open(run / "summary.csv")))
     if not rows:
@@ -93,6 +96,8 @@ for run in sorted(p for p in runs.iterdir() if (p / "summary.csv").exists()):
     ep = sum(f(r, "epoch_time_s") for r in rows) / len(rows)
     ips = sum(f(r, "images_per_s") for r in rows) / len(rows)
     wait = 100 * sum(f(r, "data_wait_frac") for r in rows) / len(rows)
-    print(f"{run.name:<12} {len(rows):>6} {f(last,'top1'):>7.2f} {f(last,'ema_top1'):>8.2f} {best:>7.2f} {ep:>8.1f} {ips:>8.0f} {wait:>6.1f}")
+    gwait = 100 * sum(f(r, "gpu_data_wait_frac") for r in rows) / len(rows)
+    print(f"{run.name:<12} {len(rows):>6} {f(last,'top1'):>7.2f} {f(last,'ema_top1'):>8.2f} {best:>7.2f} {ep:>8.1f}"
+          f" {ips:>8.0f} {wait:>6.1f} {gwait:>9.1f}")
 PY
 fi
