@@ -156,7 +156,9 @@ class DaliBackend:
             raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
         self.num_threads = num_threads or (min(12, cpus) if self.gpu else min(4, cpus))
         self.io_workers = io_workers or min(16, max(2, cpus))
-        self.prefetch = prefetch
+        if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool) or prefetch < 1:
+            raise ValueError(f"prefetch must be an integer >= 1 (batches DALI prepares ahead), got {prefetch!r}")
+        self.prefetch = int(prefetch)
         # knobs of the DALI graph (read when the pipeline is built): the share of JPEGs the hardware
         # decoder takes (above), and whether fn.io.file.read maps files instead of reading them
         # (plain reads measured faster on the H100 box, 2026-11-24).

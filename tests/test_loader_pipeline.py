@@ -525,3 +525,17 @@ def test_hw_decoder_load(folder):
             _build(root, "dali", batch_size=4, image_size=16, hw_decoder_load=bad)
     with pytest.raises(ValueError, match="hw_decoder_load.*dali"):
         _build(root, "torch", batch_size=4, image_size=16, hw_decoder_load=0.5)
+
+
+def test_prefetch_depth(folder):
+    """DALI's prefetch depth reaches the pipeline; anything but an integer >= 1 is a ValueError that names it."""
+    dali_or_skip()
+    root, _ = folder
+    loader = _build(root, "dali", batch_size=4, image_size=16, prefetch=4)
+    assert loader.backend.prefetch == 4
+    assert sum(b["images"].shape[0] for b in _epoch(loader, 0)) > 0
+    loader.close()
+    assert _build(root, "dali", batch_size=4, image_size=16, prefetch=np.int64(3)).backend.prefetch == 3
+    for bad in (0, -1, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="prefetch must be an integer >= 1"):
+            _build(root, "dali", batch_size=4, image_size=16, prefetch=bad)

@@ -279,3 +279,13 @@ def test_hw_decoder_load_flag(tmp_path, data):
     assert not (tmp_path / "o1" / "last.pt").exists()
     pytest.importorskip("nvidia.dali")
     _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--hw-decoder-load", 1.5), "hw_decoder_load")
+
+
+def test_prefetch_flag(tmp_path, data):
+    """--prefetch belongs to the DALI loader: refused on the PIL loader before anything runs; a depth below 1
+    names the option (the loader's ValueError)."""
+    _fails(tiny_args(data, tmp_path / "o1", "--loader", "torch", "--prefetch", 4),
+           "--prefetch applies to the DALI loader only")
+    assert not (tmp_path / "o1" / "last.pt").exists()
+    pytest.importorskip("nvidia.dali")
+    _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--prefetch", 0), "prefetch must be an integer")

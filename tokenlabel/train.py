@@ -77,6 +77,7 @@ DEFAULTS: dict = {
     "amp": None,                # bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler
     "loader": None,             # dali when importable and on CUDA, else torch
     "workers": None,
+    "prefetch": None,           # DALI: batches prepared ahead (None: the loader's 2)
     "hw_decoder_load": None,    # DALI: share of JPEGs on nvJPEG's hardware decoder (None: the loader's 0.0)
     "randaugment": "rand-m9-mstd0.5-inc1",
     "random_erasing": 0.25,
@@ -150,6 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", help="label-map store for token labeling (omit: class labels only, the baseline)")
     g.add_argument("--loader", choices=["dali", "torch"], help="default: dali if importable and on CUDA, else torch")
     g.add_argument("--workers", type=int, help="loader worker processes/threads per process")
+    g.add_argument("--prefetch", type=int, help="DALI loader: batches prepared ahead (default 2)")
     g.add_argument("--hw-decoder-load", type=float,
                    help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1] (default 0: the hybrid "
                         "path, which kept an LV-ViT-S step fed on an H100; see dataloading/NOTES.md)")
@@ -418,6 +420,10 @@ def build_loaders(cfg: dict, d: Dist):
         if cfg["loader"] != "dali":
             raise SystemExit(f"--hw-decoder-load applies to the DALI loader only (the loader is {cfg['loader']})")
         common["hw_decoder_load"] = cfg["hw_decoder_load"]
+    if cfg["prefetch"] is not None:
+        if cfg["loader"] != "dali":
+            raise SystemExit(f"--prefetch applies to the DALI loader only (the loader is {cfg['loader']})")
+        common["prefetch"] = cfg["prefetch"]
     if cfg["labels"]:
         _check_store(cfg)
     try:
