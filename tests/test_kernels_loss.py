@@ -1,6 +1,5 @@
 """Fused token-label loss vs the float64 reference (CPU: Triton interpreter, small shapes; GPU: `-m gpu`)."""
 import itertools
-import math
 import os
 import random
 
@@ -628,10 +627,6 @@ def test_fused_linear_gpu_memory(gen):
                                               + lin.bias.double()), d["values"], d["indices"], d["boxes"],
                                               d["flips"], **kw)
     assert abs(loss.item() - ref.item()) < 2e-2 * abs(ref.item())
-
-
-def test_grid_size():
-    assert len(FULL_GRID) == 3 * 2 * 2 * 4 * 2 and math.isqrt(196) == 14
 
 
 def test_backward_hands_over_the_gradient_buffer(gen, device, monkeypatch):
