@@ -416,14 +416,12 @@ def build_loaders(cfg: dict, d: Dist):
     common = dict(backend=cfg["loader"], device=d.device.type, shard_id=d.rank, num_shards=d.world, seed=cfg["seed"])
     if cfg["workers"] is not None:
         common["num_workers"] = cfg["workers"]
-    if cfg["hw_decoder_load"] is not None:
-        if cfg["loader"] != "dali":
-            raise SystemExit(f"--hw-decoder-load applies to the DALI loader only (the loader is {cfg['loader']})")
-        common["hw_decoder_load"] = cfg["hw_decoder_load"]
-    if cfg["prefetch"] is not None:
-        if cfg["loader"] != "dali":
-            raise SystemExit(f"--prefetch applies to the DALI loader only (the loader is {cfg['loader']})")
-        common["prefetch"] = cfg["prefetch"]
+    for key in ("hw_decoder_load", "prefetch"):  # DALI-only knobs; the loader validates their values
+        if cfg[key] is not None:
+            if cfg["loader"] != "dali":
+                raise SystemExit(f"--{key.replace('_', '-')} applies to the DALI loader only "
+                                 f"(the loader is {cfg['loader']})")
+            common[key] = cfg[key]
     if cfg["labels"]:
         _check_store(cfg)
     try:
