@@ -136,7 +136,7 @@ class DaliBackend:
     """Yields (uint8 images [B,3,S,S] on the device, numpy metadata) per batch."""
     applies_augment = False
 
-    def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=2, worker_processes=None,
+    def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=None, worker_processes=None,
                  hw_decoder_load=0.0):
         fn, types, pipeline_def = import_dali()
         self.fn, self.types, self.pipeline_def = fn, types, pipeline_def
@@ -156,6 +156,7 @@ class DaliBackend:
             raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
         self.num_threads = num_threads or (min(12, cpus) if self.gpu else min(4, cpus))
         self.io_workers = io_workers or min(16, max(2, cpus))
+        prefetch = 2 if prefetch is None else prefetch  # batches DALI prepares ahead
         if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1 (batches DALI prepares ahead), got {prefetch!r}")
         self.prefetch = int(prefetch)

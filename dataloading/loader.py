@@ -241,7 +241,7 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
                  random_erasing=0.25, crop_pct=None, interpolation="random", drop_last=None,
                  missing_labels="error", label_size=None, num_classes=None, label_k=None,
                  dtype=torch.float32, label_index_dtype=torch.int64, shuffle=None, dali_threads=None,
-                 prefetch=2, engine=None, hw_decoder_load=None):
+                 prefetch=None, engine=None, hw_decoder_load=None):
     """Build the train or eval loader. See the module docstring for the batch format and epochs.
 
     root: ImageFolder directory or file list ("relpath class" lines). labels: a LabelStore path
@@ -254,7 +254,8 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     hardware decoder takes, the rest going through its hybrid path (Huffman on the CPU, the rest on the
     GPU); default 0.0, which kept an LV-ViT-S step fed on the H100 box, where the hardware decoder
     (0.9: the fastest loader alone) left the step idle 11-13% of the time (dataloading/NOTES.md).
-    dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count).
+    dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count). prefetch (DALI only):
+    batches DALI prepares ahead (default 2).
     """
     if backend not in ("dali", "torch"):
         raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
@@ -313,13 +314,15 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     sampler = EpochSampler(len(dataset), batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed,
                            drop_last=drop_last, shuffle=train if shuffle is None else shuffle)
     workers = (os.cpu_count() or 2) if num_workers is None else int(num_workers)
-    if hw_decoder_load is not None and backend != "dali":
-        raise ValueError(f"hw_decoder_load applies to backend='dali' only (got backend={backend!r})")
+    for name, value in (("hw_decoder_load", hw_decoder_load), ("prefetch", prefetch)):  # DALI-only knobs
+        if value is not None and backend != "dali":
+            raise ValueError(f"{name} applies to backend='dali' only (got backend={backend!r})")
     if backend == "dali":
         from .dali_pipeline import DaliBackend
 
         impl = DaliBackend(source, sampler, device, num_threads=dali_threads, io_workers=max(1, workers),
-                           prefetch=prefetch, hw_decoder_load=0.0 if hw_decoder_load is None else hw_decoder_load)
+                           prefetch=prefetch,
+                           hw_decoder_load=0.0 if hw_decoder_load is None else hw_decoder_load)
     else:
         from .pil_pipeline import PilBackend
 

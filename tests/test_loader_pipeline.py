@@ -539,3 +539,5 @@ def test_prefetch_depth(folder):
     for bad in (0, -1, 2.5, True, "2"):
         with pytest.raises(ValueError, match="prefetch must be an integer >= 1"):
             _build(root, "dali", batch_size=4, image_size=16, prefetch=bad)
+    with pytest.raises(ValueError, match="prefetch applies to backend='dali' only"):
+        _build(root, "torch", batch_size=4, image_size=16, prefetch=4)
