@@ -241,7 +241,7 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
                  random_erasing=0.25, crop_pct=None, interpolation="random", drop_last=None,
                  missing_labels="error", label_size=None, num_classes=None, label_k=None,
                  dtype=torch.float32, label_index_dtype=torch.int64, shuffle=None, dali_threads=None,
-                 prefetch=None, engine=None, hw_decoder_load=None):
+                 prefetch=None, engine=None, hw_decoder_load=None, decode_device=None):
     """Build the train or eval loader. See the module docstring for the batch format and epochs.
 
     root: ImageFolder directory or file list ("relpath class" lines). labels: a LabelStore path
@@ -255,7 +255,9 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     GPU); default 0.0, which kept an LV-ViT-S step fed on the H100 box, where the hardware decoder
     (0.9: the fastest loader alone) left the step idle 11-13% of the time (dataloading/NOTES.md).
     dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count). prefetch (DALI only):
-    batches DALI prepares ahead (default 2).
+    batches DALI prepares ahead (default 2). decode_device (DALI only): "gpu" (default on CUDA: nvJPEG) or
+    "cpu" (DALI's CPU threads decode and resize, one copy per batch to the GPU; for small images, where the
+    GPU decoder's kernels would queue behind the training step's).
     """
     if backend not in ("dali", "torch"):
         raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
@@ -314,14 +316,15 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     sampler = EpochSampler(len(dataset), batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed,
                            drop_last=drop_last, shuffle=train if shuffle is None else shuffle)
     workers = (os.cpu_count() or 2) if num_workers is None else int(num_workers)
-    for name, value in (("hw_decoder_load", hw_decoder_load), ("prefetch", prefetch)):  # DALI-only knobs
+    for name, value in (("hw_decoder_load", hw_decoder_load), ("prefetch", prefetch),
+                        ("decode_device", decode_device)):  # DALI-only knobs
         if value is not None and backend != "dali":
             raise ValueError(f"{name} applies to backend='dali' only (got backend={backend!r})")
     if backend == "dali":
         from .dali_pipeline import DaliBackend
 
         impl = DaliBackend(source, sampler, device, num_threads=dali_threads, io_workers=max(1, workers),
-                           prefetch=prefetch,
+                           prefetch=prefetch, decode_device=decode_device,
                            hw_decoder_load=0.0 if hw_decoder_load is None else hw_decoder_load)
     else:
         from .pil_pipeline import PilBackend

@@ -394,6 +394,27 @@ def test_loader_throughput_runs(folder, tmp_path, backend):
     assert r > 0
 
 
+def test_decode_device_knob(folder):
+    """decode_device says where DALI decodes and resizes: "cpu" is the only choice without CUDA (and the default
+    there); "gpu" without CUDA, an unknown value, the hardware decoder's share with CPU decoding, or the knob on
+    the PIL backend is a ValueError that names it."""
+    dali_or_skip()
+    root, _ = folder
+    loader = _build(root, "dali", batch_size=4, image_size=16, decode_device="cpu")
+    assert loader.backend.decode_device == "cpu"
+    assert sum(b["images"].shape[0] for b in _epoch(loader, 0)) > 0
+    loader.close()
+    assert _build(root, "dali", batch_size=4, image_size=16).backend.decode_device == "cpu"
+    for bad, msg in (("gpu", "decode_device='gpu' needs a CUDA device"), ("mixed", "decode_device must be"),
+                     (0, "decode_device must be")):
+        with pytest.raises(ValueError, match=msg):
+            _build(root, "dali", batch_size=4, image_size=16, decode_device=bad)
+    with pytest.raises(ValueError, match="hw_decoder_load=0.5 is the GPU decoder's knob"):
+        _build(root, "dali", batch_size=4, image_size=16, decode_device="cpu", hw_decoder_load=0.5)
+    with pytest.raises(ValueError, match="decode_device applies to backend='dali' only"):
+        _build(root, "torch", batch_size=4, image_size=16, decode_device="cpu")
+
+
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -437,6 +458,28 @@ def test_gpu_dali_mixed_matches_pil(folder, tmp_path):
             if bool(bt["flips"][j]):
                 c = c[:, ::-1]
             assert np.abs(imgs[j] - c).mean() < 6.0
+
+
+@pytest.mark.gpu
+def test_gpu_dali_cpu_decoding_matches_gpu_decoding(folder, tmp_path):
+    """decode_device="cpu" on CUDA: the same samples, boxes, flips and label maps as nvJPEG decoding, the
+    images on the GPU and within a few levels (libjpeg-turbo against nvJPEG, the resize on either device)."""
+    dali_or_skip()
+    root, rel = folder
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=3, size=8)
+    kw = dict(labels=str(tmp_path / "store"), batch_size=6, image_size=40, seed=3, device="cuda")
+    a = _epoch(_build(root, "dali", decode_device="gpu", **kw), 1)
+    loader = _build(root, "dali", decode_device="cpu", **kw)
+    assert loader.backend.decode_device == "cpu"
+    b = _epoch(loader, 1)
+    assert len(a) == len(b) > 0
+    d = []
+    for x, y in zip(a, b):
+        assert y["images"].is_cuda and y["images"].shape == x["images"].shape
+        for k in ("sample_ids", "classes", "boxes", "flips", "label_values", "label_indices"):
+            assert torch.equal(x[k], y[k]), k
+        d.append(np.abs(to_uint8(x["images"]) - to_uint8(y["images"])).mean(axis=(1, 2, 3)))
+    assert np.median(np.concatenate(d)) < 3.0
 
 
 def test_dali_decoder_failure_recovers(folder, monkeypatch):

@@ -289,3 +289,15 @@ def test_prefetch_flag(tmp_path, data):
     assert not (tmp_path / "o1" / "last.pt").exists()
     pytest.importorskip("nvidia.dali")
     _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--prefetch", 0), "prefetch must be an integer")
+
+
+def test_decode_device_flag(tmp_path, data):
+    """--decode-device belongs to the DALI loader: refused on the PIL loader before anything runs; "gpu" on a
+    machine without CUDA names the problem (the loader's ValueError)."""
+    _fails(tiny_args(data, tmp_path / "o1", "--loader", "torch", "--decode-device", "cpu"),
+           "--decode-device applies to the DALI loader only")
+    assert not (tmp_path / "o1" / "last.pt").exists()
+    pytest.importorskip("nvidia.dali")
+    if not torch.cuda.is_available():
+        _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--decode-device", "gpu"),
+               "decode_device='gpu' needs a CUDA device")

@@ -79,6 +79,7 @@ DEFAULTS: dict = {
     "workers": None,
     "prefetch": None,           # DALI: batches prepared ahead (None: the loader's 2)
     "hw_decoder_load": None,    # DALI: share of JPEGs on nvJPEG's hardware decoder (None: the loader's 0.0)
+    "decode_device": None,      # DALI: "gpu" | "cpu" decoding and resizing (None: the loader's "gpu" on CUDA)
     "randaugment": "rand-m9-mstd0.5-inc1",
     "random_erasing": 0.25,
     "crop_pct": None,
@@ -155,6 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hw-decoder-load", type=float,
                    help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1] (default 0: the hybrid "
                         "path, which kept an LV-ViT-S step fed on an H100; see dataloading/NOTES.md)")
+    g.add_argument("--decode-device", choices=["gpu", "cpu"],
+                   help="DALI loader: decode and resize on the GPU (nvJPEG, default) or in DALI's CPU threads (small "
+                        "images such as CIFAR's: keeps the loader's kernels off the GPU the step runs on)")
     g.add_argument("--img-size", type=int)
     g.add_argument("--token-label-size", type=int, help="token grid L of the targets (default img-size/16)")
     g.add_argument("--randaugment", help="RandAugment spec, or 'none'")
@@ -416,7 +420,7 @@ def build_loaders(cfg: dict, d: Dist):
     common = dict(backend=cfg["loader"], device=d.device.type, shard_id=d.rank, num_shards=d.world, seed=cfg["seed"])
     if cfg["workers"] is not None:
         common["num_workers"] = cfg["workers"]
-    for key in ("hw_decoder_load", "prefetch"):  # DALI-only knobs; the loader validates their values
+    for key in ("hw_decoder_load", "prefetch", "decode_device"):  # DALI-only knobs; the loader validates them
         if cfg[key] is not None:
             if cfg["loader"] != "dali":
                 raise SystemExit(f"--{key.replace('_', '-')} applies to the DALI loader only "
