@@ -271,33 +271,20 @@ def test_teacher_annotate_student_pipeline(tmp_path, data):
     assert len(steps) == 1 and math.isfinite(float(steps[0]["loss"]))
 
 
-def test_hw_decoder_load_flag(tmp_path, data):
-    """--hw-decoder-load belongs to the DALI loader: on the PIL loader it is refused before anything runs,
-    and a value outside [0, 1] names the option (the loader's ValueError)."""
-    _fails(tiny_args(data, tmp_path / "o1", "--loader", "torch", "--hw-decoder-load", 0.5),
-           "--hw-decoder-load applies to the DALI loader only")
+# (flag, a valid value, a value the DALI loader refuses here or None, the words its error names)
+DALI_ONLY_FLAGS = [
+    ("--hw-decoder-load", 0.5, 1.5, "hw_decoder_load"),
+    ("--prefetch", 4, 0, "prefetch must be an integer"),
+    ("--decode-device", "cpu", None if torch.cuda.is_available() else "gpu", "decode_device='gpu' needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("flag,good,bad,words", DALI_ONLY_FLAGS, ids=[f[0] for f in DALI_ONLY_FLAGS])
+def test_dali_only_flags(tmp_path, data, flag, good, bad, words):
+    """The DALI loader's knobs: on the PIL loader each is refused before anything runs (no checkpoint
+    written); a value the DALI loader cannot take is refused with the loader's ValueError, which names it."""
+    _fails(tiny_args(data, tmp_path / "o1", "--loader", "torch", flag, good), f"{flag} applies to the DALI loader only")
     assert not (tmp_path / "o1" / "last.pt").exists()
     pytest.importorskip("nvidia.dali")
-    _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--hw-decoder-load", 1.5), "hw_decoder_load")
-
-
-def test_prefetch_flag(tmp_path, data):
-    """--prefetch belongs to the DALI loader: refused on the PIL loader before anything runs; a depth below 1
-    names the option (the loader's ValueError)."""
-    _fails(tiny_args(data, tmp_path / "o1", "--loader", "torch", "--prefetch", 4),
-           "--prefetch applies to the DALI loader only")
-    assert not (tmp_path / "o1" / "last.pt").exists()
-    pytest.importorskip("nvidia.dali")
-    _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--prefetch", 0), "prefetch must be an integer")
-
-
-def test_decode_device_flag(tmp_path, data):
-    """--decode-device belongs to the DALI loader: refused on the PIL loader before anything runs; "gpu" on a
-    machine without CUDA names the problem (the loader's ValueError)."""
-    _fails(tiny_args(data, tmp_path / "o1", "--loader", "torch", "--decode-device", "cpu"),
-           "--decode-device applies to the DALI loader only")
-    assert not (tmp_path / "o1" / "last.pt").exists()
-    pytest.importorskip("nvidia.dali")
-    if not torch.cuda.is_available():
-        _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--decode-device", "gpu"),
-               "decode_device='gpu' needs a CUDA device")
+    if bad is not None:
+        _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", flag, bad), words)
