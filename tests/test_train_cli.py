@@ -255,6 +255,34 @@ def test_out_of_memory_suggests_a_batch_size(tmp_path, data, monkeypatch):
     _fails(tiny_args(data, tmp_path / "o", "--batch-size", 8), r"out of memory.*--batch-size 8.*--batch-size 2 fits")
 
 
+def test_loaders_closed_on_every_way_out(tmp_path, data, monkeypatch):
+    """run() closes both loaders when training finishes and when it fails after they were built (their
+    threads and DALI pipelines left to interpreter teardown aborted a DALI run at exit, rc 134)."""
+    import tokenlabel.models as M
+
+    closed = []
+    real_build = T.build_loaders
+
+    def build(cfg, d):
+        loaders = real_build(cfg, d)
+        for name, loader in zip(("train", "val"), loaders):
+            close = loader.close
+            loader.close = lambda close=close, name=name: (closed.append(name), close())
+        return loaders
+
+    monkeypatch.setattr(T, "build_loaders", build)
+    assert main(tiny_args(data, tmp_path / "ok", "--max-steps", 1)) == 0
+    assert sorted(closed) == ["train", "val"]
+    closed.clear()
+
+    def broken(*a, **k):
+        raise RuntimeError("model construction failed (simulated)")
+
+    monkeypatch.setattr(M, "create_model", broken)
+    _fails(tiny_args(data, tmp_path / "bad"), "model construction failed")
+    assert sorted(closed) == ["train", "val"]
+
+
 def test_teacher_annotate_student_pipeline(tmp_path, data):
     """The full-run recipe on tiny data with our CLIs only: teacher -> annotate -> student with token labels."""
     teacher = tmp_path / "teacher"
