@@ -7,7 +7,8 @@
 # Every training piece stops within TIME_LIMIT minutes (--time-limit, resumable); re-running this script
 # continues exactly where it stopped and skips finished steps, so it can be run in pieces of < 10 minutes:
 #   bash scripts/cifar10_token_labeling.sh [teacher|annotate|students|report|all]
-# Students run PARALLEL at a time on the one GPU (small models do not fill an H100 alone).
+# Students run PARALLEL at a time on the one GPU (default 1: runs side by side would share the GPU and blur
+# each one's speed and data wait).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/cifar10}
@@ -15,7 +16,7 @@ RUNS=${RUNS:-runs/cifar}
 STORE=${STORE:-stores/cifar10-s8-k5}
 TIME_LIMIT=${TIME_LIMIT:-8}
 SEEDS=${SEEDS:-"0 1"}
-PARALLEL=${PARALLEL:-4}
+PARALLEL=${PARALLEL:-1}
 KINDS=${KINDS:-"tl base"}   # which students: tl (token labeling) and/or base (class labels only)
 EXTRA=${EXTRA:-}
 TL=${TOKENLABEL:-python3 -m tokenlabel}   # the CLI (works from a checkout with PYTHONPATH=.)
