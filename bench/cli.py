@@ -5,6 +5,7 @@ Examples (the full run on one H100 takes a few minutes)::
     tokenlabel bench all                          # everything, rows -> bench/results/<op>.csv, PNGs
     tokenlabel bench loss --shapes S224 --dtype bf16 --providers fused,reference_eager
     tokenlabel bench loader --data imagenet-sample-334.tar
+    tokenlabel bench loader --shapes cifar128,cifar64 --data data/cifar10/train   # the CIFAR runs' loaders
     tokenlabel bench loss --compare bench/results/loss.csv --out /tmp/new
     TRITON_INTERPRET=1 tokenlabel bench loss --quick --out /tmp/q   # CPU smoke run
 """
@@ -79,12 +80,14 @@ def build_cases(op: str, module, quick: bool, shapes, dtypes, device, options) -
     from .runner import DTYPES
 
     table = module.QUICK_SHAPES if quick else module.SHAPES
+    named = getattr(module, "NAMED_SHAPES", {})   # run only when --shapes names them
     if shapes:
-        unknown = set(shapes) - set(module.SHAPES) - set(module.QUICK_SHAPES)
+        unknown = set(shapes) - set(module.SHAPES) - set(module.QUICK_SHAPES) - set(named)
         if unknown:
             raise ValueError(f"--shapes: unknown shape(s) {sorted(unknown)} for {op}; "
-                             f"known: {sorted(module.SHAPES)} (quick: {sorted(module.QUICK_SHAPES)})")
-        table = {**module.SHAPES, **module.QUICK_SHAPES}
+                             f"known: {sorted(module.SHAPES)} (quick: {sorted(module.QUICK_SHAPES)}"
+                             + (f"; only when named: {sorted(named)}" if named else "") + ")")
+        table = {**module.SHAPES, **module.QUICK_SHAPES, **named}
         table = {k: v for k, v in table.items() if k in shapes}
     if dtypes:
         unknown = set(dtypes) - set(DTYPES)

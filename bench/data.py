@@ -3,7 +3,8 @@
 ``--data`` may be an ImageFolder tree, a flat folder of JPEGs, or a ``.tar`` of either (the
 ImageNet sample ``imagenet-sample-334.tar`` is flat: ``<wnid>_<name>.JPEG``). A flat set is laid
 out as an ImageFolder in a temp dir (symlinks, class = the wnid prefix). Without ``--labels`` a
-label store with random top-k maps (C=1000, k=5, S=18) is made for those images in a temp dir.
+label store with random top-k maps (C=1000, k=5, S=18 unless the shape names others) is made for those
+images in a temp dir.
 """
 from __future__ import annotations
 
@@ -96,25 +97,30 @@ def image_folder(data, min_images: int = 0) -> Path:
     return root
 
 
-def label_store(root: Path, labels=None, seed: int = 0) -> Path:
-    """``labels`` if given, else a store of random realistic top-k maps for every image under ``root``."""
+def label_store(root: Path, labels=None, seed: int = 0, num_classes: int = LABEL_C, k: int = LABEL_K,
+                size: int = LABEL_S) -> Path:
+    """``labels`` if given, else a store of random realistic top-k maps (``num_classes``, ``k``, ``size``)
+    for every image under ``root``."""
     if labels is not None:
         if not Path(labels).exists():
             raise ValueError(f"--labels {str(labels)!r} does not exist")
         return Path(labels)
-    key = ("store", str(root), seed)
+    if not 1 <= k <= num_classes:
+        raise ValueError(f"a random label store needs 1 <= k <= num_classes, got k={k}, num_classes={num_classes}")
+    key = ("store", str(root), seed, num_classes, k, size)
     if key in _CACHE:
         return _CACHE[key]
     from tokenlabel.dataloading import LabelStore
 
     rel = [str(p.relative_to(root).as_posix()) for p in _images(root)]
     path = _tmpdir("tokenlabel-bench-labels-") / "store"
-    store = LabelStore.create(path, rel, num_classes=LABEL_C, k=LABEL_K, size=LABEL_S)
+    store = LabelStore.create(path, rel, num_classes=num_classes, k=k, size=size)
     rng = np.random.default_rng(seed)
     n = len(rel)
-    values = -np.sort(-(rng.standard_normal((n, LABEL_K, LABEL_S, LABEL_S)) * 2 + 4), axis=1)
-    base = rng.integers(0, LABEL_C, (n, 1, LABEL_S, LABEL_S))
-    indices = (base + np.arange(LABEL_K).reshape(1, -1, 1, 1) * 7) % LABEL_C   # distinct per location
+    values = -np.sort(-(rng.standard_normal((n, k, size, size)) * 2 + 4), axis=1)
+    base = rng.integers(0, num_classes, (n, 1, size, size))
+    step = 7 if np.gcd(7, num_classes) == 1 else 1   # k distinct ids per location (k <= num_classes)
+    indices = (base + np.arange(k).reshape(1, -1, 1, 1) * step) % num_classes
     store.write(np.arange(n), values.astype(np.float32), indices, mark_done=True)
     store.close()
     _CACHE[key] = path

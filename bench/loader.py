@@ -19,6 +19,13 @@ from .registry import Case, CheckFailed, Prepared, Skip, register
 # epochs: timed epochs (one untimed epoch first)
 SHAPES = {"imagenet334": (dict(B=128, img=224, min_images=4096, epochs=3), ("-",))}
 QUICK_SHAPES = {"tiny": (dict(B=4, img=32, min_images=0, epochs=2), ("-",))}
+# Run only when --shapes names them, with --data the CIFAR-10 training folder (data/cifar10/train): the
+# loaders of the CIFAR experiment's students (128 px, B 512, C 10 / k 5 / S 8 label maps) and teacher
+# (64 px, B 1024, class labels only), to compare with the runs' own rates and data wait.
+NAMED_SHAPES = {
+    "cifar128": (dict(B=512, img=128, min_images=0, epochs=3, C=10, k=5, S=8), ("-",)),
+    "cifar64": (dict(B=1024, img=64, min_images=0, epochs=3, labels=False), ("-",)),
+}
 
 
 def make_loader(backend, root, store, batch_size, image_size, device, workers=None, **kw):
@@ -28,7 +35,7 @@ def make_loader(backend, root, store, batch_size, image_size, device, workers=No
         raise Skip(f"tokenlabel.dataloading.build_loader not importable: {type(e).__name__}: {e}")
     extra = {} if workers is None else {"num_workers": workers}   # None: the loader's own default
     try:
-        return build_loader(str(root), labels=str(store), batch_size=batch_size, image_size=image_size, train=True,
+        return build_loader(str(root), labels=None if store is None else str(store), batch_size=batch_size, image_size=image_size, train=True,
                             backend=backend, device=str(device), seed=0, **extra, **kw)
     except ImportError as e:
         raise Skip(f"{backend} loader unavailable: {e}")
@@ -54,8 +61,13 @@ def _quick_data(case: Case):
 
 
 def _check_batch(batch, B, img, device, k, S):
-    want = {"images": (B, 3, img, img), "classes": (B,), "boxes": (B, 4), "flips": (B,),
-            "label_values": (B, k, S, S), "label_indices": (B, k, S, S)}
+    """k, S None: a loader without label maps (the batch must then carry none)."""
+    want = {"images": (B, 3, img, img), "classes": (B,), "boxes": (B, 4), "flips": (B,)}
+    if k is None:
+        if "label_values" in batch or "label_indices" in batch:
+            raise CheckFailed("a loader built without labels returned label maps")
+    else:
+        want.update(label_values=(B, k, S, S), label_indices=(B, k, S, S))
     for key, shape in want.items():
         if key not in batch:
             raise CheckFailed(f"batch has no {key!r} (keys {sorted(batch)})")
@@ -68,7 +80,7 @@ def _check_batch(batch, B, img, device, k, S):
         raise CheckFailed(f"images must be finite floats, got {batch['images'].dtype}")
     if batch["flips"].dtype != torch.bool or batch["classes"].dtype != torch.int64:
         raise CheckFailed(f"flips {batch['flips'].dtype} (want bool), classes {batch['classes'].dtype} (want int64)")
-    if batch["label_indices"].is_floating_point():
+    if k is not None and batch["label_indices"].is_floating_point():
         raise CheckFailed(f"label_indices must be integer, got {batch['label_indices'].dtype}")
     boxes = batch["boxes"].float()
     if not ((boxes >= -1e-6).all() and (boxes[:, 0] + boxes[:, 2] <= 1 + 1e-4).all()
@@ -89,11 +101,15 @@ def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
         root = _quick_data(case)
     else:
         root = image_folder(case.options.get("data"), p["min_images"])
-    store = label_store(root, case.options.get("labels"))
-    from tokenlabel.dataloading import LabelStore
+    if p.get("labels", True):
+        from tokenlabel.dataloading import LabelStore
 
-    meta = LabelStore.open(store)
-    k, S = meta.k, meta.size
+        shape = {key: p[name] for key, name in (("num_classes", "C"), ("k", "k"), ("size", "S")) if name in p}
+        store = label_store(root, case.options.get("labels"), **shape)
+        meta = LabelStore.open(store)
+        k, S = meta.k, meta.size
+    else:
+        store = k = S = None
     workers = _cores()
     device = case.device
     if backend == "dali" and device.type != "cuda" and not case.quick:
@@ -140,7 +156,7 @@ def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
             if backend == "dali" else
             f"PIL DataLoader, {workers} workers: decode, RRC, flip, RandAugment in PIL; normalise on {device}")
     return Prepared(modes={"epoch": one_epoch}, check=check, timer=timer, items=p["B"],
-                    notes=f"{what}; label maps k={k} S={S}; {per_epoch} images/epoch x {p['epochs']} epochs timed "
+                    notes=f"{what}; {f'label maps k={k} S={S}' if k else 'no label maps'}; {per_epoch} images/epoch x {p['epochs']} epochs timed "
                           f"(steady state: from the first batch to the last); ms per batch of {p['B']}; data {root}",
                     cleanup=lambda: getattr(loader, "close", lambda: None)())
 
@@ -163,6 +179,13 @@ def dali_hw(case: Case) -> Prepared:
     """The same DALI pipeline with 90% of the JPEGs on nvJPEG's hardware decoder and 8 threads: the fastest
     alone, not beside a training step."""
     return _prepare(case, "dali", **HW_DECODER)
+
+
+@register("loader", "dali_cpu_decode")
+def dali_cpu_decode(case: Case) -> Prepared:
+    """The same DALI pipeline decoding and resizing in DALI's CPU threads (``decode_device="cpu"``, one copy per
+    batch to the GPU): the setting for small images, whose GPU decoding kernels would queue behind a step's."""
+    return _prepare(case, "dali", decode_device="cpu")
 
 
 def yardsticks(device, quick: bool, context: dict) -> list[dict]:

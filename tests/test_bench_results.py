@@ -201,3 +201,48 @@ def test_attention_auto_vs_fastest_rows():
     (row,) = attention.yardsticks(None, False, {"current": current})
     assert row["metric"] == "auto_vs_fastest" and row["p50"] == pytest.approx(ms["auto"] / ms["sdpa"])
     assert "sdpa" in row["notes"]
+
+
+def test_loader_cifar_shapes_only_when_named(tmp_path):
+    """The CIFAR loader shapes run only when --shapes names them; they build a C 10 / k 5 / S 8 random store
+    (cifar128) or a loader without label maps (cifar64), and their batches pass the bench's check."""
+    import torch
+
+    from tokenlabel.bench import loader
+    from tokenlabel.bench.cli import build_cases
+    from tokenlabel.bench.registry import Case
+    from tokenlabel.dataloading import LabelStore, make_synthetic_imagefolder
+
+    cpu = torch.device("cpu")
+    assert [c.shape for c in build_cases("loader", loader, False, None, None, "cpu", {})] == ["imagenet334"]
+    named = build_cases("loader", loader, False, ["cifar128", "cifar64"], None, "cpu", {})
+    assert {c.shape: (c.params["B"], c.params["img"]) for c in named} == {"cifar128": (512, 128), "cifar64": (1024, 64)}
+    with pytest.raises(ValueError, match="only when named.*cifar128"):
+        build_cases("loader", loader, False, ["cifar32"], None, "cpu", {})
+
+    make_synthetic_imagefolder(tmp_path / "d", num_classes=2, per_class=6, size=40, seed=random.randrange(2**31))
+    root = tmp_path / "d" / "train"
+    small = dict(B=4, min_images=0, epochs=1)  # the named shapes' own keys, at a size the CPU runs quickly
+    with_maps = Case(op="loader", shape="cifar128", params={**loader.NAMED_SHAPES["cifar128"][0], **small, "img": 32},
+                     dtype=None, device=cpu, options={"data": str(root)})
+    prep = loader.pil(with_maps)
+    try:
+        prep.check()
+        from tokenlabel.bench.data import _CACHE, label_store
+
+        assert ("store", str(root), 0, 10, 5, 8) in _CACHE  # the provider made its store with the shape's C, k, S
+        store = LabelStore.open(label_store(root, None, num_classes=10, k=5, size=8))  # the provider's (cached)
+        assert (store.num_classes, store.k, store.size, len(store)) == (10, 5, 8, 12)
+        n, seconds = prep.modes["epoch"]()
+        assert n == 8 and seconds > 0   # 3 batches of 4: the first one's arrival starts the clock
+        assert "label maps k=5 S=8" in prep.notes
+    finally:
+        prep.cleanup()
+    no_maps = Case(op="loader", shape="cifar64", params={**loader.NAMED_SHAPES["cifar64"][0], **small, "img": 24},
+                   dtype=None, device=cpu, options={"data": str(root)})
+    prep = loader.pil(no_maps)
+    try:
+        prep.check()
+        assert "no label maps" in prep.notes
+    finally:
+        prep.cleanup()
