@@ -35,8 +35,9 @@ def make_loader(backend, root, store, batch_size, image_size, device, workers=No
         raise Skip(f"tokenlabel.dataloading.build_loader not importable: {type(e).__name__}: {e}")
     extra = {} if workers is None else {"num_workers": workers}   # None: the loader's own default
     try:
-        return build_loader(str(root), labels=None if store is None else str(store), batch_size=batch_size, image_size=image_size, train=True,
-                            backend=backend, device=str(device), seed=0, **extra, **kw)
+        return build_loader(str(root), labels=None if store is None else str(store), batch_size=batch_size,
+                            image_size=image_size, train=True, backend=backend, device=str(device), seed=0,
+                            **extra, **kw)
     except ImportError as e:
         raise Skip(f"{backend} loader unavailable: {e}")
 
@@ -156,7 +157,8 @@ def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
             if backend == "dali" else
             f"PIL DataLoader, {workers} workers: decode, RRC, flip, RandAugment in PIL; normalise on {device}")
     return Prepared(modes={"epoch": one_epoch}, check=check, timer=timer, items=p["B"],
-                    notes=f"{what}; {f'label maps k={k} S={S}' if k else 'no label maps'}; {per_epoch} images/epoch x {p['epochs']} epochs timed "
+                    notes=f"{what}; {f'label maps k={k} S={S}' if k else 'no label maps'}; "
+                          f"{per_epoch} images/epoch x {p['epochs']} epochs timed "
                           f"(steady state: from the first batch to the last); ms per batch of {p['B']}; data {root}",
                     cleanup=lambda: getattr(loader, "close", lambda: None)())
 
