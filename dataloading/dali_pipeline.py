@@ -10,7 +10,8 @@ Division of labour (why it is built this way):
 * ``fn.external_source`` (batch mode) hands DALI the file paths, the crop window (anchor, shape in
   pixels), the per-sample interpolation and the sample ids; ``fn.io.file.read`` reads the files in
   DALI's own threads (no GIL), ``fn.decoders.image_slice`` decodes only the crop window (device
-  "mixed": nvJPEG / the hardware decoder; "cpu" for tests), and
+  "mixed": nvJPEG / the hardware decoder; "cpu": libjpeg-turbo in DALI's threads, for tests and for small
+  JPEGs such as CIFAR's, whose crops then go to the GPU for the resize: ``resize_device``), and
   ``fn.resize`` scales it to image_size with the drawn interpolation. The returned box is exactly
   this window, normalised by the header size (EXIF orientation is ignored on both sides).
 * DALI hands the crops over in its own HWC layout (no transpose op); the rest runs in
@@ -151,7 +152,7 @@ class DaliBackend:
     applies_augment = False
 
     def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=None, worker_processes=None,
-                 hw_decoder_load=0.0, decode_device=None):
+                 hw_decoder_load=0.0, decode_device=None, resize_device=None):
         fn, types, pipeline_def = import_dali()
         self.fn, self.types, self.pipeline_def = fn, types, pipeline_def
         self.source, self.sampler = source, sampler
@@ -184,6 +185,21 @@ class DaliBackend:
             raise ValueError(f"hw_decoder_load={hw_decoder_load} is the GPU decoder's knob; decode_device='cpu' "
                              "decodes on the CPU (leave hw_decoder_load at 0)")
         self.decode_device = decode_device or ("gpu" if self.gpu else "cpu")
+        # Where DALI resizes the decoded crop: where it was decoded by default. resize_device="gpu" with CPU
+        # decoding copies the small decoded crops to the GPU (one transfer per batch) and resizes them there in
+        # one batched launch: the CPU threads do only the decode, and the GPU sees a couple of launches per
+        # batch instead of nvJPEG's per-image kernels and event waits. For CIFAR's 32 px JPEGs beside the
+        # student's step (H200, 2026-12-04): nvJPEG decoding delivered 50k img/s alone but only the step's
+        # ~20k beside it (12 threads each waiting on one event per image behind the step's kernels); CPU
+        # decoding with the resize on the CPU ran at 25k img/s alone (the 128 px resize is the CPU's cost).
+        if resize_device not in (None, "gpu", "cpu"):
+            raise ValueError(f"resize_device must be 'gpu' or 'cpu', got {resize_device!r}")
+        if resize_device == "gpu" and not self.gpu:
+            raise ValueError(f"resize_device='gpu' needs a CUDA device (the loader's device is {self.device})")
+        if resize_device == "cpu" and self.decode_device == "gpu":
+            raise ValueError("resize_device='cpu' needs decode_device='cpu' (images decoded on the GPU are resized "
+                             "there)")
+        self.resize_device = resize_device or ("gpu" if self.decode_device == "gpu" else "cpu")
         self.num_threads = num_threads or (min(12, cpus) if self.gpu else min(4, cpus))
         self.io_workers = io_workers or min(16, max(2, cpus))
         prefetch = 2 if prefetch is None else prefetch  # batches DALI prepares ahead
@@ -225,7 +241,8 @@ class DaliBackend:
         fn, types = self.fn, self.types
         S, train = self.source.image_size, self.source.train
         dec = "mixed" if self.decode_device == "gpu" else "cpu"
-        to_gpu = self.gpu and dec == "cpu"  # CPU decoding feeding a GPU: DALI copies the finished crops over
+        to_gpu = self.gpu and dec == "cpu"  # CPU decoding feeding a GPU: DALI copies the batch over
+        early = to_gpu and self.resize_device == "gpu"  # ... the decoded crops, before the resize
         feeder = self.feeder = _Feeder()
 
         # DALI 2.4 has no stream priority of its own (`default_cuda_stream_priority` is deprecated there
@@ -243,6 +260,8 @@ class DaliBackend:
                 images = fn.decoders.image_slice(data, anchor, shape, device=dec, output_type=types.RGB,
                                                  normalized_anchor=False, normalized_shape=False,
                                                  adjust_orientation=False, hw_decoder_load=self.hw_decoder_load)
+                if early:
+                    images = images.gpu()
                 images = fn.resize(images, size=[S, S], interp_type=fn.cast(interp, dtype=types.INTERP_TYPE),
                                    antialias=True)
             else:
@@ -254,10 +273,12 @@ class DaliBackend:
                 data = fn.io.file.read(paths, dont_use_mmap=not self.io_mmap)
                 images = fn.decoders.image(data, device=dec, output_type=types.RGB, adjust_orientation=False,
                                            hw_decoder_load=self.hw_decoder_load)
+                if early:
+                    images = images.gpu()
                 images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
                 images = fn.slice(images, anchor, np.array([S, S], np.float32), normalized_anchor=False,
                                   normalized_shape=False)
-            if to_gpu:
+            if to_gpu and not early:
                 images = images.gpu()
             return images, ids  # HWC: finish_batch's kernel reads it through strides
 

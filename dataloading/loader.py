@@ -241,7 +241,8 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
                  random_erasing=0.25, crop_pct=None, interpolation="random", drop_last=None,
                  missing_labels="error", label_size=None, num_classes=None, label_k=None,
                  dtype=torch.float32, label_index_dtype=torch.int64, shuffle=None, dali_threads=None,
-                 prefetch=None, engine=None, hw_decoder_load=None, decode_device=None):
+                 prefetch=None, engine=None, hw_decoder_load=None, decode_device=None,
+                 resize_device=None):
     """Build the train or eval loader. See the module docstring for the batch format and epochs.
 
     root: ImageFolder directory or file list ("relpath class" lines). labels: a LabelStore path
@@ -257,7 +258,10 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count). prefetch (DALI only):
     batches DALI prepares ahead (default 2). decode_device (DALI only): "gpu" (default on CUDA: nvJPEG) or
     "cpu" (DALI's CPU threads decode and resize, one copy per batch to the GPU; for small images, where the
-    GPU decoder's kernels would queue behind the training step's).
+    GPU decoder's kernels would queue behind the training step's). resize_device (DALI only): where the decoded
+    crop is resized, "gpu" or "cpu" (default: where it was decoded); "gpu" with decode_device="cpu" decodes in
+    DALI's CPU threads and resizes the batch on the GPU in one launch (the fastest for CIFAR's 32 px JPEGs
+    beside a training step, dataloading/NOTES.md).
     """
     if backend not in ("dali", "torch"):
         raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
@@ -317,14 +321,14 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
                            drop_last=drop_last, shuffle=train if shuffle is None else shuffle)
     workers = (os.cpu_count() or 2) if num_workers is None else int(num_workers)
     for name, value in (("hw_decoder_load", hw_decoder_load), ("prefetch", prefetch),
-                        ("decode_device", decode_device)):  # DALI-only knobs
+                        ("decode_device", decode_device), ("resize_device", resize_device)):  # DALI-only knobs
         if value is not None and backend != "dali":
             raise ValueError(f"{name} applies to backend='dali' only (got backend={backend!r})")
     if backend == "dali":
         from .dali_pipeline import DaliBackend
 
         impl = DaliBackend(source, sampler, device, num_threads=dali_threads, io_workers=max(1, workers),
-                           prefetch=prefetch, decode_device=decode_device,
+                           prefetch=prefetch, decode_device=decode_device, resize_device=resize_device,
                            hw_decoder_load=0.0 if hw_decoder_load is None else hw_decoder_load)
     else:
         from .pil_pipeline import PilBackend

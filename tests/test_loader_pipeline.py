@@ -415,6 +415,26 @@ def test_decode_device_knob(folder):
         _build(root, "torch", batch_size=4, image_size=16, decode_device="cpu")
 
 
+def test_resize_device_knob(folder):
+    """resize_device says where DALI resizes the decoded crop: where it was decoded by default ("cpu" without
+    CUDA); "gpu" without CUDA, an unknown value, or the knob on the PIL backend is a ValueError that names it."""
+    dali_or_skip()
+    root, _ = folder
+    loader = _build(root, "dali", batch_size=4, image_size=16, decode_device="cpu", resize_device="cpu")
+    assert loader.backend.resize_device == "cpu"
+    assert all(b["images"].shape[1:] == (3, 16, 16) for b in _epoch(loader, 0))
+    loader.close()
+    if not torch.cuda.is_available():
+        assert _build(root, "dali", batch_size=4, image_size=16).backend.resize_device == "cpu"
+        with pytest.raises(ValueError, match="resize_device='gpu' needs a CUDA device"):
+            _build(root, "dali", batch_size=4, image_size=16, resize_device="gpu")
+    for bad in ("mixed", 1, "GPU"):
+        with pytest.raises(ValueError, match="resize_device must be 'gpu' or 'cpu'"):
+            _build(root, "dali", batch_size=4, image_size=16, resize_device=bad)
+    with pytest.raises(ValueError, match="resize_device applies to backend='dali' only"):
+        _build(root, "torch", batch_size=4, image_size=16, resize_device="cpu")
+
+
 def test_dense_paths_round_trip(gen):
     """The file paths reach DALI as one zero-padded uint8 array plus lengths; cutting each row to its length
     gives back the exact bytes (any length, non-ASCII names)."""
@@ -503,16 +523,22 @@ def test_gpu_dali_mixed_matches_pil(folder, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_dali_cpu_decoding_matches_gpu_decoding(folder, tmp_path):
-    """decode_device="cpu" on CUDA: the same samples, boxes, flips and label maps as nvJPEG decoding, the
-    images on the GPU and within a few levels (libjpeg-turbo against nvJPEG, the resize on either device)."""
+@pytest.mark.parametrize("resize_device", ["cpu", "gpu"])
+def test_gpu_dali_cpu_decoding_matches_gpu_decoding(folder, tmp_path, resize_device):
+    """decode_device="cpu" on CUDA, the resize on either device: the same samples, boxes, flips and label
+    maps as nvJPEG decoding, the images on the GPU and within a few levels (libjpeg-turbo against nvJPEG, the
+    resize on either device). resize_device="cpu" with GPU decoding is refused."""
     dali_or_skip()
     root, rel = folder
     make_store(str(tmp_path / "store"), rel, num_classes=5, k=3, size=8)
     kw = dict(labels=str(tmp_path / "store"), batch_size=6, image_size=40, seed=3, device="cuda")
-    a = _epoch(_build(root, "dali", decode_device="gpu", **kw), 1)
-    loader = _build(root, "dali", decode_device="cpu", **kw)
-    assert loader.backend.decode_device == "cpu"
+    with pytest.raises(ValueError, match="resize_device='cpu' needs decode_device='cpu'"):
+        _build(root, "dali", decode_device="gpu", resize_device="cpu", **kw)
+    gpu = _build(root, "dali", **kw)
+    assert (gpu.backend.decode_device, gpu.backend.resize_device) == ("gpu", "gpu")
+    a = _epoch(gpu, 1)
+    loader = _build(root, "dali", decode_device="cpu", resize_device=resize_device, **kw)
+    assert (loader.backend.decode_device, loader.backend.resize_device) == ("cpu", resize_device)
     b = _epoch(loader, 1)
     assert len(a) == len(b) > 0
     d = []
