@@ -94,6 +94,16 @@ def _check_batch(batch, B, img, device, k, S):
 HW_DECODER = dict(hw_decoder_load=0.9, dali_threads=8)
 
 
+def _dali_what(backend) -> str:
+    """Where this DALI loader decodes and resizes, for the rows' notes."""
+    if backend.decode_device == "gpu":
+        dec = (f"decode on the 'mixed' device (nvJPEG, hardware decoder load {backend.hw_decoder_load:g}, "
+               f"{backend.num_threads} threads)")
+    else:
+        dec = f"decode in DALI's CPU threads (libjpeg-turbo, {backend.num_threads} threads)"
+    return f"DALI: {dec}, resize on the {backend.resize_device.upper()}"
+
+
 def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
     from .data import image_folder, label_store
 
@@ -151,9 +161,7 @@ def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
             times.append(seconds * 1e3 * p["B"] / max(n, 1))    # ms per batch of B
         return times
 
-    what = ("DALI: decode on the 'mixed' device (nvJPEG, hardware decoder load "
-            f"{loader.backend.hw_decoder_load:g}, {loader.backend.num_threads} threads), RRC, flip, RandAugment, "
-            "normalise, erasing on the GPU"
+    what = (_dali_what(loader.backend) + ", RRC, flip, RandAugment, normalise, erasing on the GPU"
             if backend == "dali" else
             f"PIL DataLoader, {workers} workers: decode, RRC, flip, RandAugment in PIL; normalise on {device}")
     return Prepared(modes={"epoch": one_epoch}, check=check, timer=timer, items=p["B"],
@@ -188,6 +196,16 @@ def dali_cpu_decode(case: Case) -> Prepared:
     """The same DALI pipeline decoding and resizing in DALI's CPU threads (``decode_device="cpu"``, one copy per
     batch to the GPU): the setting for small images, whose GPU decoding kernels would queue behind a step's."""
     return _prepare(case, "dali", decode_device="cpu")
+
+
+@register("loader", "dali_cpu_decode_gpu_resize")
+def dali_cpu_decode_gpu_resize(case: Case) -> Prepared:
+    """DALI decoding in its CPU threads and resizing each batch on the GPU (``decode_device="cpu",
+    resize_device="gpu"``: the small decoded crops go over in one copy per batch, then one batched resize): the
+    CIFAR configs' setting."""
+    if case.device.type != "cuda":
+        raise Skip("resizes on the GPU: needs CUDA")
+    return _prepare(case, "dali", decode_device="cpu", resize_device="gpu")
 
 
 def yardsticks(device, quick: bool, context: dict) -> list[dict]:
