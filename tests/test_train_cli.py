@@ -304,6 +304,7 @@ DALI_ONLY_FLAGS = [
     ("--hw-decoder-load", 0.5, 1.5, "hw_decoder_load"),
     ("--prefetch", 4, 0, "prefetch must be an integer"),
     ("--decode-device", "cpu", None if torch.cuda.is_available() else "gpu", "decode_device='gpu' needs a CUDA device"),
+    ("--resize-device", "cpu", None if torch.cuda.is_available() else "gpu", "resize_device='gpu' needs a CUDA device"),
 ]
 
 
@@ -316,3 +317,31 @@ def test_dali_only_flags(tmp_path, data, flag, good, bad, words):
     pytest.importorskip("nvidia.dali")
     if bad is not None:
         _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", flag, bad), words)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_config_file_dali_knobs_dropped_where_they_cannot_apply(tmp_path, data, capsys, loader):
+    """The CIFAR configs' DALI settings (CPU decoding, the resize on the GPU) come from the config file: where
+    they cannot apply (the PIL loader; the GPU resize without CUDA) the run drops them with a note and trains;
+    what applies stays. The same options on the command line are refused instead (test_dali_only_flags)."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("decode_device: cpu\nresize_device: gpu\nprefetch: 3\n")
+    out = tmp_path / "o"
+    assert main(tiny_args(data, out, "--config", cfg, "--loader", loader, "--max-steps", 1)) == 0
+    said = capsys.readouterr().out
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    cuda = torch.cuda.is_available()
+    if loader == "torch":
+        for key in ("decode_device", "resize_device", "prefetch"):
+            assert f"[train] {key}: " in said and "does not apply to the torch loader" in said
+            assert saved[key] is None
+    else:
+        assert saved["decode_device"] == "cpu" and saved["prefetch"] == 3
+        assert saved["resize_device"] == ("gpu" if cuda else None)
+        assert ("[train] resize_device: gpu (from the config file) does not apply" in said) == (not cuda)
+        assert "[train] decode_device" not in said and "[train] prefetch" not in said
+

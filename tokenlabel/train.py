@@ -80,6 +80,7 @@ DEFAULTS: dict = {
     "prefetch": None,           # DALI: batches prepared ahead (None: the loader's 2)
     "hw_decoder_load": None,    # DALI: share of JPEGs on nvJPEG's hardware decoder (None: the loader's 0.0)
     "decode_device": None,      # DALI: "gpu" | "cpu" decoding and resizing (None: the loader's "gpu" on CUDA)
+    "resize_device": None,      # DALI: "gpu" | "cpu" resizing (None: where the images were decoded)
     "randaugment": "rand-m9-mstd0.5-inc1",
     "random_erasing": 0.25,
     "crop_pct": None,
@@ -159,6 +160,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-device", choices=["gpu", "cpu"],
                    help="DALI loader: decode and resize on the GPU (nvJPEG, default) or in DALI's CPU threads (small "
                         "images such as CIFAR's: keeps the loader's kernels off the GPU the step runs on)")
+    g.add_argument("--resize-device", choices=["gpu", "cpu"],
+                   help="DALI loader: resize on the GPU or in DALI's CPU threads (default: where the images were "
+                        "decoded); --decode-device cpu --resize-device gpu decodes small JPEGs on the CPU and resizes "
+                        "each batch on the GPU in one launch (the CIFAR configs' setting)")
     g.add_argument("--img-size", type=int)
     g.add_argument("--token-label-size", type=int, help="token grid L of the targets (default img-size/16)")
     g.add_argument("--randaugment", help="RandAugment spec, or 'none'")
@@ -420,7 +425,7 @@ def build_loaders(cfg: dict, d: Dist):
     common = dict(backend=cfg["loader"], device=d.device.type, shard_id=d.rank, num_shards=d.world, seed=cfg["seed"])
     if cfg["workers"] is not None:
         common["num_workers"] = cfg["workers"]
-    for key in ("hw_decoder_load", "prefetch", "decode_device"):  # DALI-only knobs; the loader validates them
+    for key in DALI_KNOBS:  # DALI-only knobs; the loader validates them
         if cfg[key] is not None:
             if cfg["loader"] != "dali":
                 raise SystemExit(f"--{key.replace('_', '-')} applies to the DALI loader only "
@@ -958,12 +963,38 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+DALI_KNOBS = ("hw_decoder_load", "prefetch", "decode_device", "resize_device")
+
+
+def config_file_only_keys(args: argparse.Namespace) -> set:
+    """The options set by --config and not on the command line."""
+    if not getattr(args, "config", None):
+        return set()
+    return set(_load_config_file(args.config)) - {k for k in DEFAULTS if getattr(args, k, None) is not None}
+
+
+def drop_inapplicable_dali_knobs(cfg: dict, file_only: set, device: torch.device, log=print) -> None:
+    """A config file's DALI settings (e.g. the CIFAR configs' CPU decoding with the resize on the GPU) are for
+    the DALI loader on CUDA; on the PIL loader, or on a machine without CUDA, the ones that cannot apply are
+    dropped with a note, so the same config still runs there. The same options given on the command line are
+    the user's explicit request and stay: the loader refuses them with a message that names them."""
+    for key in DALI_KNOBS:
+        v = cfg.get(key)
+        if v is None or key not in file_only:
+            continue
+        if cfg["loader"] != "dali" or (v == "gpu" and device.type != "cuda"):
+            log(f"[train] {key}: {v} (from the config file) does not apply to the {cfg['loader']} loader on "
+                f"{device.type}; ignored")
+            cfg[key] = None
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
+    file_only = config_file_only_keys(args)
     d = setup_distributed()
     loaders = []  # _run's data loaders: closed here, on every way out
     try:
-        status = _run(cfg, d, loaders)
+        status = _run(cfg, d, loaders, file_only)
         # every rank returns from _run at the same point; leaving together keeps a rank from tearing
         # the process group down while its peer is still in it (seen to abort gloo at exit)
         _barrier(d)
@@ -981,7 +1012,7 @@ def run(args: argparse.Namespace) -> int:
                 dist.destroy_process_group()
 
 
-def _run(cfg: dict, d: Dist, loaders: list) -> int:
+def _run(cfg: dict, d: Dist, loaders: list, file_only: set = frozenset()) -> int:
     log = print if d.main else (lambda *a, **k: None)
     if cfg["output"] is None:
         cfg["output"] = _default_output(cfg)
@@ -1001,6 +1032,7 @@ def _run(cfg: dict, d: Dist, loaders: list) -> int:
             f"class labels{' + label maps' if cfg['labels'] else ''}")
     if cfg["loader"] is None:
         cfg["loader"] = default_backend(d.device)
+    drop_inapplicable_dali_knobs(cfg, file_only, d.device, log)
     if cfg["amp"] is None:
         cfg["amp"] = "bf16" if d.device.type == "cuda" else "fp32"
 
