@@ -547,7 +547,12 @@ class DaliBackend:
         self.pipe = None
         with self._lock:  # the probe workers and the PNM cache go too (a later epoch remakes them)
             if self._procs is not None:
-                self._procs_cleanup()
+                # wait for the pool's processes and its queue-feeder thread: left running, an interpreter that
+                # exits right after close() races that thread ("Exception in thread QueueFeederThread ... Bad
+                # file descriptor" at the exit of a GPU test run, 2026-12-04). The finalizer (a loader dropped
+                # without close()) still does not wait.
+                self._procs_cleanup.detach()
+                self._procs.shutdown(wait=True, cancel_futures=True)
                 self._procs = self._procs_cleanup = None
             if self._fallback_cleanup is not None:
                 self._fallback_cleanup()

@@ -652,3 +652,26 @@ def test_prefetch_depth(folder):
             _build(root, "dali", batch_size=4, image_size=16, prefetch=bad)
     with pytest.raises(ValueError, match="prefetch applies to backend='dali' only"):
         _build(root, "torch", batch_size=4, image_size=16, prefetch=4)
+
+
+def test_close_waits_for_the_worker_processes(folder):
+    """close() leaves none of the loader's worker processes, nor the process pool's queue-feeder thread, behind
+    (the GPU default runs the batch metadata in forked workers): an interpreter exiting right after close()
+    must not race them. The loader still works after close()."""
+    dali_or_skip()
+    import multiprocessing
+    import threading
+
+    root, _ = folder
+    loader = _build(root, "dali", batch_size=4, image_size=16)
+    loader.backend.worker_processes = 2   # as on a GPU box (made on first use)
+    before = {p.pid for p in multiprocessing.active_children()}
+    assert len(_epoch(loader, 0)) > 0
+    spawned = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(spawned) == 2
+    loader.close()
+    assert not spawned & {p.pid for p in multiprocessing.active_children()}
+    assert "QueueFeederThread" not in {t.name for t in threading.enumerate()}
+    assert len(_epoch(loader, 1)) > 0     # a later epoch makes them again
+    loader.close()
+
