@@ -247,6 +247,16 @@ def loader_fed_hw(case: Case) -> Prepared:
     return _loader_fed(case, **HW_DECODER)
 
 
+@register("step", "loader_fed_cpu_decode")
+def loader_fed_cpu_decode(case: Case) -> Prepared:
+    """loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU (the loader bench's
+    dali_cpu_decode_gpu_resize): no per-image decoder work on the GPU beside the step; the CIFAR configs'
+    setting, here on full-size JPEGs, where the CPU's decoding rate decides."""
+    if case.device.type != "cuda":
+        raise Skip("resizes on the GPU: needs CUDA")
+    return _loader_fed(case, decode_device="cpu", resize_device="gpu")
+
+
 def _loader_fed(case: Case, **loader_kw) -> Prepared:
     data = case.options.get("data")
     if data is None:
