@@ -263,8 +263,8 @@ def test_loaders_closed_on_every_way_out(tmp_path, data, monkeypatch):
     closed = []
     real_build = T.build_loaders
 
-    def build(cfg, d):
-        loaders = real_build(cfg, d)
+    def build(*a, **k):
+        loaders = real_build(*a, **k)
         for name, loader in zip(("train", "val"), loaders):
             close = loader.close
             loader.close = lambda close=close, name=name: (closed.append(name), close())

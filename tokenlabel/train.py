@@ -418,15 +418,28 @@ def default_backend(device: torch.device) -> str:
     return "dali"
 
 
-def build_loaders(cfg: dict, d: Dist):
+DALI_KNOBS = ("hw_decoder_load", "prefetch", "decode_device", "resize_device")
+
+
+def build_loaders(cfg: dict, d: Dist, cli_keys: frozenset = frozenset(), log=print):
+    """The train and val loaders. The DALI-only options: given on the command line (``cli_keys``) they are the
+    user's explicit request, refused here on the PIL loader and validated by the DALI loader; from a config file
+    (e.g. the CIFAR configs' CPU decoding with the resize on the GPU) the ones that cannot apply here (the PIL
+    loader, a GPU resize without CUDA) are dropped with a note, so the same config runs on any machine."""
     from tokenlabel.dataloading import build_loader
 
     train_dir, val_dir = check_data_dir(cfg["data"])
     common = dict(backend=cfg["loader"], device=d.device.type, shard_id=d.rank, num_shards=d.world, seed=cfg["seed"])
     if cfg["workers"] is not None:
         common["num_workers"] = cfg["workers"]
-    for key in DALI_KNOBS:  # DALI-only knobs; the loader validates them
-        if cfg[key] is not None:
+    for key in DALI_KNOBS:
+        v = cfg[key]
+        if v is not None and key not in cli_keys and (
+                cfg["loader"] != "dali" or (v == "gpu" and d.device.type != "cuda")):
+            log(f"[train] {key}: {v} (from the config file) does not apply to the {cfg['loader']} loader on "
+                f"{d.device.type}; ignored")
+            cfg[key] = v = None
+        if v is not None:
             if cfg["loader"] != "dali":
                 raise SystemExit(f"--{key.replace('_', '-')} applies to the DALI loader only "
                                  f"(the loader is {cfg['loader']})")
@@ -963,38 +976,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-DALI_KNOBS = ("hw_decoder_load", "prefetch", "decode_device", "resize_device")
-
-
-def config_file_only_keys(args: argparse.Namespace) -> set:
-    """The options set by --config and not on the command line."""
-    if not getattr(args, "config", None):
-        return set()
-    return set(_load_config_file(args.config)) - {k for k in DEFAULTS if getattr(args, k, None) is not None}
-
-
-def drop_inapplicable_dali_knobs(cfg: dict, file_only: set, device: torch.device, log=print) -> None:
-    """A config file's DALI settings (e.g. the CIFAR configs' CPU decoding with the resize on the GPU) are for
-    the DALI loader on CUDA; on the PIL loader, or on a machine without CUDA, the ones that cannot apply are
-    dropped with a note, so the same config still runs there. The same options given on the command line are
-    the user's explicit request and stay: the loader refuses them with a message that names them."""
-    for key in DALI_KNOBS:
-        v = cfg.get(key)
-        if v is None or key not in file_only:
-            continue
-        if cfg["loader"] != "dali" or (v == "gpu" and device.type != "cuda"):
-            log(f"[train] {key}: {v} (from the config file) does not apply to the {cfg['loader']} loader on "
-                f"{device.type}; ignored")
-            cfg[key] = None
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
-    file_only = config_file_only_keys(args)
+    # options given on the command line (the rest of cfg comes from the config file or the defaults)
+    cli_keys = frozenset(k for k in DEFAULTS if getattr(args, k, None) is not None)
     d = setup_distributed()
     loaders = []  # _run's data loaders: closed here, on every way out
     try:
-        status = _run(cfg, d, loaders, file_only)
+        status = _run(cfg, d, loaders, cli_keys)
         # every rank returns from _run at the same point; leaving together keeps a rank from tearing
         # the process group down while its peer is still in it (seen to abort gloo at exit)
         _barrier(d)
@@ -1012,7 +1001,7 @@ def run(args: argparse.Namespace) -> int:
                 dist.destroy_process_group()
 
 
-def _run(cfg: dict, d: Dist, loaders: list, file_only: set = frozenset()) -> int:
+def _run(cfg: dict, d: Dist, loaders: list, cli_keys: frozenset = frozenset()) -> int:
     log = print if d.main else (lambda *a, **k: None)
     if cfg["output"] is None:
         cfg["output"] = _default_output(cfg)
@@ -1032,7 +1021,6 @@ def _run(cfg: dict, d: Dist, loaders: list, file_only: set = frozenset()) -> int
             f"class labels{' + label maps' if cfg['labels'] else ''}")
     if cfg["loader"] is None:
         cfg["loader"] = default_backend(d.device)
-    drop_inapplicable_dali_knobs(cfg, file_only, d.device, log)
     if cfg["amp"] is None:
         cfg["amp"] = "bf16" if d.device.type == "cuda" else "fp32"
 
@@ -1053,7 +1041,7 @@ def _run(cfg: dict, d: Dist, loaders: list, file_only: set = frozenset()) -> int
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
-    train_loader, val_loader = build_loaders(cfg, d)
+    train_loader, val_loader = build_loaders(cfg, d, cli_keys, log)
     loaders += [train_loader, val_loader]
     classes = list(train_loader.classes)
     model = build_model(cfg, len(classes))
