@@ -30,6 +30,8 @@ def _cases(op, quick):
             for dn in dtypes:
                 for mode in MODES[op]:
                     marks = () if quick else (pytest.mark.gpu,)
+                    if "autotune" in prov.name:  # max-autotune compiles for minutes
+                        marks += (pytest.mark.slow,)
                     out.append(pytest.param(op, prov.name, shape, dict(params), dn, mode, quick, marks=marks,
                                             id=f"{op}-{prov.name}-{shape}-{dn}-{mode}"))
     return out
