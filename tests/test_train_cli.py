@@ -138,11 +138,15 @@ def test_class_label_loss_matches_dense_soft_targets(gen):
 
 
 # ------------------------------------------------------------------ end-to-end runs
-def test_token_label_run_with_fused_loss(tmp_path, data):
-    """Two steps on label maps through the fused kernel (Triton interpreter on the CPU), eval, files."""
+def test_token_label_run_with_fused_loss(tmp_path, data, capsys):
+    """Two steps on label maps through the fused kernel (Triton interpreter on the CPU), eval, files; the epoch
+    line names the idle share after the device it was measured on."""
     store = make_store(tmp_path / "store", train_relpaths(data), num_classes=4)
     out = tmp_path / "run"
     assert main(tiny_args(data, out, "--labels", store, "--epochs", 1, "--batch-size", 16, "--log-every", 1)) == 0
+    epoch_line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[train] epoch 1/1:")]
+    assert len(epoch_line) == 1 and "between steps" in epoch_line[0]
+    assert ("GPU idle" in epoch_line[0]) == torch.cuda.is_available()
     rows = read_csv(out / "summary.csv")
     assert len(rows) == 1 and set(T.SUMMARY_FIELDS) == set(rows[0])
     r = rows[0]

@@ -1103,6 +1103,8 @@ def _run(cfg: dict, d: Dist, loaders: list, cli_keys: frozenset = frozenset()) -
             t_epoch = time.perf_counter()
             data_wait = 0.0
             gaps = StepGaps(d.device)  # the GPU's view of the data wait: its idle time between steps
+            # on the CPU there are no events: StepGaps then times the host between steps, not a GPU
+            idle_name = "GPU idle between steps" if torch.device(d.device).type == "cuda" else "between steps"
             loss_acc = [torch.zeros((), device=d.device), 0]  # running loss sum and its step count
             pending = []  # (step, loss tensor, lr) not yet written to steps.csv
             n_steps = 0
@@ -1215,7 +1217,7 @@ def _run(cfg: dict, d: Dist, loaders: list, cli_keys: frozenset = frozenset()) -
             log(f"[train] epoch {epoch + 1}/{cfg['epochs']}: loss {mean_loss:.4f} top1 {top1:.2f} top5 {top5:.2f}"
                 + (f" ema top1 {ema1:.2f} top5 {ema5:.2f}" if tr.ema is not None else "")
                 + f" ({epoch_time:.1f}s, {row['images_per_s']} img/s, data wait {float(row['data_wait_frac']):.1%}, "
-                   f"GPU idle between steps {float(row['gpu_data_wait_frac']):.1%})")
+                   f"{idle_name} {float(row['gpu_data_wait_frac']):.1%})")
             save_last(epoch + 1, 0, True)
             if is_best and d.main:
                 tmp = out / f".best.pt.tmp-{os.getpid()}"  # same atomic pattern as last.pt
