@@ -19,18 +19,20 @@ import tarfile
 import time
 from multiprocessing import get_context
 
-JPEG_EXT = (".jpg", ".jpeg", ".JPG", ".JPEG")
+from PIL import Image
+
+JPEG_EXT = (".jpg", ".jpeg")  # compared in lower case
 _DATA: list[bytes] = []
 
 
 def load(path: str) -> list[bytes]:
     """All JPEG files' bytes under ``path`` (a folder or a .tar), in a fixed order."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(JPEG_EXT))
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(JPEG_EXT))
         out = [open(f, "rb").read() for f in files]
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as t:
-            members = sorted((m for m in t.getmembers() if m.isfile() and m.name.endswith(JPEG_EXT)),
+            members = sorted((m for m in t.getmembers() if m.isfile() and m.name.lower().endswith(JPEG_EXT)),
                              key=lambda m: m.name)
             out = [t.extractfile(m).read() for m in members]
     else:
@@ -46,8 +48,6 @@ def _init(path: str) -> None:
 
 
 def _decode(args: tuple[int, int]) -> int:
-    from PIL import Image
-
     start, n = args
     for i in range(start, start + n):
         Image.open(io.BytesIO(_DATA[i % len(_DATA)])).convert("RGB").load()

@@ -1104,7 +1104,7 @@ def _run(cfg: dict, d: Dist, loaders: list, cli_keys: frozenset = frozenset()) -
             data_wait = 0.0
             gaps = StepGaps(d.device)  # the GPU's view of the data wait: its idle time between steps
             # on the CPU there are no events: StepGaps then times the host between steps, not a GPU
-            idle_name = "GPU idle between steps" if torch.device(d.device).type == "cuda" else "between steps"
+            idle_name = "GPU idle between steps" if gaps.cuda else "between steps"
             loss_acc = [torch.zeros((), device=d.device), 0]  # running loss sum and its step count
             pending = []  # (step, loss tensor, lr) not yet written to steps.csv
             n_steps = 0
