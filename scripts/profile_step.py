@@ -1,0 +1,154 @@
+"""Where the benchmark's training step spends its GPU time, by kernel category.
+
+    python scripts/profile_step.py --out DIR [--provider compile_graphs_auto] [--warmup 15] [--steps 10]
+    python scripts/profile_step.py --out DIR --quick --device cpu      # the tiny shape, a smoke run
+
+Builds the step exactly as ``tokenlabel bench step --providers NAME`` does (LV-ViT-S/224, B 128, bf16, synthetic
+inputs; ``--quick``: the bench's tiny shape), runs ``--warmup`` untimed steps (compilation, CUDA-graph
+recording), then records ``--steps`` steps under torch.profiler and writes into ``--out``:
+
+* ``summary.txt``: per category (GEMM, attention, convolution, LayerNorm, BatchNorm, GELU, inductor's other
+  fused reductions and pointwise kernels, the optimizer, copies, the rest) the time per step, kernels per
+  step and share, then the 25 kernels with the most time per step;
+* ``ops_by_shape.txt``: operator time grouped by input shape (the GEMM shapes; empty of kernels inside CUDA
+  graphs, so profile ``compile_auto`` for shapes: the same kernels without graphs);
+* ``trace.json.gz``: the Chrome trace.
+
+On a CPU there are no kernels: the categories then sort the operators' own CPU time. models/NOTES.md has the
+H100 breakdown this script's categories follow.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from pathlib import Path
+
+# (category, pattern on the lower-cased kernel or operator name), first match wins; convolution comes before
+# gemm because cuDNN names its convolution kernels *_implicit_gemm
+CATEGORIES = [
+    ("attention", r"flash|fmha|attn|attention|sdpa|cudnn_generated_fort_native_sdpa"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_convolve|aten::(convolution|_convolution|cudnn_convolution)"),
+    ("gemm", r"gemm|nvjet|cutlass|cublas|matmul|splitk|aten::(mm|addmm|bmm|linear)$"),
+    ("layernorm", r"^triton.*layer_norm|aten::native_layer_norm"),
+    ("batchnorm", r"^triton.*batch_norm|aten::(native_batch_norm|cudnn_batch_norm)"),
+    ("gelu", r"^triton.*gelu|aten::gelu"),
+    ("fused reductions (inductor)", r"^triton_(per|red)_"),
+    ("fused pointwise (inductor)", r"^triton_"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("copies", r"memcpy|memset|copy|transpose|cat_|aten::(copy_|to|_to_copy|contiguous|clone)$"),
+]
+_COMPILED = [(name, re.compile(pat)) for name, pat in CATEGORIES]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, rx in _COMPILED:
+        if rx.search(low):
+            return cat
+    return "other"
+
+
+def summarize(rows, steps: int, unit: str) -> str:
+    """rows: [(name, microseconds)] of every kernel (or operator) recorded over ``steps`` steps."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    by_cat = collections.defaultdict(lambda: [0.0, 0])
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for name, us in rows:
+        for table, key in ((by_cat, category(name)), (by_name, name)):
+            table[key][0] += us
+            table[key][1] += 1
+    total = sum(t for t, _ in by_cat.values())
+    lines = [f"{unit} per step: {total / steps / 1e3:.3f} ms over {steps} steps ({len(rows)} records)", "",
+             f"{'category':<28} {'ms/step':>9} {'per step':>9} {'share':>7}"]
+    for cat, (t, n) in sorted(by_cat.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{cat:<28} {t / steps / 1e3:9.3f} {n / steps:9.1f} {100 * t / max(total, 1e-9):6.1f}%")
+    lines += ["", f"{'ms/step':>9} {'per step':>9}  name (category)"]
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+        lines.append(f"{t / steps / 1e3:9.3f} {n / steps:9.1f}  {name[:110]} ({category(name)})")
+    return "\n".join(lines) + "\n"
+
+
+def _case(shape: str | None, quick: bool, device):
+    import torch
+
+    from tokenlabel.bench.registry import Case
+    from tokenlabel.bench.step import QUICK_SHAPES, SHAPES
+
+    table = QUICK_SHAPES if quick else SHAPES
+    shape = shape or next(iter(table))
+    if shape not in table:
+        raise SystemExit(f"profile_step: unknown shape {shape!r}; valid: {', '.join(table)}")
+    params, _ = table[shape]
+    return Case(op="step", shape=shape, params=dict(params), dtype=torch.bfloat16, device=device, quick=quick)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for summary.txt, ops_by_shape.txt, trace.json.gz")
+    ap.add_argument("--provider", default="compile_graphs_auto", help="a `bench step` provider")
+    ap.add_argument("--shape", default=None, help="bench shape name (default S224; --quick: tiny)")
+    ap.add_argument("--quick", action="store_true", help="the bench's tiny shape")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--warmup", type=int, default=15, help="untimed steps first (compile, graph recording)")
+    ap.add_argument("--steps", type=int, default=10, help="profiled steps")
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenlabel.bench import registry
+    from tokenlabel.bench.registry import Skip
+    from tokenlabel.bench.timing import sync
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("profile_step: --device cuda but CUDA is not available")
+    names = {p.name: p for p in registry.providers("step")}
+    if a.provider not in names:
+        raise SystemExit(f"profile_step: unknown provider {a.provider!r}; valid: {', '.join(names)}")
+    case = _case(a.shape, a.quick, device)
+    try:
+        prep = names[a.provider].fn(case)
+        if prep.check is not None:
+            prep.check()
+    except Skip as e:
+        raise SystemExit(f"profile_step: {a.provider} cannot run here: {e}")
+    step = prep.modes["train_step"]
+    for _ in range(a.warmup):
+        step()
+    sync(device)
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(a.steps):
+            step()
+        sync(device)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "trace.json.gz"))
+    events = prof.events()
+    if cuda:
+        rows = [(e.name, e.device_time) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        unit, sort_key = "GPU kernel time", "self_cuda_time_total"
+    else:  # the operators' own CPU time; aten ops only, so a parent's time is not counted twice
+        rows = [(e.name, e.self_cpu_time_total) for e in events if e.name.startswith("aten::")]
+        unit, sort_key = "operator self CPU time", "self_cpu_time_total"
+    head = (f"provider {a.provider}, shape {case.shape} {case.describe()}, device "
+            f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}, "
+            f"{a.warmup} warm-up + {a.steps} profiled steps\n\n")
+    (out / "summary.txt").write_text(head + summarize(rows, a.steps, unit))
+    (out / "ops_by_shape.txt").write_text(
+        prof.key_averages(group_by_input_shape=True).table(sort_by=sort_key, row_limit=60))
+    sys.stdout.write(head + summarize(rows, a.steps, unit))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

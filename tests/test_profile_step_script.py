@@ -1,0 +1,67 @@
+"""scripts/profile_step.py: kernel names fall into the categories models/NOTES.md uses, the summary's arithmetic,
+a CPU smoke run of a bench step provider writing its three files, and bad input refused with a message."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+def _script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name,cat", [
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off", "gemm"),
+    ("cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw", "convolution"),
+    ("triton_per_fused__to_copy_add_div_native_layer_norm_0", "layernorm"),
+    ("triton_red_fused__native_batch_norm_legit_functional_1", "batchnorm"),
+    ("triton_poi_fused_gelu_gelu_backward_2", "gelu"),
+    ("triton_red_fused_sum_3", "fused reductions (inductor)"),
+    ("triton_poi_fused_add_mul_4", "fused pointwise (inductor)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("Memcpy DtoD (Device -> Device)", "copies"),
+    ("aten::mm", "gemm"),
+    ("aten::native_layer_norm", "layernorm"),
+    ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "gemm"),
+    ("something_else", "other"),
+])
+def test_categories(name, cat):
+    assert _script().category(name) == cat
+
+
+def test_summary_arithmetic():
+    ps = _script()
+    text = ps.summarize([("nvjet_a", 3000.0), ("nvjet_a", 1000.0), ("triton_poi_fused_add_0", 4000.0)], 2, "GPU")
+    assert "GPU per step: 4.000 ms over 2 steps (3 records)" in text
+    lines = {l.split()[0]: l.split()[1:] for l in text.splitlines() if l.startswith(("gemm", "fused"))}
+    assert lines["gemm"][:3] == ["2.000", "1.0", "50.0%"]
+    with pytest.raises(ValueError):
+        ps.summarize([], 0, "GPU")
+
+
+def test_cpu_smoke_run_and_bad_input(tmp_path, capsys):
+    ps = _script()
+    out = tmp_path / "p"
+    assert ps.main(["--out", str(out), "--quick", "--device", "cpu", "--provider", "eager_sdpa",
+                    "--warmup", "1", "--steps", "1"]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("provider eager_sdpa, shape tiny")
+    gemm = [l for l in summary.splitlines() if l.startswith("gemm ")]
+    assert gemm and float(gemm[0].split()[1]) > 0            # the linears' aten::mm/addmm
+    assert (out / "ops_by_shape.txt").stat().st_size > 0 and (out / "trace.json.gz").stat().st_size > 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="unknown provider 'nope'; valid: .*compile_graphs_auto"):
+        ps.main(["--out", str(out), "--quick", "--device", "cpu", "--provider", "nope"])
+    with pytest.raises(SystemExit, match="unknown shape 'S999'; valid: tiny"):
+        ps.main(["--out", str(out), "--quick", "--device", "cpu", "--provider", "eager_sdpa", "--shape", "S999"])
+    with pytest.raises(SystemExit):
+        ps.main(["--out", str(out), "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
