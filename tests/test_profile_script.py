@@ -1,20 +1,15 @@
 """scripts/profile_train.py: a short CPU run under the profiler leaves a trace whose analysis finds the
 recorded steps and the labelled loader parts; bad arguments and traces are refused with a message."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from script_helpers import load_script
 from test_train_helpers import make_data, tiny_args
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_train.py"
-    spec = importlib.util.spec_from_file_location("profile_train", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("profile_train")
 
 
 def test_profile_then_analyze(tmp_path, capsys):

@@ -1,17 +1,12 @@
 """scripts/profile_step.py: kernel names fall into the categories models/NOTES.md uses, the summary's arithmetic,
 a CPU smoke run of a bench step provider writing its three files, and bad input refused with a message."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from script_helpers import load_script
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_step.py"
-    spec = importlib.util.spec_from_file_location("profile_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("profile_step")
 
 
 @pytest.mark.parametrize("name,cat", [
