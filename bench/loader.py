@@ -92,6 +92,7 @@ def _check_batch(batch, B, img, device, k, S):
 # the DALI configuration fastest alone: most JPEGs on nvJPEG's hardware decoder, 8 threads (the default,
 # the hybrid path with 12 threads, is the one that keeps a training step fed; dataloading/NOTES.md)
 HW_DECODER = dict(hw_decoder_load=0.9, dali_threads=8)
+CPU_DECODE_GPU_RESIZE = dict(decode_device="cpu", resize_device="gpu")  # the CIFAR configs' setting
 
 
 def _dali_what(backend) -> str:
@@ -205,7 +206,7 @@ def dali_cpu_decode_gpu_resize(case: Case) -> Prepared:
     CIFAR configs' setting."""
     if case.device.type != "cuda":
         raise Skip("resizes on the GPU: needs CUDA")
-    return _prepare(case, "dali", decode_device="cpu", resize_device="gpu")
+    return _prepare(case, "dali", **CPU_DECODE_GPU_RESIZE)
 
 
 def yardsticks(device, quick: bool, context: dict) -> list[dict]:

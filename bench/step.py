@@ -254,7 +254,9 @@ def loader_fed_cpu_decode(case: Case) -> Prepared:
     setting, here on full-size JPEGs, where the CPU's decoding rate decides."""
     if case.device.type != "cuda":
         raise Skip("resizes on the GPU: needs CUDA")
-    return _loader_fed(case, decode_device="cpu", resize_device="gpu")
+    from .loader import CPU_DECODE_GPU_RESIZE
+
+    return _loader_fed(case, **CPU_DECODE_GPU_RESIZE)
 
 
 def _loader_fed(case: Case, **loader_kw) -> Prepared:

@@ -97,6 +97,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        ap.error(f"--out {a.out} exists and is not an empty folder: give a new one (an earlier profile is not "
+                 "overwritten)")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -130,7 +134,6 @@ def main(argv=None) -> int:
             step()
         sync(device)
 
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out / "trace.json.gz"))
     events = prof.events()

@@ -237,6 +237,9 @@ def main(argv=None) -> int:
         ap.error("give --out DIR and the train arguments after --")
     if a.start < 0 or a.steps < 1:
         ap.error("--start must be >= 0 and --steps >= 1")
+    if os.path.exists(a.out) and (not os.path.isdir(a.out) or os.listdir(a.out)):
+        ap.error(f"--out {a.out} exists and is not an empty folder: give a new one (an earlier profile is not "
+                 "overwritten)")
     return profile_train(train_args, a.out, a.start, a.steps)
 
 

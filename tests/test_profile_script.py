@@ -33,6 +33,10 @@ def test_profile_then_analyze(tmp_path, capsys):
     capsys.readouterr()
     assert pt.main(["--analyze", str(trace)]) == 0
     assert "TL::step" in capsys.readouterr().out
+    kept = trace.read_bytes()
+    with pytest.raises(SystemExit):  # the same --out again: refused, the earlier trace stays
+        pt.main(["--out", str(tmp_path / "prof"), "--start", "1", "--steps", "2", "--", *args])
+    assert "is not an empty folder" in capsys.readouterr().err and trace.read_bytes() == kept
 
 
 def test_profile_refusals(tmp_path, capsys):

@@ -54,9 +54,14 @@ def test_cpu_smoke_run_and_bad_input(tmp_path, capsys):
     assert (out / "ops_by_shape.txt").stat().st_size > 0 and (out / "trace.json.gz").stat().st_size > 0
     capsys.readouterr()
     with pytest.raises(SystemExit, match="unknown provider 'nope'; valid: .*compile_graphs_auto"):
-        ps.main(["--out", str(out), "--quick", "--device", "cpu", "--provider", "nope"])
+        ps.main(["--out", str(tmp_path / "q"), "--quick", "--device", "cpu", "--provider", "nope"])
     with pytest.raises(SystemExit, match="unknown shape 'S999'; valid: tiny"):
-        ps.main(["--out", str(out), "--quick", "--device", "cpu", "--provider", "eager_sdpa", "--shape", "S999"])
+        ps.main(["--out", str(tmp_path / "q"), "--quick", "--device", "cpu", "--provider", "eager_sdpa",
+                 "--shape", "S999"])
     with pytest.raises(SystemExit):
         ps.main(["--out", str(out), "--steps", "0"])
     assert "--steps must be >= 1" in capsys.readouterr().err
+    before = (out / "summary.txt").read_text()
+    with pytest.raises(SystemExit):  # the earlier profile stays
+        ps.main(["--out", str(out), "--quick", "--device", "cpu", "--provider", "eager_sdpa"])
+    assert "is not an empty folder" in capsys.readouterr().err and (out / "summary.txt").read_text() == before
