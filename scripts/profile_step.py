@@ -28,12 +28,16 @@ from pathlib import Path
 # (category, pattern on the lower-cased kernel or operator name), first match wins; convolution comes before
 # gemm because cuDNN names its convolution kernels *_implicit_gemm
 CATEGORIES = [
-    ("attention", r"flash|fmha|attn|attention|sdpa|cudnn_generated_fort_native_sdpa"),
-    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_convolve|aten::(convolution|_convolution|cudnn_convolution)"),
-    ("gemm", r"gemm|nvjet|cutlass|cublas|matmul|splitk|aten::(mm|addmm|bmm|linear)$"),
+    # cuDNN's SDPA runs helper kernels next to its flash kernels: cudnn::fusion::compute_dot_do_o (the backward's
+    # rowsum of dO * O) and cudnn::fusion::convert_dq_to_16bits (dQ's cast)
+    ("attention", r"flash|fmha|attn|attention|sdpa|cudnn_generated_fort_native_sdpa|cudnn::fusion::"),
+    # inductor's fused kernels carry the ops they fuse in their names; a BatchNorm backward fused with the
+    # convolution's backward epilogue (triton_*_native_batch_norm_*_convolution_backward_*) is BatchNorm work
     ("layernorm", r"^triton.*layer_norm|aten::native_layer_norm"),
     ("batchnorm", r"^triton.*batch_norm|aten::(native_batch_norm|cudnn_batch_norm)"),
     ("gelu", r"^triton.*gelu|aten::gelu"),
+    ("convolution", r"conv(?!ert)|fprop|dgrad|wgrad|implicit_convolve|aten::(convolution|_convolution|cudnn_convolution)"),
+    ("gemm", r"gemm|nvjet|cutlass|cublas|matmul|splitk|aten::(mm|addmm|bmm|linear)$"),
     ("fused reductions (inductor)", r"^triton_(per|red)_"),
     ("fused pointwise (inductor)", r"^triton_"),
     ("optimizer", r"multi_tensor|adam|foreach"),
@@ -48,6 +52,13 @@ def category(name: str) -> str:
         if rx.search(low):
             return cat
     return "other"
+
+
+def is_annotation(name: str) -> bool:
+    """A range the profiler records on the GPU's timeline around other kernels, not a kernel of its own:
+    torch.compile's ``## Call CompiledFxGraph <hash> ##`` spans a whole graph's kernels, so counting it would
+    count those kernels twice (a CUDA-graph step then summed to 2x its time)."""
+    return name.startswith("## ") or name.startswith("ProfilerStep#")
 
 
 def summarize(rows, steps: int, unit: str) -> str:
@@ -138,7 +149,8 @@ def main(argv=None) -> int:
     prof.export_chrome_trace(str(out / "trace.json.gz"))
     events = prof.events()
     if cuda:
-        rows = [(e.name, e.device_time) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        rows = [(e.name, e.device_time) for e in events
+                if e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e.name)]
         unit, sort_key = "GPU kernel time", "self_cuda_time_total"
     else:  # the operators' own CPU time; aten ops only, so a parent's time is not counted twice
         rows = [(e.name, e.self_cpu_time_total) for e in events if e.name.startswith("aten::")]

@@ -26,10 +26,24 @@ def _script():
     ("aten::mm", "gemm"),
     ("aten::native_layer_norm", "layernorm"),
     ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "gemm"),
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)", "attention"),
+    ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*)", "attention"),
+    ("triton_poi_fused__native_batch_norm_legit_functional_convolution_backward_native_batch_norm_backward_1",
+     "batchnorm"),
+    ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_256x64_32x4_nhwc_align8>",
+     "convolution"),
     ("something_else", "other"),
 ])
 def test_categories(name, cat):
     assert _script().category(name) == cat
+
+
+def test_annotations_are_not_kernels():
+    ps = _script()
+    assert ps.is_annotation("## Call CompiledFxGraph fu7v6hwbbvbrwxfj2unar5jtsiq4o5luv742unxkqavw5ofrfzr7 ##")
+    assert ps.is_annotation("ProfilerStep#3")
+    assert not ps.is_annotation("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN")
+    assert not ps.is_annotation("triton_poi_fused_gelu_view_16")
 
 
 def test_summary_arithmetic():
