@@ -71,10 +71,12 @@ def _autocast(case):
 
 
 def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fused", fused_adamw=True,
-                   loader=None, compile_mode: str | None = None) -> Prepared:
+                   loader=None, compile_mode: str | None = None, conv1_impl: str | None = None) -> Prepared:
     if compile_ and case.device.type != "cuda":
         raise Skip("torch.compile providers run on CUDA only (too slow to compile for a CPU smoke run)")
     model, M = _lvvit(case, attn)
+    if conv1_impl is not None:  # how the stem's 7x7/2 conv runs (models.lvvit.PatchEmbed4_2.set_impl)
+        model.patch_embed.set_impl(conv1=conv1_impl)
     loss_fn = _loss_fn(loss_kind)
     p = case.params
     B = p["B"]
@@ -89,7 +91,8 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
     notes = [f"attn={attn}", f"loss={loss_kind}",
              ("compiled" + (f" mode={compile_mode} (CUDA graphs)" if graphs else "")) if compile_ else "eager",
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
-             f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}"]
+             f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}",
+             f"stem conv1={model.patch_embed.conv1_impl}"]
     if attn == "auto":
         from tokenlabel.models.attention import select_backend
 
@@ -162,11 +165,11 @@ def reference_style(case: Case) -> Prepared:
     return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False)
 
 
-def _backend_provider(attn, compile_, mode=None):
+def _backend_provider(attn, compile_, mode=None, conv1_impl=None):
     def fn(case: Case) -> Prepared:
-        return _lvvit_prepare(case, attn, compile_, compile_mode=mode)
+        return _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl)
     fn.__doc__ = (f"LV-ViT-S, attn={attn}, fused loss, {'torch.compile' if compile_ else 'eager'}"
-                  + (f" mode={mode}" if mode else ""))
+                  + (f" mode={mode}" if mode else "") + (f", stem conv1={conv1_impl}" if conv1_impl else ""))
     return fn
 
 
@@ -176,6 +179,11 @@ for _attn in ("sdpa", "xformers", "auto"):
     register("step", f"compile_{_attn}")(_backend_provider(_attn, True))
 # the compiled forward and backward replayed as CUDA graphs: the host no longer paces the GPU
 register("step", "compile_graphs_auto")(_backend_provider("auto", True, "reduce-overhead"))
+# the same with the stem's 3-channel 7x7/2 conv as a 16-channel 4x4/1 conv on a space-to-depth input: on the H200
+# profile (bench/results/step-profile-h200) the plain conv's forward and weight-gradient kernels took 1.24 ms of the
+# 22.1 ms step for ~0.06 TFLOP (~50 TFLOP/s)
+register("step", "compile_graphs_auto_s2d")(_backend_provider("auto", True, "reduce-overhead", conv1_impl="s2d"))
+register("step", "eager_auto_s2d")(_backend_provider("auto", False, conv1_impl="s2d"))
 # the same with inductor's GEMM templates autotuned, pointwise ops fused into their epilogues (GELU after fc1):
 # minutes of compile; the candidate for the GELU / bias / residual kernels of the step (models/NOTES.md)
 register("step", "compile_autotune_auto")(_backend_provider("auto", True, "max-autotune"))
