@@ -163,9 +163,10 @@ class DaliBackend:
         # GPU) for all images by default (hw_decoder_load 0.0), with 12 threads. The hardware decoder is the
         # fastest alone (H100 box, 4,096 ImageNet JPEGs, B 128: 14-18k img/s at load 0.9 and 8 threads
         # against 5.5-6.8k for the hybrid path), but beside an LV-ViT-S training step it sustained only
-        # ~4,000 img/s: every image's colour-conversion kernel and event sync queue behind the step's
-        # kernels. The step's GPU sat idle 11-13% between steps waiting for the batch (0.65: 8-9%,
-        # 0.3: ~5%, 0.0: 1.8-3.0% over 5 runs), dataloading/NOTES.md "2026-11-25".
+        # ~4,000 img/s. The step's GPU sat idle 11-13% between steps waiting for the batch (0.65: 8-9%,
+        # 0.3: ~5%, 0.0: 1.8-3.0% over 5 runs), dataloading/NOTES.md "2026-11-25". The engines themselves
+        # slow down beside the step: libnvjpeg called directly (H200, 2026-12-04) fell from 17.7k to
+        # 1.3-2.7k img/s at any stream priority and with no kernel of its own (NOTES.md, fourth session).
         if not isinstance(hw_decoder_load, numbers.Real) or isinstance(hw_decoder_load, bool) or \
                 not 0.0 <= float(hw_decoder_load) <= 1.0:
             raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
