@@ -92,7 +92,7 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
              ("compiled" + (f" mode={compile_mode} (CUDA graphs)" if graphs else "")) if compile_ else "eager",
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
              f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}",
-             f"stem conv1={model.patch_embed.conv1_impl}"]
+             f"stem conv1={model.patch_embed.conv1_resolved(case.device.type == 'cuda')}"]
     if attn == "auto":
         from tokenlabel.models.attention import select_backend
 
@@ -161,8 +161,8 @@ def _drop_path(model):
 
 @register("step", "reference_style", baseline=True)
 def reference_style(case: Case) -> Prepared:
-    """Built like the reference: math attention, AMP bf16, reference-style eager loss, no compile."""
-    return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False)
+    """Built like the reference: math attention, AMP bf16, reference-style eager loss, no compile, the plain conv1."""
+    return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False, conv1_impl="conv")
 
 
 def _backend_provider(attn, compile_, mode=None, conv1_impl=None):
@@ -179,10 +179,13 @@ for _attn in ("sdpa", "xformers", "auto"):
     register("step", f"compile_{_attn}")(_backend_provider(_attn, True))
 # the compiled forward and backward replayed as CUDA graphs: the host no longer paces the GPU
 register("step", "compile_graphs_auto")(_backend_provider("auto", True, "reduce-overhead"))
-# the same with the stem's 3-channel 7x7/2 conv as a 16-channel 4x4/1 conv on a space-to-depth input: on the H200
-# profile (bench/results/step-profile-h200) the plain conv's forward and weight-gradient kernels took 1.24 ms of the
-# 22.1 ms step for ~0.06 TFLOP (~50 TFLOP/s)
+# the stem's 3-channel 7x7/2 conv: the model's default ("auto") runs it on CUDA as a 16-channel 4x4/1 conv on a
+# space-to-depth input; these run it explicitly one way or the other (the H200 profile in
+# bench/results/step-profile-h200: the plain conv's forward and weight gradient took 1.24 ms of the 22.1 ms step;
+# the rows of 2026-12-04 21:1x UTC: compile_graphs_auto, then still the plain conv, 22.17 ms; _s2d 21.43 ms)
 register("step", "compile_graphs_auto_s2d")(_backend_provider("auto", True, "reduce-overhead", conv1_impl="s2d"))
+register("step", "compile_graphs_auto_plainconv1")(_backend_provider("auto", True, "reduce-overhead",
+                                                                     conv1_impl="conv"))
 register("step", "eager_auto_s2d")(_backend_provider("auto", False, conv1_impl="s2d"))
 # the same with inductor's GEMM templates autotuned, pointwise ops fused into their epilogues (GELU after fc1):
 # minutes of compile; the candidate for the GELU / bias / residual kernels of the step (models/NOTES.md)

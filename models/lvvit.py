@@ -127,7 +127,7 @@ def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channe
     return F.conv2d(folded.permute(0, 3, 1, 2), wq.contiguous(memory_format=torch.channels_last))
 
 
-STEM_IMPLS = {"conv1": ("conv", "s2d"), "proj": ("gemm", "conv")}
+STEM_IMPLS = {"conv1": ("auto", "conv", "s2d"), "proj": ("gemm", "conv")}
 
 
 class PatchEmbed4_2(nn.Module):
@@ -136,11 +136,17 @@ class PatchEmbed4_2(nn.Module):
     Parameters and their names are the reference's whatever the implementation: ``proj_impl``
     "gemm" runs the patchifying ``proj`` conv as one matmul (:func:`patchify_linear`), "conv" as
     cuDNN's conv; ``conv1_impl`` "s2d" runs ``conv1`` as a space-to-depth stride-1 conv
-    (:func:`conv_stride2_s2d`), "conv" as the plain conv. Change them with :meth:`set_impl`.
+    (:func:`conv_stride2_s2d`), "conv" as the plain conv, and "auto" (the default) picks "s2d" for CUDA
+    inputs and "conv" otherwise. Change them with :meth:`set_impl`.
+
+    Why "auto" picks "s2d" on CUDA: in the compiled LV-ViT-S step on an H200 the plain 3-channel 7x7/2 conv's
+    forward and weight-gradient kernels took 1.24 ms per step (~50 TFLOP/s); with "s2d" the step ran 21.43 ms
+    against 22.17 ms, 5,974 against 5,774 img/s (bench rows, 2026-12-04, models/NOTES.md). On the CPU the plain
+    conv is the faster one.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, stem_channels=64,
-                 conv1_impl="conv", proj_impl="gemm"):
+                 conv1_impl="auto", proj_impl="gemm"):
         super().__init__()
         if patch_size % 2:
             raise ValueError(f"patch_size must be even (the stem has stride 2), got {patch_size}")
@@ -160,15 +166,22 @@ class PatchEmbed4_2(nn.Module):
         self.set_impl(conv1=conv1_impl, proj=proj_impl)
 
     def set_impl(self, conv1: str | None = None, proj: str | None = None) -> None:
-        """Pick how ``conv1`` ("conv" | "s2d") and ``proj`` ("gemm" | "conv") run; None keeps the current one."""
+        """Pick how ``conv1`` ("auto" | "conv" | "s2d") and ``proj`` ("gemm" | "conv") run; None keeps the current
+        one."""
         for name, value in (("conv1", conv1), ("proj", proj)):
             if value is not None and value not in STEM_IMPLS[name]:
                 raise ValueError(f"{name} must be one of {', '.join(STEM_IMPLS[name])}, got {value!r}")
         self.conv1_impl = conv1 or self.conv1_impl
         self.proj_impl = proj or self.proj_impl
 
+    def conv1_resolved(self, cuda: bool) -> str:
+        """The conv1 implementation that runs for an input on CUDA (``cuda``) or elsewhere."""
+        if self.conv1_impl == "auto":
+            return "s2d" if cuda else "conv"
+        return self.conv1_impl
+
     def forward(self, x):
-        if self.conv1_impl == "s2d":  # its folded input is built in NHWC memory whatever x's layout
+        if self.conv1_resolved(x.is_cuda) == "s2d":  # its folded input is built in NHWC memory whatever x's layout
             x = conv_stride2_s2d(x, self.conv1.weight, self.conv1.padding[0])
         elif x.is_cuda:
             # cuDNN's NHWC kernels; the [B, D, h, w] output is then [B, h, w, D] in memory, so

@@ -105,11 +105,16 @@ def test_stem_impl_defaults_and_bad_names():
     with torch.device("meta"):
         m = create_model("lvvit_s")
     pe = m.patch_embed
-    assert (pe.conv1_impl, pe.proj_impl) == ("conv", "gemm")
+    assert (pe.conv1_impl, pe.proj_impl) == ("auto", "gemm")
+    # "auto": the space-to-depth conv on CUDA (faster there), the plain conv elsewhere
+    assert (pe.conv1_resolved(cuda=True), pe.conv1_resolved(cuda=False)) == ("s2d", "conv")
     assert "proj_impl='gemm'" in repr(pe)
     with pytest.raises(ValueError, match="proj must be one of gemm, conv"):
         pe.set_impl(proj="linear")
-    with pytest.raises(ValueError, match="conv1 must be one of conv, s2d"):
+    with pytest.raises(ValueError, match="conv1 must be one of auto, conv, s2d"):
         pe.set_impl(conv1="im2col")
     pe.set_impl(conv1="s2d")
     assert (pe.conv1_impl, pe.proj_impl) == ("s2d", "gemm")
+    assert (pe.conv1_resolved(cuda=True), pe.conv1_resolved(cuda=False)) == ("s2d", "s2d")
+    pe.set_impl(conv1="conv")
+    assert (pe.conv1_resolved(cuda=True), pe.conv1_resolved(cuda=False)) == ("conv", "conv")
