@@ -57,8 +57,9 @@ def category(name: str) -> str:
 def is_annotation(name: str) -> bool:
     """A range the profiler records on the GPU's timeline around other kernels, not a kernel of its own:
     torch.compile's ``## Call CompiledFxGraph <hash> ##`` spans a whole graph's kernels, so counting it would
-    count those kernels twice (a CUDA-graph step then summed to 2x its time)."""
-    return name.startswith("## ") or name.startswith("ProfilerStep#")
+    count those kernels twice (a CUDA-graph step then summed to 2x its time). record_function ranges
+    (``Optimizer.step#AdamW.step``, ``ProfilerStep#3``) appear there too; no kernel's name holds a '#'."""
+    return name.startswith("## ") or "#" in name
 
 
 def summarize(rows, steps: int, unit: str) -> str:
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     events = prof.events()
     if cuda:
         rows = [(e.name, e.device_time) for e in events
-                if e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e.name)]
+                if e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e.name)
+                and not getattr(e, "is_user_annotation", False)]
         unit, sort_key = "GPU kernel time", "self_cuda_time_total"
     else:  # the operators' own CPU time; aten ops only, so a parent's time is not counted twice
         rows = [(e.name, e.self_cpu_time_total) for e in events if e.name.startswith("aten::")]

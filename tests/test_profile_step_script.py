@@ -42,6 +42,7 @@ def test_annotations_are_not_kernels():
     ps = _script()
     assert ps.is_annotation("## Call CompiledFxGraph fu7v6hwbbvbrwxfj2unar5jtsiq4o5luv742unxkqavw5ofrfzr7 ##")
     assert ps.is_annotation("ProfilerStep#3")
+    assert ps.is_annotation("Optimizer.step#AdamW.step")
     assert not ps.is_annotation("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN")
     assert not ps.is_annotation("triton_poi_fused_gelu_view_16")
 
