@@ -182,11 +182,10 @@ register("step", "compile_graphs_auto")(_backend_provider("auto", True, "reduce-
 # the stem's 3-channel 7x7/2 conv: the model's default ("auto") runs it on CUDA as a 16-channel 4x4/1 conv on a
 # space-to-depth input; these run it explicitly one way or the other (the H200 profile in
 # bench/results/step-profile-h200: the plain conv's forward and weight gradient took 1.24 ms of the 22.1 ms step;
-# the rows of 2026-12-04 21:1x UTC: compile_graphs_auto, then still the plain conv, 22.17 ms; _s2d 21.43 ms)
+# the rows of 2026-12-04 21:11 UTC: compile_graphs_auto, then still the plain conv, 22.17 ms; _s2d 21.43 ms)
 register("step", "compile_graphs_auto_s2d")(_backend_provider("auto", True, "reduce-overhead", conv1_impl="s2d"))
 register("step", "compile_graphs_auto_plainconv1")(_backend_provider("auto", True, "reduce-overhead",
                                                                      conv1_impl="conv"))
-register("step", "eager_auto_s2d")(_backend_provider("auto", False, conv1_impl="s2d"))
 # the same with inductor's GEMM templates autotuned, pointwise ops fused into their epilogues (GELU after fc1):
 # minutes of compile; the candidate for the GELU / bias / residual kernels of the step (models/NOTES.md)
 register("step", "compile_autotune_auto")(_backend_provider("auto", True, "max-autotune"))
