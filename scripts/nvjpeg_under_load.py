@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     for _ in range(15):  # compile, record the graphs
         step()
     torch.cuda.synchronize()
-    B = int(params["B"]) if "B" in params else 128
+    B = params["B"]
 
     def steps():
         n, t0 = 0, time.perf_counter()
