@@ -212,8 +212,9 @@ def main(argv=None) -> int:
     threads = parse_counts(a.threads)
     if a.batch < 1 or a.seconds <= 0:
         ap.error("--batch must be >= 1 and --seconds > 0")
+    if os.path.exists(a.out):
+        ap.error(f"--out {a.out} already exists: give a new file (an earlier result is not overwritten)")
 
-    import numpy as np
     import torch
 
     if not torch.cuda.is_available():
@@ -222,7 +223,15 @@ def main(argv=None) -> int:
     if not libs:
         raise SystemExit("nvjpeg_under_load: no libnvjpeg found under sys.path or /usr/local/cuda/lib64 "
                          "(torchvision's wheels and the CUDA toolkit ship one)")
-    out = open(a.out, "w")
+    blobs = load(a.data)  # a bad path or no JPEGs: refused before --out is made
+    with open(a.out, "x") as out:  # "x": never over an earlier result (checked above, refused here too)
+        return measure(a, blobs, backends, formats, threads, libs[0], out)
+
+
+def measure(a, blobs, backends, formats, threads, lib_path: str, out) -> int:
+    """The measurements of main(), each result line printed and written to ``out``."""
+    import numpy as np
+    import torch
 
     def say(*parts):
         line = " ".join(str(p) for p in parts)
@@ -230,8 +239,7 @@ def main(argv=None) -> int:
         out.write(line + "\n")
         out.flush()
 
-    nv = Nvjpeg(libs[0])
-    blobs = load(a.data)
+    nv = Nvjpeg(lib_path)
     say(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {nv.path}; {len(blobs)} JPEGs, mean "
         f"{np.mean([len(b) for b in blobs]) / 1e3:.1f} KB; batch {a.batch}, decoder stream priority {a.priority}")
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)

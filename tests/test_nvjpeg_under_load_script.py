@@ -44,7 +44,7 @@ def test_argument_lists():
             s.parse_counts(bad)
 
 
-def test_refuses_bad_input_before_any_work(tmp_path):
+def test_refuses_bad_input_before_any_work(tmp_path, capsys):
     s = _script()
     data = tmp_path / "d.tar"
     with tarfile.open(data, "w") as t:
@@ -61,6 +61,11 @@ def test_refuses_bad_input_before_any_work(tmp_path):
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             s.main([str(data), "--out", str(out)])
     assert not out.exists()  # nothing written before the checks pass
+    out.write_text("an earlier result")
+    with pytest.raises(SystemExit):
+        s.main([str(data), "--out", str(out)])
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text() == "an earlier result"  # refused, not overwritten
 
 
 def test_find_libnvjpeg_returns_real_files():
