@@ -28,6 +28,12 @@ Division of labour (why it is built this way):
   the backend); files nothing can decode are replaced by the next readable sample with one warning
   (sampling.warn_once).
 
+* Lanes (``hw_decoder_load`` as a sequence, e.g. (1.0, 0.0)): one DALI pipeline per load, each run by its own
+  pump thread. The producer's batches go, in order, to whichever pipeline asks for its next input (``_Dispatch``),
+  at most ``reorder_limit`` batches ahead of the consumer; each pump copies its outputs out of DALI's buffers and
+  deposits them by position, and the consumer takes them in order. A fast decoder takes more batches, a slow one
+  fewer: the share follows what each delivers, alone or beside a training step, with no fixed split.
+
 Sample ids travel through the pipeline with the images, and each output batch is checked against
 the metadata queued for it, so label maps always belong to the images they arrive with.
 """
@@ -49,6 +55,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+MAX_LANES = 4  # DALI pipelines one loader may run side by side (hw_decoder_load as a sequence)
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'tokenlabel[dali-cu13]' (CUDA 13) or "
                 "'tokenlabel[dali-cu12]' (CUDA 12), i.e. nvidia-dali-cuda130 / nvidia-dali-cuda120; "
@@ -167,9 +175,18 @@ class DaliBackend:
         # 0.3: ~5%, 0.0: 1.8-3.0% over 5 runs), dataloading/NOTES.md "2026-11-25". The engines themselves
         # slow down beside the step: libnvjpeg called directly (H200, 2026-12-04) fell from 17.7k to
         # 1.3-2.7k img/s at any stream priority and with no kernel of its own (NOTES.md, fourth session).
-        if not isinstance(hw_decoder_load, numbers.Real) or isinstance(hw_decoder_load, bool) or \
-                not 0.0 <= float(hw_decoder_load) <= 1.0:
-            raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
+        # A sequence of loads builds one DALI pipeline per entry ("lanes", e.g. (1.0, 0.0): the hardware engines
+        # and the hybrid path side by side); the batches go, in order, to whichever pipeline asks for its next
+        # one, so each decoder takes the share it can deliver (dataloading/NOTES.md, fifth session).
+        loads = tuple(hw_decoder_load) if isinstance(hw_decoder_load, (list, tuple)) else (hw_decoder_load,)
+        if not 1 <= len(loads) <= MAX_LANES:
+            raise ValueError(f"hw_decoder_load: give one load or 2..{MAX_LANES} (one DALI pipeline each), "
+                             f"got {len(loads)}")
+        for load in loads:
+            if not isinstance(load, numbers.Real) or isinstance(load, bool) or not 0.0 <= float(load) <= 1.0:
+                raise ValueError(f"hw_decoder_load must be a number in [0, 1] (or a sequence of them), got "
+                                 f"{hw_decoder_load!r}")
+        loads = tuple(float(x) for x in loads)
         # Where DALI decodes and resizes: "gpu" (device "mixed": nvJPEG, the default on CUDA) or "cpu"
         # (libjpeg-turbo and the resize in DALI's CPU threads; on CUDA only the finished crops are copied to
         # the GPU, one transfer per batch). "cpu" keeps every DALI kernel off the GPU, so none of the loader's
@@ -182,7 +199,7 @@ class DaliBackend:
             raise ValueError(f"decode_device='gpu' needs a CUDA device (the loader's device is {self.device})")
         # asked for CPU decoding and a hardware-decoder share at once: contradictory (without CUDA the
         # share is accepted and unused, so the CPU tests build the same graph)
-        if decode_device == "cpu" and float(hw_decoder_load) > 0.0:
+        if decode_device == "cpu" and max(loads) > 0.0:
             raise ValueError(f"hw_decoder_load={hw_decoder_load} is the GPU decoder's knob; decode_device='cpu' "
                              "decodes on the CPU (leave hw_decoder_load at 0)")
         self.decode_device = decode_device or ("gpu" if self.gpu else "cpu")
@@ -201,7 +218,21 @@ class DaliBackend:
             raise ValueError("resize_device='cpu' needs decode_device='cpu' (images decoded on the GPU are resized "
                              "there)")
         self.resize_device = resize_device or ("gpu" if self.decode_device == "gpu" else "cpu")
-        self.num_threads = num_threads or (min(12, cpus) if self.gpu else min(4, cpus))
+        default_threads = min(12, cpus) if self.gpu else min(4, cpus)
+        if isinstance(num_threads, (list, tuple)):
+            if len(num_threads) != len(loads):
+                raise ValueError(f"dali_threads {tuple(num_threads)} must give one count per hw_decoder_load entry "
+                                 f"{loads}")
+            threads = tuple(num_threads)
+        elif num_threads is None and len(loads) > 1:  # the hardware engines need few threads, the hybrid path many
+            threads = tuple(min(4, cpus) if load > 0.5 else default_threads for load in loads)
+        else:
+            threads = (num_threads or default_threads,) * len(loads)
+        for t in threads:
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 1:
+                raise ValueError(f"dali_threads must be a positive int (or one per pipeline), got {num_threads!r}")
+        self.lanes_spec = tuple(zip(loads, (int(t) for t in threads)))
+        self.num_threads = threads[0] if len(threads) == 1 else threads
         self.io_workers = io_workers or min(16, max(2, cpus))
         prefetch = 2 if prefetch is None else prefetch  # batches DALI prepares ahead
         if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool) or prefetch < 1:
@@ -210,7 +241,11 @@ class DaliBackend:
         # knobs of the DALI graph (read when the pipeline is built): the share of JPEGs the hardware
         # decoder takes (above), and whether fn.io.file.read maps files instead of reading them
         # (plain reads measured faster on the H100 box, 2026-11-24).
-        self.hw_decoder_load = float(hw_decoder_load)
+        self.hw_decoder_load = loads[0] if len(loads) == 1 else loads
+        # lanes: batches handed out ahead of the consumer at most (decoding or finished, waiting their turn);
+        # bounds the GPU memory (~19 MB per 128 x 224^2 batch) and lets a slow lane's batches arrive in time
+        self.reorder_limit = 8 * len(loads) if len(loads) > 1 else None
+        self.lane_batches = [0] * len(loads)  # batches each pipeline delivered (lanes), since construction
         self.io_mmap = False
         n = len(source.dataset)
         self._size = np.full((n, 2), -1, np.int64)  # header (H, W) cache
@@ -232,24 +267,29 @@ class DaliBackend:
                                  else worker_processes)
         self._procs = self._procs_cleanup = None
         self.pipe = None
+        self._lanes = None      # the lanes' pipelines (_Lane), when hw_decoder_load is a sequence
         self._clean = False
         self._stream = None     # the running producer stream (_Stream) or None
         self._generation = 0    # bumps on every new stream: an older iteration must not read from it
         self._copy_stream = self._copy_done = self._held = None
 
     # -------------------------------------------------------------------------------- pipeline
-    def _build(self):
+    def _build(self, lane=0, feeder=None):
+        """The DALI pipeline of lane ``lane`` (its hw_decoder_load and thread count), fed by ``feeder``
+        (default: a new _Feeder, kept as self.feeder: the one-pipeline path)."""
         fn, types = self.fn, self.types
         S, train = self.source.image_size, self.source.train
+        hw_load, num_threads = self.lanes_spec[lane]
         dec = "mixed" if self.decode_device == "gpu" else "cpu"
         to_gpu = self.gpu and dec == "cpu"  # CPU decoding feeding a GPU: DALI copies the batch over
         early = to_gpu and self.resize_device == "gpu"  # ... the decoded crops, before the resize
-        feeder = self.feeder = _Feeder()
+        if feeder is None:
+            feeder = self.feeder = _Feeder()
 
         # DALI 2.4 has no stream priority of its own (`default_cuda_stream_priority` is deprecated there
         # and ignored, with a warning); only the copy out of DALI's buffers runs on a high-priority stream
 
-        @self.pipeline_def(batch_size=self.sampler.batch_size, num_threads=self.num_threads,
+        @self.pipeline_def(batch_size=self.sampler.batch_size, num_threads=num_threads,
                            device_id=self.device.index if self.gpu else None,
                            prefetch_queue_depth=self.prefetch, exec_dynamic=True)
         def pipe():
@@ -260,7 +300,7 @@ class DaliBackend:
                 data = fn.io.file.read(paths, dont_use_mmap=not self.io_mmap)
                 images = fn.decoders.image_slice(data, anchor, shape, device=dec, output_type=types.RGB,
                                                  normalized_anchor=False, normalized_shape=False,
-                                                 adjust_orientation=False, hw_decoder_load=self.hw_decoder_load)
+                                                 adjust_orientation=False, hw_decoder_load=hw_load)
                 if early:
                     images = images.gpu()
                 images = fn.resize(images, size=[S, S], interp_type=fn.cast(interp, dtype=types.INTERP_TYPE),
@@ -273,7 +313,7 @@ class DaliBackend:
                                  normalized_shape=False)
                 data = fn.io.file.read(paths, dont_use_mmap=not self.io_mmap)
                 images = fn.decoders.image(data, device=dec, output_type=types.RGB, adjust_orientation=False,
-                                           hw_decoder_load=self.hw_decoder_load)
+                                           hw_decoder_load=hw_load)
                 if early:
                     images = images.gpu()
                 images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
@@ -479,6 +519,17 @@ class DaliBackend:
             if self._generation != gen:
                 raise RuntimeError("another iteration of this loader started while this one was paused; "
                                    "iterate one epoch at a time")
+            if st.dispatch is not None:  # lanes: the pipelines run in their own threads
+                try:
+                    images, meta = st.dispatch.wait((epoch, b))
+                except BaseException:
+                    self._end_stream(drain=True)
+                    raise
+                st.next = (epoch, b + 1) if b + 1 < nb else (epoch + 1, 0)
+                if self.gpu:  # made on a lane's copy stream (finished); used on the consumer's from now on
+                    images.record_stream(torch.cuda.current_stream(self.device))
+                yield images.permute(0, 3, 1, 2), meta
+                continue
             self._wait_copy()
             try:
                 images, ids = self.pipe.run()
@@ -496,19 +547,41 @@ class DaliBackend:
             yield self._to_torch(images), meta
 
     def _start_stream(self, epoch, start_batch):
-        if self.pipe is None or not self._clean:
-            self.pipe = None
-            self.pipe = self._build()
-        self._clean = False
-        q = queue.Queue(maxsize=self.prefetch + 2)
-        stop = threading.Event()
-        self.feeder.queue = q
-        self.feeder.pending.clear()
+        lanes = len(self.lanes_spec) > 1
+        if lanes:
+            q = queue.Queue(maxsize=self.prefetch * len(self.lanes_spec) + 2)
+            stop = threading.Event()
+            dispatch = _Dispatch(q, stop, self.reorder_limit, len(self.lanes_spec), self.lane_batches)
+            if self._lanes is None:
+                self._lanes = [_Lane(i) for i in range(len(self.lanes_spec))]
+            for lane in self._lanes:
+                lane.feeder.dispatch = dispatch
+                lane.feeder.pending.clear()
+                if lane.pipe is None or not lane.clean:
+                    lane.pipe = None
+                    lane.pipe = self._build(lane.index, lane.feeder)
+                lane.clean = False
+        else:
+            if self.pipe is None or not self._clean:
+                self.pipe = None
+                self.pipe = self._build()
+            self._clean = False
+            q = queue.Queue(maxsize=self.prefetch + 2)
+            stop = threading.Event()
+            self.feeder.queue = q
+            self.feeder.pending.clear()
+            dispatch = None
         th = threading.Thread(target=_produce, args=(weakref.ref(self), self.sampler, self._batch_pool, q, epoch,
                                                      start_batch, stop), daemon=True)
         th.start()
+        pumps = []
+        if lanes:
+            for lane in self._lanes:
+                pumps.append(threading.Thread(target=_pump, args=(lane, dispatch, self.device if self.gpu else None),
+                                              daemon=True, name=f"tokenlabel-dali-lane{lane.index}"))
+                pumps[-1].start()
         self._generation += 1
-        self._stream = _Stream(q, stop, th, (epoch, start_batch))
+        self._stream = _Stream(q, stop, th, (epoch, start_batch), dispatch, pumps)
         return self._stream
 
     def _end_stream(self, drain):
@@ -519,6 +592,23 @@ class DaliBackend:
         if st is None:
             return
         st.stop.set()
+        if st.dispatch is not None:
+            # lanes: each feeder's next call ends its pipeline's "epoch"; the pump threads run what DALI still
+            # holds out (discarded), reset their pipelines (kept for the next stream) and end. A pipeline that
+            # failed is dropped and rebuilt then.
+            st.dispatch.wake()
+            while st.thread.is_alive() or any(p.is_alive() for p in st.pumps):
+                try:
+                    st.queue.get_nowait()
+                except queue.Empty:
+                    for p in st.pumps:
+                        p.join(0.01)
+                    st.thread.join(0.01)
+            for lane in self._lanes:
+                lane.feeder.pending.clear()
+                if not (drain and lane.clean):
+                    lane.pipe, lane.clean = None, False
+            return
         self.feeder.queue = None  # the feeder's next call ends DALI's "epoch"; a stray call never blocks
         while st.thread.is_alive():  # unblock the producer
             try:
@@ -546,6 +636,7 @@ class DaliBackend:
             self._end_stream(drain=False)
         self._wait_copy()
         self.pipe = None
+        self._lanes = None
         with self._lock:  # the probe workers and the PNM cache go too (a later epoch remakes them)
             if self._procs is not None:
                 # wait for the pool's processes and its queue-feeder thread: left running, an interpreter that
@@ -564,6 +655,8 @@ class DaliBackend:
         st = getattr(self, "_stream", None)
         if st is not None:
             st.stop.set()
+            if st.dispatch is not None:
+                st.dispatch.wake()
 
     def _wait_copy(self):
         # DALI may reuse an output buffer once run() is called again: the copy out of it must be done
@@ -595,10 +688,193 @@ class DaliBackend:
 
 
 class _Stream:
-    """A running producer: its queue, stop flag, thread, and the (epoch, batch) it will deliver next."""
+    """A running producer: its queue, stop flag, thread, and the (epoch, batch) it will deliver next; with
+    lanes, their dispatch and pump threads."""
 
-    def __init__(self, queue_, stop, thread, next_):
+    def __init__(self, queue_, stop, thread, next_, dispatch=None, pumps=()):
         self.queue, self.stop, self.thread, self.next = queue_, stop, thread, next_
+        self.dispatch, self.pumps = dispatch, list(pumps)
+
+
+class _Lane:
+    """One of several DALI pipelines of a loader (hw_decoder_load as a sequence): its pipeline, feeder, and
+    the stream its output is copied out on."""
+
+    def __init__(self, index):
+        self.index = index
+        self.feeder = _LaneFeeder()
+        self.pipe = None
+        self.clean = False   # drained and reset at the end of the last stream: reusable
+        self.copy_stream = None
+
+
+class _LaneFeeder:
+    """A lane's external-source callable: takes the producer's next batch from the dispatch (whichever lane
+    asks first gets it); StopIteration ends this pipeline's "epoch" when the stream stops."""
+
+    def __init__(self):
+        self.dispatch = None
+        self.pending = collections.deque()
+
+    def __call__(self):
+        d = self.dispatch
+        item = None if d is None else d.take(self.pending)
+        if item is None:
+            self.dispatch = None
+            raise StopIteration
+        dali_inputs, meta = item
+        self.pending.append(meta)
+        return dali_inputs
+
+
+class _Dispatch:
+    """Shared state of a stream over several pipelines (lanes). The producer's batches, in order, go to
+    whichever lane asks for its next input, at most ``limit`` batches ahead of the consumer; the lanes' pump
+    threads deposit the finished batches by (epoch, batch) and the consumer takes them in order. A lane's
+    decoding failure is kept for the positions it had in flight and raised when the consumer reaches one;
+    a producer error is raised after the batches before it, a lane's metadata mismatch at once."""
+
+    def __init__(self, q, stop, limit, lanes, counts):
+        self.q, self.stop, self.limit = q, stop, limit
+        self.cond = threading.Condition()
+        self.issued = self.consumed = 0
+        self.done = {}     # (epoch, b) -> (uint8 HWC images, meta)
+        self.failed = {}   # (epoch, b) -> _DecodeFailure for the batches a failed lane had in flight
+        self.error = None  # raised to the consumer as is
+        self.alive = lanes
+        self.counts = counts
+        self.want = None   # the position the consumer waits for
+        self.qlock = threading.Lock()
+        self.taken = 0     # batches the lanes took from the producer's queue
+        self.error_at = 0  # ... when ``error`` came: the consumer raises it after that many batches
+
+    def ended(self):
+        return self.stop.is_set() or self.error is not None
+
+    def wake(self):
+        with self.cond:
+            self.cond.notify_all()
+
+    def take(self, pending):
+        """The next prepared batch for a lane whose batches in flight are ``pending``, or None once the stream
+        stops (or the producer failed).
+
+        A lane at the limit still takes one when it holds the batch the consumer waits for: DALI's run()
+        schedules the next iteration (asking for its input) before it returns the oldest output, so a lane
+        refused here would hold that batch back forever."""
+        with self.cond:
+            while not self.ended() and self.issued - self.consumed >= self.limit and \
+                    not any(m["position"] == self.want for m in pending):
+                self.cond.wait(0.1)
+            if self.ended():
+                return None
+            self.issued += 1
+        while not self.ended():  # after an error no lane gets more: each runs out what it holds, in order
+            with self.qlock:  # the count of batches taken stays in queue order
+                try:
+                    item = self.q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if not isinstance(item, BaseException):
+                    self.taken += 1
+                    return item
+            with self.cond:  # the producer failed: the consumer gets its exception after the batches before it
+                self.error, self.error_at = item, self.taken
+                self.cond.notify_all()
+            return None
+        return None
+
+    def put(self, lane, position, images, meta):
+        with self.cond:
+            self.done[position] = (images, meta)
+            self.counts[lane] += 1
+            self.cond.notify_all()
+
+    def fail(self, cause, in_flight=None):
+        """in_flight: the metas of the failed lane's batches (a decoding failure); None: raise ``cause``."""
+        with self.cond:
+            if in_flight is None:  # raised at once
+                if self.error is None:
+                    self.error, self.error_at = cause, 0
+            else:
+                failure = _DecodeFailure(cause, in_flight)
+                for meta in in_flight:
+                    self.failed[meta["position"]] = failure
+            self.cond.notify_all()
+
+    def lane_ended(self):
+        with self.cond:
+            self.alive -= 1
+            self.cond.notify_all()
+
+    def wait(self, position):
+        """The finished batch at ``position`` (blocks); frees its slot for the lanes."""
+        with self.cond:
+            self.want = position
+            self.cond.notify_all()
+            while True:
+                got = self.done.pop(position, None)
+                if got is not None:
+                    self.consumed += 1
+                    self.cond.notify_all()
+                    return got
+                if self.error is not None and self.consumed >= self.error_at:
+                    raise self.error
+                if position in self.failed:
+                    raise self.failed[position]
+                if self.alive == 0 or self.stop.is_set():
+                    raise RuntimeError(f"the loader's DALI pipelines stopped before batch {position} "
+                                       "(epoch, batch) arrived")
+                self.cond.wait(0.5)
+
+
+def _pump(lane, dispatch, device):
+    """A lane's thread: runs its pipeline as fast as the dispatch hands it batches, copies each output out of
+    DALI's buffers (before the next run() may reuse them) and deposits it. After the stream stops it runs the
+    pipeline's queued iterations out and resets it, so the next stream can reuse it."""
+    pipe, feeder = lane.pipe, lane.feeder
+    try:
+        with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+            while True:
+                try:
+                    images, ids = pipe.run()
+                except StopIteration:
+                    pipe.reset()
+                    lane.clean = True
+                    return
+                except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
+                    dispatch.fail(e, list(feeder.pending))
+                    return
+                meta = feeder.pending.popleft()
+                if dispatch.stop.is_set():
+                    continue  # draining
+                got = np.asarray(ids.as_tensor()).reshape(-1)
+                if not np.array_equal(got, meta["sample_ids"]):
+                    dispatch.fail(RuntimeError(f"DALI output out of step with its metadata in lane {lane.index}: "
+                                               f"batch {meta['position']}, ids {got[:4]}... vs "
+                                               f"{meta['sample_ids'][:4]}..."))
+                    return
+                dispatch.put(lane.index, meta["position"], _copy_out(lane, images, device), meta)
+    except BaseException as e:  # noqa: BLE001 - whatever ends the thread reaches the consumer
+        dispatch.fail(e)
+    finally:
+        dispatch.lane_ended()
+
+
+def _copy_out(lane, images, device):
+    """DALI's HWC uint8 batch -> a torch tensor that owns its copy, finished when this returns."""
+    if device is None:
+        return torch.from_numpy(np.array(images.as_tensor()))
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    if lane.copy_stream is None:
+        lane.copy_stream = torch.cuda.Stream(device, priority=-1)
+    t = images.as_tensor()
+    with torch.cuda.stream(lane.copy_stream):
+        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(t, out, cuda_stream=lane.copy_stream)
+    lane.copy_stream.synchronize()
+    return out
 
 
 def _produce(backend_ref, sampler, pool, q, epoch, start_batch, stop):

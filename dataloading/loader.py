@@ -254,8 +254,12 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     Triton on CUDA, torch on the CPU). hw_decoder_load (DALI only): the share of JPEGs nvJPEG's
     hardware decoder takes, the rest going through its hybrid path (Huffman on the CPU, the rest on the
     GPU); default 0.0, which kept an LV-ViT-S step fed on the H100 box, where the hardware decoder
-    (0.9: the fastest loader alone) left the step idle 11-13% of the time (dataloading/NOTES.md).
-    dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count). prefetch (DALI only):
+    (0.9: the fastest loader alone) left the step idle 11-13% of the time (dataloading/NOTES.md). A sequence of
+    loads, e.g. (1.0, 0.0), runs one DALI pipeline per entry ("lanes"); the batches go in order to whichever
+    pipeline asks for its next one, so the hardware engines and the hybrid path each take the share they can
+    deliver, alone or beside a training step; the batches are the same as with one pipeline (decoder rounding
+    aside). dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
+    (default with lanes: 4 for a lane with load > 0.5, 12 for the others). prefetch (DALI only):
     batches DALI prepares ahead (default 2). decode_device (DALI only): "gpu" (default on CUDA: nvJPEG) or
     "cpu" (DALI's CPU threads decode and resize, one copy per batch to the GPU; for small images, where the
     GPU decoder's kernels would queue behind the training step's). resize_device (DALI only): where the decoded

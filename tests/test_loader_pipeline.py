@@ -550,7 +550,8 @@ def test_gpu_dali_cpu_decoding_matches_gpu_decoding(folder, tmp_path, resize_dev
     assert np.median(np.concatenate(d)) < 3.0
 
 
-def test_dali_decoder_failure_recovers(folder, monkeypatch):
+@pytest.mark.parametrize("lanes", [False, True])
+def test_dali_decoder_failure_recovers(folder, monkeypatch, lanes):
     """A file the header check lets through but DALI cannot decode: the batch is redone with the PIL
     decoder (which skips the file with a warning) and the epoch completes with full batches."""
     dali_or_skip()
@@ -568,7 +569,7 @@ def test_dali_decoder_failure_recovers(folder, monkeypatch):
             return 40, 40, "jpeg"
 
     monkeypatch.setattr(sampling, "probe_bytes", lenient)
-    loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False)
+    loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False, **(LANES if lanes else {}))
     with pytest.warns(RuntimeWarning) as rec:
         batches = _epoch(loader, 0)
     msgs = " ".join(str(w.message) for w in rec)
@@ -675,3 +676,131 @@ def test_close_waits_for_the_worker_processes(folder):
     assert len(_epoch(loader, 1)) > 0     # a later epoch makes them again
     loader.close()
 
+
+
+# ---------------------------------------------------------------------------------------------- lanes
+LANES = dict(hw_decoder_load=(1.0, 0.0), dali_threads=(1, 2))  # on the CPU the loads are unused: two pipelines
+
+
+def test_dali_lanes_give_the_one_pipeline_batches(folder, tmp_path):
+    """Two DALI pipelines sharing the batches (whichever asks first) deliver exactly the batches of one
+    pipeline, in order, epoch after epoch from one stream, on a resume and after an interrupted epoch; both
+    pipelines took part, and the stream keeps their pipelines when it restarts."""
+    dali_or_skip()
+    root, rel = folder
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=2, size=6)
+    kw = dict(labels=str(tmp_path / "store"), batch_size=2, image_size=24, seed=11)
+    one = _build(root, "dali", **kw)
+    want = {e: _epoch(one, e) for e in (0, 1, 3)}
+    one.close()
+    loader = _build(root, "dali", **kw, **LANES)
+    be = loader.backend
+    assert be.lanes_spec == ((1.0, 1), (0.0, 2)) and be.reorder_limit == 16
+    got = [_epoch(loader, e) for e in (0, 1)]
+    assert be._generation == 1  # one stream for both epochs
+    _same(got[0], want[0])
+    _same(got[1], want[1])
+    assert sum(be.lane_batches) >= 2 * len(loader) and min(be.lane_batches) > 0, be.lane_batches
+    pipes = [lane.pipe for lane in be._lanes]
+    _same(_epoch(loader, 1, start_batch=3), want[1][3:])
+    assert be._generation == 2 and [lane.pipe for lane in be._lanes] == pipes  # drained and kept
+    loader.set_epoch(3)
+    it = iter(loader)
+    first = next(it)
+    del it
+    _same([first] + _epoch(loader, 3, start_batch=1), want[3])
+    be.reorder_limit = 1  # one batch in flight at a time: still every batch, in order
+    _same(_epoch(loader, 0), want[0])
+    loader.close()
+
+
+def test_dali_lanes_end_with_their_loader(folder):
+    import gc
+
+    dali_or_skip()
+    root, rel = folder
+    for close in (True, False):
+        loader = _build(root, "dali", batch_size=4, image_size=16, **LANES)
+        _epoch(loader, 0)
+        st = loader.backend._stream
+        threads = [st.thread, *st.pumps]
+        assert len(st.pumps) == 2 and all(t.is_alive() for t in threads)  # already preparing epoch 1
+        if close:
+            loader.close()
+        else:
+            del loader, st
+            gc.collect()
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive(), t.name
+
+
+def test_dali_lanes_raise_the_producers_error(folder, monkeypatch):
+    """An error while preparing a batch reaches the training loop as it is, after the batches before it."""
+    dali_or_skip()
+    from tokenlabel.dataloading.dali_pipeline import DaliBackend
+
+    root, rel = folder
+    real = DaliBackend._prepare
+
+    def prepare(self, epoch, b, idx):
+        if b == 2:
+            raise OSError("label store unreadable at batch 2")
+        return real(self, epoch, b, idx)
+
+    monkeypatch.setattr(DaliBackend, "_prepare", prepare)
+    loader = _build(root, "dali", batch_size=4, image_size=16, **LANES)
+    loader.set_epoch(0)
+    got = []
+    with pytest.raises(OSError, match="unreadable at batch 2"):
+        for batch in loader:
+            got.append(batch)
+    assert len(got) == 2
+    loader.close()
+
+
+def test_dali_lanes_bad_settings(folder):
+    dali_or_skip()
+    root, rel = folder
+    cases = [(dict(hw_decoder_load=(1.0, 0.0), dali_threads=(4,)), r"one count per hw_decoder_load entry"),
+             (dict(hw_decoder_load=(1.0,) * 5), r"2\.\.4"),
+             (dict(hw_decoder_load=()), r"2\.\.4"),
+             (dict(hw_decoder_load=(1.0, 1.5)), r"\[0, 1\].*\(1\.0, 1\.5\)"),
+             (dict(hw_decoder_load=(1.0, 0.0), dali_threads=(4, 0)), r"positive int"),
+             (dict(hw_decoder_load=(0.0, 0.5), decode_device="cpu"), r"GPU decoder's knob")]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            _build(root, "dali", batch_size=4, image_size=16, **kw)
+
+
+@pytest.mark.gpu
+def test_gpu_dali_lanes(folder, tmp_path):
+    """On CUDA, two nvJPEG pipelines sharing the batches: with the same load on both, exactly the one-pipeline
+    batches; the hardware engines (1.0) beside the hybrid path (0.0) give the same samples, geometry and label
+    maps and images within a few levels (the two decoders' chroma upsampling), with both pipelines taking
+    part; the images stay valid after the lanes have moved on (their copies belong to the consumer)."""
+    dali_or_skip()
+    root, rel = folder
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=3, size=8)
+    kw = dict(labels=str(tmp_path / "store"), batch_size=2, image_size=40, seed=9, device="cuda")
+    one = _build(root, "dali", **kw)
+    want = [_epoch(one, e) for e in (0, 1)]
+    one.close()
+    same = _build(root, "dali", hw_decoder_load=(0.0, 0.0), dali_threads=(2, 2), **kw)
+    got = [_epoch(same, e) for e in (0, 1)]
+    assert min(same.backend.lane_batches) > 0, same.backend.lane_batches
+    same.close()
+    torch.cuda.synchronize()
+    for e in (0, 1):
+        _same(got[e], want[e])
+    mixed = _build(root, "dali", hw_decoder_load=(1.0, 0.0), **kw)
+    b = _epoch(mixed, 0)
+    assert min(mixed.backend.lane_batches) > 0, mixed.backend.lane_batches
+    mixed.close()
+    d = []
+    for x, y in zip(want[0], b):
+        assert y["images"].is_cuda
+        for k in ("sample_ids", "classes", "boxes", "flips", "label_values", "label_indices"):
+            assert torch.equal(x[k], y[k]), k
+        d.append(np.abs(to_uint8(x["images"]) - to_uint8(y["images"])).mean(axis=(1, 2, 3)))
+    assert np.median(np.concatenate(d)) < 3.0
