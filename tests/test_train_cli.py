@@ -306,6 +306,7 @@ def test_teacher_annotate_student_pipeline(tmp_path, data):
 # (flag, a valid value, a value the DALI loader refuses here or None, the words its error names)
 DALI_ONLY_FLAGS = [
     ("--hw-decoder-load", 0.5, 1.5, "hw_decoder_load"),
+    ("--hw-decoder-load", "1,0", "1,1.5", r"hw_decoder_load must be a number in \[0, 1\]"),
     ("--prefetch", 4, 0, "prefetch must be an integer"),
     ("--decode-device", "cpu", None if torch.cuda.is_available() else "gpu", "decode_device='gpu' needs a CUDA device"),
     ("--resize-device", "cpu", None if torch.cuda.is_available() else "gpu", "resize_device='gpu' needs a CUDA device"),
@@ -321,6 +322,20 @@ def test_dali_only_flags(tmp_path, data, flag, good, bad, words):
     pytest.importorskip("nvidia.dali")
     if bad is not None:
         _fails(tiny_args(data, tmp_path / "o2", "--loader", "dali", flag, bad), words)
+
+
+def test_hw_decoder_lanes_from_the_command_line(tmp_path, data):
+    """--hw-decoder-load 1,0: two DALI pipelines sharing the batches; the run trains and records the loads; a
+    value that is not a list of numbers is refused by the parser, naming it."""
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "o"
+    assert main(tiny_args(data, out, "--loader", "dali", "--hw-decoder-load", "1,0", "--max-steps", 2)) == 0
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["hw_decoder_load"] == [1.0, 0.0]
+    with pytest.raises(SystemExit):
+        main(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--hw-decoder-load", "1,x"))
+    assert not (tmp_path / "o2").exists()
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])

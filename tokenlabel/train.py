@@ -118,6 +118,16 @@ DEMO_DEFAULTS: dict = {
 CHECKPOINT_FORMAT = "tokenlabel-train"
 
 
+def _parse_loads(text: str):
+    """--hw-decoder-load: one number, or comma-separated numbers (one DALI pipeline each) -> float or list."""
+    try:
+        loads = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number or comma-separated numbers in [0, 1], got {text!r}") \
+            from None
+    return loads[0] if len(loads) == 1 else loads
+
+
 def _parse_kv(text: str) -> dict:
     """``depth=2,embed_dim=48,widths=[16,32]`` -> dict; values read as YAML scalars/lists (int, float, bool)."""
     import yaml
@@ -154,9 +164,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--loader", choices=["dali", "torch"], help="default: dali if importable and on CUDA, else torch")
     g.add_argument("--workers", type=int, help="loader worker processes/threads per process")
     g.add_argument("--prefetch", type=int, help="DALI loader: batches prepared ahead (default 2)")
-    g.add_argument("--hw-decoder-load", type=float,
+    g.add_argument("--hw-decoder-load", type=_parse_loads,
                    help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1] (default 0: the hybrid "
-                        "path, which kept an LV-ViT-S step fed on an H100; see dataloading/NOTES.md)")
+                        "path, which kept an LV-ViT-S step fed on an H100; see dataloading/NOTES.md); several loads, "
+                        "comma-separated (e.g. 1,0), run one DALI pipeline each, sharing the batches by what each "
+                        "delivers")
     g.add_argument("--decode-device", choices=["gpu", "cpu"],
                    help="DALI loader: decode and resize on the GPU (nvJPEG, default) or in DALI's CPU threads (small "
                         "images such as CIFAR's: keeps the loader's kernels off the GPU the step runs on)")
