@@ -93,11 +93,19 @@ def _check_batch(batch, B, img, device, k, S):
 # the hybrid path with 12 threads, is the one that keeps a training step fed; dataloading/NOTES.md)
 HW_DECODER = dict(hw_decoder_load=0.9, dali_threads=8)
 CPU_DECODE_GPU_RESIZE = dict(decode_device="cpu", resize_device="gpu")  # the CIFAR configs' setting
+# two DALI pipelines sharing the batches by what each delivers: all JPEGs on the hardware engines (4 threads), and
+# all on the hybrid path (12 threads)
+HW_LANES = dict(hw_decoder_load=(1.0, 0.0), dali_threads=(4, 12))
 
 
 def _dali_what(backend) -> str:
     """Where this DALI loader decodes and resizes, for the rows' notes."""
-    if backend.decode_device == "gpu":
+    if len(backend.lanes_spec) > 1:
+        lanes = " + ".join(f"load {load:g} with {t} threads" for load, t in backend.lanes_spec)
+        where = "on the 'mixed' device (nvJPEG)" if backend.decode_device == "gpu" else "in DALI's CPU threads"
+        dec = (f"decode {where} in {len(backend.lanes_spec)} DALI pipelines sharing the batches by what each "
+               f"delivers (hardware decoder {lanes}; at most {backend.reorder_limit} batches ahead)")
+    elif backend.decode_device == "gpu":
         dec = (f"decode on the 'mixed' device (nvJPEG, hardware decoder load {backend.hw_decoder_load:g}, "
                f"{backend.num_threads} threads)")
     else:
@@ -162,6 +170,13 @@ def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
             times.append(seconds * 1e3 * p["B"] / max(n, 1))    # ms per batch of B
         return times
 
+    def timer(fn, warmup, reps, _timer=timer):
+        before = list(getattr(loader.backend, "lane_batches", ()))
+        out = _timer(fn, warmup, reps)
+        lane_counts[:] = [a - b for a, b in zip(getattr(loader.backend, "lane_batches", ()), before)]
+        return out
+
+    lane_counts = []
     what = (_dali_what(loader.backend) + ", RRC, flip, RandAugment, normalise, erasing on the GPU"
             if backend == "dali" else
             f"PIL DataLoader, {workers} workers: decode, RRC, flip, RandAugment in PIL; normalise on {device}")
@@ -169,7 +184,19 @@ def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
                     notes=f"{what}; {f'label maps k={k} S={S}' if k else 'no label maps'}; "
                           f"{per_epoch} images/epoch x {p['epochs']} epochs timed "
                           f"(steady state: from the first batch to the last); ms per batch of {p['B']}; data {root}",
+                    extra_rows=lambda: lane_rows(loader.backend, lane_counts, "epoch"),
                     cleanup=lambda: getattr(loader, "close", lambda: None)())
+
+
+def lane_rows(backend, counts, mode) -> list:
+    """With several DALI pipelines (lanes): the share of the timed batches each one delivered."""
+    spec = getattr(backend, "lanes_spec", ())
+    if len(spec) < 2 or not sum(counts):
+        return []
+    return [(mode, f"lane{i}_share", 100.0 * c / sum(counts), None, None, "%",
+             f"batches the pipeline with hw_decoder_load {spec[i][0]:g} ({spec[i][1]} threads) delivered: {c} of "
+             f"{sum(counts)} in the timed part (the rest of the epochs ran ahead, as training does)")
+            for i, c in enumerate(counts)]
 
 
 @register("loader", "pil", baseline=True)
@@ -190,6 +217,16 @@ def dali_hw(case: Case) -> Prepared:
     """The same DALI pipeline with 90% of the JPEGs on nvJPEG's hardware decoder and 8 threads: the fastest
     alone, not beside a training step."""
     return _prepare(case, "dali", **HW_DECODER)
+
+
+@register("loader", "dali_lanes")
+def dali_lanes(case: Case) -> Prepared:
+    """Two DALI pipelines, one on nvJPEG's hardware engines and one on the hybrid path, sharing the batches by
+    what each delivers (``hw_decoder_load=(1.0, 0.0)``): meant to be fast alone and to keep feeding beside a
+    step. On the CPU (--quick only) the loads are unused: two CPU pipelines sharing the batches."""
+    if case.device.type != "cuda" and not case.quick:
+        raise Skip("the hardware JPEG decoder needs CUDA")
+    return _prepare(case, "dali", **HW_LANES)
 
 
 @register("loader", "dali_cpu_decode")

@@ -257,6 +257,17 @@ def loader_fed_hw(case: Case) -> Prepared:
     return _loader_fed(case, **HW_DECODER)
 
 
+@register("step", "loader_fed_lanes")
+def loader_fed_lanes(case: Case) -> Prepared:
+    """loader_fed with two DALI pipelines sharing the batches by what each delivers, one on nvJPEG's hardware
+    engines and one on the hybrid path (the loader bench's dali_lanes)."""
+    if case.device.type != "cuda":
+        raise Skip("the hardware JPEG decoder needs CUDA")
+    from .loader import HW_LANES
+
+    return _loader_fed(case, **HW_LANES)
+
+
 @register("step", "loader_fed_cpu_decode")
 def loader_fed_cpu_decode(case: Case) -> Prepared:
     """loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU (the loader bench's
@@ -335,6 +346,7 @@ def _attach_loader(prep: Prepared, step, loader, device, whole_epochs: bool) -> 
             step(next(it))
         sync(device)
         gaps = StepGaps(device)
+        lanes_before[:] = list(getattr(loader.backend, "lane_batches", ()))
         waits, per_step = [], []
         t_start = time.perf_counter()
         last = t_start
@@ -354,13 +366,17 @@ def _attach_loader(prep: Prepared, step, loader, device, whole_epochs: bool) -> 
         stats["wait"] = 100.0 * sum(waits) / total
         stats["gpu_wait"] = 100.0 * idle_ms / max(span_ms, 1e-9)
         stats["n"] = reps
+        lane_counts[:] = [a - b for a, b in zip(getattr(loader.backend, "lane_batches", ()), lanes_before)]
         return block_means(per_step)
 
     prep.timer = timer
     prep.check = None   # the same step is checked by the synthetic-input providers
     prep.notes += ("; fed by the real loader (data_wait_gpu = the step stream's idle time between steps / the "
                    "steps' span; data_wait = host time blocked in next(loader) / wall time)")
-    prep.extra_rows = lambda: [
+    from .loader import lane_rows
+
+    lanes_before, lane_counts = [], []
+    prep.extra_rows = lambda: lane_rows(loader.backend, lane_counts, "train_step") + [
         ("train_step", "data_wait_gpu", stats["gpu_wait"], None, None, "%",
          f"share of the steps' GPU span the step stream sat idle waiting for the next batch, over {stats['n']} steps "
          f"after {stats['warmup']} untimed ones"),

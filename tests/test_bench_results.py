@@ -246,3 +246,31 @@ def test_loader_cifar_shapes_only_when_named(tmp_path):
         assert "no label maps" in prep.notes
     finally:
         prep.cleanup()
+
+
+def test_loader_lanes_provider_reports_each_pipelines_share(tmp_path):
+    """bench loader's dali_lanes (two DALI pipelines sharing the batches; on the CPU with --quick) times its
+    epochs and adds one row per pipeline with the share of the timed batches it delivered, summing to 100%."""
+    pytest.importorskip("nvidia.dali")
+    import torch
+
+    from tokenlabel.bench import loader
+    from tokenlabel.bench.registry import Case
+    from tokenlabel.dataloading import make_synthetic_imagefolder
+
+    make_synthetic_imagefolder(tmp_path / "d", num_classes=2, per_class=12, size=40, seed=random.randrange(2**31))
+    case = Case(op="loader", shape="tiny", params=dict(loader.QUICK_SHAPES["tiny"][0]), dtype=None,
+                device=torch.device("cpu"), quick=True, options={"data": str(tmp_path / "d" / "train")})
+    prep = loader.dali_lanes(case)
+    try:
+        prep.check()
+        assert "2 DALI pipelines sharing the batches" in prep.notes and "load 1 with 4 threads" in prep.notes
+        times = prep.timer(prep.modes["epoch"], 0, 1)
+        assert len(times) == 2 and all(t > 0 for t in times)
+        rows = prep.extra_rows()
+        assert [r[1] for r in rows] == ["lane0_share", "lane1_share"]
+        assert sum(r[2] for r in rows) == pytest.approx(100.0)
+    finally:
+        prep.cleanup()
+    with pytest.raises(Exception, match="needs CUDA"):
+        loader.dali_lanes(Case(op="loader", shape="imagenet334", params={}, dtype=None, device=torch.device("cpu")))
