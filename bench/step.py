@@ -71,7 +71,8 @@ def _autocast(case):
 
 
 def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fused", fused_adamw=True,
-                   loader=None, compile_mode: str | None = None, conv1_impl: str | None = None) -> Prepared:
+                   loader=None, compile_mode: str | None = None, conv1_impl: str | None = None,
+                   compile_options: dict | None = None) -> Prepared:
     if compile_ and case.device.type != "cuda":
         raise Skip("torch.compile providers run on CUDA only (too slow to compile for a CPU smoke run)")
     model, M = _lvvit(case, attn)
@@ -85,11 +86,15 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
     targets = _targets(case, L)
     opt = torch.optim.AdamW(M.param_groups(model, 0.05), lr=1e-4,
                             fused=bool(fused_adamw and case.device.type == "cuda"))
-    if compile_:
+    if compile_ and compile_options:  # inductor options instead of a mode (torch.compile takes one or the other)
+        model.compile(options=compile_options)
+    elif compile_:
         model.compile(mode=compile_mode)
-    graphs = compile_ and compile_mode in ("reduce-overhead", "max-autotune")  # both replay CUDA graphs
+    graphs = compile_ and (compile_mode in ("reduce-overhead", "max-autotune")  # both replay CUDA graphs
+                           or bool((compile_options or {}).get("triton.cudagraphs")))
+    how = (f" options {compile_options}" if compile_options else f" mode={compile_mode}") + " (CUDA graphs)"
     notes = [f"attn={attn}", f"loss={loss_kind}",
-             ("compiled" + (f" mode={compile_mode} (CUDA graphs)" if graphs else "")) if compile_ else "eager",
+             ("compiled" + (how if graphs else "")) if compile_ else "eager",
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
              f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}",
              f"stem conv1={model.patch_embed.conv1_resolved(case.device.type == 'cuda')}"]
@@ -165,11 +170,12 @@ def reference_style(case: Case) -> Prepared:
     return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False, conv1_impl="conv")
 
 
-def _backend_provider(attn, compile_, mode=None, conv1_impl=None):
+def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None):
     def fn(case: Case) -> Prepared:
-        return _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl)
+        return _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl, compile_options=options)
     fn.__doc__ = (f"LV-ViT-S, attn={attn}, fused loss, {'torch.compile' if compile_ else 'eager'}"
-                  + (f" mode={mode}" if mode else "") + (f", stem conv1={conv1_impl}" if conv1_impl else ""))
+                  + (f" mode={mode}" if mode else "") + (f" options {options}" if options else "")
+                  + (f", stem conv1={conv1_impl}" if conv1_impl else ""))
     return fn
 
 
@@ -189,6 +195,11 @@ register("step", "compile_graphs_auto_plainconv1")(_backend_provider("auto", Tru
 # the same with inductor's GEMM templates autotuned, pointwise ops fused into their epilogues (GELU after fc1):
 # minutes of compile; the candidate for the GELU / bias / residual kernels of the step (models/NOTES.md)
 register("step", "compile_autotune_auto")(_backend_provider("auto", True, "max-autotune"))
+# reduce-overhead's CUDA graphs with inductor's coordinate-descent tuning of its own Triton kernels (block sizes and
+# warps of the LayerNorm / GELU / BatchNorm / pointwise kernels, ~7.8 of the H200 step's 22.1 ms, running near 65% of
+# the memory bandwidth); the GEMMs stay on cuBLAS. Not measured yet (models/NOTES.md, fifth session).
+CDTUNE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+register("step", "compile_graphs_auto_cdtune")(_backend_provider("auto", True, options=CDTUNE_OPTIONS))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

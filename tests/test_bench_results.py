@@ -274,3 +274,23 @@ def test_loader_lanes_provider_reports_each_pipelines_share(tmp_path):
         prep.cleanup()
     with pytest.raises(Exception, match="needs CUDA"):
         loader.dali_lanes(Case(op="loader", shape="imagenet334", params={}, dtype=None, device=torch.device("cpu")))
+
+
+def test_step_cdtune_provider_options_are_inductor_options():
+    """compile_graphs_auto_cdtune passes inductor options instead of a mode: torch.compile accepts their names
+    (it checks them when the module is wrapped), and the provider is registered and needs CUDA."""
+    import torch
+
+    from tokenlabel.bench import step
+    from tokenlabel.bench.registry import Case, Skip, providers
+
+    from torch._inductor import list_mode_options
+
+    assert list_mode_options("reduce-overhead").items() <= step.CDTUNE_OPTIONS.items()  # the CUDA graphs kept
+    torch.compile(torch.nn.Linear(2, 2), options=step.CDTUNE_OPTIONS)  # unknown names would raise here
+    with pytest.raises(RuntimeError, match="Unexpected optimization option"):
+        torch.compile(torch.nn.Linear(2, 2), options={**step.CDTUNE_OPTIONS, "coordinate_descent_tunning": True})
+    prov = {p.name: p for p in providers("step")}["compile_graphs_auto_cdtune"]
+    with pytest.raises(Skip, match="CUDA only"):
+        prov.fn(Case(op="step", shape="S224", params=dict(step.SHAPES["S224"][0]), dtype=torch.bfloat16,
+                     device=torch.device("cpu")))
