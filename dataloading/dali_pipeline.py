@@ -548,6 +548,10 @@ class DaliBackend:
 
     def _start_stream(self, epoch, start_batch):
         lanes = len(self.lanes_spec) > 1
+        if lanes and (not isinstance(self.reorder_limit, numbers.Integral) or isinstance(self.reorder_limit, bool)
+                      or self.reorder_limit < 1):
+            raise ValueError(f"reorder_limit must be an int >= 1 (batches out between the producer and the "
+                             f"consumer), got {self.reorder_limit!r}")
         if lanes:
             q = queue.Queue(maxsize=self.prefetch * len(self.lanes_spec) + 2)
             stop = threading.Event()

@@ -711,6 +711,9 @@ def test_dali_lanes_give_the_one_pipeline_batches(folder, tmp_path):
     _same([first] + _epoch(loader, 3, start_batch=1), want[3])
     be.reorder_limit = 1  # one batch in flight at a time: still every batch, in order
     _same(_epoch(loader, 0), want[0])
+    be.reorder_limit = 0
+    with pytest.raises(ValueError, match="reorder_limit must be an int >= 1"):
+        _epoch(loader, 7)  # another epoch than the stream's next: a new stream, which checks the limit
     loader.close()
 
 
