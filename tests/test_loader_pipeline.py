@@ -786,7 +786,7 @@ def test_gpu_dali_lanes(folder, tmp_path):
     root, rel = folder
     make_store(str(tmp_path / "store"), rel, num_classes=5, k=3, size=8)
     kw = dict(labels=str(tmp_path / "store"), batch_size=2, image_size=40, seed=9, device="cuda")
-    one = _build(root, "dali", **kw)
+    one = _build(root, "dali", dali_threads=2, **kw)  # the lanes' decoder and thread count
     want = [_epoch(one, e) for e in (0, 1)]
     one.close()
     same = _build(root, "dali", hw_decoder_load=(0.0, 0.0), dali_threads=(2, 2), **kw)
