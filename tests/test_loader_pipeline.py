@@ -715,6 +715,11 @@ def test_dali_lanes_give_the_one_pipeline_batches(folder, tmp_path):
     with pytest.raises(ValueError, match="reorder_limit must be an int >= 1"):
         _epoch(loader, 7)  # another epoch than the stream's next: a new stream, which checks the limit
     loader.close()
+    three = _build(root, "dali", **kw, hw_decoder_load=(1.0, 1.0, 0.0), dali_threads=(1, 1, 1))  # the fallback
+    assert three.backend.reorder_limit == 24
+    _same(_epoch(three, 1), want[1])
+    assert len(three.backend.lane_batches) == 3 and sum(three.backend.lane_batches) >= len(three)
+    three.close()
 
 
 def test_dali_lanes_end_with_their_loader(folder):
