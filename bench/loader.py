@@ -96,6 +96,8 @@ CPU_DECODE_GPU_RESIZE = dict(decode_device="cpu", resize_device="gpu")  # the CI
 # two DALI pipelines sharing the batches by what each delivers: all JPEGs on the hardware engines (4 threads), and
 # all on the hybrid path (12 threads)
 HW_LANES = dict(hw_decoder_load=(1.0, 0.0), dali_threads=(4, 12))
+# the fallback if the hybrid lane slows beside the step: two engine pipelines (more images in flight on the engines)
+HW_LANES3 = dict(hw_decoder_load=(1.0, 1.0, 0.0), dali_threads=(2, 2, 12))
 
 
 def _dali_what(backend) -> str:
@@ -227,6 +229,14 @@ def dali_lanes(case: Case) -> Prepared:
     if case.device.type != "cuda" and not case.quick:
         raise Skip("the hardware JPEG decoder needs CUDA")
     return _prepare(case, "dali", **HW_LANES)
+
+
+@register("loader", "dali_lanes3")
+def dali_lanes3(case: Case) -> Prepared:
+    """dali_lanes with two hardware-engine pipelines beside the hybrid one (``hw_decoder_load=(1.0, 1.0, 0.0)``)."""
+    if case.device.type != "cuda" and not case.quick:
+        raise Skip("the hardware JPEG decoder needs CUDA")
+    return _prepare(case, "dali", **HW_LANES3)
 
 
 @register("loader", "dali_cpu_decode")

@@ -279,6 +279,16 @@ def loader_fed_lanes(case: Case) -> Prepared:
     return _loader_fed(case, **HW_LANES)
 
 
+@register("step", "loader_fed_lanes3")
+def loader_fed_lanes3(case: Case) -> Prepared:
+    """loader_fed_lanes with two hardware-engine pipelines beside the hybrid one (the loader bench's dali_lanes3)."""
+    if case.device.type != "cuda":
+        raise Skip("the hardware JPEG decoder needs CUDA")
+    from .loader import HW_LANES3
+
+    return _loader_fed(case, **HW_LANES3)
+
+
 @register("step", "loader_fed_cpu_decode")
 def loader_fed_cpu_decode(case: Case) -> Prepared:
     """loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU (the loader bench's

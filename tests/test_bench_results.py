@@ -274,6 +274,12 @@ def test_loader_lanes_provider_reports_each_pipelines_share(tmp_path):
         prep.cleanup()
     with pytest.raises(Exception, match="needs CUDA"):
         loader.dali_lanes(Case(op="loader", shape="imagenet334", params={}, dtype=None, device=torch.device("cpu")))
+    prep = loader.dali_lanes3(case)  # two engine pipelines + the hybrid one: a row per pipeline
+    try:
+        prep.timer(prep.modes["epoch"], 0, 1)
+        assert [r[1] for r in prep.extra_rows()] == ["lane0_share", "lane1_share", "lane2_share"]
+    finally:
+        prep.cleanup()
 
 
 def test_step_cdtune_provider_options_are_inductor_options():
