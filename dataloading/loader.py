@@ -257,8 +257,10 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     (0.9: the fastest loader alone) left the step idle 11-13% of the time (dataloading/NOTES.md). A sequence of
     loads, e.g. (1.0, 0.0), runs one DALI pipeline per entry ("lanes"); the batches go in order to whichever
     pipeline asks for its next one, so the hardware engines and the hybrid path each take the share they can
-    deliver, alone or beside a training step; the batches are the same as with one pipeline (decoder rounding
-    aside). dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
+    deliver, alone or beside a training step. The samples, boxes, flips and label maps are exactly the
+    one-pipeline batches; which decoder decodes a batch depends on timing, so with different loads per lane the
+    pixels of a run can differ from another run's by the decoders' rounding (chroma upsampling: a fraction of a grey
+    level on average). dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
     (default with lanes: 4 for a lane with load > 0.5, 12 for the others). prefetch (DALI only):
     batches DALI prepares ahead (default 2). decode_device (DALI only): "gpu" (default on CUDA: nvJPEG) or
     "cpu" (DALI's CPU threads decode and resize, one copy per batch to the GPU; for small images, where the
