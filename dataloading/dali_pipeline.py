@@ -138,21 +138,41 @@ class _Feeder:
 
     def __init__(self):
         self.queue = None
-        self.pending = collections.deque()
+        self.pending = collections.deque()  # the metadata of the batches DALI holds, oldest first
 
-    def __call__(self):
+    def _next(self):
+        """The next (dali_inputs, meta), or None at the end of the stream."""
         if self.queue is None:
-            raise StopIteration
+            return None
         item = self.queue.get()
-        if item is None:
-            self.queue = None
-            raise StopIteration
         if isinstance(item, BaseException):
             self.queue = None
             raise item
+        return item
+
+    def __call__(self):
+        item = self._next()
+        if item is None:
+            self.queue = None
+            raise StopIteration
         dali_inputs, meta = item
         self.pending.append(meta)
         return dali_inputs
+
+
+def _copy_to_torch(images, device, stream):
+    """DALI's HWC uint8 batch -> (a torch tensor that owns its copy, the DALI tensor it is copied from). On
+    ``device``, copied asynchronously on ``stream``: the caller keeps the DALI tensor alive until the copy is done.
+    On the CPU when device is None."""
+    t = images.as_tensor()
+    if device is None:
+        return torch.from_numpy(np.array(t)), t
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    with torch.cuda.stream(stream):
+        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(t, out, cuda_stream=stream)
+    return out, t
 
 
 class DaliBackend:
@@ -671,19 +691,14 @@ class DaliBackend:
     def _to_torch(self, images):
         """DALI's HWC batch -> a uint8 [B, 3, H, W] view (channels-last memory) that owns its copy."""
         if not self.gpu:
-            return torch.from_numpy(np.array(images.as_tensor())).permute(0, 3, 1, 2)
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
+            return _copy_to_torch(images, None, None)[0].permute(0, 3, 1, 2)
         # copy on a side stream that depends only on DALI's work (not on the training step queued on
         # the current stream), so _wait_copy never waits for training kernels
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device, priority=-1)  # above the default 0
-        t = images.as_tensor()
-        with torch.cuda.stream(self._copy_stream):
-            out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
-            feed_ndarray(t, out, cuda_stream=self._copy_stream)
-            self._copy_done = torch.cuda.Event()
-            self._copy_done.record(self._copy_stream)
+        out, t = _copy_to_torch(images, self.device, self._copy_stream)
+        self._copy_done = torch.cuda.Event()
+        self._copy_done.record(self._copy_stream)
         self._held = (images, t)
         cur = torch.cuda.current_stream(self.device)
         cur.wait_stream(self._copy_stream)
@@ -712,23 +727,20 @@ class _Lane:
         self.copy_stream = None
 
 
-class _LaneFeeder:
+class _LaneFeeder(_Feeder):
     """A lane's external-source callable: takes the producer's next batch from the dispatch (whichever lane
     asks first gets it); StopIteration ends this pipeline's "epoch" when the stream stops."""
 
     def __init__(self):
+        super().__init__()
         self.dispatch = None
-        self.pending = collections.deque()
 
-    def __call__(self):
+    def _next(self):
         d = self.dispatch
         item = None if d is None else d.take(self.pending)
         if item is None:
             self.dispatch = None
-            raise StopIteration
-        dali_inputs, meta = item
-        self.pending.append(meta)
-        return dali_inputs
+        return item
 
 
 class _Dispatch:
@@ -866,18 +878,13 @@ def _pump(lane, dispatch, device):
 
 
 def _copy_out(lane, images, device):
-    """DALI's HWC uint8 batch -> a torch tensor that owns its copy, finished when this returns."""
+    """The lane's output copied out of DALI's buffers, finished when this returns (the next run() may reuse them)."""
     if device is None:
-        return torch.from_numpy(np.array(images.as_tensor()))
-    from nvidia.dali.plugin.pytorch import feed_ndarray
-
+        return _copy_to_torch(images, None, None)[0]
     if lane.copy_stream is None:
         lane.copy_stream = torch.cuda.Stream(device, priority=-1)
-    t = images.as_tensor()
-    with torch.cuda.stream(lane.copy_stream):
-        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
-        feed_ndarray(t, out, cuda_stream=lane.copy_stream)
-    lane.copy_stream.synchronize()
+    out, t = _copy_to_torch(images, device, lane.copy_stream)
+    lane.copy_stream.synchronize()  # before ``t`` goes
     return out
 
 
