@@ -1,0 +1,197 @@
+"""Tile configurations of the flash attention kernels: resources on the CPU, times on the GPU.
+
+    python -m tokenlabel.kernels._attn_tune resources [--shape S224] [--dtype bf16]   # no GPU needed
+    python -m tokenlabel.kernels._attn_tune time [--shape S224] [--out DIR]           # on the GPU
+
+``resources`` compiles every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_90 ahead of time with
+Triton's bundled ptxas, with the alignment hints a real launch gets (16-byte-aligned pointers, strides that are
+multiples of 16), and prints registers per thread, spilled bytes (stack), shared memory and whether the key loop
+was software-pipelined (cp.async copies in the TTGIR). A config that spills or is not pipelined is not worth a
+GPU minute. ``time`` runs the candidates that compile without spills on the GPU (forward, and backward alone,
+CUDA-event medians of a CUDA graph of 20 calls), checks each against SDPA first, and prints them beside SDPA's
+forward and forward+backward on the same qkv tensor (the model's path).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from . import flash_attention as fa
+
+SHAPES = {"S224": (128, 197, 6, 64), "M224": (128, 197, 8, 64), "S384": (128, 577, 6, 64),
+          "M384": (128, 577, 8, 64), "T224": (128, 197, 4, 60)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def candidates(dtype):
+    for bm, bn, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+        if bm * bn > 128 * 64 or (dtype == torch.float32 and bm * bn > 64 * 32):
+            continue
+        yield bm, bn, warps, stages
+
+
+def _tensors(B, N, H, D, dtype, device):
+    qkv = torch.empty(B, N, 3, H, D, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(2)
+    o = torch.empty(B, N, H, D, device=device, dtype=dtype)
+    lse = torch.empty(B, H, N, device=device, dtype=torch.float32)
+    dqkv = torch.empty_like(qkv)
+    return qkv, (q, k, v), o, lse, dqkv
+
+
+def _aot(launch):
+    """Compile one launch for sm_90 without a GPU; (registers, stack bytes, shared bytes, cp.async count)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, _, args, const, opts = launch
+    names = [n for n in kernel.arg_names if n not in const]
+    signature, attrs = {}, {}
+    for i, (name, a) in enumerate(zip(names, args)):
+        if isinstance(a, torch.Tensor):
+            signature[name] = _PTR[a.dtype]
+            aligned = (a.storage_offset() * a.element_size()) % 16 == 0
+        elif isinstance(a, float):
+            signature[name], aligned = "fp32", False
+        else:
+            signature[name] = "i32" if abs(a) < 2**31 else "i64"
+            aligned = a % 16 == 0
+        if aligned:
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    signature.update({n: "constexpr" for n in const})
+    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(const), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    stack = int(re.search(r"STACK:(\d+)", out).group(1))
+    return regs, stack, compiled.metadata.shared, len(re.findall("async_copy_global_to_local", compiled.asm["ttgir"]))
+
+
+def resources(shape, dtype, defaults_only=False):
+    B, N, H, D = SHAPES[shape]
+    _, (q, k, v), o, lse, dqkv = _tensors(B, N, H, D, dtype, "meta")
+    rows = []
+    for kind in ("fwd", "bwd"):
+        default = fa._config(D, kind, dtype)
+        for cfg in [default] if defaults_only else candidates(dtype):
+            if kind == "fwd":
+                launch = fa.fwd_launch(q, k, v, o, lse, D ** -0.5, cfg)
+            else:
+                launch = fa.bwd_launch(o, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, cfg)
+            try:
+                regs, stack, smem, copies = _aot(launch)
+            except Exception as e:  # noqa: BLE001 (a config the compiler refuses is a result too)
+                rows.append(dict(kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}"))
+                continue
+            rows.append(dict(kind=kind, config=cfg, regs=regs, stack=stack, smem=smem, async_copies=copies,
+                             default=cfg == default))
+    return rows
+
+
+def _graph_ms(fn, reps=20, iters=5):
+    """Median ms per call of ``fn`` replayed from a CUDA graph of ``reps`` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def time_configs(shape, dtype, rows):
+    from tokenlabel.models.attention import attention_qkv
+
+    B, N, H, D = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv5 = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, generator=g)
+    q, k, v = qkv5.unbind(2)
+    do = torch.randn(B, N, H, D, device="cuda", dtype=dtype, generator=g)
+    qkv = qkv5.view(B, N, 3 * H * D).requires_grad_()
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    out = []
+    sdpa_fwd = _graph_ms(lambda: attention_qkv(qkv.detach(), H, "sdpa"))
+
+    def sdpa_step():
+        torch.autograd.grad(attention_qkv(qkv, H, "sdpa"), qkv, do.view(B, N, H * D))
+
+    out.append(dict(kind="sdpa", config="fwd", ms=sdpa_fwd))
+    out.append(dict(kind="sdpa", config="fwd+bwd", ms=_graph_ms(sdpa_step)))
+    o, lse = fa.attention_forward(q, k, v, D ** -0.5)
+    for r in rows:
+        if "error" in r or r["stack"] > 0:
+            continue
+        cfg = r["config"]
+        if r["kind"] == "fwd":
+            got, _ = fa.attention_forward(q, k, v, D ** -0.5, cfg)
+            err = float((got.float() - ref.float()).abs().max())
+            ms = _graph_ms(lambda: fa.attention_forward(q, k, v, D ** -0.5, cfg))
+        else:
+            got = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5, cfg)
+            want = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5)
+            err = float((got.float() - want.float()).abs().max())
+            ms = _graph_ms(lambda: fa.attention_backward(do, q, k, v, o, lse, D ** -0.5, cfg))
+        out.append(dict(kind=r["kind"], config=cfg, ms=ms, max_abs_err=err, regs=r["regs"], default=r["default"]))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("resources", "time"))
+    ap.add_argument("--shape", default="S224", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--out", help="folder for attn_tune_<shape>_<dtype>_<what>.csv")
+    ap.add_argument("--defaults-only", action="store_true", help="only the configs the launchers use")
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
+        return 2
+    dtype = DTYPES[a.dtype]
+    rows = resources(a.shape, dtype, a.defaults_only)
+    if a.what == "time":
+        if not torch.cuda.is_available():
+            print("time needs a CUDA GPU", file=sys.stderr)
+            return 2
+        rows = time_configs(a.shape, dtype, rows)
+    for r in rows:
+        print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        path = os.path.join(a.out, f"attn_tune_{a.shape}_{a.dtype}_{a.what}.csv")
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, keys)
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

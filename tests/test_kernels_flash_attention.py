@@ -1,0 +1,233 @@
+"""Triton flash attention (kernels/flash_attention.py) against a float64 reference written from the definition,
+softmax(q k^T * scale) v: output and the gradients of q, k, v, on fresh random inputs (CPU: interpreted)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokenlabel.kernels import flash_attention as fa
+
+
+def reference(q, k, v, scale):
+    """[B, N, H, D] float64 attention from the definition."""
+    q, k, v = (t.double().permute(0, 2, 1, 3) for t in (q, k, v))
+    weights = torch.softmax(torch.einsum("bhid,bhjd->bhij", q, k) * scale, dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", weights, v).permute(0, 2, 1, 3)
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def packed_inputs(gen, B, N, H, D, dtype, device, spread=1.0):
+    qkv = (torch.randn(B, N, 3 * H * D, generator=gen) * spread).to(device, dtype).requires_grad_()
+    gout = torch.randn(B, N, H * D, generator=gen).to(device, dtype)
+    return qkv, gout
+
+
+def run_packed(qkv, gout, H, scale=None):
+    out = fa.flash_attention_qkv(qkv, H, scale)
+    (g,) = torch.autograd.grad(out, qkv, gout)
+    return out, g
+
+
+def run_reference(qkv, gout, H, scale, dtype=torch.float64):
+    B, N, C = qkv.shape
+    x = qkv.detach().to(dtype).requires_grad_()
+    q, k, v = x.view(B, N, 3, H, C // (3 * H)).unbind(2)
+    out = reference(q, k, v, scale).to(dtype).reshape(B, N, C // 3)
+    (g,) = torch.autograd.grad(out, x, gout.to(dtype))
+    return out, g
+
+
+def plain_torch(qkv, gout, H, scale):
+    """softmax attention in qkv's own dtype with plain PyTorch ops: the error a user accepts from eager code."""
+    B, N, C = qkv.shape
+    x = qkv.detach().clone().requires_grad_()
+    q, k, v = (t.transpose(1, 2) for t in x.view(B, N, 3, H, C // (3 * H)).unbind(2))
+    out = (torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v).transpose(1, 2).reshape(B, N, C // 3)
+    (g,) = torch.autograd.grad(out, x, gout)
+    return out, g
+
+
+# realistic (LV-ViT-S heads of 64 at 197 tokens, LV-ViT-T heads of 60) and awkward (one token, 17 tokens,
+# a head dim under the 16-wide dot minimum, one past a block, a 128-wide head)
+FP32_SHAPES = [(2, 197, 3, 64), (3, 17, 2, 60), (1, 1, 1, 64), (2, 65, 2, 32), (1, 40, 1, 8), (1, 33, 2, 128)]
+
+
+@pytest.mark.parametrize("shape", FP32_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_matches_float64_reference(gen, device, shape):
+    B, N, H, D = shape
+    qkv, gout = packed_inputs(gen, B, N, H, D, torch.float32, device, spread=2.0)
+    out, g = run_packed(qkv, gout, H)
+    ref_out, ref_g = run_reference(qkv, gout, H, D ** -0.5)
+    assert out.shape == (B, N, H * D) and g.shape == qkv.shape
+    assert rel(out, ref_out) < 1e-5
+    assert rel(g, ref_g) < 1e-5
+    gq, gk, gv = g.view(B, N, 3, H, D).unbind(2)
+    rq, rk, rv = ref_g.view(B, N, 3, H, D).unbind(2)
+    # each part on its own scale (dq, dk can be small), plus 2e-6 of the whole: at N = 1 dq and dk are exactly
+    # 0 (a softmax over one key) and the kernel's ds = p (dp - do.o) leaves fp32 rounding of dp there
+    floor = 2e-6 * float(ref_g.abs().max())
+    for got, want in ((gq, rq), (gk, rk), (gv, rv)):
+        assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max()) + floor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 197, 2, 64), (1, 50, 3, 60)], ids=lambda s: "x".join(map(str, s)))
+def test_half_precision_error_within_twice_plain_torch(gen, device, dtype, shape):
+    """Against float64, the kernel's error is at most 2x that of plain PyTorch attention in the same dtype."""
+    B, N, H, D = shape
+    qkv, gout = packed_inputs(gen, B, N, H, D, dtype, device, spread=2.0)
+    out, g = run_packed(qkv, gout, H)
+    ref_out, ref_g = run_reference(qkv, gout, H, D ** -0.5)
+    base_out, base_g = plain_torch(qkv, gout, H, D ** -0.5)
+    assert out.dtype == dtype and g.dtype == dtype
+    assert rel(out, ref_out) <= 2 * rel(base_out, ref_out) + 1e-3
+    assert rel(g, ref_g) <= 2 * rel(base_g, ref_g) + 1e-3
+
+
+def test_separate_inputs_any_strides_and_scale(gen, device):
+    """q, k, v as separate tensors with different strides (one transposed in memory), a non-default scale, a
+    non-contiguous output gradient: the same result as the packed path and the float64 reference."""
+    B, N, H, D = 2, 31, 3, 24
+    q = torch.randn(B, N, H, D, generator=gen).to(device).requires_grad_()
+    k_store = torch.randn(B, H, N, D, generator=gen).to(device)
+    k = k_store.transpose(1, 2).detach().requires_grad_()  # [B, N, H, D] with head-major strides
+    v = torch.randn(B, N, H, D, generator=gen).to(device).requires_grad_()
+    gout = torch.randn(B, H, N, D, generator=gen).to(device).transpose(1, 2)  # non-contiguous
+    out = fa.flash_attention(q, k, v, scale=0.3)
+    grads = torch.autograd.grad(out, (q, k, v), gout)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference(*x64, 0.3)
+    ref_grads = torch.autograd.grad(ref, x64, gout.double())
+    assert rel(out, ref) < 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        assert rel(got, want) < 1e-5
+    packed = torch.stack([q, k, v], dim=2).detach().reshape(B, N, 3 * H * D).requires_grad_()
+    out2, g2 = run_packed(packed, gout.reshape(B, N, H * D), H, scale=0.3)
+    torch.testing.assert_close(out2.view(B, N, H, D), out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g2.view(B, N, 3, H, D), torch.stack(grads, 2), rtol=1e-6, atol=1e-6)
+
+
+def test_packed_gradient_is_one_fresh_tensor(gen, device):
+    """The qkv gradient comes back whole, [B, N, 3 H D] contiguous, and a large score range (near one-hot
+    softmax rows, ill-conditioned gradients) stays finite and within 2x plain fp32 PyTorch's error."""
+    B, N, H, D = 1, 20, 2, 16
+    qkv, gout = packed_inputs(gen, B, N, H, D, torch.float32, device, spread=8.0)  # scores ~ +-60
+    out, g = run_packed(qkv, gout, H)
+    assert g.is_contiguous() and g.shape == (B, N, 3 * H * D)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    ref_out, ref_g = run_reference(qkv, gout, H, D ** -0.5)
+    base_out, base_g = plain_torch(qkv, gout, H, D ** -0.5)
+    assert rel(out, ref_out) <= 2 * rel(base_out, ref_out) + 1e-5
+    assert rel(g, ref_g) <= 2 * rel(base_g, ref_g) + 1e-5
+
+
+def test_custom_ops_under_compile_fullgraph(gen, device):
+    """torch.compile(fullgraph=True) goes through the torch.library ops (their fakes give the shapes): the same
+    output and gradient as eager, no graph break; torch.library.opcheck passes for both ops."""
+    torch._dynamo.reset()
+    B, N, H, D = 2, 19, 2, 32
+    qkv, gout = packed_inputs(gen, B, N, H, D, torch.float32, device)
+    eager_out, eager_g = run_packed(qkv, gout, H)
+    compiled = torch.compile(lambda x: fa.flash_attention_qkv(x, H), fullgraph=True, backend="aot_eager")
+    out = compiled(qkv)
+    (g,) = torch.autograd.grad(out, qkv, gout)
+    torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, eager_g, rtol=1e-6, atol=1e-6)
+    q, k, v = (t.detach() for t in qkv.view(B, N, 3, H, D).unbind(2))
+    torch.library.opcheck(torch.ops.tokenlabel.flash_attn_fwd, (q, k, v, 0.2))
+    o, lse = fa.attention_forward(q, k, v, 0.2)
+    do = torch.randn(B, N, H, D, generator=gen).to(device)
+    torch.library.opcheck(torch.ops.tokenlabel.flash_attn_bwd, (do, q, k, v, o, lse, 0.2))
+
+
+def test_bad_inputs_name_the_problem(gen, device, monkeypatch):
+    x = torch.randn(1, 4, 2, 16, device=device)
+    with pytest.raises(ValueError, match="one shape"):
+        fa.flash_attention(x, x, x[:, :3])
+    with pytest.raises(ValueError, match="float16, bfloat16, float32"):
+        fa.flash_attention(x.double(), x.double(), x.double())
+    with pytest.raises(ValueError, match=r"\[B, N, H, Dh\]"):
+        fa.flash_attention(x[0], x[0], x[0])
+    big = torch.randn(1, 2, 1, 300, device=device)
+    with pytest.raises(ValueError, match="head dim 300"):
+        fa.flash_attention(big, big, big)
+    with pytest.raises(ValueError, match="3 \\* num_heads"):
+        fa.flash_attention_qkv(torch.randn(1, 4, 40, device=device), 3)
+    with pytest.raises(ValueError, match="empty"):
+        e = torch.randn(1, 0, 2, 16, device=device)
+        fa.flash_attention(e, e, e)
+    monkeypatch.setattr(fa, "_INTERPRET", False)
+    cpu = torch.randn(1, 4, 2, 16)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors.*attn='sdpa'"):
+        fa.flash_attention(cpu, cpu, cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(128, 197, 6, 64), (16, 577, 8, 64), (32, 197, 4, 60), (8, 1, 2, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_realistic_shapes(gen, dtype, shape):
+    """LV-ViT-S/M at 224 and 384 and -T's heads of 60 on the GPU: fp32 (IEEE dots) within 1e-5 of float64,
+    half precision within 2x plain PyTorch's error (the reference computed on the first samples)."""
+    B, N, H, D = shape
+    qkv, gout = packed_inputs(gen, B, N, H, D, dtype, "cuda", spread=2.0)
+    out, g = run_packed(qkv, gout, H)
+    n = min(B, 8)
+    sub, gsub = qkv.detach()[:n].requires_grad_(), gout[:n]
+    ref_out, ref_g = run_reference(sub, gsub, H, D ** -0.5)
+    if dtype == torch.float32:
+        assert rel(out[:n], ref_out) < 1e-5 and rel(g[:n], ref_g) < 1e-5
+    else:
+        base_out, base_g = plain_torch(sub, gsub, H, D ** -0.5)
+        assert rel(out[:n], ref_out) <= 2 * rel(base_out, ref_out) + 1e-3
+        assert rel(g[:n], ref_g) <= 2 * rel(base_g, ref_g) + 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_matches_eager(gen):
+    """Captured into a CUDA graph (as reduce-overhead does) and replayed on new inputs: the eager result."""
+    B, N, H, D = 32, 197, 6, 64
+    qkv, gout = packed_inputs(gen, B, N, H, D, torch.bfloat16, "cuda")
+    static = qkv.detach().clone().requires_grad_()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            run_packed(static, gout, H)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, g = run_packed(static, gout, H)
+    with torch.no_grad():
+        static.copy_(qkv)
+    graph.replay()
+    want_out, want_g = run_packed(qkv, gout, H)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(g, want_g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
+    """The default tiles, compiled ahead of time for sm_90 with Triton's bundled ptxas (no GPU needed) at
+    LV-ViT-S/224's strides: no registers spilled; in bf16 the key loop is software-pipelined (cp.async).
+    In a subprocess without TRITON_INTERPRET (interpreted kernels do not compile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tokenlabel.kernels._attn_tune", "resources", "--shape", "S224",
+                          "--dtype", dtype, "--defaults-only"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [dict(kv.split("=", 1) for kv in line.split(" ") if "=" in kv) for line in run.stdout.splitlines()
+            if line.startswith("kind=")]
+    assert sorted(r["kind"] for r in rows) == ["bwd", "fwd"], run.stdout
+    for r in rows:
+        assert "error" not in r, r
+        assert int(r["stack"]) == 0, r
+        assert int(r["regs"]) <= 255 and int(r["smem"]) <= 227 * 1024, r
+        if dtype == "bf16":
+            assert int(r["async_copies"]) > 0, f"key loop not pipelined: {r}"
