@@ -1,10 +1,14 @@
 """Multi-head attention per backend of tokenlabel.models ("math" the baseline, "sdpa", "xformers",
-"auto") at LV-ViT shapes: forward (under no_grad) and forward + backward.
+"triton", "auto") at LV-ViT shapes: forward (under no_grad) and forward + backward.
 
-q, k, v are ``[B, N, H, Dh]`` views of one ``[B, N, 3, H, Dh]`` tensor, as the model's fused qkv
-Linear makes them. FLOPs: forward 4·B·H·N²·Dh (two matmuls), backward 2.5× that.
+Every backend runs the model's path, ``attention_qkv`` on one ``[B, N, 3 * H * Dh]`` tensor as the fused
+qkv Linear makes it, and forward + backward ends with that tensor's gradient (for "sdpa" and "xformers"
+that includes the stack of dq, dk, dv; "triton" writes it whole). FLOPs: forward 4·B·H·N²·Dh (two
+matmuls), backward 2.5× that.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -23,10 +27,10 @@ CHECK_BATCH = 2
 
 def _attention():
     try:
-        from tokenlabel.models.attention import attention, xformers_status
+        from tokenlabel.models.attention import attention_qkv, prepare_backend, xformers_status
     except Exception as e:  # noqa: BLE001
         raise Skip(f"tokenlabel.models.attention not importable: {type(e).__name__}: {e}")
-    return attention, xformers_status
+    return attention_qkv, prepare_backend, xformers_status
 
 
 def _rel(a, b):
@@ -35,15 +39,22 @@ def _rel(a, b):
 
 
 def _prepare(case: Case, backend: str) -> Prepared:
-    attention, xformers_status = _attention()
+    attention_qkv, prepare_backend, xformers_status = _attention()
     p, dtype, dev = case.params, case.dtype, case.device
     if backend == "xformers":
         ok, reason = xformers_status(dev)
         if not ok:
             raise Skip(reason)
+    if backend == "triton":
+        if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise Skip("attn='triton' runs on CUDA (on the CPU only under TRITON_INTERPRET=1)")
+        try:
+            prepare_backend("triton")
+        except RuntimeError as e:
+            raise Skip(str(e))
     B, N, H, Dh = p["B"], p["N"], p["H"], p["Dh"]
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(B, N, 3, H, Dh, generator=g).to(dev, dtype).requires_grad_()
+    qkv = torch.randn(B, N, 3 * H * Dh, generator=g).to(dev, dtype).requires_grad_()
     gout = torch.randn(B, N, H * Dh, generator=g).to(dev, dtype)
     notes = ""
     if backend == "auto":
@@ -54,10 +65,10 @@ def _prepare(case: Case, backend: str) -> Prepared:
 
     def fwd():
         with torch.no_grad():
-            return attention(*qkv.unbind(2), backend)
+            return attention_qkv(qkv, H, backend)
 
     def fwd_bwd():
-        out = attention(*qkv.unbind(2), backend)
+        out = attention_qkv(qkv, H, backend)
         return torch.autograd.grad(out, qkv, gout)
 
     def check():
@@ -65,9 +76,9 @@ def _prepare(case: Case, backend: str) -> Prepared:
         x = qkv[:CHECK_BATCH].detach().clone().requires_grad_()
         x64 = x.detach().double().requires_grad_()
         go = gout[:CHECK_BATCH]
-        out = attention(*x.unbind(2), backend)
+        out = attention_qkv(x, H, backend)
         (gx,) = torch.autograd.grad(out, x, go)
-        ref = attention(*x64.unbind(2), "math")
+        ref = attention_qkv(x64, H, "math")
         (gref,) = torch.autograd.grad(ref, x64, go.double())
         errors = {"out": _rel(out, ref), "grad_qkv": _rel(gx, gref)}
         tol = TOLERANCE[dtype]
@@ -98,6 +109,12 @@ def sdpa(case: Case) -> Prepared:
 def xformers(case: Case) -> Prepared:
     """xformers.ops.memory_efficient_attention ([B, N, H, Dh] layout, no transposes)."""
     return _prepare(case, "xformers")
+
+
+@register("attention", "triton")
+def triton_(case: Case) -> Prepared:
+    """Our Triton flash attention (kernels/flash_attention.py): qkv read by strides, its gradient written whole."""
+    return _prepare(case, "triton")
 
 
 @register("attention", "auto")

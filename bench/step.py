@@ -13,6 +13,7 @@ reports the share of wall time spent waiting for data.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -52,6 +53,8 @@ def _lvvit(case: Case, attn: str):
         ok, reason = M.xformers_status(case.device)
         if not ok:
             raise Skip(reason)
+    if attn == "triton" and case.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise Skip("attn='triton' runs on CUDA (on the CPU only under TRITON_INTERPRET=1)")
     kw = {k: p[k] for k in _OVERRIDES if k in p}
     model = M.create_model("lvvit_s", num_classes=p["C"], attn=attn, img_size=p["img"], **kw)
     return model.to(case.device).train(), M
@@ -179,12 +182,16 @@ def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None):
     return fn
 
 
-for _attn in ("math", "sdpa", "xformers", "auto"):
+for _attn in ("math", "sdpa", "xformers", "triton", "auto"):
     register("step", f"eager_{_attn}")(_backend_provider(_attn, False))
-for _attn in ("sdpa", "xformers", "auto"):
+for _attn in ("sdpa", "xformers", "triton", "auto"):
     register("step", f"compile_{_attn}")(_backend_provider(_attn, True))
 # the compiled forward and backward replayed as CUDA graphs: the host no longer paces the GPU
 register("step", "compile_graphs_auto")(_backend_provider("auto", True, "reduce-overhead"))
+# the same with our flash attention forced (kernels/flash_attention.py: q, k, v read out of the qkv Linear's output,
+# its gradient written whole) against cuDNN's through SDPA, whichever "auto" picks
+register("step", "compile_graphs_sdpa")(_backend_provider("sdpa", True, "reduce-overhead"))
+register("step", "compile_graphs_triton")(_backend_provider("triton", True, "reduce-overhead"))
 # the stem's 3-channel 7x7/2 conv: the model's default ("auto") runs it on CUDA as a 16-channel 4x4/1 conv on a
 # space-to-depth input; these run it explicitly one way or the other (the H200 profile in
 # bench/results/step-profile-h200: the plain conv's forward and weight gradient took 1.24 ms of the 22.1 ms step;

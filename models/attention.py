@@ -1,4 +1,4 @@
-"""Multi-head attention backends for LV-ViT: "xformers", "sdpa", "math", and "auto".
+"""Multi-head attention backends for LV-ViT: "xformers", "sdpa", "triton", "math", and "auto".
 
 All backends take q, k, v as ``[B, N, H, Dh]`` views straight out of the fused qkv Linear
 (``qkv.view(B, N, 3, H, Dh).unbind(2)``: no copies) and return ``[B, N, H * Dh]``, ready for the
@@ -9,6 +9,11 @@ output projection.
 * ``"sdpa"``: ``F.scaled_dot_product_attention`` on [B, H, N, Dh] *views* (transpose of strides
   only); PyTorch picks cuDNN / flash / memory-efficient kernels. The flash and cuDNN kernels keep
   their output in [B, N, H, Dh] memory, so the final ``transpose(1, 2).reshape`` is free.
+* ``"triton"``: our flash attention (``tokenlabel.kernels.flash_attention``). Through
+  ``attention_qkv`` (the model's path) it reads q, k, v out of the qkv Linear's output by strides and
+  hands back that output's gradient as one tensor, so no stack of dq, dk, dv follows its backward.
+  CUDA only (the CPU runs it under TRITON_INTERPRET=1, for tests); a ``torch.library`` op under
+  ``torch.compile``.
 * ``"math"``: the reference's plain code, ``softmax((q * scale) @ k^T) @ v``.
 * ``"auto"``: on CUDA, the fastest of the available backends for this shape (forward+backward when
   gradients are on, forward otherwise), timed once per (shape, dtype, GPU name) and cached for the
@@ -24,7 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "xformers", "sdpa", "math")
+BACKENDS = ("auto", "xformers", "sdpa", "triton", "math")
 
 # (B, N, H, Dh, dtype, device name, grad) -> chosen backend; filled by "auto".
 _AUTO_CACHE: dict[tuple, str] = {}
@@ -114,6 +119,28 @@ def _attention_xformers(q, k, v, scale):
     return _XFORMERS_STATE["module"].memory_efficient_attention(q, k, v, scale=scale)  # [B, N, H, Dh]
 
 
+def _flash():
+    from tokenlabel.kernels import flash_attention  # noqa: PLC0415 (imports triton: only when asked for)
+
+    return flash_attention
+
+
+def prepare_backend(name: str) -> str:
+    """Check that backend ``name`` can be used here and import what it needs (before any torch.compile trace);
+    a RuntimeError says why not ("xformers" that does not load, "triton" without Triton)."""
+    check_backend(name)
+    if name == "xformers":
+        ok, reason = xformers_status()
+        if not ok:
+            raise RuntimeError(f"attn='xformers' is not available: {reason}")
+    elif name == "triton":
+        try:
+            _flash()
+        except Exception as exc:  # ImportError without triton, ...
+            raise RuntimeError(f"attn='triton' is not available: {type(exc).__name__}: {exc}; use attn='sdpa'") from exc
+    return name
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
               scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for q, k, v ``[B, N, H, Dh]``; returns ``[B, N, H * Dh]``."""
@@ -126,6 +153,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         backend = resolve_auto(q)
     if backend == "xformers":
         return _attention_xformers(q, k, v, scale).reshape(B, N, H * Dh)
+    if backend == "triton":
+        return _flash().flash_attention(q, k, v, scale).reshape(B, N, H * Dh)
     if backend == "sdpa":
         out = _attention_sdpa(q, k, v, scale)
     elif backend == "math":
@@ -136,22 +165,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     return out.transpose(1, 2).reshape(B, N, H * Dh)
 
 
+def attention_qkv(qkv: torch.Tensor, num_heads: int, backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """Attention over the fused qkv Linear's output ``[B, N, 3 * H * Dh]`` (q, k, v, heads inside each);
+    returns ``[B, N, H * Dh]``. The model's path: "triton" takes ``qkv`` whole (its gradient comes back as one
+    tensor), the other backends its three [B, N, H, Dh] views."""
+    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv must be [B, N, 3 * num_heads * head_dim] with num_heads={num_heads}, got "
+                         f"{tuple(qkv.shape)}")
+    B, N, C = qkv.shape
+    q, k, v = qkv.view(B, N, 3, num_heads, C // (3 * num_heads)).unbind(2)
+    if backend == "auto":
+        backend = resolve_auto(q)
+    if backend == "triton":
+        return _flash().flash_attention_qkv(qkv, num_heads, scale)
+    return attention(q, k, v, backend, scale)
+
+
 def available_backends(device: torch.device | str) -> list[str]:
-    """Concrete backends that run on ``device`` ("xformers" only where it loads and runs)."""
+    """Concrete backends that run on ``device`` ("xformers" only where it loads and runs, "triton" on CUDA)."""
     out = ["sdpa", "math"]
-    if torch.device(device).type == "cuda" and xformers_status(device)[0]:
-        out.insert(0, "xformers")
+    if torch.device(device).type == "cuda":
+        out.insert(1, "triton")
+        if xformers_status(device)[0]:
+            out.insert(0, "xformers")
     return out
 
 
-def _time_backend(backend, q, k, v, grad: bool, reps: int = 10) -> float:
-    """Median milliseconds of one call (forward+backward when ``grad``), CUDA events."""
+def _time_backend(backend, qkv, num_heads, grad: bool, reps: int = 10) -> float:
+    """Median milliseconds of one call on the model's path (``attention_qkv``: the gradient of the qkv
+    Linear's output, forward+backward when ``grad``), CUDA events."""
     def step():
-        out = attention(q, k, v, backend)
+        out = attention_qkv(qkv, num_heads, backend)
         if grad:
             out.backward(gout)
 
-    gout = torch.randn(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], device=q.device, dtype=q.dtype)
+    gout = torch.randn(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3, device=qkv.device, dtype=qkv.dtype)
     for _ in range(3):
         step()
     times = []
@@ -184,10 +232,10 @@ def select_backend(shape, dtype: torch.dtype, device, grad: bool = True) -> str:
         return _AUTO_CACHE[key]
     best, best_ms = "sdpa", math.inf
     with torch.cuda.device(device), torch.autocast("cuda", enabled=False), torch.enable_grad() if grad else torch.no_grad():
-        qkv = [torch.randn(B, N, H, Dh, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
+        qkv = torch.randn(B, N, 3 * H * Dh, device=device, dtype=dtype, requires_grad=grad)
         for backend in available_backends(device):
             try:
-                ms = _time_backend(backend, *qkv, grad=grad)
+                ms = _time_backend(backend, qkv, H, grad=grad)
             except Exception as exc:  # e.g. a kernel without support for this head dim
                 warnings.warn(f"attn='auto': backend {backend!r} skipped for q of shape {key[:4]} "
                               f"{dtype}: {type(exc).__name__}: {exc}", stacklevel=2)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention, check_backend, xformers_status
+from .attention import attention_qkv, check_backend, prepare_backend
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -210,13 +210,13 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.backend = check_backend(attn)
+        if attn == "triton":
+            prepare_backend(attn)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        return self.proj(attention(q, k, v, self.backend, self.scale))
+        return self.proj(attention_qkv(self.qkv(x), self.num_heads, self.backend, self.scale))
 
 
 class Mlp(nn.Module):
@@ -339,12 +339,9 @@ class LVViT(nn.Module):
         return rand_mix_box(self.mix_token_rng, self.patch_grid, self.patch_grid)
 
     def set_attention(self, attn: str) -> None:
-        """Switch every block to the attention backend ``attn`` ("auto" | "xformers" | "sdpa" | "math")."""
-        check_backend(attn)
-        if attn == "xformers":
-            ok, reason = xformers_status()
-            if not ok:
-                raise RuntimeError(f"attn='xformers' is not available: {reason}")
+        """Switch every block to the attention backend ``attn`` ("auto" | "xformers" | "sdpa" | "triton" |
+        "math")."""
+        prepare_backend(attn)
         for blk in self.blocks:
             blk.attn.backend = attn
 

@@ -29,7 +29,7 @@ def qkv(shape, dtype, gen):
     return out
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("backend", ["sdpa", "xformers", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_attention_backend_matches_math(backend, dtype, shape, gen):
@@ -56,7 +56,7 @@ def test_attention_backend_matches_math(backend, dtype, shape, gen):
         assert err <= 2 * base_err + floor, (backend, dtype, shape, err, base_err)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("backend", ["sdpa", "xformers", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_backends_agree(backend, dtype, gen):
     need(backend)
@@ -95,6 +95,7 @@ def test_auto_measures_once_and_falls_back(gen):
     q, k, v = qkv(shape, torch.bfloat16, gen)
     torch.testing.assert_close(attention(q, k, v, "auto").float(), attention(q, k, v, "sdpa").float(),
                                **TOL[torch.bfloat16])
+    assert "triton" in available_backends("cuda")
     if not xformers_status("cuda")[0]:
         assert "xformers" not in available_backends("cuda")
 
@@ -171,12 +172,13 @@ def test_stem_reformulations_on_gpu(op, dtype, gen):
         assert err <= 2 * base_err + floor, (op, dtype, name, err, base_err)
 
 
-def test_compile_inductor_fullgraph_no_recompiles(gen):
+@pytest.mark.parametrize("attn", ["sdpa", "triton"])
+def test_compile_inductor_fullgraph_no_recompiles(gen, attn):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    m = create_model("lvvit_s", num_classes=100, depth=2, drop_path_rate=0.1, attn="sdpa").cuda()
+    m = create_model("lvvit_s", num_classes=100, depth=2, drop_path_rate=0.1, attn=attn).cuda()
     m.set_grad_checkpointing(True)
     compiled = torch.compile(m, fullgraph=True)
     x = torch.randn(8, 3, 224, 224, generator=gen).cuda()

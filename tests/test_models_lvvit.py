@@ -150,17 +150,19 @@ def test_eval_combination(gen):
     torch.testing.assert_close(m(x), cls + 0.5 * aux.max(dim=1).values)
 
 
-def test_sdpa_matches_math_forward_backward(gen):
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_backend_matches_math_forward_backward(gen, backend):
+    """sdpa, and our Triton flash attention (interpreted on the CPU; heads of 24 here), against "math"."""
     m = tiny(gen, drop_path_rate=0.0)
     x = torch.randn(4, 3, 64, 64, generator=gen)
     results = {}
-    for backend in ("math", "sdpa"):
+    for backend in ("math", backend):
         m.zero_grad()
         m.set_attention(backend)
         cls, aux, _ = m(x, mix_box=(0, 1, 2, 4))
         (cls.square().mean() + aux.square().mean()).backward()
         results[backend] = (cls, aux, {n: p.grad.clone() for n, p in m.named_parameters()})
-    (c0, a0, g0), (c1, a1, g1) = results["math"], results["sdpa"]
+    (c0, a0, g0), (c1, a1, g1) = results["math"], results[backend]
     torch.testing.assert_close(c1, c0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a1, a0, rtol=1e-4, atol=1e-5)
     for n in g0:
@@ -223,17 +225,17 @@ def test_tiny_model_trains(gen):
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
 
 
-@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile", "torch.compile attn=triton"])
 def test_compile_fullgraph_no_recompiles(gen, how):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
-    m = tiny(gen)
+    m = tiny(gen, attn="triton" if how.endswith("triton") else "sdpa")
     # A fixed box sequence (5 distinct boxes, 2 of them empty): with the model's random seed all 5 draws
     # coincide for ~4e-6 of seeds, and then "no recompile across boxes" would go unchecked.
     m.seed_mix_token(0)
     x = torch.randn(4, 3, 64, 64, generator=gen)
-    if how == "torch.compile":
+    if how.startswith("torch.compile"):
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     else:  # in place: the MixToken box is drawn outside the compiled frames either way
         compiled = m
@@ -280,7 +282,7 @@ def test_ddp_single_process_gloo(gen, tmp_path):
 def test_bad_input_messages(gen):
     with pytest.raises(ValueError, match="lvvit_s.*resnet_tiny|valid"):
         create_model("lvvit_x")
-    with pytest.raises(ValueError, match="auto, xformers, sdpa, math"):
+    with pytest.raises(ValueError, match="auto, xformers, sdpa, triton, math"):
         create_model("lvvit_t", attn="flash")
     with pytest.raises(ValueError, match="unknown override"):
         create_model("lvvit_t", widths=3)
@@ -344,7 +346,7 @@ def test_aux_features_give_the_aux_logits(gen):
 
 
 def test_attention_function_on_cpu(gen):
-    from tokenlabel.models.attention import attention, select_backend
+    from tokenlabel.models.attention import attention, attention_qkv, select_backend
 
     q, k, v = (torch.randn(2, 9, 3, 8, generator=gen, requires_grad=True) for _ in range(3))
     assert select_backend(q.shape, q.dtype, "cpu") == "sdpa"
@@ -357,9 +359,16 @@ def test_attention_function_on_cpu(gen):
     ref = torch.einsum("bhnm,bmhd->bnhd", w, v.double()).reshape(2, 9, 24)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(attention(q, k, v, "math").double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention(q, k, v, "triton").double(), ref, rtol=1e-5, atol=1e-6)
+    # the model's path: one qkv tensor, every backend
+    qkv = torch.stack([q, k, v], dim=2).detach().reshape(2, 9, 72).requires_grad_()
+    for backend in ("auto", "sdpa", "triton", "math"):
+        torch.testing.assert_close(attention_qkv(qkv, 3, backend).double(), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="num_heads=5"):
+        attention_qkv(qkv, 5)
     with pytest.raises(ValueError, match=r"\[B, N, H, Dh\]"):
         attention(q, k[:, :5], v)
-    with pytest.raises(ValueError, match="valid: auto, xformers, sdpa, math"):
+    with pytest.raises(ValueError, match="valid: auto, xformers, sdpa, triton, math"):
         attention(q, k, v, "flash")
 
 

@@ -187,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="lvvit_t/s/m/l (+_384/_448) or resnet_tiny (a CNN teacher, plain CE)")
     g.add_argument("--model-kwargs", type=_parse_kv, action="append",
                    help="model overrides as key=value[,key=value], e.g. depth=4,embed_dim=96")
-    g.add_argument("--attn", help="attention backend: auto | xformers | sdpa | math")
+    g.add_argument("--attn", help="attention backend: auto | xformers | sdpa | triton | math")
     g.add_argument("--drop-path", type=float)
     g.add_argument("--mix-token", dest="mix_token", action="store_true", default=None)
     g.add_argument("--no-mix-token", dest="mix_token", action="store_false")
