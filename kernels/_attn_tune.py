@@ -7,9 +7,10 @@
 Triton's bundled ptxas, with the alignment hints a real launch gets (16-byte-aligned pointers, strides that are
 multiples of 16), and prints registers per thread, spilled bytes (stack), shared memory and whether the key loop
 was software-pipelined (cp.async copies in the TTGIR). A config that spills or is not pipelined is not worth a
-GPU minute. ``time`` runs the candidates that compile without spills on the GPU (forward, and backward alone,
-CUDA-event medians of a CUDA graph of 20 calls), checks each against SDPA first, and prints them beside SDPA's
-forward and forward+backward on the same qkv tensor (the model's path).
+GPU minute. ``time`` launches a narrower set on the GPU (forward, and backward alone; CUDA-event medians of a
+CUDA graph of 20 calls), each checked first (the forward against SDPA, the backward against the default config),
+registers and spills as the driver reports them, and prints them beside SDPA's forward and forward+backward on
+the same qkv tensor (the model's path, the stack of dq, dk, dv into the qkv gradient included).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from . import flash_attention as fa
 
 SHAPES = {"S224": (128, 197, 6, 64), "M224": (128, 197, 8, 64), "S384": (128, 577, 6, 64),
-          "M384": (128, 577, 8, 64), "T224": (128, 197, 4, 60)}
+          "M384": (128, 577, 8, 64), "T224": (128, 197, 4, 60), "tiny": (2, 20, 2, 16)}  # tiny: CPU tests
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
@@ -125,39 +126,59 @@ def _graph_ms(fn, reps=20, iters=5):
     return sorted(times)[len(times) // 2]
 
 
-def time_configs(shape, dtype, rows):
+def time_candidates(kind):
+    """The configs ``time`` tries: 64- and 128-row tiles, the shapes the sm_90 builds showed without spills."""
+    for bm, bn, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+        if kind == "fwd" and bm >= 64 and bm * bn <= 128 * 64:
+            yield bm, bn, warps, stages
+        elif kind == "bwd" and bm <= 64 and bn <= 64 and not (bm == bn == 64 and warps == 4 and stages == 3):
+            yield bm, bn, warps, stages
+
+
+def time_configs(shape, dtype, device="cuda"):
+    """Every time_candidates config on the GPU (spilling ones reported, not timed), beside SDPA."""
     from tokenlabel.models.attention import attention_qkv
 
     B, N, H, D = SHAPES[shape]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    qkv5 = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv5 = torch.randn(B, N, 3, H, D, device=device, dtype=dtype, generator=g)
     q, k, v = qkv5.unbind(2)
-    do = torch.randn(B, N, H, D, device="cuda", dtype=dtype, generator=g)
+    do = torch.randn(B, N, H, D, device=device, dtype=dtype, generator=g)
     qkv = qkv5.view(B, N, 3 * H * D).requires_grad_()
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-    out = []
-    sdpa_fwd = _graph_ms(lambda: attention_qkv(qkv.detach(), H, "sdpa"))
 
     def sdpa_step():
         torch.autograd.grad(attention_qkv(qkv, H, "sdpa"), qkv, do.view(B, N, H * D))
 
-    out.append(dict(kind="sdpa", config="fwd", ms=sdpa_fwd))
-    out.append(dict(kind="sdpa", config="fwd+bwd", ms=_graph_ms(sdpa_step)))
+    out = [dict(kind="sdpa", config="fwd", ms=_graph_ms(lambda: attention_qkv(qkv.detach(), H, "sdpa"))),
+           dict(kind="sdpa", config="fwd+bwd (incl. the stack into the qkv gradient)", ms=_graph_ms(sdpa_step))]
     o, lse = fa.attention_forward(q, k, v, D ** -0.5)
-    for r in rows:
-        if "error" in r or r["stack"] > 0:
-            continue
-        cfg = r["config"]
-        if r["kind"] == "fwd":
-            got, _ = fa.attention_forward(q, k, v, D ** -0.5, cfg)
-            err = float((got.float() - ref.float()).abs().max())
-            ms = _graph_ms(lambda: fa.attention_forward(q, k, v, D ** -0.5, cfg))
-        else:
-            got = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5, cfg)
-            want = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5)
-            err = float((got.float() - want.float()).abs().max())
-            ms = _graph_ms(lambda: fa.attention_backward(do, q, k, v, o, lse, D ** -0.5, cfg))
-        out.append(dict(kind=r["kind"], config=cfg, ms=ms, max_abs_err=err, regs=r["regs"], default=r["default"]))
+    want_bwd = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5)
+    dqkv = torch.empty_like(want_bwd)
+    for kind in ("fwd", "bwd"):
+        default = fa._config(D, kind, dtype)
+        for cfg in time_candidates(kind):
+            if kind == "fwd":
+                got = torch.empty_like(o)
+                launch = fa.fwd_launch(q, k, v, got, torch.empty_like(lse), D ** -0.5, cfg)
+            else:
+                got = dqkv
+                launch = fa.bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, cfg)
+            kernel, grid, args, const, opts = launch
+            try:
+                compiled = kernel[grid](*args, **const, **opts)
+                if got.is_cuda:
+                    torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 (out of shared memory, ...: a result too)
+                out.append(dict(kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}"))
+                continue
+            row = dict(kind=kind, config=cfg, regs=getattr(compiled, "n_regs", None),
+                       spills=getattr(compiled, "n_spills", None), default=cfg == default)
+            want = ref if kind == "fwd" else want_bwd
+            row["max_abs_err"] = float((got.float() - want.float()).abs().max())
+            if not row["spills"]:
+                row["ms"] = _graph_ms(lambda: kernel[grid](*args, **const, **opts))
+            out.append(row)
     return out
 
 
@@ -173,12 +194,13 @@ def main(argv=None):
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
         return 2
     dtype = DTYPES[a.dtype]
-    rows = resources(a.shape, dtype, a.defaults_only)
     if a.what == "time":
         if not torch.cuda.is_available():
             print("time needs a CUDA GPU", file=sys.stderr)
             return 2
-        rows = time_configs(a.shape, dtype, rows)
+        rows = time_configs(a.shape, dtype)
+    else:
+        rows = resources(a.shape, dtype, a.defaults_only)
     for r in rows:
         print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if a.out:

@@ -231,3 +231,17 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
         assert int(r["regs"]) <= 255 and int(r["smem"]) <= 227 * 1024, r
         if dtype == "bf16":
             assert int(r["async_copies"]) > 0, f"key loop not pipelined: {r}"
+
+
+def test_attn_tune_time_rows_check_every_config(monkeypatch):
+    """_attn_tune's GPU timing loop, run on the CPU (interpreted, a tiny shape, two configs per kernel, a stand-in
+    timer): every config is launched and checked against SDPA (forward) or the default config (backward)."""
+    from tokenlabel.kernels import _attn_tune
+
+    monkeypatch.setattr(_attn_tune, "_graph_ms", lambda fn, **kw: (fn(), 1.0)[1])
+    monkeypatch.setattr(_attn_tune, "time_candidates",
+                        lambda kind: [(16, 16, 4, 1), (32, 16, 4, 1)] if kind == "fwd" else [(16, 32, 4, 1)])
+    rows = _attn_tune.time_configs("tiny", torch.float32, device="cpu")
+    assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "fwd", "fwd", "bwd"]
+    for r in rows[2:]:
+        assert r["ms"] == 1.0 and r["max_abs_err"] < 1e-5, r
