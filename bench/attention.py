@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .registry import Case, CheckFailed, Prepared, Skip, register
+from .registry import Case, CheckFailed, Prepared, Skip, register, within
 
 SHAPES = {
     "S224": (dict(B=128, N=197, H=6, Dh=64), ("bf16", "fp32")),    # LV-ViT-S at 224
@@ -115,6 +115,15 @@ def xformers(case: Case) -> Prepared:
 def triton_(case: Case) -> Prepared:
     """Our Triton flash attention (kernels/flash_attention.py): qkv read by strides, its gradient written whole."""
     return _prepare(case, "triton")
+
+
+@register("attention", "triton_head")
+def triton_head(case: Case) -> Prepared:
+    """The same forward; the per-head backward (5 matmuls per block pair, dq in fp32 scratch, no atomics)."""
+    prep = _prepare(case, "triton")
+    from tokenlabel.kernels import flash_attention as fa
+
+    return within(prep, lambda: fa.use_bwd_impl("head"), "attention backward: one program per head")
 
 
 @register("attention", "auto")

@@ -93,6 +93,22 @@ class Prepared:
         return value.get(mode) if isinstance(value, dict) else value
 
 
+def within(prep: Prepared, context, note: str) -> Prepared:
+    """``prep`` with its timed modes and its check each run inside ``context()`` (a context manager factory, e.g.
+    a kernel variant switched on for this provider only), and ``note`` added to its notes."""
+    def wrap(fn):
+        def run(*args, **kwargs):
+            with context():
+                return fn(*args, **kwargs)
+        return run
+
+    prep.modes = {mode: wrap(fn) for mode, fn in prep.modes.items()}
+    if prep.check is not None:
+        prep.check = wrap(prep.check)
+    prep.notes = f"{prep.notes}; {note}" if prep.notes else note
+    return prep
+
+
 def register(op: str, name: str, *, baseline: bool = False):
     """Decorator: ``@register("loss", "fused")`` adds ``fn`` as provider ``name`` of ``op``."""
     if op not in OP_MODULES:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .registry import Case, CheckFailed, Prepared, Skip, register
+from .registry import Case, CheckFailed, Prepared, Skip, register, within
 from .timing import StepGaps, sync
 
 GFLOP_PER_IMAGE = {"lvvit_s": 39.9, "vit_small_patch16_224": 27.6}
@@ -192,6 +192,15 @@ register("step", "compile_graphs_auto")(_backend_provider("auto", True, "reduce-
 # its gradient written whole) against cuDNN's through SDPA, whichever "auto" picks
 register("step", "compile_graphs_sdpa")(_backend_provider("sdpa", True, "reduce-overhead"))
 register("step", "compile_graphs_triton")(_backend_provider("triton", True, "reduce-overhead"))
+
+
+@register("step", "compile_graphs_triton_head")
+def compile_graphs_triton_head(case: Case) -> Prepared:
+    """compile_graphs_triton with the per-head attention backward (5 matmuls per block pair, dq in fp32 scratch)."""
+    from tokenlabel.kernels import flash_attention as fa
+
+    prep = _lvvit_prepare(case, "triton", True, compile_mode="reduce-overhead")
+    return within(prep, lambda: fa.use_bwd_impl("head"), "attention backward: one program per head")
 # the stem's 3-channel 7x7/2 conv: the model's default ("auto") runs it on CUDA as a 16-channel 4x4/1 conv on a
 # space-to-depth input; these run it explicitly one way or the other (the H200 profile in
 # bench/results/step-profile-h200: the plain conv's forward and weight gradient took 1.24 ms of the 22.1 ms step;

@@ -82,17 +82,22 @@ def _aot(launch):
     return regs, stack, compiled.metadata.shared, len(re.findall("async_copy_global_to_local", compiled.asm["ttgir"]))
 
 
+def _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg):
+    if kind == "fwd":
+        return fa.fwd_launch(q, k, v, o, lse, D ** -0.5, cfg)
+    impl = "head" if kind == "bwd_head" else "split"
+    scratch = fa.bwd_scratch(q) if impl == "head" else None
+    return fa.bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, cfg, impl, scratch)
+
+
 def resources(shape, dtype, defaults_only=False):
     B, N, H, D = SHAPES[shape]
     _, (q, k, v), o, lse, dqkv = _tensors(B, N, H, D, dtype, "meta")
     rows = []
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd", "bwd_head"):
         default = fa._config(D, kind, dtype)
         for cfg in [default] if defaults_only else candidates(dtype):
-            if kind == "fwd":
-                launch = fa.fwd_launch(q, k, v, o, lse, D ** -0.5, cfg)
-            else:
-                launch = fa.bwd_launch(o, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, cfg)
+            launch = _launch(kind, q, k, v, o, lse, o, dqkv, D, cfg)
             try:
                 regs, stack, smem, copies = _aot(launch)
             except Exception as e:  # noqa: BLE001 (a config the compiler refuses is a result too)
@@ -133,6 +138,8 @@ def time_candidates(kind):
             yield bm, bn, warps, stages
         elif kind == "bwd" and bm <= 64 and bn <= 64 and not (bm == bn == 64 and warps == 4 and stages == 3):
             yield bm, bn, warps, stages
+        elif kind == "bwd_head" and bm <= 64 and bn <= 64 and stages <= 2:
+            yield bm, bn, warps, stages
 
 
 def time_configs(shape, dtype, device="cuda"):
@@ -155,7 +162,7 @@ def time_configs(shape, dtype, device="cuda"):
     o, lse = fa.attention_forward(q, k, v, D ** -0.5)
     want_bwd = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5)
     dqkv = torch.empty_like(want_bwd)
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd", "bwd_head"):
         default = fa._config(D, kind, dtype)
         for cfg in time_candidates(kind):
             if kind == "fwd":
@@ -163,7 +170,7 @@ def time_configs(shape, dtype, device="cuda"):
                 launch = fa.fwd_launch(q, k, v, got, torch.empty_like(lse), D ** -0.5, cfg)
             else:
                 got = dqkv
-                launch = fa.bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, cfg)
+                launch = _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg)
             kernel, grid, args, const, opts = launch
             try:
                 compiled = kernel[grid](*args, **const, **opts)

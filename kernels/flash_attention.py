@@ -30,6 +30,7 @@ flash attention does).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -40,6 +41,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERP = tl.constexpr(_INTERPRET)
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+# Which backward the autograd paths launch: "split" (query-block and key-block programs, 7 matmuls per block pair)
+# or "head" (one program per head, 5 matmuls, dq in fp32 scratch). Not yet timed against each other on a GPU.
+BWD_IMPL = "split"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -133,7 +137,9 @@ def _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid_m, s
 @triton.jit
 def _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, pid_n, s_n, o_n, do_n, g_n, sm_scale,
               qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, DQ=None, DQACC=None, WITH_DQ: tl.constexpr = False):
+    """dk, dv of key block pid_n. WITH_DQ (the per-head kernel, which runs the key blocks in order): also
+    dq_i += ds_ij k_j into the head's fp32 rows of DQACC, and at the last key block dq itself into DQ."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -155,6 +161,15 @@ def _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, pi
         dpT = _dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(q.dtype), q, IEEE)
+        if WITH_DQ:
+            part = _dot(tl.trans(dsT).to(k.dtype), k, IEEE)  # [BLOCK_M, BLOCK_D]
+            acc_ptr = DQACC + bh.to(tl.int64) * N * BLOCK_D + qm[:, None] * BLOCK_D + offs_d[None, :]
+            rows = qm[:, None] < N
+            last = (pid_n + 1) * BLOCK_N >= N
+            new = tl.load(acc_ptr, mask=rows & (pid_n > 0), other=0.0) + part
+            tl.store(acc_ptr, new, mask=rows & (not last))
+            tl.store(DQ + g_base + qm[:, None] * g_n + offs_d[None, :], (new * sm_scale).to(DQ.dtype.element_ty),
+                     mask=rows & (offs_d[None, :] < D) & last)
     tl.store(DK + g_base + offs_n[:, None] * g_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=key_mask)
     tl.store(DV + g_base + offs_n[:, None] * g_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=key_mask)
@@ -181,6 +196,24 @@ def _attn_bwd(Q, K, V, O, DO, DQ, DK, DV, LSE, s_b, s_n, s_h, o_b, o_n, o_h, do_
                   sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
 
 
+@triton.jit
+def _attn_bwd_head(Q, K, V, O, DO, DQ, DK, DV, LSE, DQACC, s_b, s_n, s_h, o_b, o_n, o_h, do_b, do_n, do_h, g_b, g_n,
+                   g_h, H, sm_scale, qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """One program per (sample, head): the key blocks in order, each as _bwd_dkdv plus dq_i += ds_ij k_j kept in
+    fp32 rows of DQACC ([B * H, N, BLOCK_D], no initialisation needed). Five matmuls per (query, key) block pair
+    instead of the split kernel's seven, no atomics; the price is B * H programs and a serial key loop."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    base, o_base, do_base, g_base = b * s_b + h * s_h, b * o_b + h * o_h, b * do_b + h * do_h, b * g_b + h * g_h
+    for j in range(0, tl.cdiv(N, BLOCK_N)):
+        # the previous key block's dq rows were stored by whichever threads held them: make them visible
+        tl.debug_barrier()
+        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, j, s_n, o_n, do_n, g_n, sm_scale,
+                  qk_scale, N, D, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, DQ, DQACC, True)
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
@@ -189,16 +222,23 @@ def _block_d(D):
 
 
 def _config(D, kind, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim D; kind "fwd" or "bwd".
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim D; kind "fwd", "bwd" or "bwd_head".
 
     Chosen from sm_90 builds without a GPU (``python -m tokenlabel.kernels._attn_tune resources``: registers,
     spills, shared memory, whether the key loop is pipelined), not yet from GPU timings. Heads of 64 (LV-ViT-S/M/L):
     64 x 64 tiles, one warpgroup, two stages; forward 128 registers, backward 236, neither spills, both pipelined.
     Heads of 60 (LV-ViT-T): masked 64-wide loads cannot be pipelined and four warps spill, so eight warps. fp32
-    (IEEE dots on the FMA units, operands in registers): small tiles.
+    (IEEE dots on the FMA units, operands in registers): small tiles. The per-head backward at heads of 64: 64 x 64
+    tiles, 8 warps, 2 stages (252 registers, pipelined, no spills; 4 warps spill).
     """
     bd = _block_d(D)
     fwd = kind == "fwd"
+    if kind == "bwd_head":  # the split backward's key-block program plus a dq tile: more registers, 8 warps
+        if dtype == torch.float32:
+            return (32, 16, 8, 1) if bd <= 64 else (16, 16, 8, 1)
+        if bd <= 64:
+            return (64, 64, 8, 1) if D % 16 else (64, 64, 8, 2)
+        return (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
     if dtype == torch.float32:
         if bd <= 64:
             return (32, 32, 4, 1) if fwd else (32, 16, 4, 1)
@@ -259,10 +299,20 @@ def fwd_launch(q, k, v, o, lse, scale, config=None):
     return _attn_fwd, (triton.cdiv(N, bm), B * H), args, const, dict(num_warps=warps, num_stages=stages)
 
 
-def bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config=None):
-    """The backward's (kernel, grid, args, constexprs, launch options), as fwd_launch."""
+def bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split", dq_acc=None):
+    """The backward's (kernel, grid, args, constexprs, launch options), as fwd_launch. impl "split": query-block and
+    key-block programs (_attn_bwd); "head": one program per (sample, head) (_attn_bwd_head), which needs
+    ``dq_acc``, an fp32 scratch of B * H * N * BLOCK_D elements (``bwd_scratch``)."""
     B, N, H, D = q.shape
-    bm, bn, warps, stages = config or _config(D, "bwd", q.dtype)
+    bm, bn, warps, stages = config or _config(D, "bwd_head" if impl == "head" else "bwd", q.dtype)
+    if impl == "head":
+        args = (q, k, v, o, do, dq, dk, dv, lse, dq_acc, q.stride(0), q.stride(1), q.stride(2), o.stride(0),
+                o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1),
+                dq.stride(2), H, float(scale), float(scale) * _LOG2E)
+        const = dict(N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), IEEE=q.dtype == torch.float32)
+        return _attn_bwd_head, (B * H,), args, const, dict(num_warps=warps, num_stages=stages)
+    if impl != "split":
+        raise ValueError(f"flash attention backward impl={impl!r}; valid: split, head")
     nq = triton.cdiv(N, bm)
     args = (q, k, v, o, do, dq, dk, dv, lse, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1),
             o.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), H, nq,
@@ -286,13 +336,35 @@ def attention_forward(q, k, v, scale, config=None):
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, scale, config=None):
-    """The gradient of q, k, v packed as one [B, N, 3, H, D] tensor (index 2: q, k, v); do [B, N, H, D]."""
+@contextlib.contextmanager
+def use_bwd_impl(impl):
+    """Within the block the autograd paths launch backward ``impl`` ("split" or "head") instead of BWD_IMPL."""
+    global BWD_IMPL
+    if impl not in ("split", "head"):
+        raise ValueError(f"flash attention backward impl={impl!r}; valid: split, head")
+    prev, BWD_IMPL = BWD_IMPL, impl
+    try:
+        yield
+    finally:
+        BWD_IMPL = prev
+
+
+def bwd_scratch(q):
+    """The fp32 dq accumulator the "head" backward needs for q [B, N, H, D] (uninitialised)."""
+    B, N, H, D = q.shape
+    return torch.empty(B * H * N * _block_d(D), device=q.device, dtype=torch.float32)
+
+
+def attention_backward(do, q, k, v, o, lse, scale, config=None, impl=None):
+    """The gradient of q, k, v packed as one [B, N, 3, H, D] tensor (index 2: q, k, v); do [B, N, H, D].
+    ``impl``: "split" or "head" (see bwd_launch); None takes BWD_IMPL."""
     q, k, v = _same_strides(q, k, v)
     B, N, H, D = q.shape
     do = _unit_last(do.to(q.dtype))
     dqkv = torch.empty(B, N, 3, H, D, device=q.device, dtype=q.dtype)
-    _run(bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), scale, config))
+    impl = impl or BWD_IMPL
+    scratch = bwd_scratch(q) if impl == "head" else None
+    _run(bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), scale, config, impl, scratch))
     return dqkv
 
 

@@ -300,3 +300,35 @@ def test_step_cdtune_provider_options_are_inductor_options():
     with pytest.raises(Skip, match="CUDA only"):
         prov.fn(Case(op="step", shape="S224", params=dict(step.SHAPES["S224"][0]), dtype=torch.bfloat16,
                      device=torch.device("cpu")))
+
+
+def test_within_runs_modes_and_check_inside_the_context():
+    """registry.within: every timed mode and the check run inside the context (entered anew per call, left after
+    it, also when the call raises), and the note joins the provider's notes."""
+    import contextlib
+
+    from tokenlabel.bench.registry import Prepared, within
+
+    depth, seen = [0], []
+
+    @contextlib.contextmanager
+    def ctx():
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    def boom():
+        seen.append(("boom", depth[0]))
+        raise RuntimeError("boom")
+
+    prep = within(Prepared(modes={"a": lambda: seen.append(("a", depth[0])), "b": boom},
+                           check=lambda: seen.append(("check", depth[0])), notes="x"), ctx, "variant y")
+    prep.check()
+    prep.modes["a"]()
+    with pytest.raises(RuntimeError, match="boom"):
+        prep.modes["b"]()
+    assert seen == [("check", 1), ("a", 1), ("boom", 1)] and depth[0] == 0
+    assert prep.notes == "x; variant y"
+    assert within(Prepared(modes={}), ctx, "only").notes == "only"

@@ -58,8 +58,15 @@ def plain_torch(qkv, gout, H, scale):
 FP32_SHAPES = [(2, 197, 3, 64), (3, 17, 2, 60), (1, 1, 1, 64), (2, 65, 2, 32), (1, 40, 1, 8), (1, 33, 2, 128)]
 
 
+@pytest.fixture(params=["split", "head"])
+def bwd_impl(request, monkeypatch):
+    """Both backward kernels: query- and key-block programs ("split"), one program per head ("head")."""
+    monkeypatch.setattr(fa, "BWD_IMPL", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", FP32_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp32_matches_float64_reference(gen, device, shape):
+def test_fp32_matches_float64_reference(gen, device, shape, bwd_impl):
     B, N, H, D = shape
     qkv, gout = packed_inputs(gen, B, N, H, D, torch.float32, device, spread=2.0)
     out, g = run_packed(qkv, gout, H)
@@ -78,7 +85,7 @@ def test_fp32_matches_float64_reference(gen, device, shape):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 197, 2, 64), (1, 50, 3, 60)], ids=lambda s: "x".join(map(str, s)))
-def test_half_precision_error_within_twice_plain_torch(gen, device, dtype, shape):
+def test_half_precision_error_within_twice_plain_torch(gen, device, dtype, shape, bwd_impl):
     """Against float64, the kernel's error is at most 2x that of plain PyTorch attention in the same dtype."""
     B, N, H, D = shape
     qkv, gout = packed_inputs(gen, B, N, H, D, dtype, device, spread=2.0)
@@ -114,7 +121,7 @@ def test_separate_inputs_any_strides_and_scale(gen, device):
     torch.testing.assert_close(g2.view(B, N, 3, H, D), torch.stack(grads, 2), rtol=1e-6, atol=1e-6)
 
 
-def test_packed_gradient_is_one_fresh_tensor(gen, device):
+def test_packed_gradient_is_one_fresh_tensor(gen, device, bwd_impl):
     """The qkv gradient comes back whole, [B, N, 3 H D] contiguous, and a large score range (near one-hot
     softmax rows, ill-conditioned gradients) stays finite and within 2x plain fp32 PyTorch's error."""
     B, N, H, D = 1, 20, 2, 16
@@ -163,6 +170,17 @@ def test_bad_inputs_name_the_problem(gen, device, monkeypatch):
     with pytest.raises(ValueError, match="empty"):
         e = torch.randn(1, 0, 2, 16, device=device)
         fa.flash_attention(e, e, e)
+    with pytest.raises(ValueError, match="impl='nope'; valid: split, head"):
+        with fa.use_bwd_impl("nope"):
+            pass
+    with pytest.raises(ValueError, match="impl='nope'"):
+        fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, impl="nope")
+    before = fa.BWD_IMPL
+    with pytest.raises(RuntimeError, match="inside"):
+        with fa.use_bwd_impl("head"):
+            assert fa.BWD_IMPL == "head"
+            raise RuntimeError("inside")
+    assert fa.BWD_IMPL == before
     monkeypatch.setattr(fa, "_INTERPRET", False)
     cpu = torch.randn(1, 4, 2, 16)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*attn='sdpa'"):
@@ -173,7 +191,7 @@ def test_bad_inputs_name_the_problem(gen, device, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(128, 197, 6, 64), (16, 577, 8, 64), (32, 197, 4, 60), (8, 1, 2, 64)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_gpu_realistic_shapes(gen, dtype, shape):
+def test_gpu_realistic_shapes(gen, dtype, shape, bwd_impl):
     """LV-ViT-S/M at 224 and 384 and -T's heads of 60 on the GPU: fp32 (IEEE dots) within 1e-5 of float64,
     half precision within 2x plain PyTorch's error (the reference computed on the first samples)."""
     B, N, H, D = shape
@@ -191,7 +209,7 @@ def test_gpu_realistic_shapes(gen, dtype, shape):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture_matches_eager(gen):
+def test_gpu_cuda_graph_capture_matches_eager(gen, bwd_impl):
     """Captured into a CUDA graph (as reduce-overhead does) and replayed on new inputs: the eager result."""
     B, N, H, D = 32, 197, 6, 64
     qkv, gout = packed_inputs(gen, B, N, H, D, torch.bfloat16, "cuda")
@@ -224,7 +242,7 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [dict(kv.split("=", 1) for kv in line.split(" ") if "=" in kv) for line in run.stdout.splitlines()
             if line.startswith("kind=")]
-    assert sorted(r["kind"] for r in rows) == ["bwd", "fwd"], run.stdout
+    assert sorted(r["kind"] for r in rows) == ["bwd", "bwd_head", "fwd"], run.stdout
     for r in rows:
         assert "error" not in r, r
         assert int(r["stack"]) == 0, r
@@ -235,13 +253,13 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
 
 def test_attn_tune_time_rows_check_every_config(monkeypatch):
     """_attn_tune's GPU timing loop, run on the CPU (interpreted, a tiny shape, two configs per kernel, a stand-in
-    timer): every config is launched and checked against SDPA (forward) or the default config (backward)."""
+    timer): every config is launched and checked against SDPA (forward) or the default split backward."""
     from tokenlabel.kernels import _attn_tune
 
     monkeypatch.setattr(_attn_tune, "_graph_ms", lambda fn, **kw: (fn(), 1.0)[1])
     monkeypatch.setattr(_attn_tune, "time_candidates",
                         lambda kind: [(16, 16, 4, 1), (32, 16, 4, 1)] if kind == "fwd" else [(16, 32, 4, 1)])
     rows = _attn_tune.time_configs("tiny", torch.float32, device="cpu")
-    assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "fwd", "fwd", "bwd"]
+    assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "fwd", "fwd", "bwd", "bwd_head"]
     for r in rows[2:]:
         assert r["ms"] == 1.0 and r["max_abs_err"] < 1e-5, r
