@@ -60,16 +60,81 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _tile(P, base, rows, row_stride, offs_d, N, D):
-    """The [len(rows), BLOCK_D] tile of rows ``rows`` (zeros past N and past the head dim D)."""
-    return tl.load(P + base + rows[:, None] * row_stride + offs_d[None, :],
-                   mask=(rows[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+def _tile(P, base, rows, row_stride, offs_d, N, D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MASK: tl.constexpr):
+    """The [len(rows), BLOCK_D] tile at ``rows``: zeros past the head dim D, and past N where ROW_MASK (a partial
+    block; full blocks load without a row mask)."""
+    ptrs = P + base + rows[:, None] * row_stride + offs_d[None, :]
+    if ROW_MASK:
+        return tl.load(ptrs, mask=(rows[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    elif D < BLOCK_D:
+        return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _store(P, base, rows, row_stride, offs_d, value, N, D: tl.constexpr, BLOCK_D: tl.constexpr,
+           ROW_MASK: tl.constexpr):
+    ptrs = P + base + rows[:, None] * row_stride + offs_d[None, :]
+    if ROW_MASK:
+        tl.store(ptrs, value.to(P.dtype.element_ty), mask=(rows[:, None] < N) & (offs_d[None, :] < D))
+    elif D < BLOCK_D:
+        tl.store(ptrs, value.to(P.dtype.element_ty), mask=offs_d[None, :] < D)
+    else:
+        tl.store(ptrs, value.to(P.dtype.element_ty))
+
+
+# Tiling of N (197 at 224, 577 at 384): full blocks of BLOCK_M / BLOCK_N rows, then one partial block of TAIL_M /
+# TAIL_N rows (the remainder rounded up to a power of two, at least 16). 197 = 3 x 64 + 5 is tiled as 3 x 64 + 16,
+# not 4 x 64: 208 rows per head instead of 256, (208 / 256)^2 = 66% of the block-pair work.
+
+
+@triton.jit
+def _fwd_keys(q, K, V, base, start, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D: tl.constexpr, ROWS: tl.constexpr,
+              BLOCK_D: tl.constexpr, TAIL: tl.constexpr, IEEE: tl.constexpr):
+    """Fold ROWS keys from ``start`` into the online-softmax state (m_i, l_i, acc) of the query rows of q."""
+    kn = start + tl.arange(0, ROWS)
+    k = _tile(K, base, kn, s_n, offs_d, N, D, BLOCK_D, TAIL)
+    v = _tile(V, base, kn, s_n, offs_d, N, D, BLOCK_D, TAIL)
+    # 1. scores in log2 units; keys past N drop out of max and sum
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if TAIL:
+        s = tl.where(kn[None, :] < N, s, float("-inf"))
+    # 2. online softmax: rescale what was summed under the old max (every block has a valid key, so m_new is
+    #    finite and the first block's alpha = 2^(-inf) = 0)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, start_m, s_n, o_n, qk_scale, N: tl.constexpr, D: tl.constexpr,
+              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              ROW_TAIL: tl.constexpr, IEEE: tl.constexpr):
+    offs_m = start_m + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _tile(Q, base, offs_m, s_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for start in range(0, N - N % BLOCK_N, BLOCK_N):
+        m_i, l_i, acc = _fwd_keys(q, K, V, base, start, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D, BLOCK_N, BLOCK_D,
+                                  False, IEEE)
+    if N % BLOCK_N != 0:
+        m_i, l_i, acc = _fwd_keys(q, K, V, base, N - N % BLOCK_N, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D, TAIL_N,
+                                  BLOCK_D, True, IEEE)
+    _store(O, o_base, offs_m, o_n, offs_d, acc / l_i[:, None], N, D, BLOCK_D, ROW_TAIL)
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
 
 
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, s_b, s_n, s_h, o_b, o_n, o_h, H, qk_scale, N: tl.constexpr, D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """One program: BLOCK_M query rows of one (sample, head).
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """One program: one block of query rows of one (sample, head) (BLOCK_M rows, TAIL_M for the last partial one).
 
     Q, K, V: the same [B, N, H, D] strides (s_b, s_n, s_h; unit stride over D); O: [B, N, H, D] strides
     (o_b, o_n, o_h); LSE: [B * H, N] fp32, log2 units; qk_scale = scale * log2 e.
@@ -78,140 +143,165 @@ def _attn_fwd(Q, K, V, O, LSE, s_b, s_n, s_h, o_b, o_n, o_h, H, qk_scale, N: tl.
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    base = b * s_b + h * s_h
-    q = _tile(Q, base, offs_m, s_n, offs_d, N, D)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        kn = start + offs_n
-        k = _tile(K, base, kn, s_n, offs_d, N, D)
-        v = _tile(V, base, kn, s_n, offs_d, N, D)
-        # 1. scores in log2 units; keys past N drop out of max and sum
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        s = tl.where(kn[None, :] < N, s, float("-inf"))
-        # 2. online softmax: rescale what was summed under the old max (every block has a valid key, so
-        #    m_new is finite and the first block's alpha = 2^(-inf) = 0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    mask_m = offs_m < N
-    tl.store(O + b * o_b + h * o_h + offs_m[:, None] * o_n + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_d[None, :] < D))
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    base, o_base = b * s_b + h * s_h, b * o_b + h * o_h
+    if N % BLOCK_M == 0:
+        _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, pid_m * BLOCK_M, s_n, o_n, qk_scale, N, D, BLOCK_M, BLOCK_N,
+                  TAIL_N, BLOCK_D, False, IEEE)
+    else:
+        if pid_m < N // BLOCK_M:
+            _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, pid_m * BLOCK_M, s_n, o_n, qk_scale, N, D, BLOCK_M,
+                      BLOCK_N, TAIL_N, BLOCK_D, False, IEEE)
+        else:
+            _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, pid_m * BLOCK_M, s_n, o_n, qk_scale, N, D, TAIL_M,
+                      BLOCK_N, TAIL_N, BLOCK_D, True, IEEE)
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid_m, s_n, o_n, do_n, g_n, sm_scale,
-            qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+def _dq_keys(q, do, delta, lse, K, V, base, start, s_n, offs_d, dq, qk_scale, N, D: tl.constexpr,
+             ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, IEEE: tl.constexpr):
+    """dq += ds k over ROWS keys from ``start``."""
+    kn = start + tl.arange(0, ROWS)
+    k = _tile(K, base, kn, s_n, offs_d, N, D, BLOCK_D, TAIL)
+    v = _tile(V, base, kn, s_n, offs_d, N, D, BLOCK_D, TAIL)
+    p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+    if TAIL:
+        p = tl.where(kn[None, :] < N, p, 0.0)
+    dp = _dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, IEEE)
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, start_m, s_n, o_n, do_n, g_n, sm_scale,
+            qk_scale, N: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+            TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_TAIL: tl.constexpr, IEEE: tl.constexpr):
+    offs_m = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _tile(Q, base, offs_m, s_n, offs_d, N, D)
-    do = _tile(DO, do_base, offs_m, do_n, offs_d, N, D)
-    o = _tile(O, o_base, offs_m, o_n, offs_d, N, D)
+    q = _tile(Q, base, offs_m, s_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
+    do = _tile(DO, do_base, offs_m, do_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
+    o = _tile(O, o_base, offs_m, o_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_N):
-        kn = start + offs_n
-        k = _tile(K, base, kn, s_n, offs_d, N, D)
-        v = _tile(V, base, kn, s_n, offs_d, N, D)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        p = tl.where(kn[None, :] < N, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
-    tl.store(DQ + g_base + offs_m[:, None] * g_n + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for start in range(0, N - N % BLOCK_N, BLOCK_N):
+        dq = _dq_keys(q, do, delta, lse, K, V, base, start, s_n, offs_d, dq, qk_scale, N, D, BLOCK_N, BLOCK_D,
+                      False, IEEE)
+    if N % BLOCK_N != 0:
+        dq = _dq_keys(q, do, delta, lse, K, V, base, N - N % BLOCK_N, s_n, offs_d, dq, qk_scale, N, D, TAIL_N,
+                      BLOCK_D, True, IEEE)
+    _store(DQ, g_base, offs_m, g_n, offs_d, dq * sm_scale, N, D, BLOCK_D, ROW_TAIL)
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, pid_n, s_n, o_n, do_n, g_n, sm_scale,
-              qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, DQ=None, DQACC=None, WITH_DQ: tl.constexpr = False):
-    """dk, dv of key block pid_n. WITH_DQ (the per-head kernel, which runs the key blocks in order): also
-    dq_i += ds_ij k_j into the head's fp32 rows of DQACC, and at the last key block dq itself into DQ."""
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+def _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh, qstart, s_n, o_n, do_n,
+                  g_n, offs_d, sm_scale, qk_scale, first, last, N, D: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_D: tl.constexpr, TAIL: tl.constexpr, WITH_DQ: tl.constexpr, IEEE: tl.constexpr):
+    """dk, dv += the contributions of ROWS queries from ``qstart``. WITH_DQ: also dq_i += ds_ij k_j into the head's
+    fp32 rows of DQACC (``first`` key block: written without reading; ``last``: dq itself into DQ)."""
+    qm = qstart + tl.arange(0, ROWS)
+    q = _tile(Q, base, qm, s_n, offs_d, N, D, BLOCK_D, TAIL)
+    do = _tile(DO, do_base, qm, do_n, offs_d, N, D, BLOCK_D, TAIL)
+    o = _tile(O, o_base, qm, o_n, offs_d, N, D, BLOCK_D, TAIL)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    # queries past N: lse = +inf, so their p^T column is 2^(-inf) = 0
+    lse = tl.load(LSE + bh.to(tl.int64) * N + qm, mask=qm < N, other=float("inf"))
+    pT = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # [key rows, ROWS]
+    dv += _dot(pT.to(do.dtype), do, IEEE)
+    dpT = _dot(v, tl.trans(do), IEEE)
+    dsT = pT * (dpT - delta[None, :])
+    dk += _dot(dsT.to(q.dtype), q, IEEE)
+    if WITH_DQ:
+        part = _dot(tl.trans(dsT).to(k.dtype), k, IEEE)  # [ROWS, BLOCK_D]
+        acc_ptr = DQACC + bh.to(tl.int64) * N * BLOCK_D + qm[:, None] * BLOCK_D + offs_d[None, :]
+        rows = qm[:, None] < N
+        new = tl.load(acc_ptr, mask=rows & (first == 0), other=0.0) + part
+        tl.store(acc_ptr, new, mask=rows & (last == 0))
+        tl.store(DQ + g_base + qm[:, None] * g_n + offs_d[None, :], (new * sm_scale).to(DQ.dtype.element_ty),
+                 mask=rows & (offs_d[None, :] < D) & (last != 0))
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, start_n, s_n, o_n, do_n, g_n, sm_scale,
+              qk_scale, N: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+              TAIL_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_TAIL: tl.constexpr, IEEE: tl.constexpr, DQ=None,
+              DQACC=None, first=0, last=0, WITH_DQ: tl.constexpr = False):
+    """dk, dv of the ROWS keys from start_n (a loop over the query blocks). WITH_DQ (the per-head kernel, which
+    runs the key blocks in order): dq as well, see _dkdv_queries."""
+    offs_n = start_n + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    key_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    k = _tile(K, base, offs_n, s_n, offs_d, N, D)
-    v = _tile(V, base, offs_n, s_n, offs_d, N, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_M):
-        qm = start + offs_m
-        q = _tile(Q, base, qm, s_n, offs_d, N, D)
-        do = _tile(DO, do_base, qm, do_n, offs_d, N, D)
-        o = _tile(O, o_base, qm, o_n, offs_d, N, D)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        # queries past N: lse = +inf, so their p^T column is 2^(-inf) = 0
-        lse = tl.load(LSE + bh.to(tl.int64) * N + qm, mask=qm < N, other=float("inf"))
-        pT = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
-        dv += _dot(pT.to(do.dtype), do, IEEE)
-        dpT = _dot(v, tl.trans(do), IEEE)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, IEEE)
-        if WITH_DQ:
-            part = _dot(tl.trans(dsT).to(k.dtype), k, IEEE)  # [BLOCK_M, BLOCK_D]
-            acc_ptr = DQACC + bh.to(tl.int64) * N * BLOCK_D + qm[:, None] * BLOCK_D + offs_d[None, :]
-            rows = qm[:, None] < N
-            last = (pid_n + 1) * BLOCK_N >= N
-            new = tl.load(acc_ptr, mask=rows & (pid_n > 0), other=0.0) + part
-            tl.store(acc_ptr, new, mask=rows & (not last))
-            tl.store(DQ + g_base + qm[:, None] * g_n + offs_d[None, :], (new * sm_scale).to(DQ.dtype.element_ty),
-                     mask=rows & (offs_d[None, :] < D) & last)
-    tl.store(DK + g_base + offs_n[:, None] * g_n + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=key_mask)
-    tl.store(DV + g_base + offs_n[:, None] * g_n + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=key_mask)
+    k = _tile(K, base, offs_n, s_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
+    v = _tile(V, base, offs_n, s_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
+    dk = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    dv = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for qstart in range(0, N - N % BLOCK_M, BLOCK_M):
+        dk, dv = _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh, qstart, s_n,
+                               o_n, do_n, g_n, offs_d, sm_scale, qk_scale, first, last, N, D, BLOCK_M, BLOCK_D,
+                               False, WITH_DQ, IEEE)
+    if N % BLOCK_M != 0:
+        dk, dv = _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh,
+                               N - N % BLOCK_M, s_n, o_n, do_n, g_n, offs_d, sm_scale, qk_scale, first, last, N, D,
+                               TAIL_M, BLOCK_D, True, WITH_DQ, IEEE)
+    _store(DK, g_base, offs_n, g_n, offs_d, dk * sm_scale, N, D, BLOCK_D, ROW_TAIL)
+    _store(DV, g_base, offs_n, g_n, offs_d, dv, N, D, BLOCK_D, ROW_TAIL)
 
 
 @triton.jit
 def _attn_bwd(Q, K, V, O, DO, DQ, DK, DV, LSE, s_b, s_n, s_h, o_b, o_n, o_h, do_b, do_n, do_h, g_b, g_n, g_h,
-              H, NQ, sm_scale, qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """Programs 0..NQ-1 of axis 0: dq of BLOCK_M query rows; the rest: dk, dv of BLOCK_N keys (one head each).
+              H, sm_scale, qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """Axis 0: the first cdiv(N, BLOCK_M) programs each do dq of one block of query rows; the rest dk, dv of one
+    block of keys (one head each; the last block of either kind is the partial TAIL_M / TAIL_N one).
 
     Strides: Q, K, V share (s_b, s_n, s_h); O (o_*); DO (do_*); DQ, DK, DV share (g_*); unit stride over D.
     """
+    NQ: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base, o_base, do_base, g_base = b * s_b + h * s_h, b * o_b + h * o_h, b * do_b + h * do_h, b * g_b + h * g_h
     if pid < NQ:
-        _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid, s_n, o_n, do_n, g_n, sm_scale,
-                qk_scale, N, D, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
+        if (N % BLOCK_M == 0) or (pid < N // BLOCK_M):
+            _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid * BLOCK_M, s_n, o_n, do_n, g_n,
+                    sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, False, IEEE)
+        else:
+            _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid * BLOCK_M, s_n, o_n, do_n, g_n,
+                    sm_scale, qk_scale, N, D, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, True, IEEE)
     else:
-        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, pid - NQ, s_n, o_n, do_n, g_n,
-                  sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
+        jb = pid - NQ
+        if (N % BLOCK_N == 0) or (jb < N // BLOCK_N):
+            _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, jb * BLOCK_N, s_n, o_n, do_n,
+                      g_n, sm_scale, qk_scale, N, D, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, False, IEEE)
+        else:
+            _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, jb * BLOCK_N, s_n, o_n, do_n,
+                      g_n, sm_scale, qk_scale, N, D, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, True, IEEE)
 
 
 @triton.jit
 def _attn_bwd_head(Q, K, V, O, DO, DQ, DK, DV, LSE, DQACC, s_b, s_n, s_h, o_b, o_n, o_h, do_b, do_n, do_h, g_b, g_n,
                    g_h, H, sm_scale, qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   IEEE: tl.constexpr):
     """One program per (sample, head): the key blocks in order, each as _bwd_dkdv plus dq_i += ds_ij k_j kept in
     fp32 rows of DQACC ([B * H, N, BLOCK_D], no initialisation needed). Five matmuls per (query, key) block pair
     instead of the split kernel's seven, no atomics; the price is B * H programs and a serial key loop."""
+    NF: tl.constexpr = N // BLOCK_N  # full key blocks
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base, o_base, do_base, g_base = b * s_b + h * s_h, b * o_b + h * o_h, b * do_b + h * do_h, b * g_b + h * g_h
-    for j in range(0, tl.cdiv(N, BLOCK_N)):
+    for j in range(0, NF):
         # the previous key block's dq rows were stored by whichever threads held them: make them visible
         tl.debug_barrier()
-        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, j, s_n, o_n, do_n, g_n, sm_scale,
-                  qk_scale, N, D, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, DQ, DQACC, True)
+        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, j * BLOCK_N, s_n, o_n, do_n, g_n,
+                  sm_scale, qk_scale, N, D, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, False, IEEE, DQ, DQACC, j == 0,
+                  (N % BLOCK_N == 0) & (j == NF - 1), True)
+    if N % BLOCK_N != 0:
+        tl.debug_barrier()
+        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, NF * BLOCK_N, s_n, o_n, do_n, g_n,
+                  sm_scale, qk_scale, N, D, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, True, IEEE, DQ, DQACC, NF == 0, 1,
+                  True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,31 +315,30 @@ def _config(D, kind, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim D; kind "fwd", "bwd" or "bwd_head".
 
     Chosen from sm_90 builds without a GPU (``python -m tokenlabel.kernels._attn_tune resources``: registers,
-    spills, shared memory, whether the key loop is pipelined), not yet from GPU timings. Heads of 64 (LV-ViT-S/M/L):
-    64 x 64 tiles, one warpgroup, two stages; forward 128 registers, backward 236, neither spills, both pipelined.
-    Heads of 60 (LV-ViT-T): masked 64-wide loads cannot be pipelined and four warps spill, so eight warps. fp32
-    (IEEE dots on the FMA units, operands in registers): small tiles. The per-head backward at heads of 64: 64 x 64
-    tiles, 8 warps, 2 stages (252 registers, pipelined, no spills; 4 warps spill).
+    spills, shared memory, whether the loops are pipelined), not yet from GPU timings. Heads of 64 (LV-ViT-S/M/L),
+    bf16: forward 64 x 64 tiles, 4 warps, 2 stages (112 registers); split backward the same (255, no spills);
+    per-head backward 32 x 64 (255, no spills; 64 x 64 at 8 warps spills). Heads of 60 (LV-ViT-T): the loads
+    are masked over the head dim and cannot be pipelined; 8 warps keep the backwards spill-free. fp32 (IEEE dots
+    on the FMA units, operands in registers) and heads over 64 (no LV-ViT model has them): small tiles, a few
+    spilled registers left in the wider cases (correct, slower).
     """
     bd = _block_d(D)
-    fwd = kind == "fwd"
-    if kind == "bwd_head":  # the split backward's key-block program plus a dq tile: more registers, 8 warps
-        if dtype == torch.float32:
-            return (32, 16, 8, 1) if bd <= 64 else (16, 16, 8, 1)
-        if bd <= 64:
-            return (64, 64, 8, 1) if D % 16 else (64, 64, 8, 2)
-        return (32, 32, 8, 2) if bd <= 128 else (16, 32, 8, 1)
-    if dtype == torch.float32:
-        if bd <= 64:
-            return (32, 32, 4, 1) if fwd else (32, 16, 4, 1)
-        return (16, 16, 8, 1)
-    if bd <= 64:
-        if D % 16:
-            return (64, 64, 8, 2) if fwd else (64, 64, 8, 1)
-        return 64, 64, 4, 2
-    if bd <= 128:
-        return (64, 64, 8, 2) if fwd else (32, 64, 8, 2)
-    return 32, 32, 8, 1
+    fp32 = dtype == torch.float32
+    table = {  # (fwd, bwd, bwd_head)
+        "fp32": ((32, 32, 4, 1), (16, 16, 8, 1), (32, 16, 8, 1)),
+        "fp32 wide": ((16, 16, 8, 1),) * 3,
+        "64": ((64, 64, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
+        "64 masked": ((64, 64, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1)),
+        "128": ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1)),
+        "256": ((32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1)),
+    }
+    if fp32:
+        row = table["fp32" if bd <= 64 else "fp32 wide"]
+    elif bd <= 64:
+        row = table["64 masked" if D % 16 else "64"]
+    else:
+        row = table["128" if bd <= 128 else "256"]
+    return row[("fwd", "bwd", "bwd_head").index(kind)]
 
 
 def check_inputs(q, k, v):
@@ -288,6 +377,17 @@ def _same_strides(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+def _tail(N, block):
+    """Rows of the last, partial block of N: the remainder rounded up to a power of two, at least 16 (0: none)."""
+    r = N % block
+    return 0 if r == 0 else min(block, max(16, triton.next_power_of_2(r)))
+
+
+def _tiling(N, D, bm, bn, dtype):
+    return dict(N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, TAIL_M=_tail(N, bm), TAIL_N=_tail(N, bn), BLOCK_D=_block_d(D),
+                IEEE=dtype == torch.float32)
+
+
 def fwd_launch(q, k, v, o, lse, scale, config=None):
     """(kernel, grid, args, constexprs, launch options) of the forward for these tensors (meta tensors work:
     only shapes and strides are read). ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides _config."""
@@ -295,7 +395,7 @@ def fwd_launch(q, k, v, o, lse, scale, config=None):
     bm, bn, warps, stages = config or _config(D, "fwd", q.dtype)
     args = (q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), H,
             float(scale) * _LOG2E)
-    const = dict(N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), IEEE=q.dtype == torch.float32)
+    const = _tiling(N, D, bm, bn, q.dtype)
     return _attn_fwd, (triton.cdiv(N, bm), B * H), args, const, dict(num_warps=warps, num_stages=stages)
 
 
@@ -309,16 +409,15 @@ def bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split"
         args = (q, k, v, o, do, dq, dk, dv, lse, dq_acc, q.stride(0), q.stride(1), q.stride(2), o.stride(0),
                 o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1),
                 dq.stride(2), H, float(scale), float(scale) * _LOG2E)
-        const = dict(N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), IEEE=q.dtype == torch.float32)
+        const = _tiling(N, D, bm, bn, q.dtype)
         return _attn_bwd_head, (B * H,), args, const, dict(num_warps=warps, num_stages=stages)
     if impl != "split":
         raise ValueError(f"flash attention backward impl={impl!r}; valid: split, head")
-    nq = triton.cdiv(N, bm)
     args = (q, k, v, o, do, dq, dk, dv, lse, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1),
-            o.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), H, nq,
+            o.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), H,
             float(scale), float(scale) * _LOG2E)
-    const = dict(N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), IEEE=q.dtype == torch.float32)
-    return _attn_bwd, (nq + triton.cdiv(N, bn), B * H), args, const, dict(num_warps=warps, num_stages=stages)
+    const = _tiling(N, D, bm, bn, q.dtype)
+    return _attn_bwd, (triton.cdiv(N, bm) + triton.cdiv(N, bn), B * H), args, const, dict(num_warps=warps, num_stages=stages)
 
 
 def _run(launch):

@@ -54,8 +54,9 @@ def plain_torch(qkv, gout, H, scale):
 
 
 # realistic (LV-ViT-S heads of 64 at 197 tokens, LV-ViT-T heads of 60) and awkward (one token, 17 tokens,
-# a head dim under the 16-wide dot minimum, one past a block, a 128-wide head)
-FP32_SHAPES = [(2, 197, 3, 64), (3, 17, 2, 60), (1, 1, 1, 64), (2, 65, 2, 32), (1, 40, 1, 8), (1, 33, 2, 128)]
+# a head dim under the 16-wide dot minimum, one past a block, a 128-wide head, whole blocks without a tail)
+FP32_SHAPES = [(2, 197, 3, 64), (3, 17, 2, 60), (1, 1, 1, 64), (2, 65, 2, 32), (1, 40, 1, 8), (1, 33, 2, 128),
+               (1, 128, 2, 64)]
 
 
 @pytest.fixture(params=["split", "head"])
@@ -84,7 +85,8 @@ def test_fp32_matches_float64_reference(gen, device, shape, bwd_impl):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 197, 2, 64), (1, 50, 3, 60)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 197, 2, 64), (1, 50, 3, 60), (1, 128, 1, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_half_precision_error_within_twice_plain_torch(gen, device, dtype, shape, bwd_impl):
     """Against float64, the kernel's error is at most 2x that of plain PyTorch attention in the same dtype."""
     B, N, H, D = shape
