@@ -216,6 +216,10 @@ register("step", "compile_autotune_auto")(_backend_provider("auto", True, "max-a
 # the memory bandwidth); the GEMMs stay on cuBLAS. Not measured yet (models/NOTES.md, fifth session).
 CDTUNE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 register("step", "compile_graphs_auto_cdtune")(_backend_provider("auto", True, options=CDTUNE_OPTIONS))
+# ... and with inductor's combo kernels: independent small kernels (the H200 profile's 312 "other" pointwise and
+# reduction kernels, 1.27 ms, ~4 us each) launched as one where their sizes allow. Not measured yet.
+COMBO_OPTIONS = {"triton.cudagraphs": True, "combo_kernels": True, "benchmark_combo_kernel": True}
+register("step", "compile_graphs_auto_combo")(_backend_provider("auto", True, options=COMBO_OPTIONS))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

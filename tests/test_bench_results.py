@@ -282,9 +282,10 @@ def test_loader_lanes_provider_reports_each_pipelines_share(tmp_path):
         prep.cleanup()
 
 
-def test_step_cdtune_provider_options_are_inductor_options():
-    """compile_graphs_auto_cdtune passes inductor options instead of a mode: torch.compile accepts their names
-    (it checks them when the module is wrapped), and the provider is registered and needs CUDA."""
+@pytest.mark.parametrize("name", ["cdtune", "combo"])
+def test_step_inductor_option_providers_take_inductor_options(name):
+    """compile_graphs_auto_cdtune / _combo pass inductor options instead of a mode: torch.compile accepts their
+    names (it checks them when the module is wrapped), and the providers are registered and need CUDA."""
     import torch
 
     from tokenlabel.bench import step
@@ -292,11 +293,12 @@ def test_step_cdtune_provider_options_are_inductor_options():
 
     from torch._inductor import list_mode_options
 
-    assert list_mode_options("reduce-overhead").items() <= step.CDTUNE_OPTIONS.items()  # the CUDA graphs kept
-    torch.compile(torch.nn.Linear(2, 2), options=step.CDTUNE_OPTIONS)  # unknown names would raise here
+    options = {"cdtune": step.CDTUNE_OPTIONS, "combo": step.COMBO_OPTIONS}[name]
+    assert list_mode_options("reduce-overhead").items() <= options.items()  # the CUDA graphs kept
+    torch.compile(torch.nn.Linear(2, 2), options=options)  # unknown names would raise here
     with pytest.raises(RuntimeError, match="Unexpected optimization option"):
-        torch.compile(torch.nn.Linear(2, 2), options={**step.CDTUNE_OPTIONS, "coordinate_descent_tunning": True})
-    prov = {p.name: p for p in providers("step")}["compile_graphs_auto_cdtune"]
+        torch.compile(torch.nn.Linear(2, 2), options={**options, "coordinate_descent_tunning": True})
+    prov = {p.name: p for p in providers("step")}[f"compile_graphs_auto_{name}"]
     with pytest.raises(Skip, match="CUDA only"):
         prov.fn(Case(op="step", shape="S224", params=dict(step.SHAPES["S224"][0]), dtype=torch.bfloat16,
                      device=torch.device("cpu")))
