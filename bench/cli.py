@@ -8,6 +8,10 @@ Examples (the full run on one H100 takes a few minutes)::
     tokenlabel bench loader --shapes cifar128,cifar64 --data data/cifar10/train   # the CIFAR runs' loaders
     tokenlabel bench loss --compare bench/results/loss.csv --out /tmp/new
     TRITON_INTERPRET=1 tokenlabel bench loss --quick --out /tmp/q   # CPU smoke run
+
+Rows are appended to ``<out>/<op>.csv`` when every provider of the op has run. Meanwhile each provider's rows
+(speedups left out: they need the baseline) go to ``<out>/.<op>.partial.csv`` as soon as it has run, so a run that
+is killed keeps what it measured; a completed run deletes that file.
 """
 from __future__ import annotations
 
@@ -177,8 +181,13 @@ def run(args) -> int:
         from .runner import sweep
 
         step = _progress(len(cases) * len(provs))
+        # Each provider's rows also go to a hidden partial file as soon as it has run, so a run killed by a time
+        # limit (a device call's) keeps what it measured; the file goes when the run completes.
+        partial = out_dir / f".{op}.partial.csv"
+        partial.unlink(missing_ok=True)
         fields = sweep(op, cases, provs, warmup=warmup, reps=reps, gpu_name=env["gpu"], progress=step,
-                       verbose=args.verbose)
+                       verbose=args.verbose, on_outcome=lambda fs: results.append_rows(
+                           partial, [results.make_row(env, date, **{"op": op, **f}) for f in fs]))
         step.close()
         if hasattr(module, "yardsticks"):
             context["current"] = fields
@@ -186,6 +195,7 @@ def run(args) -> int:
         rows = [results.make_row(env, date, **{"op": op, **f}) for f in fields]
         context["rows"] += rows
         path = results.append_rows(out_dir / f"{op}.csv", rows)
+        partial.unlink(missing_ok=True)
         print(f"{op}: {len(rows)} rows appended to {path}", file=sys.stderr)
         if not args.no_plot:
             try:

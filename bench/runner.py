@@ -161,8 +161,9 @@ def outcome_rows(out: Outcome, baseline_ms: dict | None, gpu_name: str) -> list[
 
 
 def sweep(op: str, cases: list[Case], provs: list[Provider], *, warmup: int, reps: int, gpu_name: str,
-          progress=None, verbose: bool = False) -> list[dict]:
-    """Run every provider on every case; returns result fields (no env/date) in order."""
+          progress=None, verbose: bool = False, on_outcome=None) -> list[dict]:
+    """Run every provider on every case; returns result fields (no env/date) in order. ``on_outcome(fields)``, if
+    given, receives each provider's fields as soon as it has run (without speedups, which need the baseline)."""
     rows = []
     names = {p.name for p in provs}
     for case in cases:
@@ -171,6 +172,8 @@ def sweep(op: str, cases: list[Case], provs: list[Provider], *, warmup: int, rep
             if progress is not None:
                 progress(f"{op} {case.shape} {dtype_name(case.dtype)} {prov.name}")
             outcomes[prov.name] = run_provider(prov, case, warmup, reps, verbose)
+            if on_outcome is not None:
+                on_outcome(outcome_rows(outcomes[prov.name], None, gpu_name))
         base = next((p.name for p in provs if p.baseline), None)
         for name, out in outcomes.items():
             ref_name = (out.prepared.compare_to if out.prepared and out.prepared.compare_to else base)

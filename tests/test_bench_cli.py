@@ -26,6 +26,7 @@ def test_bench_loss_quick_end_to_end(tmp_path, capsys):
     assert by[("copy", "GB/s")]["p50"] > 0
     assert all(r["gpu"] == "cpu" and r["torch"] for r in rows)
     assert (out / "loss.png").stat().st_size > 0
+    assert not (out / ".loss.partial.csv").exists()  # a completed run leaves no partial file
     text = capsys.readouterr().out
     assert "== loss" in text and "reference_eager *" in text
 
@@ -35,6 +36,30 @@ def test_bench_loss_quick_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "== compare" in text and "reference_eager" in text
     assert not (tmp_path / "b" / "loss.png").exists()
+
+
+def test_bench_run_cut_short_keeps_the_providers_that_ran(tmp_path, monkeypatch):
+    """A run stopped during its second provider (as a device call's time limit stops it) leaves the first
+    provider's rows in the hidden partial file, and no half-written results CSV."""
+    from tokenlabel.bench import runner
+
+    real, calls = runner.run_provider, []
+
+    def run_provider(prov, *args, **kwargs):
+        calls.append(prov.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("time limit")
+        return real(prov, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_provider", run_provider)
+    out = tmp_path / "res"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "loss", "--quick", "--out", str(out), "--reps", "1", "--warmup", "0", "--no-plot",
+              "--providers", "reference_eager,fused"])
+    rows = results.read_rows(out / ".loss.partial.csv")
+    assert {r["provider"] for r in rows} == {calls[0]}
+    assert any(r["metric"] == "ms" and r["p50"] > 0 for r in rows)
+    assert not (out / "loss.csv").exists()
 
 
 def test_bench_bad_arguments(tmp_path, capsys):
