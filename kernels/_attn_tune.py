@@ -132,18 +132,21 @@ def _graph_ms(fn, reps=20, iters=5):
 
 
 def time_candidates(kind):
-    """The configs ``time`` tries: 64- and 128-row tiles, the shapes the sm_90 builds showed without spills."""
+    """The configs ``time`` tries, the default first (a run cut short still has it): 64- and 128-row forward tiles,
+    32- and 64-row backward tiles (larger ones spill in the sm_90 builds)."""
+    yield fa._config(64, kind, torch.bfloat16)
     for bm, bn, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
-        if kind == "fwd" and bm >= 64 and bm * bn <= 128 * 64:
+        if (bm, bn, warps, stages) == fa._config(64, kind, torch.bfloat16):
+            continue
+        if kind == "fwd" and bm >= 64 and bm * bn <= 128 * 64 and stages >= 2:
             yield bm, bn, warps, stages
-        elif kind == "bwd" and bm <= 64 and bn <= 64 and not (bm == bn == 64 and warps == 4 and stages == 3):
-            yield bm, bn, warps, stages
-        elif kind == "bwd_head" and bm <= 64 and bn <= 64 and stages <= 2:
+        elif kind != "fwd" and bm <= 64 and bn <= 64 and stages <= 2:
             yield bm, bn, warps, stages
 
 
 def time_configs(shape, dtype, device="cuda"):
-    """Every time_candidates config on the GPU (spilling ones reported, not timed), beside SDPA."""
+    """Every time_candidates config on the GPU (spilling ones reported, not timed), beside SDPA: rows, yielded as
+    they are measured (a run cut short by a time limit has printed what it measured)."""
     from tokenlabel.models.attention import attention_qkv
 
     B, N, H, D = SHAPES[shape]
@@ -157,8 +160,8 @@ def time_configs(shape, dtype, device="cuda"):
     def sdpa_step():
         torch.autograd.grad(attention_qkv(qkv, H, "sdpa"), qkv, do.view(B, N, H * D))
 
-    out = [dict(kind="sdpa", config="fwd", ms=_graph_ms(lambda: attention_qkv(qkv.detach(), H, "sdpa"))),
-           dict(kind="sdpa", config="fwd+bwd (incl. the stack into the qkv gradient)", ms=_graph_ms(sdpa_step))]
+    yield dict(kind="sdpa", config="fwd", ms=_graph_ms(lambda: attention_qkv(qkv.detach(), H, "sdpa")))
+    yield dict(kind="sdpa", config="fwd+bwd (incl. the stack into the qkv gradient)", ms=_graph_ms(sdpa_step))
     o, lse = fa.attention_forward(q, k, v, D ** -0.5)
     want_bwd = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5)
     dqkv = torch.empty_like(want_bwd)
@@ -177,7 +180,7 @@ def time_configs(shape, dtype, device="cuda"):
                 if got.is_cuda:
                     torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001 (out of shared memory, ...: a result too)
-                out.append(dict(kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}"))
+                yield dict(kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
                 continue
             row = dict(kind=kind, config=cfg, regs=getattr(compiled, "n_regs", None),
                        spills=getattr(compiled, "n_spills", None), default=cfg == default)
@@ -185,8 +188,7 @@ def time_configs(shape, dtype, device="cuda"):
             row["max_abs_err"] = float((got.float() - want.float()).abs().max())
             if not row["spills"]:
                 row["ms"] = _graph_ms(lambda: kernel[grid](*args, **const, **opts))
-            out.append(row)
-    return out
+            yield row
 
 
 def main(argv=None):
@@ -205,10 +207,12 @@ def main(argv=None):
         if not torch.cuda.is_available():
             print("time needs a CUDA GPU", file=sys.stderr)
             return 2
-        rows = time_configs(a.shape, dtype)
+        measured = time_configs(a.shape, dtype)
     else:
-        rows = resources(a.shape, dtype, a.defaults_only)
-    for r in rows:
+        measured = resources(a.shape, dtype, a.defaults_only)
+    rows = []
+    for r in measured:
+        rows.append(r)
         print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     if a.out:
         os.makedirs(a.out, exist_ok=True)

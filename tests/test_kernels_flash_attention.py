@@ -261,7 +261,7 @@ def test_attn_tune_time_rows_check_every_config(monkeypatch):
     monkeypatch.setattr(_attn_tune, "_graph_ms", lambda fn, **kw: (fn(), 1.0)[1])
     monkeypatch.setattr(_attn_tune, "time_candidates",
                         lambda kind: [(16, 16, 4, 1), (32, 16, 4, 1)] if kind == "fwd" else [(16, 32, 4, 1)])
-    rows = _attn_tune.time_configs("tiny", torch.float32, device="cpu")
+    rows = list(_attn_tune.time_configs("tiny", torch.float32, device="cpu"))
     assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "fwd", "fwd", "bwd", "bwd_head"]
     for r in rows[2:]:
         assert r["ms"] == 1.0 and r["max_abs_err"] < 1e-5, r
