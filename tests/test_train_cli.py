@@ -52,6 +52,19 @@ def test_config_errors(tmp_path):
     assert cfg["compile"] is True and cfg["compile_mode"] == "reduce-overhead"
 
 
+def test_gpu_only_attention_refused_without_cuda(monkeypatch):
+    """--attn triton / xformers on a machine without CUDA: refused at start-up, naming what runs instead (the
+    interpreter lets triton through, for tests)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for attn in ("triton", "xformers"):
+        with pytest.raises(SystemExit, match=f"--attn {attn} runs on CUDA GPUs only.*--attn sdpa"):
+            _cfg(["train", "--data", "d", "--attn", attn])
+    assert _cfg(["train", "--data", "d", "--attn", "sdpa"])["attn"] == "sdpa"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _cfg(["train", "--data", "d", "--attn", "triton"])["attn"] == "triton"
+
+
 def test_demo_defaults_only_without_data():
     cfg = _cfg(["train"])
     assert cfg["model"] == "lvvit_t" and cfg["img_size"] == 32 and cfg["model_kwargs"]
