@@ -57,6 +57,25 @@ def test_round_trip_with_extras(gen, tmp_path):
     torch.testing.assert_close(c(x), a(x))
 
 
+def test_gpu_only_backend_rebuilt_as_auto_without_cuda(gen, tmp_path, monkeypatch):
+    """A checkpoint saved from a model with attn='triton', rebuilt where no GPU is visible: attn 'auto' with a
+    warning saying why, the same weights, and a forward that runs."""
+    path = tmp_path / "tri.pt"
+    a = build(gen, attn="triton")
+    save_checkpoint(path, a)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.warns(UserWarning, match="attn='triton'.*rebuilding it with attn='auto'"):
+        b = load_checkpoint(path)["model"]
+    assert b.attn == "auto"
+    assert_same_state(a, b)
+    b.eval()(torch.randn(1, 3, 64, 64, generator=gen))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs it: kept as saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_checkpoint(path)["model"].attn == "triton"
+
+
 def test_interrupted_save_keeps_old_file(gen, tmp_path, monkeypatch):
     a = build(gen)
     path = tmp_path / "best.pt"
