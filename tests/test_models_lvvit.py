@@ -177,8 +177,9 @@ def test_every_parameter_gets_a_gradient(gen):
     assert [n for n, p in m.named_parameters() if p.grad is None] == []
 
 
-def test_grad_checkpointing_same_gradients(gen):
-    m = tiny(gen, drop_path_rate=0.2)
+@pytest.mark.parametrize("attn", ["sdpa", "triton"])
+def test_grad_checkpointing_same_gradients(gen, attn):
+    m = tiny(gen, drop_path_rate=0.2, attn=attn)
     x = torch.randn(3, 3, 64, 64, generator=gen)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     grads = []
@@ -193,8 +194,9 @@ def test_grad_checkpointing_same_gradients(gen):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_autocast_cpu(gen):
-    m = tiny(gen)
+@pytest.mark.parametrize("attn", ["sdpa", "triton"])
+def test_bf16_autocast_cpu(gen, attn):
+    m = tiny(gen, attn=attn)
     x = torch.randn(2, 3, 64, 64, generator=gen)
     ref = m(x, mix_box=(0, 0, 2, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -258,7 +260,8 @@ def test_compile_fullgraph_no_recompiles(gen, how):
     torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_ddp_single_process_gloo(gen, tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", "triton"])
+def test_ddp_single_process_gloo(gen, tmp_path, attn):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -266,7 +269,7 @@ def test_ddp_single_process_gloo(gen, tmp_path):
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        m = DDP(tiny(gen, drop_path_rate=0.1))
+        m = DDP(tiny(gen, drop_path_rate=0.1, attn=attn))
         cls, aux, box = m(torch.randn(2, 3, 64, 64, generator=gen))
         (cls.sum() + aux.sum()).backward()
         assert all(p.grad is not None for p in m.parameters())
