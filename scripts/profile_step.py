@@ -12,6 +12,9 @@ recording), then records ``--steps`` steps under torch.profiler and writes into 
   step and share, then the 25 kernels with the most time per step;
 * ``ops_by_shape.txt``: operator time grouped by input shape (the GEMM shapes; empty of kernels inside CUDA
   graphs, so profile ``compile_auto`` for shapes: the same kernels without graphs);
+* ``launchers.txt``: per kernel category, the operators that launched its kernels (time per step, kernels per
+  step); kernels replayed from a CUDA graph have no launching operator, so profile a provider without graphs
+  (``compile_auto``) to see, say, which op launches the ATen sums of the "other" line;
 * ``trace.json.gz``: the Chrome trace.
 
 On a CPU there are no kernels: the categories then sort the operators' own CPU time. models/NOTES.md has the
@@ -81,6 +84,32 @@ def summarize(rows, steps: int, unit: str) -> str:
     for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
         lines.append(f"{t / steps / 1e3:9.3f} {n / steps:9.1f}  {name[:110]} ({category(name)})")
     return "\n".join(lines) + "\n"
+
+
+def launchers(events, steps: int) -> str:
+    """Per kernel category, the CPU operators whose calls launched its kernels (the profiler links each kernel to
+    the operator it was launched from), by time per step. ``events``: the profiler's FunctionEvents (CPU ones carry
+    ``.kernels`` with name and duration in microseconds)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0, collections.Counter()]))
+    for e in events:
+        for k in getattr(e, "kernels", None) or ():
+            slot = table[category(k.name)][e.name]
+            slot[0] += k.duration
+            slot[1] += 1
+            slot[2][k.name] += 1
+    if not table:
+        return "no kernel has a launching operator (CUDA-graph replay, or a CPU run)\n"
+    lines = []
+    for cat, ops in sorted(table.items(), key=lambda kv: -sum(v[0] for v in kv[1].values())):
+        total = sum(v[0] for v in ops.values())
+        lines.append(f"{cat}: {total / steps / 1e3:.3f} ms per step")
+        for op, (us, n, kernels) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:12]:
+            top = kernels.most_common(1)[0][0]
+            lines.append(f"  {us / steps / 1e3:9.3f} ms {n / steps:7.1f}/step  {op[:60]}  <- e.g. {top[:70]}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _case(shape: str | None, quick: bool, device):
@@ -161,6 +190,7 @@ def main(argv=None) -> int:
             f"{torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}, "
             f"{a.warmup} warm-up + {a.steps} profiled steps\n\n")
     (out / "summary.txt").write_text(head + summarize(rows, a.steps, unit))
+    (out / "launchers.txt").write_text(head + launchers(events, a.steps))
     (out / "ops_by_shape.txt").write_text(
         prof.key_averages(group_by_input_shape=True).table(sort_by=sort_key, row_limit=60))
     sys.stdout.write(head + summarize(rows, a.steps, unit))

@@ -57,6 +57,27 @@ def test_summary_arithmetic():
         ps.summarize([], 0, "GPU")
 
 
+def test_launchers_attribute_kernels_to_their_operators():
+    """launchers(): kernel time grouped by category, then by the operator that launched it, per step."""
+    from types import SimpleNamespace as NS
+
+    ps = _script()
+    reduce_k = "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>"
+    events = [NS(name="aten::sum", kernels=[NS(name=reduce_k, duration=8.0)] * 4),
+              NS(name="aten::mm", kernels=[NS(name="nvjet_sm90_tst_x", duration=30.0)] * 2),
+              NS(name="aten::add_", kernels=[]), NS(name="ProfilerStep#1", kernels=None),
+              NS(name="aten::copy_", kernels=[NS(name=reduce_k, duration=2.0)])]
+    text = ps.launchers(events, 2)
+    blocks = text.strip().split("\n\n")
+    assert blocks[0].startswith("gemm: 0.030 ms per step") and "aten::mm" in blocks[0]
+    other = blocks[1].splitlines()
+    assert other[0] == "other: 0.017 ms per step"
+    assert "0.016 ms     2.0/step  aten::sum" in other[1] and "aten::copy_" in other[2]
+    assert "no kernel has a launching operator" in ps.launchers([NS(name="x", kernels=[])], 1)
+    with pytest.raises(ValueError):
+        ps.launchers(events, 0)
+
+
 def test_cpu_smoke_run_and_bad_input(tmp_path, capsys):
     ps = _script()
     out = tmp_path / "p"
@@ -67,6 +88,7 @@ def test_cpu_smoke_run_and_bad_input(tmp_path, capsys):
     gemm = [l for l in summary.splitlines() if l.startswith("gemm ")]
     assert gemm and float(gemm[0].split()[1]) > 0            # the linears' aten::mm/addmm
     assert (out / "ops_by_shape.txt").stat().st_size > 0 and (out / "trace.json.gz").stat().st_size > 0
+    assert "no kernel has a launching operator" in (out / "launchers.txt").read_text()  # a CPU run: no kernels
     capsys.readouterr()
     with pytest.raises(SystemExit, match="unknown provider 'nope'; valid: .*compile_graphs_auto"):
         ps.main(["--out", str(tmp_path / "q"), "--quick", "--device", "cpu", "--provider", "nope"])
