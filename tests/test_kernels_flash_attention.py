@@ -194,20 +194,19 @@ def test_bad_inputs_name_the_problem(gen, device, monkeypatch):
 @pytest.mark.parametrize("shape", [(128, 197, 6, 64), (16, 577, 8, 64), (32, 197, 4, 60), (8, 1, 2, 64)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gpu_realistic_shapes(gen, dtype, shape, bwd_impl):
-    """LV-ViT-S/M at 224 and 384 and -T's heads of 60 on the GPU: fp32 (IEEE dots) within 1e-5 of float64,
-    half precision within 2x plain PyTorch's error (the reference computed on the first samples)."""
+    """LV-ViT-S/M at 224 and 384 and -T's heads of 60 on the GPU, every dtype within 2x plain PyTorch's error in
+    the same dtype against float64 (fp32: IEEE dots here, no TF32 in the plain path either; the kernels' exp2 and
+    log2 are the hardware approximations, hence the 1e-5 floor); the reference on the first samples."""
     B, N, H, D = shape
     qkv, gout = packed_inputs(gen, B, N, H, D, dtype, "cuda", spread=2.0)
     out, g = run_packed(qkv, gout, H)
     n = min(B, 8)
     sub, gsub = qkv.detach()[:n].requires_grad_(), gout[:n]
     ref_out, ref_g = run_reference(sub, gsub, H, D ** -0.5)
-    if dtype == torch.float32:
-        assert rel(out[:n], ref_out) < 1e-5 and rel(g[:n], ref_g) < 1e-5
-    else:
-        base_out, base_g = plain_torch(sub, gsub, H, D ** -0.5)
-        assert rel(out[:n], ref_out) <= 2 * rel(base_out, ref_out) + 1e-3
-        assert rel(g[:n], ref_g) <= 2 * rel(base_g, ref_g) + 1e-3
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    base_out, base_g = plain_torch(sub, gsub, H, D ** -0.5)
+    assert rel(out[:n], ref_out) <= 2 * rel(base_out, ref_out) + floor
+    assert rel(g[:n], ref_g) <= 2 * rel(base_g, ref_g) + floor
 
 
 @pytest.mark.gpu
