@@ -19,10 +19,15 @@ Backward, with dp_ij = do_i.v_j and delta_i = sum_j p_ij dp_ij = do_i.o_i (the r
     ds_ij = p_ij (dp_ij - delta_i),   dq_i = scale sum_j ds_ij k_j,
     dv_j = sum_i p_ij do_i,           dk_j = scale sum_i ds_ij q_i.
 
-One backward launch holds two kinds of programs: the first cdiv(N, BLOCK_M) per head each own a block of
-query rows and loop over the keys for dq; the rest each own a block of keys and loop over the queries for dk
-and dv. Each computes the delta_i it needs from o and do, so neither waits for the other (no atomics, no
-pre-pass); the price is reading o once more per (key block, query block) pair, from L2 at these sizes.
+The default ("split") backward launch holds two kinds of programs: the first cdiv(N, BLOCK_M) per head each own
+a block of query rows and loop over the keys for dq; the rest each own a block of keys and loop over the queries
+for dk and dv. Each computes the delta_i it needs from o and do, so neither waits for the other (no atomics, no
+pre-pass); the price is reading o once more per (key block, query block) pair, from L2 at these sizes, and S, P
+computed by both kinds (7 matmuls per block pair). The "head" backward (``use_bwd_impl("head")``) runs one
+program per head over the key blocks in order and keeps dq in fp32 scratch rows instead (5 matmuls).
+
+N is tiled as full blocks plus one partial block rounded up to a power of two (>= 16): 197 = 3 x 64 + 16 rows
+of work, not 4 x 64. N is a compile-time constant, so each resolution compiles its own kernels once.
 
 fp32 inputs use IEEE fp32 dots (not TF32), so they match a float64 reference to ~1e-6; bf16/fp16 inputs
 take bf16/fp16 dots with fp32 accumulation, p and ds rounded to the input dtype before their dots (as every
@@ -43,6 +48,7 @@ _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 # Which backward the autograd paths launch: "split" (query-block and key-block programs, 7 matmuls per block pair)
 # or "head" (one program per head, 5 matmuls, dq in fp32 scratch). Not yet timed against each other on a GPU.
+BWD_IMPLS = ("split", "head")
 BWD_IMPL = "split"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -399,25 +405,25 @@ def fwd_launch(q, k, v, o, lse, scale, config=None):
     return _attn_fwd, (triton.cdiv(N, bm), B * H), args, const, dict(num_warps=warps, num_stages=stages)
 
 
+def _check_impl(impl):
+    if impl not in BWD_IMPLS:
+        raise ValueError(f"flash attention backward impl={impl!r}; valid: {', '.join(BWD_IMPLS)}")
+    return impl
+
+
 def bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split", dq_acc=None):
     """The backward's (kernel, grid, args, constexprs, launch options), as fwd_launch. impl "split": query-block and
     key-block programs (_attn_bwd); "head": one program per (sample, head) (_attn_bwd_head), which needs
     ``dq_acc``, an fp32 scratch of B * H * N * BLOCK_D elements (``bwd_scratch``)."""
+    head = _check_impl(impl) == "head"
     B, N, H, D = q.shape
-    bm, bn, warps, stages = config or _config(D, "bwd_head" if impl == "head" else "bwd", q.dtype)
-    if impl == "head":
-        args = (q, k, v, o, do, dq, dk, dv, lse, dq_acc, q.stride(0), q.stride(1), q.stride(2), o.stride(0),
-                o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1),
-                dq.stride(2), H, float(scale), float(scale) * _LOG2E)
-        const = _tiling(N, D, bm, bn, q.dtype)
-        return _attn_bwd_head, (B * H,), args, const, dict(num_warps=warps, num_stages=stages)
-    if impl != "split":
-        raise ValueError(f"flash attention backward impl={impl!r}; valid: split, head")
-    args = (q, k, v, o, do, dq, dk, dv, lse, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1),
-            o.stride(2), do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), H,
-            float(scale), float(scale) * _LOG2E)
-    const = _tiling(N, D, bm, bn, q.dtype)
-    return _attn_bwd, (triton.cdiv(N, bm) + triton.cdiv(N, bn), B * H), args, const, dict(num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = config or _config(D, "bwd_head" if head else "bwd", q.dtype)
+    args = ((q, k, v, o, do, dq, dk, dv, lse) + ((dq_acc,) if head else ())
+            + (q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), do.stride(0),
+               do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), H, float(scale),
+               float(scale) * _LOG2E))
+    kernel, grid = (_attn_bwd_head, (B * H,)) if head else (_attn_bwd, (triton.cdiv(N, bm) + triton.cdiv(N, bn), B * H))
+    return kernel, grid, args, _tiling(N, D, bm, bn, q.dtype), dict(num_warps=warps, num_stages=stages)
 
 
 def _run(launch):
@@ -439,9 +445,7 @@ def attention_forward(q, k, v, scale, config=None):
 def use_bwd_impl(impl):
     """Within the block the autograd paths launch backward ``impl`` ("split" or "head") instead of BWD_IMPL."""
     global BWD_IMPL
-    if impl not in ("split", "head"):
-        raise ValueError(f"flash attention backward impl={impl!r}; valid: split, head")
-    prev, BWD_IMPL = BWD_IMPL, impl
+    prev, BWD_IMPL = BWD_IMPL, _check_impl(impl)
     try:
         yield
     finally:
