@@ -334,3 +334,49 @@ def test_within_runs_modes_and_check_inside_the_context():
     assert seen == [("check", 1), ("a", 1), ("boom", 1)] and depth[0] == 0
     assert prep.notes == "x; variant y"
     assert within(Prepared(modes={}), ctx, "only").notes == "only"
+
+
+def _rows_csv(path, rows, env=None):
+    env = env or {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6.0", "dali": "", "xformers": "", "cuda": "13.0"}
+    return results.append_rows(path, [results.make_row(env, r[0], op="step", provider=r[1], mode="train_step",
+                                                       shape="S224", dtype="bf16", metric=r[2], p50=r[3],
+                                                       notes=r[4] if len(r) > 4 else "") for r in rows])
+
+
+def test_merge_appends_the_device_runs_new_rows(tmp_path, capsys):
+    """bench.merge: the fetched file = local rows + new rows -> exactly the new rows appended (a quoted note with a
+    comma and a newline kept intact); a killed run's partial rows appended unless a completed run wrote them."""
+    from tokenlabel.bench import merge
+
+    old = [("2026-12-01T00:00:00Z", "compile_graphs_auto", "ms", 21.43, "a, b")]
+    new = [("2026-12-06T00:00:00Z", "compile_graphs_triton", "ms", 19.9, "line one\nline two"),
+           ("2026-12-06T00:00:00Z", "compile_graphs_triton", "img/s", 6432.0)]
+    local, fetched, partial = tmp_path / "step.csv", tmp_path / "fetched.csv", tmp_path / ".step.partial.csv"
+    _rows_csv(local, old)
+    _rows_csv(fetched, old + new)
+    _rows_csv(partial, [new[1], ("2026-12-06T00:00:00Z", "compile_graphs_triton_head", "ms", 19.7)])
+    assert merge.main([str(fetched), str(local), "--partial", str(partial)]) == 0
+    rows = results.read_rows(local)
+    assert [(r["provider"], r["metric"], r["p50"]) for r in rows] == [
+        ("compile_graphs_auto", "ms", 21.43), ("compile_graphs_triton", "ms", 19.9),
+        ("compile_graphs_triton", "img/s", 6432.0), ("compile_graphs_triton_head", "ms", 19.7)]
+    assert rows[0]["notes"] == "a, b" and rows[1]["notes"] == "line one\nline two"
+    assert "3 rows appended" in capsys.readouterr().out
+    assert merge.main([str(fetched), str(fetched)]) == 0  # nothing new
+    assert "0 rows appended" in capsys.readouterr().out
+
+
+def test_merge_refuses_a_file_the_device_did_not_start_from(tmp_path, capsys):
+    from tokenlabel.bench import merge
+
+    local, fetched = tmp_path / "step.csv", tmp_path / "fetched.csv"
+    _rows_csv(local, [("2026-12-01T00:00:00Z", "a", "ms", 1.0), ("2026-12-02T00:00:00Z", "b", "ms", 2.0)])
+    _rows_csv(fetched, [("2026-12-01T00:00:00Z", "a", "ms", 1.0), ("2026-12-03T00:00:00Z", "c", "ms", 3.0)])
+    before = local.read_text()
+    assert merge.main([str(fetched), str(local)]) == 2
+    assert "is not a prefix" in capsys.readouterr().err and local.read_text() == before
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    assert merge.main([str(tmp_path / "other.csv"), str(local)]) == 2
+    assert "not a results CSV" in capsys.readouterr().err
+    assert merge.main([str(tmp_path / "missing.csv"), str(local)]) == 2
+    assert "does not exist" in capsys.readouterr().err and local.read_text() == before
