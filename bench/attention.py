@@ -113,8 +113,12 @@ def xformers(case: Case) -> Prepared:
 
 @register("attention", "triton")
 def triton_(case: Case) -> Prepared:
-    """Our Triton flash attention (kernels/flash_attention.py): qkv read by strides, its gradient written whole."""
-    return _prepare(case, "triton")
+    """Our Triton flash attention (kernels/flash_attention.py): qkv read by strides, its gradient written whole;
+    the split backward (query-block and key-block programs), whatever "auto" measured."""
+    prep = _prepare(case, "triton")
+    from tokenlabel.kernels import flash_attention as fa
+
+    return within(prep, lambda: fa.use_bwd_impl("split"), "attention backward: split")
 
 
 @register("attention", "triton_head")

@@ -173,12 +173,20 @@ def reference_style(case: Case) -> Prepared:
     return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False, conv1_impl="conv")
 
 
-def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None):
+def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split"):
+    """attn="triton" providers pin the attention backward (``bwd_impl``), whatever an "auto" measured earlier in
+    the process, so their rows say which kernel ran."""
     def fn(case: Case) -> Prepared:
-        return _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl, compile_options=options)
+        prep = _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl, compile_options=options)
+        if attn != "triton":
+            return prep
+        from tokenlabel.kernels import flash_attention as fa
+
+        return within(prep, lambda: fa.use_bwd_impl(bwd_impl), f"attention backward: {bwd_impl}")
     fn.__doc__ = (f"LV-ViT-S, attn={attn}, fused loss, {'torch.compile' if compile_ else 'eager'}"
                   + (f" mode={mode}" if mode else "") + (f" options {options}" if options else "")
-                  + (f", stem conv1={conv1_impl}" if conv1_impl else ""))
+                  + (f", stem conv1={conv1_impl}" if conv1_impl else "")
+                  + (f", attention backward {bwd_impl}" if attn == "triton" else ""))
     return fn
 
 
@@ -192,15 +200,7 @@ register("step", "compile_graphs_auto")(_backend_provider("auto", True, "reduce-
 # its gradient written whole) against cuDNN's through SDPA, whichever "auto" picks
 register("step", "compile_graphs_sdpa")(_backend_provider("sdpa", True, "reduce-overhead"))
 register("step", "compile_graphs_triton")(_backend_provider("triton", True, "reduce-overhead"))
-
-
-@register("step", "compile_graphs_triton_head")
-def compile_graphs_triton_head(case: Case) -> Prepared:
-    """compile_graphs_triton with the per-head attention backward (5 matmuls per block pair, dq in fp32 scratch)."""
-    from tokenlabel.kernels import flash_attention as fa
-
-    prep = _lvvit_prepare(case, "triton", True, compile_mode="reduce-overhead")
-    return within(prep, lambda: fa.use_bwd_impl("head"), "attention backward: one program per head")
+register("step", "compile_graphs_triton_head")(_backend_provider("triton", True, "reduce-overhead", bwd_impl="head"))
 # the stem's 3-channel 7x7/2 conv: the model's default ("auto") runs it on CUDA as a 16-channel 4x4/1 conv on a
 # space-to-depth input; these run it explicitly one way or the other (the H200 profile in
 # bench/results/step-profile-h200: the plain conv's forward and weight gradient took 1.24 ms of the 22.1 ms step;

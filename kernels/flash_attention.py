@@ -23,8 +23,9 @@ The default ("split") backward launch holds two kinds of programs: the first cdi
 a block of query rows and loop over the keys for dq; the rest each own a block of keys and loop over the queries
 for dk and dv. Each computes the delta_i it needs from o and do, so neither waits for the other (no atomics, no
 pre-pass); the price is reading o once more per (key block, query block) pair, from L2 at these sizes, and S, P
-computed by both kinds (7 matmuls per block pair). The "head" backward (``use_bwd_impl("head")``) runs one
-program per head over the key blocks in order and keeps dq in fp32 scratch rows instead (5 matmuls).
+computed by both kinds (7 matmuls per block pair). The "head" backward runs one program per head over the key
+blocks in order and keeps dq in fp32 scratch rows instead (5 matmuls). Which one runs: ``use_bwd_impl`` inside
+its block, else the one the model's attn="auto" measured faster for the shape on this GPU, else "split".
 
 N is tiled as full blocks plus one partial block rounded up to a power of two (>= 16): 197 = 3 x 64 + 16 rows
 of work, not 4 x 64. N is a compile-time constant, so each resolution compiles its own kernels once.
@@ -50,6 +51,9 @@ MAX_HEAD_DIM = 256
 # or "head" (one program per head, 5 matmuls, dq in fp32 scratch). Not yet timed against each other on a GPU.
 BWD_IMPLS = ("split", "head")
 BWD_IMPL = "split"
+# (B, N, H, D, dtype) -> the backward the model's "auto" measured faster on this GPU (models.attention.select_backend)
+BWD_BY_SHAPE: dict[tuple, str] = {}
+_BWD_OVERRIDE: list[str] = []  # use_bwd_impl's stack
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -443,13 +447,20 @@ def attention_forward(q, k, v, scale, config=None):
 
 @contextlib.contextmanager
 def use_bwd_impl(impl):
-    """Within the block the autograd paths launch backward ``impl`` ("split" or "head") instead of BWD_IMPL."""
-    global BWD_IMPL
-    prev, BWD_IMPL = BWD_IMPL, _check_impl(impl)
+    """Within the block the autograd paths launch backward ``impl`` ("split" or "head"), whatever was measured."""
+    _BWD_OVERRIDE.append(_check_impl(impl))
     try:
         yield
     finally:
-        BWD_IMPL = prev
+        _BWD_OVERRIDE.pop()
+
+
+def bwd_impl_for(q):
+    """The backward the autograd paths launch for q [B, N, H, D]: use_bwd_impl's if inside one, else the one
+    measured faster for this shape (BWD_BY_SHAPE, filled by the model's "auto"), else BWD_IMPL."""
+    if _BWD_OVERRIDE:
+        return _BWD_OVERRIDE[-1]
+    return BWD_BY_SHAPE.get((*q.shape, q.dtype), BWD_IMPL)
 
 
 def bwd_scratch(q):
@@ -460,12 +471,12 @@ def bwd_scratch(q):
 
 def attention_backward(do, q, k, v, o, lse, scale, config=None, impl=None):
     """The gradient of q, k, v packed as one [B, N, 3, H, D] tensor (index 2: q, k, v); do [B, N, H, D].
-    ``impl``: "split" or "head" (see bwd_launch); None takes BWD_IMPL."""
+    ``impl``: "split" or "head" (see bwd_launch); None: bwd_impl_for(q)."""
     q, k, v = _same_strides(q, k, v)
     B, N, H, D = q.shape
     do = _unit_last(do.to(q.dtype))
     dqkv = torch.empty(B, N, 3, H, D, device=q.device, dtype=q.dtype)
-    impl = impl or BWD_IMPL
+    impl = impl or bwd_impl_for(q)
     scratch = bwd_scratch(q) if impl == "head" else None
     _run(bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), scale, config, impl, scratch))
     return dqkv

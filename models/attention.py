@@ -13,7 +13,8 @@ output projection.
   ``attention_qkv`` (the model's path) it reads q, k, v out of the qkv Linear's output by strides and
   hands back that output's gradient as one tensor, so no stack of dq, dk, dv follows its backward.
   CUDA only (the CPU runs it under TRITON_INTERPRET=1, for tests); a ``torch.library`` op under
-  ``torch.compile``.
+  ``torch.compile``. When "auto" times it, it times both of its backward kernels and keeps the faster
+  one for the shape.
 * ``"math"``: the reference's plain code, ``softmax((q * scale) @ k^T) @ v``.
 * ``"auto"``: on CUDA, the fastest of the available backends for this shape (forward+backward when
   gradients are on, forward otherwise), timed once per (shape, dtype, GPU name) and cached for the
@@ -213,6 +214,20 @@ def _time_backend(backend, qkv, num_heads, grad: bool, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def _time_triton_backwards(qkv, num_heads) -> float:
+    """"triton" forward+backward timed with each of its backward kernels; the faster one is recorded for the
+    shape (flash_attention.BWD_BY_SHAPE, which its autograd paths follow) and its time returned."""
+    fa = _flash()
+    times = {}
+    for impl in fa.BWD_IMPLS:
+        with fa.use_bwd_impl(impl):
+            times[impl] = _time_backend("triton", qkv, num_heads, grad=True)
+    best = min(times, key=times.get)
+    B, N, C = qkv.shape
+    fa.BWD_BY_SHAPE[(B, N, num_heads, C // (3 * num_heads), qkv.dtype)] = best
+    return times[best]
+
+
 def select_backend(shape, dtype: torch.dtype, device, grad: bool = True) -> str:
     """The fastest backend for q/k/v of ``shape`` [B, N, H, Dh] on ``device``; measured once, cached.
 
@@ -235,7 +250,10 @@ def select_backend(shape, dtype: torch.dtype, device, grad: bool = True) -> str:
         qkv = torch.randn(B, N, 3 * H * Dh, device=device, dtype=dtype, requires_grad=grad)
         for backend in available_backends(device):
             try:
-                ms = _time_backend(backend, qkv, H, grad=grad)
+                if backend == "triton" and grad:
+                    ms = _time_triton_backwards(qkv, H)
+                else:
+                    ms = _time_backend(backend, qkv, H, grad=grad)
             except Exception as exc:  # e.g. a kernel without support for this head dim
                 warnings.warn(f"attn='auto': backend {backend!r} skipped for q of shape {key[:4]} "
                               f"{dtype}: {type(exc).__name__}: {exc}", stacklevel=2)

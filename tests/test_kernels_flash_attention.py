@@ -137,6 +137,33 @@ def test_packed_gradient_is_one_fresh_tensor(gen, device, bwd_impl):
     assert rel(g, ref_g) <= 2 * rel(base_g, ref_g) + 1e-5
 
 
+def test_which_backward_runs(gen, device, monkeypatch):
+    """use_bwd_impl inside its block (nested: the innermost), else the impl "auto" measured for the shape
+    (BWD_BY_SHAPE), else BWD_IMPL; the autograd path launches that one, and both give the same gradient."""
+    launched = []
+    real = fa.bwd_launch
+
+    def spy(*args, **kwargs):
+        launched.append(args[11])  # impl
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa, "bwd_launch", spy)
+    monkeypatch.setattr(fa, "BWD_BY_SHAPE", {})
+    B, N, H, D = 1, 20, 2, 16
+    qkv, gout = packed_inputs(gen, B, N, H, D, torch.float32, device)
+    _, g_split = run_packed(qkv, gout, H)
+    fa.BWD_BY_SHAPE[(B, N, H, D, torch.float32)] = "head"
+    _, g_head = run_packed(qkv, gout, H)
+    with fa.use_bwd_impl("split"):
+        with fa.use_bwd_impl("head"):
+            run_packed(qkv, gout, H)
+        run_packed(qkv, gout, H)
+    other, gout2 = packed_inputs(gen, B, N + 1, H, D, torch.float32, device)  # another shape: the default
+    run_packed(other, gout2, H)
+    assert launched == [fa.BWD_IMPL, "head", "head", "split", fa.BWD_IMPL]
+    torch.testing.assert_close(g_head, g_split, rtol=1e-5, atol=1e-6)
+
+
 def test_custom_ops_under_compile_fullgraph(gen, device):
     """torch.compile(fullgraph=True) goes through the torch.library ops (their fakes give the shapes): the same
     output and gradient as eager, no graph break; torch.library.opcheck passes for both ops."""
@@ -177,12 +204,11 @@ def test_bad_inputs_name_the_problem(gen, device, monkeypatch):
             pass
     with pytest.raises(ValueError, match="impl='nope'"):
         fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, impl="nope")
-    before = fa.BWD_IMPL
     with pytest.raises(RuntimeError, match="inside"):
         with fa.use_bwd_impl("head"):
-            assert fa.BWD_IMPL == "head"
+            assert fa.bwd_impl_for(x) == "head"
             raise RuntimeError("inside")
-    assert fa.BWD_IMPL == before
+    assert fa.bwd_impl_for(x) == fa.BWD_IMPL  # left on the exception
     monkeypatch.setattr(fa, "_INTERPRET", False)
     cpu = torch.randn(1, 4, 2, 16)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*attn='sdpa'"):

@@ -96,6 +96,9 @@ def test_auto_measures_once_and_falls_back(gen):
     torch.testing.assert_close(attention(q, k, v, "auto").float(), attention(q, k, v, "sdpa").float(),
                                **TOL[torch.bfloat16])
     assert "triton" in available_backends("cuda")
+    from tokenlabel.kernels import flash_attention as fa
+
+    assert fa.BWD_BY_SHAPE[(*shape, torch.bfloat16)] in fa.BWD_IMPLS  # "auto" timed both triton backwards
     if not xformers_status("cuda")[0]:
         assert "xformers" not in available_backends("cuda")
 
