@@ -1,0 +1,144 @@
+"""BatchNorm + ReLU kernels (kernels/batchnorm.py) against nn.BatchNorm2d + ReLU in float64, training mode: the
+output, the gradients of x, weight and bias, and the running statistics (CPU: interpreted)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenlabel.kernels import batchnorm as bk
+
+
+def make(gen, B, C, H, W, dtype, device, scale=1.0, offset=0.0):
+    x = (torch.randn(B, C, H, W, generator=gen) * scale + offset).to(device, dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    bn = torch.nn.BatchNorm2d(C, momentum=0.3).to(device)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(C, generator=gen) + 0.5)
+        bn.bias.copy_(torch.rand(C, generator=gen) - 0.5)
+        bn.running_mean.copy_(torch.randn(C, generator=gen))
+        bn.running_var.copy_(torch.rand(C, generator=gen) + 0.5)
+    gout = torch.randn(B, C, H, W, generator=gen).to(device, dtype)
+    return x, bn, gout
+
+
+def run_ours(x, bn, gout):
+    out = bk.bn_relu_train(x, bn)
+    return (out, *torch.autograd.grad(out, (x, bn.weight, bn.bias), gout))
+
+
+def run_torch(x, bn_state, gout, dtype):
+    """nn.BatchNorm2d + ReLU on a copy of the module, in ``dtype`` (float64: the reference)."""
+    bn = torch.nn.BatchNorm2d(x.shape[1], momentum=0.3).to(x.device)
+    bn.load_state_dict(bn_state)
+    bn = bn.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    xx = x.detach().to(dtype).requires_grad_()
+    out = F.relu(bn(xx))
+    grads = torch.autograd.grad(out, (xx, bn.weight, bn.bias), gout.to(dtype))
+    return (out, *grads), bn
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# realistic (the stem's 64 channels) and awkward (5 and 100 channels, one row short of a block, many programs
+# with a short last one, a single image of 5 x 1)
+SHAPES = [(2, 64, 14, 14), (3, 5, 7, 9), (2, 100, 4, 4), (4, 16, 30, 30), (1, 3, 5, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_matches_float64_batchnorm_relu(gen, device, shape):
+    x, bn, gout = make(gen, *shape, torch.float32, device, scale=3.0, offset=2.0)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    got = run_ours(x, bn, gout)
+    want, ref_bn = run_torch(x, state, gout, torch.float64)
+    for name, g, w in zip(("out", "dx", "dweight", "dbias"), got, want):
+        assert g.shape == w.shape and rel(g, w) < 1e-5, name
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    assert rel(bn.running_mean, ref_bn.running_mean) < 1e-6
+    assert rel(bn.running_var, ref_bn.running_var) < 1e-6
+    assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_within_twice_torch(gen, device, dtype):
+    """bf16 / fp16 activations (fp32 parameters, as under autocast): against float64, at most 2x the error of
+    nn.BatchNorm2d + ReLU run in fp32 on the same half-precision input, plus the output dtype's rounding."""
+    x, bn, gout = make(gen, 2, 64, 9, 11, dtype, device, scale=2.0, offset=1.0)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    got = run_ours(x, bn, gout)
+    want, _ = run_torch(x, state, gout, torch.float64)
+    base, _ = run_torch(x, state, gout, torch.float32)
+    eps = torch.finfo(dtype).eps
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    for name, g, w, b in zip(("out", "dx", "dweight", "dbias"), got, want, base):
+        assert rel(g, w) <= 2 * rel(b, w) + eps, name
+
+
+def test_large_mean_small_spread_statistics(gen, device):
+    """Values around 1000 with a spread of 0.01: the variance comes from (mean, M2) partials, not a sum of squares
+    (which would cancel to noise); within 2x fp32 torch, and the running variance close to float64's."""
+    x, bn, gout = make(gen, 2, 8, 40, 40, torch.float32, device, scale=0.01, offset=1000.0)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    got = run_ours(x, bn, gout)
+    want, ref_bn = run_torch(x, state, gout, torch.float64)
+    base, _ = run_torch(x, state, gout, torch.float32)
+    for name, g, w, b in zip(("out", "dx", "dweight", "dbias"), got, want, base):
+        assert rel(g, w) <= 2 * rel(b, w) + 1e-6, name
+    assert rel(bn.running_var, ref_bn.running_var) < 1e-5
+
+
+def test_custom_ops_under_compile_and_opcheck(gen, device):
+    """torch.compile(fullgraph=True) takes the torch.library ops: the eager result, running stats updated once per
+    call; opcheck passes for both ops."""
+    torch._dynamo.reset()
+    x, bn, gout = make(gen, 2, 16, 6, 6, torch.float32, device)
+    bn2 = torch.nn.BatchNorm2d(16, momentum=0.3).to(device)
+    bn2.load_state_dict(bn.state_dict())
+    eager = run_ours(x, bn, gout)
+    compiled = torch.compile(lambda t: bk.bn_relu_train(t, bn2), fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    grads = torch.autograd.grad(out, (x, bn2.weight, bn2.bias), gout)
+    for g, w in zip((out, *grads), eager):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn2.running_var, bn.running_var, rtol=1e-6, atol=1e-7)
+    assert int(bn2.num_batches_tracked) == 1
+    xd = x.detach()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    torch.library.opcheck(torch.ops.tokenlabel.bn_relu_fwd, (xd, bn.weight.detach(), bn.bias.detach(), rm, rv, 0.1,
+                                                              1e-5))
+    out, mean, invstd = bk.bn_relu_forward(xd, bn.weight.detach(), bn.bias.detach(), None, None, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.tokenlabel.bn_relu_bwd, (gout, xd, bn.weight.detach(), bn.bias.detach(), mean,
+                                                              invstd))
+
+
+def test_bad_inputs_name_the_problem(gen, device):
+    x, bn, _ = make(gen, 2, 4, 3, 3, torch.float32, device)
+    with pytest.raises(ValueError, match="channels-last"):
+        bk.bn_relu_train(x.detach().contiguous(), bn)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        bk.bn_relu_train(x.detach().double().contiguous(memory_format=torch.channels_last), bn)
+    with pytest.raises(ValueError, match=r"weight and bias must be \[4\]"):
+        bk.bn_relu_train(x, torch.nn.BatchNorm2d(5).to(device))
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        one = torch.randn(1, 4, 1, 1, device=device).contiguous(memory_format=torch.channels_last)
+        bk.bn_relu_train(one, bn)
+    with pytest.raises(ValueError, match="numeric momentum"):
+        bk.bn_relu_train(x, torch.nn.BatchNorm2d(4, momentum=None).to(device))
+    assert int(bn.num_batches_tracked) == 0  # nothing ran
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_stem_shape(gen, dtype):
+    """The LV-ViT-S stem's activations at B 16 ([16, 64, 112, 112] channels-last) on the GPU, against float64."""
+    x, bn, gout = make(gen, 16, 64, 112, 112, dtype, "cuda", scale=2.0, offset=0.5)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    got = run_ours(x, bn, gout)
+    want, ref_bn = run_torch(x, state, gout, torch.float64)
+    base, _ = run_torch(x, state, gout, torch.float32)
+    floor = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    for name, g, w, b in zip(("out", "dx", "dweight", "dbias"), got, want, base):
+        assert rel(g, w) <= 2 * rel(b, w) + floor, name
+    assert rel(bn.running_var, ref_bn.running_var) < 1e-5
