@@ -75,12 +75,14 @@ def _autocast(case):
 
 def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fused", fused_adamw=True,
                    loader=None, compile_mode: str | None = None, conv1_impl: str | None = None,
-                   compile_options: dict | None = None) -> Prepared:
+                   compile_options: dict | None = None, bn_impl: str | None = None) -> Prepared:
     if compile_ and case.device.type != "cuda":
         raise Skip("torch.compile providers run on CUDA only (too slow to compile for a CPU smoke run)")
     model, M = _lvvit(case, attn)
     if conv1_impl is not None:  # how the stem's 7x7/2 conv runs (models.lvvit.PatchEmbed4_2.set_impl)
         model.patch_embed.set_impl(conv1=conv1_impl)
+    if bn_impl is not None:  # how the stem's BatchNorm + ReLUs run
+        model.patch_embed.set_impl(bn=bn_impl)
     loss_fn = _loss_fn(loss_kind)
     p = case.params
     B = p["B"]
@@ -100,7 +102,8 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
              ("compiled" + (how if graphs else "")) if compile_ else "eager",
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
              f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}",
-             f"stem conv1={model.patch_embed.conv1_resolved(case.device.type == 'cuda')}"]
+             f"stem conv1={model.patch_embed.conv1_resolved(case.device.type == 'cuda')}, "
+             f"stem BatchNorm {model.patch_embed.bn_impl}"]
     if attn == "auto":
         from tokenlabel.models.attention import select_backend
 
@@ -173,11 +176,12 @@ def reference_style(case: Case) -> Prepared:
     return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False, conv1_impl="conv")
 
 
-def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split"):
+def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split", bn_impl=None):
     """attn="triton" providers pin the attention backward (``bwd_impl``), whatever an "auto" measured earlier in
     the process, so their rows say which kernel ran."""
     def fn(case: Case) -> Prepared:
-        prep = _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl, compile_options=options)
+        prep = _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl, compile_options=options,
+                              bn_impl=bn_impl)
         if attn != "triton":
             return prep
         from tokenlabel.kernels import flash_attention as fa
@@ -186,6 +190,7 @@ def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, 
     fn.__doc__ = (f"LV-ViT-S, attn={attn}, fused loss, {'torch.compile' if compile_ else 'eager'}"
                   + (f" mode={mode}" if mode else "") + (f" options {options}" if options else "")
                   + (f", stem conv1={conv1_impl}" if conv1_impl else "")
+                  + (f", stem BatchNorm {bn_impl}" if bn_impl else "")
                   + (f", attention backward {bwd_impl}" if attn == "triton" else ""))
     return fn
 
@@ -220,6 +225,9 @@ register("step", "compile_graphs_auto_cdtune")(_backend_provider("auto", True, o
 # reduction kernels, 1.27 ms, ~4 us each) launched as one where their sizes allow. Not measured yet.
 COMBO_OPTIONS = {"triton.cudagraphs": True, "combo_kernels": True, "benchmark_combo_kernel": True}
 register("step", "compile_graphs_auto_combo")(_backend_provider("auto", True, options=COMBO_OPTIONS))
+# ... and with the stem's BatchNorm + ReLUs by kernels/batchnorm.py (inductor's BatchNorm kernels: 1.96 ms of the H200
+# step, its reductions at ~26-43% of the memory bandwidth; the floor of the three is ~1.0 ms). Not measured yet.
+register("step", "compile_graphs_auto_bnk")(_backend_provider("auto", True, "reduce-overhead", bn_impl="triton"))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

@@ -127,7 +127,7 @@ def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channe
     return F.conv2d(folded.permute(0, 3, 1, 2), wq.contiguous(memory_format=torch.channels_last))
 
 
-STEM_IMPLS = {"conv1": ("auto", "conv", "s2d"), "proj": ("gemm", "conv")}
+STEM_IMPLS = {"conv1": ("auto", "conv", "s2d"), "proj": ("gemm", "conv"), "bn": ("torch", "triton")}
 
 
 class PatchEmbed4_2(nn.Module):
@@ -137,7 +137,9 @@ class PatchEmbed4_2(nn.Module):
     "gemm" runs the patchifying ``proj`` conv as one matmul (:func:`patchify_linear`), "conv" as
     cuDNN's conv; ``conv1_impl`` "s2d" runs ``conv1`` as a space-to-depth stride-1 conv
     (:func:`conv_stride2_s2d`), "conv" as the plain conv, and "auto" (the default) picks "s2d" for CUDA
-    inputs and "conv" otherwise. Change them with :meth:`set_impl`.
+    inputs and "conv" otherwise; ``bn_impl`` "triton" runs each BatchNorm + ReLU in training on CUDA by
+    ``tokenlabel.kernels.batchnorm`` (channels-last streaming kernels; not yet timed on a GPU), "torch" (the
+    default) as ``F.relu(bn(x))``. Change them with :meth:`set_impl`.
 
     Why "auto" picks "s2d" on CUDA: in the compiled LV-ViT-S step on an H200 the plain 3-channel 7x7/2 conv's
     forward and weight-gradient kernels took 1.24 ms per step (~50 TFLOP/s); with "s2d" the step ran 21.43 ms
@@ -162,17 +164,28 @@ class PatchEmbed4_2(nn.Module):
         self.conv3 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
         self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
-        self.conv1_impl, self.proj_impl = "conv", "gemm"
+        self.conv1_impl, self.proj_impl, self.bn_impl = "conv", "gemm", "torch"
         self.set_impl(conv1=conv1_impl, proj=proj_impl)
 
-    def set_impl(self, conv1: str | None = None, proj: str | None = None) -> None:
-        """Pick how ``conv1`` ("auto" | "conv" | "s2d") and ``proj`` ("gemm" | "conv") run; None keeps the current
-        one."""
-        for name, value in (("conv1", conv1), ("proj", proj)):
+    def set_impl(self, conv1: str | None = None, proj: str | None = None, bn: str | None = None) -> None:
+        """Pick how ``conv1`` ("auto" | "conv" | "s2d"), ``proj`` ("gemm" | "conv") and the BatchNorm + ReLUs
+        (``bn``: "torch" | "triton") run; None keeps the current one."""
+        for name, value in (("conv1", conv1), ("proj", proj), ("bn", bn)):
             if value is not None and value not in STEM_IMPLS[name]:
                 raise ValueError(f"{name} must be one of {', '.join(STEM_IMPLS[name])}, got {value!r}")
         self.conv1_impl = conv1 or self.conv1_impl
         self.proj_impl = proj or self.proj_impl
+        self.bn_impl = bn or self.bn_impl
+        if self.bn_impl == "triton":
+            import tokenlabel.kernels.batchnorm  # noqa: F401, PLC0415 (imported before any torch.compile trace)
+
+    def _bn_relu(self, bn, x):
+        if self.bn_impl == "triton" and self.training and bn.momentum is not None:
+            from tokenlabel.kernels import batchnorm  # noqa: PLC0415 (imports triton: only when asked for)
+
+            if x.is_cuda or batchnorm._INTERPRET:
+                return batchnorm.bn_relu_train(x.contiguous(memory_format=torch.channels_last), bn)
+        return F.relu(bn(x), inplace=True)
 
     def conv1_resolved(self, cuda: bool) -> str:
         """The conv1 implementation that runs for an input on CUDA (``cuda``) or elsewhere."""
@@ -189,15 +202,15 @@ class PatchEmbed4_2(nn.Module):
             x = self.conv1(x.contiguous(memory_format=torch.channels_last))
         else:
             x = self.conv1(x)
-        x = F.relu(self.bn1(x), inplace=True)
-        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
-        x = F.relu(self.bn3(self.conv3(x)), inplace=True)
+        x = self._bn_relu(self.bn1, x)
+        x = self._bn_relu(self.bn2, self.conv2(x))
+        x = self._bn_relu(self.bn3, self.conv3(x))
         if self.proj_impl == "gemm":
             return patchify_linear(x, self.proj.weight, self.proj.bias)
         return self.proj(x)
 
     def extra_repr(self):
-        return f"conv1_impl={self.conv1_impl!r}, proj_impl={self.proj_impl!r}"
+        return f"conv1_impl={self.conv1_impl!r}, proj_impl={self.proj_impl!r}, bn_impl={self.bn_impl!r}"
 
 
 class Attention(nn.Module):

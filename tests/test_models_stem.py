@@ -118,3 +118,31 @@ def test_stem_impl_defaults_and_bad_names():
     assert (pe.conv1_resolved(cuda=True), pe.conv1_resolved(cuda=False)) == ("s2d", "s2d")
     pe.set_impl(conv1="conv")
     assert (pe.conv1_resolved(cuda=True), pe.conv1_resolved(cuda=False)) == ("conv", "conv")
+
+
+def test_stem_triton_batchnorm_matches_torch(gen):
+    """set_impl(bn="triton"): the stem's BatchNorm + ReLUs by the Triton kernels (interpreted on the CPU) give
+    torch's outputs, gradients and running statistics in training; eval mode runs the module's own path."""
+    from tokenlabel.models.lvvit import PatchEmbed4_2
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    a = PatchEmbed4_2(img_size=32, patch_size=8, embed_dim=24, stem_channels=8)
+    b = PatchEmbed4_2(img_size=32, patch_size=8, embed_dim=24, stem_channels=8)
+    b.load_state_dict(a.state_dict())
+    b.set_impl(bn="triton")
+    assert "bn_impl='triton'" in repr(b)
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    outs = []
+    for m in (a, b):
+        out = m(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-5, msg=name)
+    for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6, msg=name)
+    a.eval(), b.eval()
+    torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="bn must be one of torch, triton"):
+        b.set_impl(bn="cudnn")
