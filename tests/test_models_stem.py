@@ -146,3 +146,26 @@ def test_stem_triton_batchnorm_matches_torch(gen):
     torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="bn must be one of torch, triton"):
         b.set_impl(bn="cudnn")
+
+
+def test_stem_triton_batchnorm_under_compile(gen):
+    """A small LV-ViT with the stem's BatchNorm kernels, compiled fullgraph (the custom ops; aot_eager on the
+    CPU): the loss, stem gradients and running statistics of the eager torch path."""
+    torch._dynamo.reset()
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    kw = dict(num_classes=5, img_size=64, depth=1, embed_dim=32, num_heads=2, stem_channels=8, attn="sdpa")
+    a, b = create_model("lvvit_t", **kw).train(), create_model("lvvit_t", **kw).train()
+    b.load_state_dict(a.state_dict())
+    b.patch_embed.set_impl(bn="triton")
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    losses = []
+    for m in (a, torch.compile(b, fullgraph=True, backend="aot_eager")):
+        cls, aux, _ = m(x, mix_box=(0, 1, 2, 3))
+        loss = cls.square().mean() + aux.square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+    for (name, pa), pb in zip(a.patch_embed.named_parameters(), b.patch_embed.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=name)
+    for (name, ba), bb in zip(a.patch_embed.named_buffers(), b.patch_embed.buffers()):
+        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-7, msg=name)
