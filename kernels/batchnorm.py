@@ -21,13 +21,11 @@ Three launches each way: partial statistics, finalise (one program per channel b
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import INTERPRET, dispatch, sm_count
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -203,19 +201,13 @@ def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constex
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _sm_count(device):
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _grid(M, C, device):
     """(programs, rows per program, BLOCK_R, BLOCK_C): ~4 programs per SM, each a contiguous run of whole rows in
     blocks of 8K elements (16 KB in bf16; the loop's loads are not software-pipelined, so the bytes in flight per
     SM come from the block size: 4 x 16 KB, about what the H200's bandwidth-latency product asks of each SM)."""
     block_c = max(16, triton.next_power_of_2(C))
     block_r = max(1, min(512, 8192 // block_c))
-    progs = max(1, min(triton.cdiv(M, block_r), 4 * _sm_count(device)))
+    progs = max(1, min(triton.cdiv(M, block_r), 4 * sm_count(device)))
     rows = triton.cdiv(triton.cdiv(M, progs), block_r) * block_r
     return triton.cdiv(M, rows), rows, block_r, block_c
 
@@ -240,7 +232,7 @@ def check_inputs(x, weight, bias):
     C = x.shape[1]
     if weight.shape != (C,) or bias.shape != (C,):
         raise ValueError(f"bn_relu: weight and bias must be [{C}], got {tuple(weight.shape)}, {tuple(bias.shape)}")
-    if not (x.is_cuda or _INTERPRET):
+    if not (x.is_cuda or INTERPRET):
         raise RuntimeError(f"bn_relu (Triton) needs CUDA tensors, got {x.device}")
     if C > 1024:
         raise ValueError(f"bn_relu: {C} channels > 1024 are not supported")
@@ -315,18 +307,11 @@ def _(dout, x, weight, bias, mean, invstd):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
 
 
-def _traced(t):
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
-
-
 class _BNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        if _traced(x):
-            out, mean, invstd = torch.ops.tokenlabel.bn_relu_fwd(x, weight, bias, running_mean, running_var,
-                                                                 momentum, eps)
-        else:
-            out, mean, invstd = bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps)
+        out, mean, invstd = dispatch(torch.ops.tokenlabel.bn_relu_fwd, bn_relu_forward, x, weight, bias, running_mean,
+                                     running_var, momentum, eps, check=(x,))
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         return out
 
@@ -334,10 +319,8 @@ class _BNReLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        if _traced(dout) or _traced(x):
-            dx, dw, db = torch.ops.tokenlabel.bn_relu_bwd(dout, x, weight, bias, mean, invstd)
-        else:
-            dx, dw, db = bn_relu_backward(dout, x, weight, bias, mean, invstd)
+        dx, dw, db = dispatch(torch.ops.tokenlabel.bn_relu_bwd, bn_relu_backward, dout, x, weight, bias, mean, invstd,
+                              check=(dout, x))
         return dx, dw, db, None, None, None, None
 
 

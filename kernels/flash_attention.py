@@ -37,13 +37,14 @@ flash attention does).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import INTERPRET, dispatch
+
+_INTERPRET = INTERPRET
 _INTERP = tl.constexpr(_INTERPRET)
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -509,23 +510,13 @@ def _(do, q, k, v, o, lse, scale):
     return q.new_empty(B, N, 3, H, D)
 
 
-def _traced(t):
-    # torch.compile traces with fake/functional tensor subclasses (its lazily built backward may run with
-    # is_compiling() False): those take the custom ops, whose fakes give the shapes; eager calls go straight
-    # to the launchers, without the ops' dispatch layers
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
-
-
 def _fwd(q, k, v, scale):
-    if _traced(q):
-        return torch.ops.tokenlabel.flash_attn_fwd(q, k, v, scale)
-    return attention_forward(q, k, v, scale)
+    return dispatch(torch.ops.tokenlabel.flash_attn_fwd, attention_forward, q, k, v, scale, check=(q,))
 
 
 def _bwd(do, q, k, v, o, lse, scale):
-    if _traced(do) or _traced(q):
-        return torch.ops.tokenlabel.flash_attn_bwd(do, q, k, v, o, lse, scale)
-    return attention_backward(do, q, k, v, o, lse, scale)
+    return dispatch(torch.ops.tokenlabel.flash_attn_bwd, attention_backward, do, q, k, v, o, lse, scale,
+                    check=(do, q))
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -53,14 +53,15 @@ scale kernel reads on the device and skips when it is 1.0 (no host synchronisati
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import INTERPRET, sm_count
+
+_INTERPRET = INTERPRET
 _LOG2E = tl.constexpr(1.4426950408889634)  # e^x = 2^(x log2 e)
 
 
@@ -866,18 +867,6 @@ class _Workspace:
 _workspace = _Workspace
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device):
-    """Streaming multiprocessors of a CUDA device (2 elsewhere: the interpreter)."""
-    if device.type != "cuda":
-        return 2
-    if device.index not in _SM_COUNT:
-        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device.index]
-
-
 def launch_token_rows(x, grad, w, b_offset, rows, N, C, smoothing, scale, original, cls=None):
     """The kernel over ``rows`` token rows of ``x`` (samples from b_offset on); their scaled losses go into
     w's partial sums (loss items b_offset * N + row), and whichever launch completes the forward's last item
@@ -956,8 +945,8 @@ def _go_ptr(grad_output):
 # is not 1. Otherwise v5's grid (a 16,384 block of element-wise masked accesses takes 231-254 registers).
 def _scale_grid(na, nb, device):
     if na % 16 == 0 and nb % 16 == 0:
-        return 16384, 2 * _sm_count(device)
-    return 4096, 8 * _sm_count(device)
+        return 16384, 2 * sm_count(device)
+    return 4096, 8 * sm_count(device)
 
 
 def _scale_launch(grad_a, grad_b, grad_output):

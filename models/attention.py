@@ -24,6 +24,7 @@ output projection.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import warnings
 
@@ -124,6 +125,20 @@ def _flash():
     from tokenlabel.kernels import flash_attention  # noqa: PLC0415 (imports triton: only when asked for)
 
     return flash_attention
+
+
+def cannot_run_here(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine, as a predicate ("runs on CUDA GPUs only ...", "does not
+    load: ..."), or None. "xformers" and "triton" need a visible CUDA GPU (the Triton interpreter, for tests, runs
+    "triton" on the CPU); "xformers" must also load."""
+    if name in ("xformers", "triton") and not torch.cuda.is_available():
+        if not (name == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+            return "runs on CUDA GPUs only and none is visible here"
+    if name == "xformers":
+        ok, reason = xformers_status()
+        if not ok:
+            return f"does not load: {reason}"
+    return None
 
 
 def prepare_backend(name: str) -> str:

@@ -191,20 +191,16 @@ def load_checkpoint(path: str | os.PathLike, model=None, strict: bool = True, re
         if not ours or not raw.get("model_name"):
             raise ValueError(f"checkpoint {path} does not say which model it holds; build the model and pass it "
                              f"(load_checkpoint(path, model) or load_reference_checkpoint(model, path))")
-        from .attention import xformers_status  # noqa: PLC0415
+        from .attention import cannot_run_here  # noqa: PLC0415
         from .registry import create_model  # noqa: PLC0415
 
         args = dict(raw.get("model_args") or {})
         # The attention backend is how the weights were run, not part of the model: one that cannot run here
         # becomes "auto" (a GPU checkpoint evaluated or used as a teacher on a CPU machine, say).
-        if args.get("attn") == "xformers" and not xformers_status()[0]:
-            warnings.warn(f"checkpoint {path} was trained with attn='xformers', which cannot run here "
-                          f"({xformers_status()[1]}); rebuilding it with attn='auto'", stacklevel=2)
-            args["attn"] = "auto"
-        if (args.get("attn") == "triton" and not torch.cuda.is_available()
-                and os.environ.get("TRITON_INTERPRET", "0") != "1"):
-            warnings.warn(f"checkpoint {path} was trained with attn='triton', which runs on CUDA GPUs only and "
-                          f"none is visible here; rebuilding it with attn='auto'", stacklevel=2)
+        reason = cannot_run_here(args["attn"]) if args.get("attn") else None
+        if reason:
+            warnings.warn(f"checkpoint {path} was trained with attn={args['attn']!r}, which {reason}; rebuilding "
+                          f"it with attn='auto'", stacklevel=2)
             args["attn"] = "auto"
         model = create_model(raw["model_name"], **args)
     if ours:

@@ -183,7 +183,7 @@ class PatchEmbed4_2(nn.Module):
         if self.bn_impl == "triton" and self.training and bn.momentum is not None:
             from tokenlabel.kernels import batchnorm  # noqa: PLC0415 (imports triton: only when asked for)
 
-            if x.is_cuda or batchnorm._INTERPRET:
+            if x.is_cuda or batchnorm.INTERPRET:
                 return batchnorm.bn_relu_train(x.contiguous(memory_format=torch.channels_last), bn)
         return F.relu(bn(x), inplace=True)
 

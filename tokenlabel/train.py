@@ -301,10 +301,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--compile-mode {cfg['compile_mode']!r}: valid modes are {', '.join(COMPILE_MODES)}")
         if not cfg["compile"]:
             raise SystemExit(f"--compile-mode {cfg['compile_mode']} needs --compile")
-    interpreted = cfg["attn"] == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if cfg["attn"] in ("triton", "xformers") and not torch.cuda.is_available() and not interpreted:
-        raise SystemExit(f"--attn {cfg['attn']} runs on CUDA GPUs only and none is visible here; use --attn auto "
-                         f"(sdpa on the CPU) or --attn sdpa")
+    from tokenlabel.models.attention import cannot_run_here
+
+    reason = cannot_run_here(cfg["attn"])
+    if reason:
+        raise SystemExit(f"--attn {cfg['attn']} {reason}; use --attn auto (sdpa on the CPU) or --attn sdpa")
     return cfg
 
 
