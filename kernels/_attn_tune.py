@@ -18,19 +18,16 @@ import argparse
 import csv
 import itertools
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 
 from . import flash_attention as fa
+from ._common import aot_sm90 as _aot
 
 SHAPES = {"S224": (128, 197, 6, 64), "M224": (128, 197, 8, 64), "S384": (128, 577, 6, 64),
           "M384": (128, 577, 8, 64), "T224": (128, 197, 4, 60), "tiny": (2, 20, 2, 16)}  # tiny: CPU tests
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
 def candidates(dtype):
@@ -47,39 +44,6 @@ def _tensors(B, N, H, D, dtype, device):
     lse = torch.empty(B, H, N, device=device, dtype=torch.float32)
     dqkv = torch.empty_like(qkv)
     return qkv, (q, k, v), o, lse, dqkv
-
-
-def _aot(launch):
-    """Compile one launch for sm_90 without a GPU; (registers, stack bytes, shared bytes, cp.async count)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel, _, args, const, opts = launch
-    names = [n for n in kernel.arg_names if n not in const]
-    signature, attrs = {}, {}
-    for i, (name, a) in enumerate(zip(names, args)):
-        if isinstance(a, torch.Tensor):
-            signature[name] = _PTR[a.dtype]
-            aligned = (a.storage_offset() * a.element_size()) % 16 == 0
-        elif isinstance(a, float):
-            signature[name], aligned = "fp32", False
-        else:
-            signature[name] = "i32" if abs(a) < 2**31 else "i64"
-            aligned = a % 16 == 0
-        if aligned:
-            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
-    signature.update({n: "constexpr" for n in const})
-    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(const), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs = int(re.search(r"REG:(\d+)", out).group(1))
-    stack = int(re.search(r"STACK:(\d+)", out).group(1))
-    return regs, stack, compiled.metadata.shared, len(re.findall("async_copy_global_to_local", compiled.asm["ttgir"]))
 
 
 def _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg):

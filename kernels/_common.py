@@ -1,10 +1,15 @@
-"""What the kernel files share: the interpreter switch, the SM count, and the eager/traced dispatch of their ops."""
+"""What the kernel files share: the interpreter switch, the SM count, the eager/traced dispatch of their ops, and
+the ahead-of-time sm_90 build that reports a kernel's registers and spills without a GPU."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
 
 import torch
 
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SM_COUNT: dict = {}
 
@@ -29,3 +34,39 @@ def dispatch(op, launcher, *args, check=()):
     """``op(*args)`` (the torch.library op) when ``check``'s tensors are traced, else ``launcher(*args)`` directly,
     without the ops' dispatch layers."""
     return op(*args) if traced(*check) else launcher(*args)
+
+
+def aot_sm90(launch):
+    """Compile one launch for sm_90 without a GPU, with the alignment hints a real launch gets (16-byte-aligned
+    pointers, integers that are multiples of 16), by Triton's bundled ptxas: (registers per thread, spilled stack
+    bytes, shared bytes, cp.async copies in the TTGIR). ``launch``: (kernel, grid, args without the constexprs,
+    constexprs, compile options); tensors may be on the meta device."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel, _, args, const, opts = launch
+    names = [n for n in kernel.arg_names if n not in const]
+    signature, attrs = {}, {}
+    for name, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            signature[name] = _PTR[a.dtype]
+            aligned = (a.storage_offset() * a.element_size()) % 16 == 0
+        elif isinstance(a, float):
+            signature[name], aligned = "fp32", False
+        else:
+            signature[name] = "i32" if abs(a) < 2**31 else "i64"
+            aligned = a % 16 == 0
+        if aligned:
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    signature.update({n: "constexpr" for n in const})
+    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(const), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    stack = int(re.search(r"STACK:(\d+)", out).group(1))
+    return regs, stack, compiled.metadata.shared, len(re.findall("async_copy_global_to_local", compiled.asm["ttgir"]))
