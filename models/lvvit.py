@@ -15,6 +15,8 @@ The aux predictions are swapped back by swapping the final token features back b
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -128,6 +130,8 @@ def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channe
 
 
 STEM_IMPLS = {"conv1": ("auto", "conv", "s2d"), "proj": ("gemm", "conv"), "bn": ("torch", "triton")}
+# how the blocks' residual adds and the LayerNorms after them run (LVViT.set_residual_norm)
+RESIDUAL_NORM_IMPLS = ("torch", "triton")
 
 
 class PatchEmbed4_2(nn.Module):
@@ -290,6 +294,20 @@ class Block(nn.Module):
         x = self._residual(x, self.attn(self.norm1(x)))
         return self._residual(x, self.mlp(self.norm2(x)))
 
+    def _branch_scale(self, x):
+        """DropPath's per-sample factor over skip_lam (drawn as ``_residual`` draws it), or the constant."""
+        if isinstance(self.drop_path, DropPath) and self.training and self.drop_path.p > 0:
+            return self.drop_path.sample_scale(x, 1.0 / self.skip_lam)
+        return 1.0 / self.skip_lam
+
+    def forward_fused(self, x, n, next_norm: nn.LayerNorm, out_dtype=None):
+        """``forward`` with ``n = norm1(x)`` given and each residual add fused with the LayerNorm after it
+        (``tokenlabel.kernels.add_layernorm``): returns ``(x_out, next_norm(x_out))``."""
+        from tokenlabel.kernels.add_layernorm import add_layer_norm  # noqa: PLC0415 (imports triton)
+
+        x, n = add_layer_norm(x, self.attn(n), self.norm2, self._branch_scale(x), out_dtype)
+        return add_layer_norm(x, self.mlp(n), next_norm, self._branch_scale(x), out_dtype)
+
 
 class LVViT(nn.Module):
     """LV-ViT: conv stem, cls token + learned position embedding, pre-LN blocks, cls head + aux head.
@@ -319,6 +337,7 @@ class LVViT(nn.Module):
         self.aux_head = nn.Linear(embed_dim, num_classes)
         self.mix_token = bool(mix_token)
         self.grad_checkpointing = False
+        self.residual_norm_impl = "torch"
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -361,6 +380,39 @@ class LVViT(nn.Module):
     @property
     def attn(self) -> str:
         return self.blocks[0].attn.backend if len(self.blocks) else "auto"
+
+    def set_residual_norm(self, impl: str) -> None:
+        """How each block's residual add (drop path and 1 / skip_lam folded in) and the LayerNorm after it run:
+        "torch" (the default: the modules as written, which torch.compile fuses its own way) or "triton" (one
+        kernel per add + LayerNorm each way, ``tokenlabel.kernels.add_layernorm``, on CUDA or under
+        TRITON_INTERPRET=1; elsewhere the torch path runs). Parameters and results are the same either way."""
+        if impl not in RESIDUAL_NORM_IMPLS:
+            raise ValueError(f"residual norm impl must be one of {', '.join(RESIDUAL_NORM_IMPLS)}, got {impl!r}")
+        if impl == "triton":
+            import tokenlabel.kernels.add_layernorm  # noqa: F401, PLC0415 (imported before any torch.compile trace)
+        self.residual_norm_impl = impl
+
+    def _fused_residual_norm(self, x) -> bool:
+        if self.residual_norm_impl != "triton" or not len(self.blocks):
+            return False
+        from tokenlabel.kernels.add_layernorm import INTERPRET  # noqa: PLC0415
+
+        return x.is_cuda or INTERPRET
+
+    def _blocks_fused(self, x, ckpt: bool):
+        """The blocks and the final LayerNorm with every residual add fused into the LayerNorm that follows it (the
+        block's norm2, the next block's norm1, the final norm): the final-norm tokens."""
+        dev = x.device.type
+        half = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        n = self.blocks[0].norm1(x)
+        for i, blk in enumerate(self.blocks):
+            last = i + 1 == len(self.blocks)
+            # a Linear reads the normalised tokens next inside the blocks (bf16 under autocast, as it would cast
+            # them); the final norm's output keeps the stream's dtype, as nn.LayerNorm's under autocast
+            step = partial(blk.forward_fused, next_norm=self.norm if last else self.blocks[i + 1].norm1,
+                           out_dtype=None if last else half)
+            x, n = checkpoint(step, x, n, use_reentrant=False) if ckpt else step(x, n)
+        return n
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward (non-reentrant checkpoint; drop-path masks are replayed)."""
@@ -417,9 +469,12 @@ class LVViT(nn.Module):
             x = torch.where(mix_mask, x.flip(0), x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
-        x = self.norm(x)
+        if self._fused_residual_norm(x):
+            x = self._blocks_fused(x, ckpt)
+        else:
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+            x = self.norm(x)
         patches = x[:, 1:]
         if mix_mask is not None:
             # Swap the mixed tokens back so every patch token speaks about its own image (before aux_head,

@@ -243,3 +243,44 @@ def test_stem_triton_batchnorm_compiled_matches_torch(gen):
             assert torch.isfinite(pb.grad).all(), name
             if not autocast:
                 torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_residual_norm_triton_compiled_matches_torch(gen):
+    """set_residual_norm("triton") inside a compiled LV-ViT-S (2 blocks, inductor, fullgraph) on the GPU against the
+    eager torch path: fp32 (TF32 off) loss and every gradient tight; under bf16 autocast every gradient within 2x the
+    eager bf16 torch path's distance from the fp32 run, plus bf16's rounding."""
+    def grads(m, x, autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            cls, aux, _ = m(x, mix_box=(1, 2, 5, 9))
+        loss = cls.float().square().mean() + aux.float().square().mean()
+        return loss.detach(), dict(zip([n for n, _ in a.named_parameters()],
+                                       torch.autograd.grad(loss, list(m.parameters()))))
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    x = torch.randn(8, 3, 224, 224, generator=gen).cuda()
+    a = create_model("lvvit_s", num_classes=10, depth=2, drop_path_rate=0.0, attn="sdpa").cuda().train()
+    b = create_model("lvvit_s", num_classes=10, depth=2, drop_path_rate=0.0, attn="sdpa").cuda().train()
+    b.load_state_dict(a.state_dict())
+    b.set_residual_norm("triton")
+    prev, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            torch._dynamo.reset()
+            l32, g32 = grads(a, x, False)
+            lb, gb = grads(torch.compile(b, fullgraph=True), x, False)
+            torch.testing.assert_close(lb, l32, rtol=1e-4, atol=1e-6)
+            for n in g32:
+                torch.testing.assert_close(gb[n], g32[n], rtol=1e-3, atol=1e-6, msg=n)
+            torch._dynamo.reset()
+            _, ga16 = grads(a, x, True)
+            _, gb16 = grads(torch.compile(b, fullgraph=True), x, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+    def err(g, n):
+        return float((g[n] - g32[n]).abs().max() / g32[n].abs().max().clamp_min(1e-12))
+
+    eps = torch.finfo(torch.bfloat16).eps
+    bad = {n: (err(gb16, n), err(ga16, n)) for n in g32 if err(gb16, n) > 2 * err(ga16, n) + eps}
+    assert not bad, bad

@@ -206,6 +206,73 @@ def test_bf16_autocast_cpu(gen, attn):
     torch.testing.assert_close(out[1].float(), ref[1], rtol=0.1, atol=0.1)
 
 
+def _loss_grads(m, x, seed, autocast=False):
+    torch.manual_seed(seed)  # the drop-path draws
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        cls, aux, _ = m(x, mix_box=(1, 0, 3, 2))
+        loss = cls.float().square().mean() + aux.float().square().mean()
+    return loss.detach(), {n: g for n, g in zip(
+        [n for n, _ in m.named_parameters()], torch.autograd.grad(loss, list(m.parameters())))}
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_residual_norm_triton_matches_torch(gen, ckpt):
+    """set_residual_norm("triton"): each residual add (drop path, 1 / skip_lam) fused with the LayerNorm after it
+    (interpreted on the CPU) gives the torch path's loss and every gradient (fp32, drop path on, the same draws),
+    with and without activation checkpointing; eval too."""
+    m = tiny(gen, drop_path_rate=0.3, depth=3)
+    x = torch.randn(4, 3, 64, 64, generator=gen)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    m.set_grad_checkpointing(ckpt)
+    results = []
+    for impl in ("torch", "triton"):
+        m.set_residual_norm(impl)
+        results.append(_loss_grads(m, x, seed))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+    m.eval()
+    ref = m(x)
+    m.set_residual_norm("torch")
+    torch.testing.assert_close(ref, m(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one of torch, triton"):
+        m.set_residual_norm("apex")
+
+
+def test_residual_norm_triton_bf16_autocast(gen):
+    """Under bf16 autocast (the blocks get bf16 normalised tokens straight from the kernel, the stream stays fp32):
+    every gradient within 2x the torch path's distance from the fp32 run, plus bf16's rounding."""
+    m = tiny(gen, drop_path_rate=0.2)
+    x = torch.randn(3, 3, 64, 64, generator=gen)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    l32, g32 = _loss_grads(m, x, seed)
+    err = {}
+    for impl in ("torch", "triton"):
+        m.set_residual_norm(impl)
+        loss, grads = _loss_grads(m, x, seed, autocast=True)
+        err[impl] = {n: float((grads[n] - g32[n]).abs().max() / g32[n].abs().max().clamp_min(1e-12)) for n in g32}
+        err[impl]["loss"] = float(abs(loss - l32) / abs(l32))
+    eps = torch.finfo(torch.bfloat16).eps
+    bad = {n: (err["triton"][n], err["torch"][n]) for n in err["torch"] if err["triton"][n] > 2 * err["torch"][n] + eps}
+    assert not bad, bad
+
+
+def test_residual_norm_triton_under_compile(gen):
+    """The fused path compiled fullgraph (the add_ln custom ops; aot_eager on the CPU) against the eager torch
+    path: loss and gradients."""
+    torch._dynamo.reset()
+    m = tiny(gen)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    l0, g0 = _loss_grads(m, x, 0)
+    m.set_residual_norm("triton")
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    l1, g1 = _loss_grads(compiled, x, 0)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)
+    for n in g0:
+        torch.testing.assert_close(g1.get(n, g1.get("_orig_mod." + n)), g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_tiny_model_trains(gen):
     m = tiny(gen, num_classes=4, img_size=32, patch_size=8, drop_path_rate=0.0)  # 4 x 4 tokens
     x = torch.randn(8, 3, 32, 32, generator=gen)
