@@ -75,7 +75,8 @@ def _autocast(case):
 
 def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fused", fused_adamw=True,
                    loader=None, compile_mode: str | None = None, conv1_impl: str | None = None,
-                   compile_options: dict | None = None, bn_impl: str | None = None) -> Prepared:
+                   compile_options: dict | None = None, bn_impl: str | None = None,
+                   residual_norm: str | None = None) -> Prepared:
     if compile_ and case.device.type != "cuda":
         raise Skip("torch.compile providers run on CUDA only (too slow to compile for a CPU smoke run)")
     model, M = _lvvit(case, attn)
@@ -83,6 +84,8 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
         model.patch_embed.set_impl(conv1=conv1_impl)
     if bn_impl is not None:  # how the stem's BatchNorm + ReLUs run
         model.patch_embed.set_impl(bn=bn_impl)
+    if residual_norm is not None:  # how the blocks' residual adds + the LayerNorms after them run
+        model.set_residual_norm(residual_norm)
     loss_fn = _loss_fn(loss_kind)
     p = case.params
     B = p["B"]
@@ -103,7 +106,7 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
              f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}",
              f"stem conv1={model.patch_embed.conv1_resolved(case.device.type == 'cuda')}, "
-             f"stem BatchNorm {model.patch_embed.bn_impl}"]
+             f"stem BatchNorm {model.patch_embed.bn_impl}", f"residual + LayerNorm {model.residual_norm_impl}"]
     if attn == "auto":
         from tokenlabel.models.attention import select_backend
 
@@ -176,12 +179,13 @@ def reference_style(case: Case) -> Prepared:
     return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False, conv1_impl="conv")
 
 
-def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split", bn_impl=None):
+def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split", bn_impl=None,
+                      residual_norm=None):
     """attn="triton" providers pin the attention backward (``bwd_impl``), whatever an "auto" measured earlier in
     the process, so their rows say which kernel ran."""
     def fn(case: Case) -> Prepared:
         prep = _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl, compile_options=options,
-                              bn_impl=bn_impl)
+                              bn_impl=bn_impl, residual_norm=residual_norm)
         if attn != "triton":
             return prep
         from tokenlabel.kernels import flash_attention as fa
@@ -191,6 +195,7 @@ def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, 
                   + (f" mode={mode}" if mode else "") + (f" options {options}" if options else "")
                   + (f", stem conv1={conv1_impl}" if conv1_impl else "")
                   + (f", stem BatchNorm {bn_impl}" if bn_impl else "")
+                  + (f", residual + LayerNorm {residual_norm}" if residual_norm else "")
                   + (f", attention backward {bwd_impl}" if attn == "triton" else ""))
     return fn
 
@@ -228,6 +233,14 @@ register("step", "compile_graphs_auto_combo")(_backend_provider("auto", True, op
 # ... and with the stem's BatchNorm + ReLUs by kernels/batchnorm.py (inductor's BatchNorm kernels: 1.96 ms of the H200
 # step, its reductions at ~26-43% of the memory bandwidth; the floor of the three is ~1.0 ms). Not measured yet.
 register("step", "compile_graphs_auto_bnk")(_backend_provider("auto", True, "reduce-overhead", bn_impl="triton"))
+# ... and with each block's residual adds fused with the LayerNorms after them (kernels/add_layernorm.py; inductor's
+# LayerNorm kernels: 2.54 ms of the H200 step, ~37 us each where the bytes take 24-32 us). Not measured yet.
+register("step", "compile_graphs_auto_lnk")(_backend_provider("auto", True, "reduce-overhead",
+                                                               residual_norm="triton"))
+# every kernel of ours at once: our flash attention (split backward), the stem's BatchNorm kernels, the fused
+# residual + LayerNorm. Not measured yet.
+register("step", "compile_graphs_ours")(_backend_provider("triton", True, "reduce-overhead", bn_impl="triton",
+                                                          residual_norm="triton"))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

@@ -65,6 +65,31 @@ def test_gpu_only_attention_refused_without_cuda(monkeypatch):
     assert _cfg(["train", "--data", "d", "--attn", "triton"])["attn"] == "triton"
 
 
+def test_kernel_switches_refused_without_cuda(monkeypatch):
+    """--stem-bn triton / --residual-norm triton without CUDA: refused at start-up, naming the torch path."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for flag in ("--stem-bn", "--residual-norm"):
+        with pytest.raises(SystemExit, match=f"{flag} triton runs on CUDA GPUs only.*{flag} torch"):
+            _cfg(["train", "--data", "d", flag, "triton"])
+    cfg = _cfg(["train", "--data", "d"])
+    assert cfg["stem_bn"] == "torch" and cfg["residual_norm"] == "torch"
+
+
+def test_kernel_switches_reach_the_model(tmp_path, data):
+    """--stem-bn triton --residual-norm triton (interpreted here): one training step runs with both, and a
+    non-LV-ViT model refuses them."""
+    out = tmp_path / "k"
+    args = tiny_args(data, out, "--max-steps", 1, "--stem-bn", "triton", "--residual-norm", "triton")
+    cfg = _cfg(args)
+    model = T.build_model(cfg, 3)
+    assert model.patch_embed.bn_impl == "triton" and model.residual_norm_impl == "triton"
+    assert main(args) == 0
+    with pytest.raises(SystemExit, match="apply to LV-ViT models"):
+        T.build_model(_cfg(["train", "--data", "d", "--model", "resnet_tiny", "--img-size", "32",
+                            "--residual-norm", "triton"]), 3)
+
+
 def test_demo_defaults_only_without_data():
     cfg = _cfg(["train"])
     assert cfg["model"] == "lvvit_t" and cfg["img_size"] == 32 and cfg["model_kwargs"]

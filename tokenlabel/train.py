@@ -51,6 +51,8 @@ DEFAULTS: dict = {
     "model": "lvvit_s",
     "model_kwargs": {},
     "attn": "auto",
+    "stem_bn": "torch",         # LV-ViT stem's BatchNorm + ReLU: torch | triton (kernels/batchnorm.py, CUDA)
+    "residual_norm": "torch",   # LV-ViT blocks' residual add + LayerNorm: torch | triton (kernels/add_layernorm.py)
     "img_size": 224,
     "token_label_size": None,   # img_size // 16; must equal the model's patch grid
     "epochs": 300,
@@ -188,6 +190,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-kwargs", type=_parse_kv, action="append",
                    help="model overrides as key=value[,key=value], e.g. depth=4,embed_dim=96")
     g.add_argument("--attn", help="attention backend: auto | xformers | sdpa | triton | math")
+    g.add_argument("--stem-bn", choices=["torch", "triton"],
+                   help="LV-ViT's stem BatchNorm + ReLU in training: torch (default) or our Triton kernels (CUDA)")
+    g.add_argument("--residual-norm", choices=["torch", "triton"],
+                   help="LV-ViT's residual adds + the LayerNorms after them: torch (default) or one Triton kernel "
+                        "each way (CUDA)")
     g.add_argument("--drop-path", type=float)
     g.add_argument("--mix-token", dest="mix_token", action="store_true", default=None)
     g.add_argument("--no-mix-token", dest="mix_token", action="store_false")
@@ -306,6 +313,13 @@ def resolve_config(args: argparse.Namespace) -> dict:
     reason = cannot_run_here(cfg["attn"])
     if reason:
         raise SystemExit(f"--attn {cfg['attn']} {reason}; use --attn auto (sdpa on the CPU) or --attn sdpa")
+    for key in ("stem_bn", "residual_norm"):
+        flag = "--" + key.replace("_", "-")
+        if cfg.get(key) not in ("torch", "triton"):
+            raise SystemExit(f"{flag} {cfg.get(key)!r}: valid values are torch, triton")
+        reason = cannot_run_here("triton") if cfg[key] == "triton" else None
+        if reason:
+            raise SystemExit(f"{flag} triton {reason}; use {flag} torch")
     return cfg
 
 
@@ -514,6 +528,11 @@ def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
         model = create_model(cfg["model"], num_classes=num_classes, **kwargs)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"--model {cfg['model']} {kwargs}: {e}") from None
+    if cfg["stem_bn"] != "torch" or cfg["residual_norm"] != "torch":
+        if not hasattr(model, "set_residual_norm"):
+            raise SystemExit(f"--stem-bn / --residual-norm apply to LV-ViT models, not --model {cfg['model']}")
+        model.patch_embed.set_impl(bn=cfg["stem_bn"])
+        model.set_residual_norm(cfg["residual_norm"])
     if is_token_model(model):
         L = int(model.patch_grid)
         want = cfg["token_label_size"] or cfg["img_size"] // 16
