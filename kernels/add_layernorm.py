@@ -233,26 +233,27 @@ def _(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype):
 
 class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, branch, scale, alpha, weight, bias, eps, out_dtype):
+    def forward(ctx, x, branch, scale, alpha, weight, bias, eps, out_dtype, return_stream):
         y, n, mean, rstd = dispatch(torch.ops.tokenlabel.add_ln_fwd, add_ln_forward, x, branch, scale, alpha, weight,
                                     bias, eps, out_dtype, check=(x, branch))
         ctx.save_for_backward(y, weight, mean, rstd, scale)
-        ctx.alpha, ctx.branch_dtype = alpha, branch.dtype
+        ctx.alpha, ctx.branch_dtype, ctx.return_stream = alpha, branch.dtype, return_stream
         ctx.set_materialize_grads(False)
-        return y, n
+        return (y, n) if return_stream else n  # else y is kept for the backward only: no gradient is made for it
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dn):
+    def backward(ctx, *grads):
+        dy, dn = grads if ctx.return_stream else (None, grads[0])
         y, weight, mean, rstd, scale = ctx.saved_tensors
         if dn is None:  # the LayerNorm's output unused: only the stream's gradient flows (dy, or nothing)
             if dy is None:
-                return (None,) * 8
+                return (None,) * 9
             s = scale.view(-1, *[1] * (dy.dim() - 1)) if scale is not None else ctx.alpha
-            return dy, (dy * s).to(ctx.branch_dtype), *(None,) * 6
+            return dy, (dy * s).to(ctx.branch_dtype), *(None,) * 7
         dx, dbr, dw, db = dispatch(torch.ops.tokenlabel.add_ln_bwd, add_ln_backward, dy, dn, y, weight, mean, rstd,
                                    scale, ctx.alpha, ctx.branch_dtype, check=(dn, y))
-        return dx, dbr, None, None, dw, db, None, None
+        return dx, dbr, None, None, dw, db, None, None, None
 
 
 def check_inputs(x, branch, scale, weight, bias):
@@ -280,8 +281,10 @@ def check_inputs(x, branch, scale, weight, bias):
 
 
 def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm, scale=1.0,
-                   out_dtype: torch.dtype | None = None):
-    """``y = x + branch * scale`` and ``norm(y)``, in one pass (and one pass back): returns ``(y, norm(y))``.
+                   out_dtype: torch.dtype | None = None, return_stream: bool = True):
+    """``y = x + branch * scale`` and ``norm(y)``, in one pass (and one pass back): returns ``(y, norm(y))``, or
+    ``norm(y)`` alone with ``return_stream=False`` (the last block's stream, read only by the final LayerNorm: then
+    the backward has no stream gradient to read, and under torch.compile no zero tensor is made to stand for it).
 
     x and branch: [B, ..., C] (x the residual stream, branch a block's output); ``scale``: a number, or a tensor of
     one factor per sample (drop path's mask over keep over skip_lam, shaped [B] or [B, 1, ..]). ``norm``: an affine
@@ -298,4 +301,4 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNo
     y_dtype = torch.promote_types(x.dtype, branch.dtype)
     s = scale.reshape(-1).to(torch.float32) if tensor_scale else None
     return _AddLayerNorm.apply(x.contiguous(), branch.contiguous(), s, 1.0 if tensor_scale else float(scale),
-                               norm.weight, norm.bias, float(norm.eps), out_dtype or y_dtype)
+                               norm.weight, norm.bias, float(norm.eps), out_dtype or y_dtype, bool(return_stream))

@@ -300,13 +300,15 @@ class Block(nn.Module):
             return self.drop_path.sample_scale(x, 1.0 / self.skip_lam)
         return 1.0 / self.skip_lam
 
-    def forward_fused(self, x, n, next_norm: nn.LayerNorm, out_dtype=None):
+    def forward_fused(self, x, n, next_norm: nn.LayerNorm, out_dtype=None, last: bool = False):
         """``forward`` with ``n = norm1(x)`` given and each residual add fused with the LayerNorm after it
-        (``tokenlabel.kernels.add_layernorm``): returns ``(x_out, next_norm(x_out))``."""
+        (``tokenlabel.kernels.add_layernorm``): returns ``(x_out, next_norm(x_out))``; ``last``: ``(None,
+        next_norm(x_out))``, the stream being read by nothing else."""
         from tokenlabel.kernels.add_layernorm import add_layer_norm  # noqa: PLC0415 (imports triton)
 
         x, n = add_layer_norm(x, self.attn(n), self.norm2, self._branch_scale(x), out_dtype)
-        return add_layer_norm(x, self.mlp(n), next_norm, self._branch_scale(x), out_dtype)
+        out = add_layer_norm(x, self.mlp(n), next_norm, self._branch_scale(x), out_dtype, return_stream=not last)
+        return (None, out) if last else out
 
 
 class LVViT(nn.Module):
@@ -410,7 +412,7 @@ class LVViT(nn.Module):
             # a Linear reads the normalised tokens next inside the blocks (bf16 under autocast, as it would cast
             # them); the final norm's output keeps the stream's dtype, as nn.LayerNorm's under autocast
             step = partial(blk.forward_fused, next_norm=self.norm if last else self.blocks[i + 1].norm1,
-                           out_dtype=None if last else half)
+                           out_dtype=None if last else half, last=last)
             x, n = checkpoint(step, x, n, use_reentrant=False) if ckpt else step(x, n)
         return n
 

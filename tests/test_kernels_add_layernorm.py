@@ -113,17 +113,21 @@ def test_large_offset_small_spread(gen, device):
 
 def test_one_output_unused(gen, device):
     """Only y used (the normalised output's gradient never comes), or only n (the final LayerNorm reads the last
-    block's stream): the gradients of the other alone, as the definition gives."""
+    block's stream; also with return_stream=False, which returns n alone): the gradients of the other alone, as the
+    definition gives."""
     x, br, norm, s, dy, dn = make(gen, (2, 6, 32), torch.float32, torch.float32, device)
     y, n = al.add_layer_norm(x, br, norm, s)
     gx, gb = torch.autograd.grad(y, (x, br), dy)
     torch.testing.assert_close(gx, dy)
     torch.testing.assert_close(gb, dy * s)
+    want = run_torch(x, br, norm, s, torch.zeros_like(dy), dn, torch.float64)
     y, n = al.add_layer_norm(x, br, norm, s)
-    got = torch.autograd.grad(n, (x, br, norm.weight, norm.bias), dn)
-    want = run_torch(x, br, norm, s, torch.zeros_like(dy), dn, torch.float64)[2:]
-    for name, g, w in zip(NAMES[2:], got, want):
-        assert rel(g, w) < 1e-5, name
+    n_only = al.add_layer_norm(x, br, norm, s, return_stream=False)  # the stream kept for the backward only
+    torch.testing.assert_close(n_only, n, rtol=0, atol=0)
+    for out in (n, n_only):
+        got = torch.autograd.grad(out, (x, br, norm.weight, norm.bias), dn)
+        for name, g, w in zip(NAMES[2:], got, want[2:]):
+            assert rel(g, w) < 1e-5, name
 
 
 def test_custom_ops_under_compile_and_opcheck(gen, device):
