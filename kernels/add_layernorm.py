@@ -21,7 +21,7 @@ forward reads x 38.7 MB + branch 19.4, writes y 38.7 + n 19.4 = 116 MB (24 us at
 dn 19.4, y 38.7, writes dx 38.7 + dbranch 19.4 = 155 MB (32 us).
 
 Launches: forward one (a program per block of rows); backward two (programs over runs of rows with per-program
-dw/dbias partials, then the partials summed: ``batchnorm._bn_bwd_finalize``).
+dw/dbias partials, then the partials summed by programs over 32-channel slices).
 """
 from __future__ import annotations
 
@@ -32,11 +32,13 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, dispatch, sm_count
-from .batchnorm import _bn_bwd_finalize, _block_p
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 4096
 _TILE = 4096  # elements of one [BLOCK_R, BLOCK_C] tile
+# backward programs per SM: as many as are resident at once (8 warps at 128 registers: 2), all in one wave, each
+# with a longer run of rows; fewer dw/dbias partials to sum (264 x 2 x C on an H200, summed by C / 32 programs)
+_BWD_PER_SM = 2
 
 
 @triton.jit
@@ -112,8 +114,27 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
         s_dn += tl.sum(dn, 0)
         s_dnx += tl.sum(dn * xhat, 0)
     base = PART + p.to(tl.int64) * 2 * BLOCK_C
-    tl.store(base + offs_c, s_dn)  # slot 0 -> dbias, slot 1 -> dweight (batchnorm._bn_bwd_finalize's layout)
+    tl.store(base + offs_c, s_dn)  # slot 0 -> dbias, slot 1 -> dweight
     tl.store(base + BLOCK_C + offs_c, s_dnx)
+
+
+@triton.jit
+def _sum_partials(PART, DW, DB, NP: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                  CB: tl.constexpr):
+    """Program j: channels [j * CB, (j + 1) * CB) of dbias = sum_p PART[p, 0], dweight = sum_p PART[p, 1]."""
+    offs_c = tl.program_id(0) * CB + tl.arange(0, CB)
+    offs_p = tl.arange(0, BLOCK_P)
+    s_db = tl.zeros([CB], tl.float32)
+    s_dw = tl.zeros([CB], tl.float32)
+    for p0 in range(0, NP, BLOCK_P):
+        ps = p0 + offs_p
+        base = PART + ps.to(tl.int64)[:, None] * 2 * BLOCK_C + offs_c[None, :]
+        valid = (ps < NP)[:, None]
+        s_db += tl.sum(tl.load(base, mask=valid, other=0.0), 0)
+        s_dw += tl.sum(tl.load(base + BLOCK_C, mask=valid, other=0.0), 0)
+    cm = offs_c < C
+    tl.store(DB + offs_c, s_db.to(DB.dtype.element_ty), mask=cm)
+    tl.store(DW + offs_c, s_dw.to(DW.dtype.element_ty), mask=cm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +182,7 @@ def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype):
     M = yr.shape[0]
     n_tok = M // y.shape[0] if y.dim() > 1 and y.shape[0] else 1
     block_r, block_c = _blocks(C)
-    progs = max(1, min(triton.cdiv(M, block_r), 4 * sm_count(y.device)))
+    progs = max(1, min(triton.cdiv(M, block_r), _BWD_PER_SM * sm_count(y.device)))
     rows = triton.cdiv(triton.cdiv(M, progs), block_r) * block_r
     progs = triton.cdiv(M, rows)
     part = torch.empty(progs, 2, block_c, device=y.device, dtype=torch.float32)
@@ -175,15 +196,15 @@ def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype):
         scale if scale is not None else mean, _rows(dx, C), _rows(dbr, C), part, M, n_tok, float(alpha), C=C,
         ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=dy is not None, PER_SAMPLE=scale is not None,
         num_warps=_warps(block_c))
-    _bn_bwd_finalize[(1,)](part, dw, db, NP=progs, C=C, BLOCK_P=_block_p(progs, block_c), BLOCK_C=block_c,
-                           num_warps=4)
+    cb = min(block_c, 32)
+    _sum_partials[(triton.cdiv(C, cb),)](part, dw, db, NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb, num_warps=4)
     return dx, dbr, dw, db
 
 
 def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=torch.bfloat16) -> dict:
     """The two kernels' sm_90 builds at rows of C (an fp32 stream, the branch in ``branch_dtype``, per-sample scales,
-    a persistent backward grid of 528 programs as on an H200's 132 SMs), without a GPU (run without
-    TRITON_INTERPRET): {"fwd" | "bwd": (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
+    a persistent backward grid of 264 programs as on an H200's 132 SMs), without a GPU (run without
+    TRITON_INTERPRET): {"fwd" | "bwd" | "sum": (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
     from ._common import aot_sm90
 
     meta = dict(device="meta", dtype=torch.float32)
@@ -193,11 +214,14 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
     opts = dict(num_warps=_warps(block_c))
     fwd = (_add_ln_fwd, None, [x, br, s, w, w, x, br, rowv, rowv, M, n_tok, 0.5, 1e-6],
            dict(C=C, BLOCK_R=block_r, BLOCK_C=block_c, PER_SAMPLE=True), opts)
-    rows = triton.cdiv(triton.cdiv(M, 528), block_r) * block_r
-    part = torch.empty(528, 2, block_c, **meta)
+    rows = triton.cdiv(triton.cdiv(M, 264), block_r) * block_r
+    part = torch.empty(264, 2, block_c, **meta)
     bwd = (_add_ln_bwd, None, [x, br, x, w, rowv, rowv, s, x, br, part, M, n_tok, 0.5],
            dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True), opts)
-    return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd)}
+    cb = min(block_c, 32)
+    total = (_sum_partials, None, [part, w, w], dict(NP=264, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb),
+             dict(num_warps=4))
+    return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd), "sum": aot_sm90(total)}
 
 
 # --------------------------------------------------------------------------------------------
