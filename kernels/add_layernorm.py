@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, dispatch, sm_count
+from .batchnorm import _sum_partials, sum_partials
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 4096
@@ -118,25 +119,6 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
     tl.store(base + BLOCK_C + offs_c, s_dnx)
 
 
-@triton.jit
-def _sum_partials(PART, DW, DB, NP: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                  CB: tl.constexpr):
-    """Program j: channels [j * CB, (j + 1) * CB) of dbias = sum_p PART[p, 0], dweight = sum_p PART[p, 1]."""
-    offs_c = tl.program_id(0) * CB + tl.arange(0, CB)
-    offs_p = tl.arange(0, BLOCK_P)
-    s_db = tl.zeros([CB], tl.float32)
-    s_dw = tl.zeros([CB], tl.float32)
-    for p0 in range(0, NP, BLOCK_P):
-        ps = p0 + offs_p
-        base = PART + ps.to(tl.int64)[:, None] * 2 * BLOCK_C + offs_c[None, :]
-        valid = (ps < NP)[:, None]
-        s_db += tl.sum(tl.load(base, mask=valid, other=0.0), 0)
-        s_dw += tl.sum(tl.load(base + BLOCK_C, mask=valid, other=0.0), 0)
-    cm = offs_c < C
-    tl.store(DB + offs_c, s_db.to(DB.dtype.element_ty), mask=cm)
-    tl.store(DW + offs_c, s_dw.to(DW.dtype.element_ty), mask=cm)
-
-
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
@@ -196,8 +178,7 @@ def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype):
         scale if scale is not None else mean, _rows(dx, C), _rows(dbr, C), part, M, n_tok, float(alpha), C=C,
         ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=dy is not None, PER_SAMPLE=scale is not None,
         num_warps=_warps(block_c))
-    cb = min(block_c, 32)
-    _sum_partials[(triton.cdiv(C, cb),)](part, dw, db, NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb, num_warps=4)
+    sum_partials(part, dw, db, C)
     return dx, dbr, dw, db
 
 
@@ -218,8 +199,7 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
     part = torch.empty(264, 2, block_c, **meta)
     bwd = (_add_ln_bwd, None, [x, br, x, w, rowv, rowv, s, x, br, part, M, n_tok, 0.5],
            dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True), opts)
-    cb = min(block_c, 32)
-    total = (_sum_partials, None, [part, w, w], dict(NP=264, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb),
+    total = (_sum_partials, None, [part, w, w], dict(NP=264, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=min(block_c, 32)),
              dict(num_warps=4))
     return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd), "sum": aot_sm90(total)}
 

@@ -17,7 +17,8 @@ so no sum of squares of large values is ever formed (cancellation-free, like PyT
 Backward, with g = dout * [y > 0] (the ReLU mask recomputed from x): db = sum g, dw = sum g * xhat,
 dx = w * invstd * (g - db / M - xhat * dw / M).
 
-Three launches each way: partial statistics, finalise (one program per channel block), the pointwise pass.
+Three launches each way: partial statistics, finalise (forward: one program; backward: ``sum_partials``, programs
+over 32-channel slices), the pointwise pass.
 """
 from __future__ import annotations
 
@@ -161,20 +162,22 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
 
 
 @triton.jit
-def _bn_bwd_finalize(PART, DW, DB, NP: tl.constexpr, C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_c = tl.arange(0, BLOCK_C)
+def _sum_partials(PART, DW, DB, NP: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                  CB: tl.constexpr):
+    """Program j: channels [j * CB, (j + 1) * CB) of dbias = sum_p PART[p, 0], dweight = sum_p PART[p, 1]."""
+    offs_c = tl.program_id(0) * CB + tl.arange(0, CB)
     offs_p = tl.arange(0, BLOCK_P)
-    s_g = tl.zeros([BLOCK_C], tl.float32)
-    s_gx = tl.zeros([BLOCK_C], tl.float32)
+    s_db = tl.zeros([CB], tl.float32)
+    s_dw = tl.zeros([CB], tl.float32)
     for p0 in range(0, NP, BLOCK_P):
         ps = p0 + offs_p
         base = PART + ps.to(tl.int64)[:, None] * 2 * BLOCK_C + offs_c[None, :]
         valid = (ps < NP)[:, None]
-        s_g += tl.sum(tl.load(base, mask=valid, other=0.0), 0)
-        s_gx += tl.sum(tl.load(base + BLOCK_C, mask=valid, other=0.0), 0)
+        s_db += tl.sum(tl.load(base, mask=valid, other=0.0), 0)
+        s_dw += tl.sum(tl.load(base + BLOCK_C, mask=valid, other=0.0), 0)
     cm = offs_c < C
-    tl.store(DB + offs_c, s_g.to(DB.dtype.element_ty), mask=cm)
-    tl.store(DW + offs_c, s_gx.to(DW.dtype.element_ty), mask=cm)
+    tl.store(DB + offs_c, s_db.to(DB.dtype.element_ty), mask=cm)
+    tl.store(DW + offs_c, s_dw.to(DW.dtype.element_ty), mask=cm)
 
 
 @triton.jit
@@ -215,6 +218,14 @@ def _grid(M, C, device):
 def _block_p(progs, block_c):
     """Partials combined per step of the finalise loop: a [BLOCK_P, BLOCK_C] tile of ~4K values."""
     return max(1, min(triton.next_power_of_2(progs), 4096 // block_c))
+
+
+def sum_partials(part, dw, db, C):
+    """db = part[:, 0, :C].sum(0), dw = part[:, 1, :C].sum(0) for [programs, 2, BLOCK_C] fp32 partials, by programs
+    over 32-channel slices (one program alone would stream every partial through one SM)."""
+    progs, _, block_c = part.shape
+    cb = min(block_c, 32)
+    _sum_partials[(triton.cdiv(C, cb),)](part, dw, db, NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb, num_warps=4)
 
 
 def _rows_view(x):
@@ -274,8 +285,7 @@ def bn_relu_backward(dout, x, weight, bias, mean, invstd):
     dr = _rows_view(dout)
     tiles = dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
     _bn_relu_bwd_sums[(progs,)](dr, xr, mean, invstd, weight, bias, part, M, **tiles)
-    _bn_bwd_finalize[(1,)](part, dw, db, NP=progs, C=C, BLOCK_P=_block_p(progs, block_c), BLOCK_C=block_c,
-                           num_warps=4)
+    sum_partials(part, dw, db, C)
     _bn_relu_bwd_apply[(progs,)](dr, xr, _rows_view(dx), mean, invstd, weight, bias, dw, db, M, **tiles)
     return dx, dw, db
 
