@@ -36,9 +36,12 @@ from .batchnorm import _sum_partials, sum_partials
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 4096
-_TILE = 4096  # elements of one [BLOCK_R, BLOCK_C] tile
-# backward programs per SM: as many as are resident at once (8 warps at 128 registers: 2), all in one wave, each
-# with a longer run of rows; fewer dw/dbias partials to sum (264 x 2 x C on an H200, summed by C / 32 programs)
+# elements of one [BLOCK_R, BLOCK_C] tile, forward and backward (8 warps each). The backward's 2048 keeps it near
+# 100 registers at every LV-ViT width in the sm_90 builds, so 2 programs are resident per SM (4096 took 147 at
+# C = 384 with the branch bias: 1 program per SM)
+_TILE_FWD, _TILE_BWD = 4096, 2048
+# backward programs per SM: as many as are resident at once, all in one wave, each with a longer run of rows; fewer
+# partials to sum (264 x 3 x C on an H200's 132 SMs, summed by C / 32 programs)
 _BWD_PER_SM = 2
 
 
@@ -59,12 +62,14 @@ def _row_scale(S, rows, M, N_TOK, alpha, PER_SAMPLE: tl.constexpr):
 
 
 @triton.jit
-def _add_ln_fwd(X, BR, S, W, B, Y, OUT, MEAN, RSTD, M, N_TOK, alpha, eps, C: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_SAMPLE: tl.constexpr):
+def _add_ln_fwd(X, BR, BB, S, W, B, Y, OUT, MEAN, RSTD, M, N_TOK, alpha, eps, C: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_BB: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
     x, mask, offs = _tile(X, rows, offs_c, M, C)
     br, _, _ = _tile(BR, rows, offs_c, M, C)
+    if HAS_BB:  # the bias of the Linear that made the branch
+        br += tl.load(BB + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     y = x + br * _row_scale(S, rows, M, N_TOK, alpha, PER_SAMPLE)[:, None]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     y = y.to(Y.dtype.element_ty).to(tl.float32)  # normalise the stream as stored (as the unfused path does)
@@ -83,8 +88,10 @@ def _add_ln_fwd(X, BR, S, W, B, Y, OUT, MEAN, RSTD, M, N_TOK, alpha, eps, C: tl.
 
 @triton.jit
 def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: tl.constexpr, ROWS: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr, PER_SAMPLE: tl.constexpr):
-    """Program p: rows [p * ROWS, (p + 1) * ROWS): dx, dbranch; sum dn and sum dn * xhat into PART[p]."""
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr, PER_SAMPLE: tl.constexpr,
+                HAS_BB: tl.constexpr):
+    """Program p: rows [p * ROWS, (p + 1) * ROWS): dx, dbranch; sum dn, sum dn * xhat (and sum dbranch, the
+    branch bias's gradient) into PART[p]."""
     p = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -92,6 +99,7 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
     w = tl.load(W + offs_c, mask=cm, other=0.0).to(tl.float32)
     s_dn = tl.zeros([BLOCK_C], tl.float32)
     s_dnx = tl.zeros([BLOCK_C], tl.float32)
+    s_dbr = tl.zeros([BLOCK_C], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
     for i in range(0, ROWS // BLOCK_R):  # ROWS is a multiple of BLOCK_R; rows past ``end`` are masked
@@ -114,22 +122,26 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
         tl.store(DBR + offs, dbr.to(DBR.dtype.element_ty), mask=mask)
         s_dn += tl.sum(dn, 0)
         s_dnx += tl.sum(dn * xhat, 0)
-    base = PART + p.to(tl.int64) * 2 * BLOCK_C
-    tl.store(base + offs_c, s_dn)  # slot 0 -> dbias, slot 1 -> dweight
+        if HAS_BB:
+            s_dbr += tl.sum(dbr, 0)
+    base = PART + p.to(tl.int64) * (3 if HAS_BB else 2) * BLOCK_C
+    tl.store(base + offs_c, s_dn)  # slot 0 -> dbias, 1 -> dweight, 2 -> the branch bias's gradient
     tl.store(base + BLOCK_C + offs_c, s_dnx)
+    if HAS_BB:
+        tl.store(base + 2 * BLOCK_C + offs_c, s_dbr)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _blocks(C):
+def _blocks(C, tile):
     block_c = max(16, triton.next_power_of_2(C))
-    return max(1, _TILE // block_c), block_c
+    return max(1, tile // block_c), block_c
 
 
 def _warps(block_c):
-    """8 warps: a 4096-element tile is 16 values per thread per tensor; the sm_90 builds at LV-ViT-S's width take
-    62 (forward) and 128 (backward) registers, against 96 and 214 with 4 warps (2 backward programs per SM)."""
+    """8 warps: the forward's 4096-element tile is 16 values per thread per tensor, 48-62 registers in the sm_90
+    builds (96 with 4 warps)."""
     return 8
 
 
@@ -137,9 +149,9 @@ def _rows(t, C):
     return t.reshape(-1, C)
 
 
-def add_ln_forward(x, branch, scale, alpha, weight, bias, eps, out_dtype):
+def add_ln_forward(x, branch, branch_bias, scale, alpha, weight, bias, eps, out_dtype):
     """(y like x, n [.., C] in out_dtype, mean [M] fp32, rstd [M] fp32). ``scale``: [B] per-sample factors (x is
-    [B, N, C]) or None for the constant ``alpha``."""
+    [B, N, C]) or None for the constant ``alpha``; ``branch_bias``: [C], added to the branch, or None."""
     C = x.shape[-1]
     xr, brr = _rows(x, C), _rows(branch, C)
     M = xr.shape[0]
@@ -148,59 +160,64 @@ def add_ln_forward(x, branch, scale, alpha, weight, bias, eps, out_dtype):
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-    block_r, block_c = _blocks(C)
+    block_r, block_c = _blocks(C, _TILE_FWD)
     _add_ln_fwd[(triton.cdiv(M, block_r),)](
-        xr, brr, scale if scale is not None else mean, weight, bias, _rows(y, C), _rows(out, C), mean, rstd, M,
-        n_tok, float(alpha), float(eps), C=C, BLOCK_R=block_r, BLOCK_C=block_c, PER_SAMPLE=scale is not None,
-        num_warps=_warps(block_c))
+        xr, brr, branch_bias if branch_bias is not None else weight, scale if scale is not None else mean, weight,
+        bias, _rows(y, C), _rows(out, C), mean, rstd, M, n_tok, float(alpha), float(eps), C=C, BLOCK_R=block_r,
+        BLOCK_C=block_c, PER_SAMPLE=scale is not None, HAS_BB=branch_bias is not None, num_warps=_warps(block_c))
     return y, out, mean, rstd
 
 
-def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype):
-    """(dx like y, dbranch in branch_dtype, dweight like weight, dbias like weight). ``dy`` None: the stream is not
-    used further on (the last block's, read only by the final LayerNorm)."""
+def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype, branch_bias_dtype):
+    """(dx like y, dbranch in branch_dtype, dweight like weight, dbias like weight, dbranch_bias [C] in
+    branch_bias_dtype, or [0] for None: no branch bias). ``dy`` None: the stream is not used further on (the last
+    block's, read only by the final LayerNorm)."""
     C = y.shape[-1]
     yr = _rows(y, C)
     M = yr.shape[0]
     n_tok = M // y.shape[0] if y.dim() > 1 and y.shape[0] else 1
-    block_r, block_c = _blocks(C)
+    block_r, block_c = _blocks(C, _TILE_BWD)
     progs = max(1, min(triton.cdiv(M, block_r), _BWD_PER_SM * sm_count(y.device)))
     rows = triton.cdiv(triton.cdiv(M, progs), block_r) * block_r
     progs = triton.cdiv(M, rows)
-    part = torch.empty(progs, 2, block_c, device=y.device, dtype=torch.float32)
+    has_bb = branch_bias_dtype is not None
+    part = torch.empty(progs, 3 if has_bb else 2, block_c, device=y.device, dtype=torch.float32)
     dx = torch.empty_like(y)
     dbr = torch.empty(y.shape, device=y.device, dtype=branch_dtype)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight)
+    dbb = torch.empty(C if has_bb else 0, device=y.device, dtype=branch_bias_dtype or torch.float32)
     dn = _rows(dn.contiguous(), C)
     _add_ln_bwd[(progs,)](
         _rows(dy.contiguous(), C) if dy is not None else dn, dn, yr, weight, mean, rstd,
         scale if scale is not None else mean, _rows(dx, C), _rows(dbr, C), part, M, n_tok, float(alpha), C=C,
         ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=dy is not None, PER_SAMPLE=scale is not None,
-        num_warps=_warps(block_c))
-    sum_partials(part, dw, db, C)
-    return dx, dbr, dw, db
+        HAS_BB=has_bb, num_warps=_warps(block_c))
+    sum_partials(part, (db, dw, dbb) if has_bb else (db, dw), C)
+    return dx, dbr, dw, db, dbb
 
 
 def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=torch.bfloat16) -> dict:
-    """The two kernels' sm_90 builds at rows of C (an fp32 stream, the branch in ``branch_dtype``, per-sample scales,
-    a persistent backward grid of 264 programs as on an H200's 132 SMs), without a GPU (run without
-    TRITON_INTERPRET): {"fwd" | "bwd" | "sum": (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
+    """The kernels' sm_90 builds at rows of C (an fp32 stream, the branch in ``branch_dtype`` with its Linear's
+    bias, per-sample scales, a persistent backward grid of 264 programs as on an H200's 132 SMs), without a GPU (run
+    without TRITON_INTERPRET): {"fwd" | "bwd" | "sum": (registers, spilled stack bytes, shared bytes, cp.async
+    copies)}."""
     from ._common import aot_sm90
 
     meta = dict(device="meta", dtype=torch.float32)
     x, br = torch.empty(M, C, **meta), torch.empty(M, C, device="meta", dtype=branch_dtype)
     w, rowv, s = torch.empty(C, **meta), torch.empty(M, **meta), torch.empty(M // n_tok, **meta)
-    block_r, block_c = _blocks(C)
+    block_r, block_c = _blocks(C, _TILE_FWD)
     opts = dict(num_warps=_warps(block_c))
-    fwd = (_add_ln_fwd, None, [x, br, s, w, w, x, br, rowv, rowv, M, n_tok, 0.5, 1e-6],
-           dict(C=C, BLOCK_R=block_r, BLOCK_C=block_c, PER_SAMPLE=True), opts)
+    fwd = (_add_ln_fwd, None, [x, br, w, s, w, w, x, br, rowv, rowv, M, n_tok, 0.5, 1e-6],
+           dict(C=C, BLOCK_R=block_r, BLOCK_C=block_c, PER_SAMPLE=True, HAS_BB=True), opts)
+    block_r = _blocks(C, _TILE_BWD)[0]
     rows = triton.cdiv(triton.cdiv(M, 264), block_r) * block_r
-    part = torch.empty(264, 2, block_c, **meta)
+    part = torch.empty(264, 3, block_c, **meta)
     bwd = (_add_ln_bwd, None, [x, br, x, w, rowv, rowv, s, x, br, part, M, n_tok, 0.5],
-           dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True), opts)
-    total = (_sum_partials, None, [part, w, w], dict(NP=264, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=min(block_c, 32)),
-             dict(num_warps=4))
+           dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True, HAS_BB=True), opts)
+    total = (_sum_partials, None, [part, w, w, w], dict(NP=264, C=C, BLOCK_C=block_c, BLOCK_P=64,
+                                                        CB=min(block_c, 32), SLOTS=3), dict(num_warps=4))
     return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd), "sum": aot_sm90(total)}
 
 
@@ -208,14 +225,14 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
 # torch.library ops (torch.compile sees fakes) and the autograd glue
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("tokenlabel::add_ln_fwd", mutates_args=())
-def add_ln_fwd_op(x: torch.Tensor, branch: torch.Tensor, scale: Optional[torch.Tensor], alpha: float,
-                  weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_ln_forward(x, branch, scale, alpha, weight, bias, eps, out_dtype)
+def add_ln_fwd_op(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optional[torch.Tensor],
+                  scale: Optional[torch.Tensor], alpha: float, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_ln_forward(x, branch, branch_bias, scale, alpha, weight, bias, eps, out_dtype)
 
 
 @add_ln_fwd_op.register_fake
-def _(x, branch, scale, alpha, weight, bias, eps, out_dtype):
+def _(x, branch, branch_bias, scale, alpha, weight, bias, eps, out_dtype):
     M = x.numel() // x.shape[-1]
     return (torch.empty_like(x, dtype=torch.promote_types(x.dtype, branch.dtype)),
             x.new_empty(x.shape, dtype=out_dtype), x.new_empty(M, dtype=torch.float32),
@@ -225,23 +242,27 @@ def _(x, branch, scale, alpha, weight, bias, eps, out_dtype):
 @torch.library.custom_op("tokenlabel::add_ln_bwd", mutates_args=())
 def add_ln_bwd_op(dy: Optional[torch.Tensor], dn: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                   mean: torch.Tensor, rstd: torch.Tensor, scale: Optional[torch.Tensor], alpha: float,
-                  branch_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype)
+                  branch_dtype: torch.dtype, branch_bias_dtype: Optional[torch.dtype]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype, branch_bias_dtype)
 
 
 @add_ln_bwd_op.register_fake
-def _(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype):
+def _(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype, branch_bias_dtype):
+    C = y.shape[-1]
     return (torch.empty_like(y), y.new_empty(y.shape, dtype=branch_dtype), torch.empty_like(weight),
-            torch.empty_like(weight))
+            torch.empty_like(weight), y.new_empty(C if branch_bias_dtype is not None else 0,
+                                                  dtype=branch_bias_dtype or torch.float32))
 
 
 class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, branch, scale, alpha, weight, bias, eps, out_dtype, return_stream):
-        y, n, mean, rstd = dispatch(torch.ops.tokenlabel.add_ln_fwd, add_ln_forward, x, branch, scale, alpha, weight,
-                                    bias, eps, out_dtype, check=(x, branch))
+    def forward(ctx, x, branch, branch_bias, scale, alpha, weight, bias, eps, out_dtype, return_stream):
+        y, n, mean, rstd = dispatch(torch.ops.tokenlabel.add_ln_fwd, add_ln_forward, x, branch, branch_bias, scale,
+                                    alpha, weight, bias, eps, out_dtype, check=(x, branch))
         ctx.save_for_backward(y, weight, mean, rstd, scale)
         ctx.alpha, ctx.branch_dtype, ctx.return_stream = alpha, branch.dtype, return_stream
+        ctx.branch_bias_dtype = None if branch_bias is None else branch_bias.dtype
         ctx.set_materialize_grads(False)
         return (y, n) if return_stream else n  # else y is kept for the backward only: no gradient is made for it
 
@@ -250,17 +271,21 @@ class _AddLayerNorm(torch.autograd.Function):
     def backward(ctx, *grads):
         dy, dn = grads if ctx.return_stream else (None, grads[0])
         y, weight, mean, rstd, scale = ctx.saved_tensors
+        has_bb = ctx.branch_bias_dtype is not None
         if dn is None:  # the LayerNorm's output unused: only the stream's gradient flows (dy, or nothing)
             if dy is None:
-                return (None,) * 9
+                return (None,) * 10
             s = scale.view(-1, *[1] * (dy.dim() - 1)) if scale is not None else ctx.alpha
-            return dy, (dy * s).to(ctx.branch_dtype), *(None,) * 7
-        dx, dbr, dw, db = dispatch(torch.ops.tokenlabel.add_ln_bwd, add_ln_backward, dy, dn, y, weight, mean, rstd,
-                                   scale, ctx.alpha, ctx.branch_dtype, check=(dn, y))
-        return dx, dbr, None, None, dw, db, None, None, None
+            dbr = dy * s
+            dbb = dbr.reshape(-1, dbr.shape[-1]).sum(0).to(ctx.branch_bias_dtype) if has_bb else None
+            return dy, dbr.to(ctx.branch_dtype), dbb, *(None,) * 7
+        dx, dbr, dw, db, dbb = dispatch(torch.ops.tokenlabel.add_ln_bwd, add_ln_backward, dy, dn, y, weight, mean,
+                                        rstd, scale, ctx.alpha, ctx.branch_dtype, ctx.branch_bias_dtype,
+                                        check=(dn, y))
+        return dx, dbr, dbb if has_bb else None, None, None, dw, db, None, None, None
 
 
-def check_inputs(x, branch, scale, weight, bias):
+def check_inputs(x, branch, scale, weight, bias, branch_bias=None):
     if x.shape != branch.shape:
         raise ValueError(f"add_layer_norm: x and branch must have one shape, got {tuple(x.shape)} and "
                          f"{tuple(branch.shape)}")
@@ -273,6 +298,9 @@ def check_inputs(x, branch, scale, weight, bias):
     if weight.shape != (C,) or bias.shape != (C,):
         raise ValueError(f"add_layer_norm: weight and bias must be [{C}], got {tuple(weight.shape)}, "
                          f"{tuple(bias.shape)}")
+    if branch_bias is not None and (branch_bias.shape != (C,) or branch_bias.dtype not in _DTYPES):
+        raise ValueError(f"add_layer_norm: branch_bias must be a float [{C}], got {tuple(branch_bias.shape)} "
+                         f"{branch_bias.dtype}")
     if scale is not None and scale.numel() != x.shape[0]:
         raise ValueError(f"add_layer_norm: scale must hold one factor per sample ({x.shape[0]}), got shape "
                          f"{tuple(scale.shape)}")
@@ -285,24 +313,30 @@ def check_inputs(x, branch, scale, weight, bias):
 
 
 def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, norm: torch.nn.LayerNorm, scale=1.0,
-                   out_dtype: torch.dtype | None = None, return_stream: bool = True):
-    """``y = x + branch * scale`` and ``norm(y)``, in one pass (and one pass back): returns ``(y, norm(y))``, or
-    ``norm(y)`` alone with ``return_stream=False`` (the last block's stream, read only by the final LayerNorm: then
-    the backward has no stream gradient to read, and under torch.compile no zero tensor is made to stand for it).
+                   out_dtype: torch.dtype | None = None, return_stream: bool = True,
+                   branch_bias: torch.Tensor | None = None):
+    """``y = x + (branch + branch_bias) * scale`` and ``norm(y)``, in one pass (and one pass back): returns ``(y,
+    norm(y))``, or ``norm(y)`` alone with ``return_stream=False`` (the last block's stream, read only by the final
+    LayerNorm: then the backward has no stream gradient to read, and under torch.compile no zero tensor is made to
+    stand for it).
 
     x and branch: [B, ..., C] (x the residual stream, branch a block's output); ``scale``: a number, or a tensor of
     one factor per sample (drop path's mask over keep over skip_lam, shaped [B] or [B, 1, ..]). ``norm``: an affine
     nn.LayerNorm over the last dimension. ``out_dtype``: the normalised output's dtype (None: y's; under autocast the
     caller passes the autocast dtype where a Linear reads it next). y has x's and branch's promoted dtype.
+    ``branch_bias``: [C], the bias of the Linear whose output (computed without it) is the branch: its gradient, the
+    branch gradient's sum over rows, then comes out of the same backward pass instead of another read of that
+    gradient.
     """
     if not isinstance(norm, torch.nn.LayerNorm) or not norm.elementwise_affine or norm.bias is None \
             or len(norm.normalized_shape) != 1:
         raise ValueError("add_layer_norm: needs an nn.LayerNorm over the last dimension with weight and bias")
     tensor_scale = isinstance(scale, torch.Tensor)
-    check_inputs(x, branch, scale if tensor_scale else None, norm.weight, norm.bias)
+    check_inputs(x, branch, scale if tensor_scale else None, norm.weight, norm.bias, branch_bias)
     if x.shape[-1] != norm.normalized_shape[0]:
         raise ValueError(f"add_layer_norm: rows of {x.shape[-1]} but the LayerNorm is over {norm.normalized_shape[0]}")
     y_dtype = torch.promote_types(x.dtype, branch.dtype)
     s = scale.reshape(-1).to(torch.float32) if tensor_scale else None
-    return _AddLayerNorm.apply(x.contiguous(), branch.contiguous(), s, 1.0 if tensor_scale else float(scale),
-                               norm.weight, norm.bias, float(norm.eps), out_dtype or y_dtype, bool(return_stream))
+    return _AddLayerNorm.apply(x.contiguous(), branch.contiguous(), branch_bias, s,
+                               1.0 if tensor_scale else float(scale), norm.weight, norm.bias, float(norm.eps),
+                               out_dtype or y_dtype, bool(return_stream))

@@ -162,22 +162,27 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
 
 
 @triton.jit
-def _sum_partials(PART, DW, DB, NP: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                  CB: tl.constexpr):
-    """Program j: channels [j * CB, (j + 1) * CB) of dbias = sum_p PART[p, 0], dweight = sum_p PART[p, 1]."""
+def _sum_partials(PART, OUT0, OUT1, OUT2, NP: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_P: tl.constexpr, CB: tl.constexpr, SLOTS: tl.constexpr):
+    """Program j: channels [j * CB, (j + 1) * CB) of OUTs = sum_p PART[p, s] for the s < SLOTS (2 or 3)."""
     offs_c = tl.program_id(0) * CB + tl.arange(0, CB)
     offs_p = tl.arange(0, BLOCK_P)
-    s_db = tl.zeros([CB], tl.float32)
-    s_dw = tl.zeros([CB], tl.float32)
+    s0 = tl.zeros([CB], tl.float32)
+    s1 = tl.zeros([CB], tl.float32)
+    s2 = tl.zeros([CB], tl.float32)
     for p0 in range(0, NP, BLOCK_P):
         ps = p0 + offs_p
-        base = PART + ps.to(tl.int64)[:, None] * 2 * BLOCK_C + offs_c[None, :]
+        base = PART + ps.to(tl.int64)[:, None] * SLOTS * BLOCK_C + offs_c[None, :]
         valid = (ps < NP)[:, None]
-        s_db += tl.sum(tl.load(base, mask=valid, other=0.0), 0)
-        s_dw += tl.sum(tl.load(base + BLOCK_C, mask=valid, other=0.0), 0)
+        s0 += tl.sum(tl.load(base, mask=valid, other=0.0), 0)
+        s1 += tl.sum(tl.load(base + BLOCK_C, mask=valid, other=0.0), 0)
+        if SLOTS == 3:
+            s2 += tl.sum(tl.load(base + 2 * BLOCK_C, mask=valid, other=0.0), 0)
     cm = offs_c < C
-    tl.store(DB + offs_c, s_db.to(DB.dtype.element_ty), mask=cm)
-    tl.store(DW + offs_c, s_dw.to(DW.dtype.element_ty), mask=cm)
+    tl.store(OUT0 + offs_c, s0.to(OUT0.dtype.element_ty), mask=cm)
+    tl.store(OUT1 + offs_c, s1.to(OUT1.dtype.element_ty), mask=cm)
+    if SLOTS == 3:
+        tl.store(OUT2 + offs_c, s2.to(OUT2.dtype.element_ty), mask=cm)
 
 
 @triton.jit
@@ -220,12 +225,13 @@ def _block_p(progs, block_c):
     return max(1, min(triton.next_power_of_2(progs), 4096 // block_c))
 
 
-def sum_partials(part, dw, db, C):
-    """db = part[:, 0, :C].sum(0), dw = part[:, 1, :C].sum(0) for [programs, 2, BLOCK_C] fp32 partials, by programs
-    over 32-channel slices (one program alone would stream every partial through one SM)."""
-    progs, _, block_c = part.shape
+def sum_partials(part, outs, C):
+    """outs[s] = part[:, s, :C].sum(0) for [programs, len(outs) (2 or 3), BLOCK_C] fp32 partials, by programs over
+    32-channel slices (one program alone would stream every partial through one SM)."""
+    progs, slots, block_c = part.shape
     cb = min(block_c, 32)
-    _sum_partials[(triton.cdiv(C, cb),)](part, dw, db, NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb, num_warps=4)
+    _sum_partials[(triton.cdiv(C, cb),)](part, *outs, *outs[:3 - slots], NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64,
+                                         CB=cb, SLOTS=slots, num_warps=4)
 
 
 def _rows_view(x):
@@ -285,7 +291,7 @@ def bn_relu_backward(dout, x, weight, bias, mean, invstd):
     dr = _rows_view(dout)
     tiles = dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
     _bn_relu_bwd_sums[(progs,)](dr, xr, mean, invstd, weight, bias, part, M, **tiles)
-    sum_partials(part, dw, db, C)
+    sum_partials(part, (db, dw), C)
     _bn_relu_bwd_apply[(progs,)](dr, xr, _rows_view(dx), mean, invstd, weight, bias, dw, db, M, **tiles)
     return dx, dw, db
 

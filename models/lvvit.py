@@ -233,7 +233,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        return self.proj(attention_qkv(self.qkv(x), self.num_heads, self.backend, self.scale))
+        return self.proj(self.heads(x))
+
+    def heads(self, x):
+        """The heads' outputs ``[B, N, D]``, before ``proj``."""
+        return attention_qkv(self.qkv(x), self.num_heads, self.backend, self.scale)
 
 
 class Mlp(nn.Module):
@@ -244,7 +248,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.hidden(x))
+
+    def hidden(self, x):
+        return self.act(self.fc1(x))
 
 
 class DropPath(nn.Module):
@@ -302,12 +309,16 @@ class Block(nn.Module):
 
     def forward_fused(self, x, n, next_norm: nn.LayerNorm, out_dtype=None, last: bool = False):
         """``forward`` with ``n = norm1(x)`` given and each residual add fused with the LayerNorm after it
-        (``tokenlabel.kernels.add_layernorm``): returns ``(x_out, next_norm(x_out))``; ``last``: ``(None,
+        (``tokenlabel.kernels.add_layernorm``; the biases of ``attn.proj`` and ``mlp.fc2`` are added there too, so
+        their gradients come from the same backward pass): returns ``(x_out, next_norm(x_out))``; ``last``: ``(None,
         next_norm(x_out))``, the stream being read by nothing else."""
         from tokenlabel.kernels.add_layernorm import add_layer_norm  # noqa: PLC0415 (imports triton)
 
-        x, n = add_layer_norm(x, self.attn(n), self.norm2, self._branch_scale(x), out_dtype)
-        out = add_layer_norm(x, self.mlp(n), next_norm, self._branch_scale(x), out_dtype, return_stream=not last)
+        proj, fc2 = self.attn.proj, self.mlp.fc2
+        x, n = add_layer_norm(x, F.linear(self.attn.heads(n), proj.weight), self.norm2, self._branch_scale(x),
+                              out_dtype, branch_bias=proj.bias)
+        out = add_layer_norm(x, F.linear(self.mlp.hidden(n), fc2.weight), next_norm, self._branch_scale(x), out_dtype,
+                             return_stream=not last, branch_bias=fc2.bias)
         return (None, out) if last else out
 
 

@@ -1,6 +1,6 @@
 """Residual add + LayerNorm kernels (kernels/add_layernorm.py) against the definition in float64:
-y = x + branch * s, n = LayerNorm(y); the stream, the normalised output and the gradients of x, branch, weight and
-bias (CPU: interpreted)."""
+y = x + (branch + branch_bias) * s, n = LayerNorm(y); the stream, the normalised output and the gradients of x,
+branch, the LayerNorm's weight and bias and the branch bias (CPU: interpreted)."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from tokenlabel.kernels import add_layernorm as al
 
 
-def make(gen, shape, x_dtype, br_dtype, device, scale_kind="sample", offset=0.0, spread=1.0):
+def make(gen, shape, x_dtype, br_dtype, device, scale_kind="sample", offset=0.0, spread=1.0, bias=False):
+    """x, branch, the LayerNorm, the scale, dy, dn and the branch bias (fp32, as a Linear's under autocast, or
+    None)."""
     C = shape[-1]
     x = (torch.randn(shape, generator=gen) * spread + offset).to(device, x_dtype).requires_grad_()
     br = torch.randn(shape, generator=gen).to(device, br_dtype).requires_grad_()
@@ -27,30 +29,38 @@ def make(gen, shape, x_dtype, br_dtype, device, scale_kind="sample", offset=0.0,
         s = 0.5
     dy = torch.randn(shape, generator=gen).to(device)
     dn = torch.randn(shape, generator=gen).to(device)
-    return x, br, norm, s, dy, dn
+    bb = (torch.randn(C, generator=gen) * 0.5).to(device).requires_grad_() if bias else None
+    return x, br, norm, s, dy, dn, bb
 
 
-def run_ours(x, br, norm, s, dy, dn, out_dtype=None):
-    y, n = al.add_layer_norm(x, br, norm, s, out_dtype)
-    grads = torch.autograd.grad((y, n), (x, br, norm.weight, norm.bias), (dy.to(y.dtype), dn.to(n.dtype)))
+def run_ours(x, br, norm, s, dy, dn, bb=None, out_dtype=None):
+    y, n = al.add_layer_norm(x, br, norm, s, out_dtype, branch_bias=bb)
+    wrt = (x, br, norm.weight, norm.bias) + ((bb,) if bb is not None else ())
+    grads = torch.autograd.grad((y, n), wrt, (dy.to(y.dtype), dn.to(n.dtype)))
     return (y, n, *grads)
 
 
-def run_torch(x, br, norm, s, dy, dn, dtype, out_dtype=None):
+def run_torch(x, br, norm, s, dy, dn, bb, dtype, out_dtype=None):
     """The unfused path computed in ``dtype`` (float64: the reference; float32: what torch does under autocast,
     the LayerNorm in fp32, its output cast to ``out_dtype``)."""
     xx = x.detach().to(dtype).requires_grad_()
-    bb = br.detach().to(dtype).requires_grad_()
+    bbr = br.detach().to(dtype).requires_grad_()
     w = norm.weight.detach().to(dtype).requires_grad_()
     b = norm.bias.detach().to(dtype).requires_grad_()
     ss = s.to(dtype) if isinstance(s, torch.Tensor) else s
-    y = xx + bb * ss
+    wrt = (xx, bbr, w, b)
+    if bb is not None:
+        bbb = bb.detach().to(dtype).requires_grad_()
+        wrt += (bbb,)
+        y = xx + (bbr + bbb) * ss
+    else:
+        y = xx + bbr * ss
     if dtype != torch.float64 and x.dtype != torch.float32:  # the stream as torch rounds it (a half-precision x)
         y = y.to(x.dtype).to(dtype)
     n = F.layer_norm(y, (y.shape[-1],), w, b, norm.eps)
     if out_dtype is not None and dtype != torch.float64:
         n = n.to(out_dtype).to(dtype)
-    grads = torch.autograd.grad((y, n), (xx, bb, w, b), (dy.to(dtype), dn.to(dtype)))
+    grads = torch.autograd.grad((y, n), wrt, (dy.to(dtype), dn.to(dtype)))
     return (y, n, *grads)
 
 
@@ -61,7 +71,7 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
-NAMES = ("y", "n", "dx", "dbranch", "dweight", "dbias")
+NAMES = ("y", "n", "dx", "dbranch", "dweight", "dbias", "dbranch_bias")
 # realistic (LV-ViT-S's 197 tokens of 384; -T's 240 channels, -L's 768) and awkward (7 channels, one channel, one
 # row, a 2-D input whose rows are the samples, the 4096-channel limit, more programs than rows per block)
 SHAPES = [(2, 197, 384), (3, 5, 240), (2, 3, 768), (3, 7, 7), (4, 3, 1), (1, 1, 50), (37, 100), (2, 2, 4096)]
@@ -69,10 +79,12 @@ SHAPES = [(2, 197, 384), (3, 5, 240), (2, 3, 768), (3, 7, 7), (4, 3, 1), (1, 1, 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("scale_kind", ["sample", "constant"])
-def test_fp32_matches_float64(gen, device, shape, scale_kind):
-    x, br, norm, s, dy, dn = make(gen, shape, torch.float32, torch.float32, device, scale_kind)
-    got = run_ours(x, br, norm, s, dy, dn)
-    want = run_torch(x, br, norm, s, dy, dn, torch.float64)
+@pytest.mark.parametrize("bias", [True, False], ids=["branch-bias", "no-bias"])
+def test_fp32_matches_float64(gen, device, shape, scale_kind, bias):
+    x, br, norm, s, dy, dn, bb = make(gen, shape, torch.float32, torch.float32, device, scale_kind, bias=bias)
+    got = run_ours(x, br, norm, s, dy, dn, bb)
+    want = run_torch(x, br, norm, s, dy, dn, bb, torch.float64)
+    assert len(got) == len(want) == 6 + bias
     for name, g, w in zip(NAMES, got, want):
         assert g.shape == w.shape and g.dtype == torch.float32, name
         assert rel(g, w) < 1e-5, name
@@ -85,10 +97,10 @@ def test_half_precision_within_twice_torch(gen, device, case, dtype):
     autocast); "half-stream": everything in half precision (a model cast to it). Against float64: at most 2x the
     error of the unfused path in fp32 rounded where torch rounds, plus the output dtype's rounding."""
     x_dtype = torch.float32 if case == "autocast" else dtype
-    x, br, norm, s, dy, dn = make(gen, (3, 50, 384), x_dtype, dtype, device, offset=0.5, spread=2.0)
-    got = run_ours(x, br, norm, s, dy, dn, out_dtype=dtype)
-    want = run_torch(x, br, norm, s, dy, dn, torch.float64)
-    base = run_torch(x, br, norm, s, dy, dn, torch.float32, out_dtype=dtype)
+    x, br, norm, s, dy, dn, bb = make(gen, (3, 50, 384), x_dtype, dtype, device, offset=0.5, spread=2.0, bias=True)
+    got = run_ours(x, br, norm, s, dy, dn, bb, out_dtype=dtype)
+    want = run_torch(x, br, norm, s, dy, dn, bb, torch.float64)
+    base = run_torch(x, br, norm, s, dy, dn, bb, torch.float32, out_dtype=dtype)
     assert got[0].dtype == x_dtype and got[1].dtype == dtype and got[3].dtype == dtype
     eps = torch.finfo(dtype).eps
     for name, g, w, b in zip(NAMES, got, want, base):
@@ -100,12 +112,12 @@ def test_large_offset_small_spread(gen, device):
     in registers), not as E[y^2] - E[y]^2, which would cancel to noise. Within 2x fp32 torch plus two fp32 ulps of
     the mean relative to the spread."""
     offset, spread = 1000.0, 0.01
-    x, br, norm, _, dy, dn = make(gen, (2, 9, 64), torch.float32, torch.float32, device, offset=offset,
-                                  spread=spread)
+    x, br, norm, _, dy, dn, _ = make(gen, (2, 9, 64), torch.float32, torch.float32, device, offset=offset,
+                                     spread=spread)
     br = (br.detach() * 1e-3).requires_grad_()
     got = run_ours(x, br, norm, 1.0, dy, dn)
-    want = run_torch(x, br, norm, 1.0, dy, dn, torch.float64)
-    base = run_torch(x, br, norm, 1.0, dy, dn, torch.float32)
+    want = run_torch(x, br, norm, 1.0, dy, dn, None, torch.float64)
+    base = run_torch(x, br, norm, 1.0, dy, dn, None, torch.float32)
     floor = 2 * torch.finfo(torch.float32).eps * offset / spread
     for name, g, w, b in zip(NAMES, got, want, base):
         assert rel(g, w) <= 2 * rel(b, w) + floor, name
@@ -114,49 +126,58 @@ def test_large_offset_small_spread(gen, device):
 def test_one_output_unused(gen, device):
     """Only y used (the normalised output's gradient never comes), or only n (the final LayerNorm reads the last
     block's stream; also with return_stream=False, which returns n alone): the gradients of the other alone, as the
-    definition gives."""
-    x, br, norm, s, dy, dn = make(gen, (2, 6, 32), torch.float32, torch.float32, device)
-    y, n = al.add_layer_norm(x, br, norm, s)
-    gx, gb = torch.autograd.grad(y, (x, br), dy)
+    definition gives, the branch bias's included."""
+    x, br, norm, s, dy, dn, bb = make(gen, (2, 6, 32), torch.float32, torch.float32, device, bias=True)
+    y, n = al.add_layer_norm(x, br, norm, s, branch_bias=bb)
+    gx, gb, gbb = torch.autograd.grad(y, (x, br, bb), dy)
     torch.testing.assert_close(gx, dy)
     torch.testing.assert_close(gb, dy * s)
-    want = run_torch(x, br, norm, s, torch.zeros_like(dy), dn, torch.float64)
-    y, n = al.add_layer_norm(x, br, norm, s)
-    n_only = al.add_layer_norm(x, br, norm, s, return_stream=False)  # the stream kept for the backward only
+    torch.testing.assert_close(gbb, (dy * s).sum((0, 1)))
+    want = run_torch(x, br, norm, s, torch.zeros_like(dy), dn, bb, torch.float64)
+    y, n = al.add_layer_norm(x, br, norm, s, branch_bias=bb)
+    n_only = al.add_layer_norm(x, br, norm, s, return_stream=False, branch_bias=bb)  # y kept for the backward only
     torch.testing.assert_close(n_only, n, rtol=0, atol=0)
     for out in (n, n_only):
-        got = torch.autograd.grad(out, (x, br, norm.weight, norm.bias), dn)
+        got = torch.autograd.grad(out, (x, br, norm.weight, norm.bias, bb), dn)
         for name, g, w in zip(NAMES[2:], got, want[2:]):
             assert rel(g, w) < 1e-5, name
 
 
-def test_custom_ops_under_compile_and_opcheck(gen, device):
+@pytest.mark.parametrize("bias", [True, False], ids=["branch-bias", "no-bias"])
+def test_custom_ops_under_compile_and_opcheck(gen, device, bias):
     """torch.compile(fullgraph=True) takes the torch.library ops: the eager results; opcheck passes for both."""
     torch._dynamo.reset()
-    x, br, norm, s, dy, dn = make(gen, (2, 5, 24), torch.float32, torch.float32, device)
-    eager = run_ours(x, br, norm, s, dy, dn)
-    compiled = torch.compile(lambda a, b, t: al.add_layer_norm(a, b, norm, t), fullgraph=True, backend="aot_eager")
+    x, br, norm, s, dy, dn, bb = make(gen, (2, 5, 24), torch.float32, torch.float32, device, bias=bias)
+    eager = run_ours(x, br, norm, s, dy, dn, bb)
+    compiled = torch.compile(lambda a, b, t: al.add_layer_norm(a, b, norm, t, branch_bias=bb), fullgraph=True,
+                             backend="aot_eager")
     y, n = compiled(x, br, s)
-    grads = torch.autograd.grad((y, n), (x, br, norm.weight, norm.bias), (dy, dn))
+    wrt = (x, br, norm.weight, norm.bias) + ((bb,) if bias else ())
+    grads = torch.autograd.grad((y, n), wrt, (dy, dn))
     for name, g, w in zip(NAMES, (y, n, *grads), eager):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=name)
     xd, bd, w, b = x.detach(), br.detach(), norm.weight.detach(), norm.bias.detach()
+    bbd = bb.detach() if bias else None
     sd = s.reshape(-1)
-    torch.library.opcheck(torch.ops.tokenlabel.add_ln_fwd, (xd, bd, sd, 1.0, w, b, 1e-6, torch.bfloat16))
-    torch.library.opcheck(torch.ops.tokenlabel.add_ln_fwd, (xd, bd, None, 0.5, w, b, 1e-6, torch.float32))
-    y, n, mean, rstd = al.add_ln_forward(xd, bd, sd, 1.0, w, b, 1e-6, torch.float32)
-    torch.library.opcheck(torch.ops.tokenlabel.add_ln_bwd, (dy, dn, y, w, mean, rstd, sd, 1.0, torch.float32))
-    torch.library.opcheck(torch.ops.tokenlabel.add_ln_bwd, (None, dn, y, w, mean, rstd, None, 0.5, torch.bfloat16))
+    torch.library.opcheck(torch.ops.tokenlabel.add_ln_fwd, (xd, bd, bbd, sd, 1.0, w, b, 1e-6, torch.bfloat16))
+    torch.library.opcheck(torch.ops.tokenlabel.add_ln_fwd, (xd, bd, bbd, None, 0.5, w, b, 1e-6, torch.float32))
+    y, n, mean, rstd = al.add_ln_forward(xd, bd, bbd, sd, 1.0, w, b, 1e-6, torch.float32)
+    bdt = torch.float32 if bias else None
+    torch.library.opcheck(torch.ops.tokenlabel.add_ln_bwd, (dy, dn, y, w, mean, rstd, sd, 1.0, torch.float32, bdt))
+    torch.library.opcheck(torch.ops.tokenlabel.add_ln_bwd, (None, dn, y, w, mean, rstd, None, 0.5, torch.bfloat16,
+                                                             bdt))
 
 
 def test_bad_inputs_name_the_problem(gen, device):
-    x, br, norm, s, _, _ = make(gen, (2, 3, 8), torch.float32, torch.float32, device)
+    x, br, norm, s, _, _, _ = make(gen, (2, 3, 8), torch.float32, torch.float32, device)
     with pytest.raises(ValueError, match="one shape"):
         al.add_layer_norm(x, br[:, :2], norm, s)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         al.add_layer_norm(x.double(), br, norm, s)
     with pytest.raises(ValueError, match=r"weight and bias must be \[8\]"):
         al.add_layer_norm(x, br, torch.nn.LayerNorm(5).to(device), s)
+    with pytest.raises(ValueError, match=r"branch_bias must be a float \[8\]"):
+        al.add_layer_norm(x, br, norm, s, branch_bias=torch.zeros(7, device=device))
     with pytest.raises(ValueError, match="one factor per sample"):
         al.add_layer_norm(x, br, norm, torch.ones(3, device=device))
     with pytest.raises(ValueError, match="with weight and bias"):
@@ -176,29 +197,30 @@ def test_gpu_lvvit_s_shape(gen, case):
     """LV-ViT-S's stream at B 32 ([32, 197, 384]) on the GPU against float64: fp32 within 1e-5; under autocast's
     dtypes (fp32 stream, bf16 branch and output) within 2x the unfused fp32 path's error plus bf16's rounding."""
     br_dtype = torch.float32 if case == "fp32" else torch.bfloat16
-    x, br, norm, s, dy, dn = make(gen, (32, 197, 384), torch.float32, br_dtype, "cuda", offset=0.3, spread=2.0)
+    x, br, norm, s, dy, dn, bb = make(gen, (32, 197, 384), torch.float32, br_dtype, "cuda", offset=0.3, spread=2.0,
+                                      bias=True)
     out_dtype = None if case == "fp32" else torch.bfloat16
-    got = run_ours(x, br, norm, s, dy, dn, out_dtype=out_dtype)
-    want = run_torch(x, br, norm, s, dy, dn, torch.float64)
-    base = run_torch(x, br, norm, s, dy, dn, torch.float32, out_dtype=out_dtype)
+    got = run_ours(x, br, norm, s, dy, dn, bb, out_dtype=out_dtype)
+    want = run_torch(x, br, norm, s, dy, dn, bb, torch.float64)
+    base = run_torch(x, br, norm, s, dy, dn, bb, torch.float32, out_dtype=out_dtype)
     floor = 1e-5 if case == "fp32" else torch.finfo(torch.bfloat16).eps
     for name, g, w, b in zip(NAMES, got, want, base):
         assert rel(g, w) <= 2 * rel(b, w) + floor, name
 
 
 def test_sm90_builds_do_not_spill():
-    """Both kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at the LV-ViT widths (T 240,
+    """The kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at the LV-ViT widths (T 240,
     S 384, M 512, L 768) with autocast's dtypes: no registers spilled, and the backward at <= 128 registers (two
     8-warp programs per SM). In a subprocess without TRITON_INTERPRET (interpreted kernels do not compile)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("from tokenlabel.kernels.add_layernorm import sm90_resources\n"
             "for C in (240, 384, 512, 768):\n"
             "    r = sm90_resources(C)\n"
-            "    print(C, *r['fwd'], *r['bwd'])\n")
+            "    print(C, *r['fwd'], *r['bwd'], *r['sum'])\n")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [list(map(int, line.split())) for line in run.stdout.splitlines()]
     assert [r[0] for r in rows] == [240, 384, 512, 768], run.stdout
-    for C, f_regs, f_stack, f_smem, _, b_regs, b_stack, b_smem, _ in rows:
-        assert f_stack == 0 and b_stack == 0, (C, run.stdout)
+    for C, f_regs, f_stack, f_smem, _, b_regs, b_stack, b_smem, _, _, s_stack, _, _ in rows:
+        assert f_stack == 0 and b_stack == 0 and s_stack == 0, (C, run.stdout)
         assert f_regs <= 255 and b_regs <= 128, (C, run.stdout)
