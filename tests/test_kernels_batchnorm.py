@@ -83,6 +83,8 @@ def test_large_mean_small_spread_statistics(gen, device):
     each implementation rounds the mean decides how far xhat moves; a cancelled variance would be off by ~100%)."""
     scale, offset = 0.01, 1000.0
     x, bn, gout = make(gen, 2, 8, 40, 40, torch.float32, device, scale=scale, offset=offset)
+    with torch.no_grad():  # y = xhat * w + b > 0 for xhat > -6.7: no value near the ReLU's threshold, whose
+        bn.bias.add_(10.0)  # mask flips under rounding moved dweight by up to 8% (1 failure in ~25 runs)
     state = {k: v.clone() for k, v in bn.state_dict().items()}
     got = run_ours(x, bn, gout)
     want, ref_bn = run_torch(x, state, gout, torch.float64)
