@@ -164,7 +164,7 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
 @triton.jit
 def _sum_partials(PART, OUT0, OUT1, OUT2, NP: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_P: tl.constexpr, CB: tl.constexpr, SLOTS: tl.constexpr):
-    """Program j: channels [j * CB, (j + 1) * CB) of OUTs = sum_p PART[p, s] for the s < SLOTS (2 or 3)."""
+    """Program j: channels [j * CB, (j + 1) * CB) of OUTs = sum_p PART[p, s] for the s < SLOTS (1 to 3)."""
     offs_c = tl.program_id(0) * CB + tl.arange(0, CB)
     offs_p = tl.arange(0, BLOCK_P)
     s0 = tl.zeros([CB], tl.float32)
@@ -175,12 +175,14 @@ def _sum_partials(PART, OUT0, OUT1, OUT2, NP: tl.constexpr, C: tl.constexpr, BLO
         base = PART + ps.to(tl.int64)[:, None] * SLOTS * BLOCK_C + offs_c[None, :]
         valid = (ps < NP)[:, None]
         s0 += tl.sum(tl.load(base, mask=valid, other=0.0), 0)
-        s1 += tl.sum(tl.load(base + BLOCK_C, mask=valid, other=0.0), 0)
+        if SLOTS >= 2:
+            s1 += tl.sum(tl.load(base + BLOCK_C, mask=valid, other=0.0), 0)
         if SLOTS == 3:
             s2 += tl.sum(tl.load(base + 2 * BLOCK_C, mask=valid, other=0.0), 0)
     cm = offs_c < C
     tl.store(OUT0 + offs_c, s0.to(OUT0.dtype.element_ty), mask=cm)
-    tl.store(OUT1 + offs_c, s1.to(OUT1.dtype.element_ty), mask=cm)
+    if SLOTS >= 2:
+        tl.store(OUT1 + offs_c, s1.to(OUT1.dtype.element_ty), mask=cm)
     if SLOTS == 3:
         tl.store(OUT2 + offs_c, s2.to(OUT2.dtype.element_ty), mask=cm)
 
@@ -226,12 +228,13 @@ def _block_p(progs, block_c):
 
 
 def sum_partials(part, outs, C):
-    """outs[s] = part[:, s, :C].sum(0) for [programs, len(outs) (2 or 3), BLOCK_C] fp32 partials, by programs over
+    """outs[s] = part[:, s, :C].sum(0) for [programs, len(outs) (1 to 3), BLOCK_C] fp32 partials, by programs over
     32-channel slices (one program alone would stream every partial through one SM)."""
     progs, slots, block_c = part.shape
     cb = min(block_c, 32)
-    _sum_partials[(triton.cdiv(C, cb),)](part, *outs, *outs[:3 - slots], NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64,
-                                         CB=cb, SLOTS=slots, num_warps=4)
+    out0, out1, out2 = (tuple(outs) * 3)[:3]  # the unused ones stand in for pointers never written
+    _sum_partials[(triton.cdiv(C, cb),)](part, out0, out1, out2, NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb,
+                                         SLOTS=slots, num_warps=4)
 
 
 def _rows_view(x):

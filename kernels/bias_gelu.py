@@ -1,0 +1,178 @@
+"""GELU (exact, erf) of a Linear's output plus its bias, forward and backward: Triton.
+
+Why: in the H200 profile of the compiled LV-ViT-S step (models/NOTES.md, kernels/NOTES.md) GELU costs 2.03 ms: per
+block the forward `triton_poi_fused_gelu_view` 44.6 us (fc1's output read, GELU's written: 116 MB, ~54% of the
+bandwidth), the backward `triton_poi_fused_gelu_gelu_backward_view` 60.8 us (GELU recomputed for fc2's weight
+gradient beside GELU': reads dY and fc1's output, writes both) and `triton_red_fused_gelu_gelu_backward_sum_view`
+19.3 us (fc1's bias gradient, the same inputs read again).
+
+What one call does, for h = x @ W1^T computed without fc1's bias (the MLP's hidden pre-activation, [M, N]):
+Forward: g = GELU(h + b) = 0.5 * z * (1 + erf(z / sqrt 2)), z = h + b, written in h's dtype; h is kept for the
+backward (g too, by fc2's GEMM, which saves its input: the backward does not recompute it).
+Backward, given dg: dh = dg * GELU'(z), GELU'(z) = Phi(z) + z * phi(z); db = sum over rows of dh (fp32 partials
+per program, summed by ``batchnorm.sum_partials``).
+
+Bytes per call at LV-ViT-S/224, B 128 (M = 25,216, N = 1,152, bf16): forward h in, g out: 116 MB (24 us at 4.8
+TB/s); backward dg and h in, dh out: 174 MB (36 us). The erf (and exp) per element is ~20-30 instructions: ~20-30 us
+of the SMs' issue rate at this size, about as long as the bytes take, so these kernels sit near the
+compute/bandwidth balance, not far under the bandwidth.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, dispatch, sm_count
+from .batchnorm import sum_partials
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_N = 128   # columns per program (a 256-byte bf16 row piece)
+_ROWS_FWD = 32  # rows per forward program: 4,096 elements
+_ROWS_BWD = 16  # rows per backward loop step: 2,048 elements
+
+
+@triton.jit
+def _tile(P, rows, cols, M, N):
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    return tl.load(P + offs, mask=mask, other=0.0).to(tl.float32), mask, offs
+
+
+@triton.jit
+def _bias_gelu_fwd(H, B, G, M, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h, mask, offs = _tile(H, rows, cols, M, N)
+    z = h + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    g = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    tl.store(G + offs, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd(DG, H, B, DH, PART, M, N, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                   N_PAD: tl.constexpr):
+    """Program (p, j): rows [p * ROWS, (p + 1) * ROWS) of column block j: dh; sum of dh per column into PART[p]."""
+    p = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+    s_db = tl.zeros([BLOCK_N], tl.float32)
+    start = p * ROWS
+    end = tl.minimum(start + ROWS, M)
+    for i in range(0, ROWS // BLOCK_R):  # ROWS is a multiple of BLOCK_R; rows past ``end`` are masked
+        rows = start + i * BLOCK_R + tl.arange(0, BLOCK_R)
+        h, mask, offs = _tile(H, rows, cols, end, N)
+        dg, _, _ = _tile(DG, rows, cols, end, N)
+        z = h + b[None, :]
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        dh = tl.where(mask, dg * (cdf + z * pdf), 0.0)
+        tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
+        s_db += tl.sum(dh, 0)
+    tl.store(PART + p.to(tl.int64) * N_PAD + cols, s_db)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _rows(t):
+    return t.reshape(-1, t.shape[-1])
+
+
+def bias_gelu_forward(h, bias):
+    hr = _rows(h)
+    M, N = hr.shape
+    g = torch.empty_like(h)
+    _bias_gelu_fwd[(triton.cdiv(M, _ROWS_FWD), triton.cdiv(N, BLOCK_N))](hr, bias, _rows(g), M, N,
+                                                                          BLOCK_R=_ROWS_FWD, BLOCK_N=BLOCK_N,
+                                                                          num_warps=8)
+    return g
+
+
+def _bwd_grid(M, N, device):
+    """(row programs, rows per program): ~4 programs per SM over all column blocks, each a run of whole row steps."""
+    col_blocks = triton.cdiv(N, BLOCK_N)
+    progs = max(1, min(triton.cdiv(M, _ROWS_BWD), triton.cdiv(4 * sm_count(device), col_blocks)))
+    rows = triton.cdiv(triton.cdiv(M, progs), _ROWS_BWD) * _ROWS_BWD
+    return triton.cdiv(M, rows), rows
+
+
+def bias_gelu_backward(dg, h, bias):
+    """(dh like h, dbias like bias)."""
+    hr = _rows(h)
+    M, N = hr.shape
+    progs, rows = _bwd_grid(M, N, h.device)
+    n_pad = triton.cdiv(N, BLOCK_N) * BLOCK_N
+    part = torch.empty(progs, 1, n_pad, device=h.device, dtype=torch.float32)
+    dh = torch.empty_like(h)
+    db = torch.empty_like(bias)
+    _bias_gelu_bwd[(progs, triton.cdiv(N, BLOCK_N))](_rows(dg.contiguous()), hr, bias, _rows(dh), part, M, N,
+                                                     ROWS=rows, BLOCK_R=_ROWS_BWD, BLOCK_N=BLOCK_N, N_PAD=n_pad,
+                                                     num_warps=4)
+    sum_partials(part, (db,), N)
+    return dh, db
+
+
+def sm90_resources(M: int = 128 * 197, N: int = 1152, dtype=torch.bfloat16) -> dict:
+    """The kernels' sm_90 builds at LV-ViT-S's MLP shape, without a GPU (run without TRITON_INTERPRET):
+    {"fwd" | "bwd": (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
+    from ._common import aot_sm90
+
+    h = torch.empty(M, N, device="meta", dtype=dtype)
+    b = torch.empty(N, device="meta", dtype=torch.float32)
+    n_pad = triton.cdiv(N, BLOCK_N) * BLOCK_N
+    part = torch.empty(64, n_pad, device="meta", dtype=torch.float32)
+    fwd = (_bias_gelu_fwd, None, [h, b, h, M, N], dict(BLOCK_R=_ROWS_FWD, BLOCK_N=BLOCK_N), dict(num_warps=8))
+    bwd = (_bias_gelu_bwd, None, [h, h, b, h, part, M, N],
+           dict(ROWS=25 * _ROWS_BWD, BLOCK_R=_ROWS_BWD, BLOCK_N=BLOCK_N, N_PAD=n_pad), dict(num_warps=4))
+    return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd)}
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops (torch.compile sees fakes) and the autograd glue
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("tokenlabel::bias_gelu_fwd", mutates_args=())
+def bias_gelu_fwd_op(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return bias_gelu_forward(h, bias)
+
+
+@bias_gelu_fwd_op.register_fake
+def _(h, bias):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("tokenlabel::bias_gelu_bwd", mutates_args=())
+def bias_gelu_bwd_op(dg: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return bias_gelu_backward(dg, h, bias)
+
+
+@bias_gelu_bwd_op.register_fake
+def _(dg, h, bias):
+    return torch.empty_like(h), torch.empty_like(bias)
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, bias):
+        ctx.save_for_backward(h, bias)
+        return dispatch(torch.ops.tokenlabel.bias_gelu_fwd, bias_gelu_forward, h, bias, check=(h,))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dg):
+        h, bias = ctx.saved_tensors
+        return dispatch(torch.ops.tokenlabel.bias_gelu_bwd, bias_gelu_backward, dg, h, bias, check=(dg, h))
+
+
+def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(h + bias)`` (exact GELU) in one pass each way; h: [..., N] (a Linear's output computed without its
+    bias), bias: [N]. The result has h's dtype; the bias's gradient comes out of the same backward pass."""
+    if h.dim() < 1 or h.numel() == 0:
+        raise ValueError(f"bias_gelu: h must be a non-empty [..., N] tensor, got shape {tuple(h.shape)}")
+    if h.dtype not in _DTYPES or bias.dtype not in _DTYPES:
+        raise ValueError(f"bias_gelu: h and bias must be float16, bfloat16 or float32, got {h.dtype}, {bias.dtype}")
+    if bias.shape != (h.shape[-1],):
+        raise ValueError(f"bias_gelu: bias must be [{h.shape[-1]}], got {tuple(bias.shape)}")
+    if not (h.is_cuda or INTERPRET):
+        raise RuntimeError(f"bias_gelu (Triton) needs CUDA tensors, got {h.device}")
+    return _BiasGelu.apply(h.contiguous(), bias)

@@ -1,0 +1,126 @@
+"""Bias + exact GELU kernels (kernels/bias_gelu.py) against the definition in float64: g = GELU(h + b), and the
+gradients of h and b (CPU: interpreted)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenlabel.kernels import bias_gelu as bg
+
+
+def make(gen, shape, dtype, device, spread=2.0):
+    h = (torch.randn(shape, generator=gen) * spread).to(device, dtype).requires_grad_()
+    b = torch.randn(shape[-1], generator=gen).to(device).requires_grad_()  # fp32, as a Linear's bias under autocast
+    dg = torch.randn(shape, generator=gen).to(device, dtype)
+    return h, b, dg
+
+
+def run_ours(h, b, dg):
+    g = bg.bias_gelu(h, b)
+    return (g, *torch.autograd.grad(g, (h, b), dg))
+
+
+def run_torch(h, b, dg, dtype):
+    """F.gelu(h + b) in ``dtype`` (float64: the reference; float32 on half inputs: torch's kernels, which compute
+    half-precision GELU in fp32, with the result rounded to h's dtype)."""
+    hh = h.detach().to(dtype).requires_grad_()
+    bb = b.detach().to(dtype).requires_grad_()
+    g = F.gelu(hh + bb)
+    if dtype != torch.float64 and h.dtype != dtype:
+        g = g.to(h.dtype).to(dtype)
+    return (g, *torch.autograd.grad(g, (hh, bb), dg.to(dtype)))
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+NAMES = ("g", "dh", "dbias")
+# realistic (LV-ViT-S's hidden 1152 over 2 x 197 tokens, -T's 720) and awkward (one column past a block, a
+# single row, one column, 2-D, rows that leave the last row program short)
+SHAPES = [(2, 197, 1152), (3, 5, 720), (1, 1, 129), (4, 3, 1), (37, 100), (300, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_matches_float64(gen, device, shape):
+    h, b, dg = make(gen, shape, torch.float32, device)
+    got = run_ours(h, b, dg)
+    want = run_torch(h, b, dg, torch.float64)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape and g.dtype == (h.dtype if name != "dbias" else b.dtype), name
+        assert rel(g, w) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_within_twice_torch(gen, device, dtype):
+    """Half-precision h (a Linear's output under autocast) and an fp32 bias: against float64, at most 2x the error
+    of torch's GELU on the same inputs, plus the dtype's rounding."""
+    h, b, dg = make(gen, (3, 40, 384), dtype, device)
+    got = run_ours(h, b, dg)
+    want = run_torch(h, b, dg, torch.float64)
+    base = run_torch(h, b, dg, torch.float32)
+    eps = torch.finfo(dtype).eps
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
+    for name, g, w, r in zip(NAMES, got, want, base):
+        assert rel(g, w) <= 2 * rel(r, w) + eps, name
+
+
+def test_saturated_inputs(gen, device):
+    """|h + b| up to ~40: GELU -> identity or 0, its derivative -> 1 or 0, no NaN or inf from erf / exp."""
+    h, b, dg = make(gen, (4, 8, 64), torch.float32, device, spread=15.0)
+    got = run_ours(h, b, dg)
+    want = run_torch(h, b, dg, torch.float64)
+    for name, g, w in zip(NAMES, got, want):
+        assert torch.isfinite(g).all() and rel(g, w) < 1e-5, name
+
+
+def test_custom_ops_under_compile_and_opcheck(gen, device):
+    torch._dynamo.reset()
+    h, b, dg = make(gen, (2, 5, 40), torch.float32, device)
+    eager = run_ours(h, b, dg)
+    g = torch.compile(bg.bias_gelu, fullgraph=True, backend="aot_eager")(h, b)
+    got = (g, *torch.autograd.grad(g, (h, b), dg))
+    for name, x, w in zip(NAMES, got, eager):
+        torch.testing.assert_close(x, w, rtol=1e-6, atol=1e-6, msg=name)
+    torch.library.opcheck(torch.ops.tokenlabel.bias_gelu_fwd, (h.detach(), b.detach()))
+    torch.library.opcheck(torch.ops.tokenlabel.bias_gelu_bwd, (dg, h.detach(), b.detach()))
+
+
+def test_bad_inputs_name_the_problem(gen, device):
+    h, b, _ = make(gen, (2, 3, 8), torch.float32, device)
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        bg.bias_gelu(h, b[:5])
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        bg.bias_gelu(h.double(), b)
+    with pytest.raises(ValueError, match="non-empty"):
+        bg.bias_gelu(h[:0], b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_lvvit_s_shape(gen, dtype):
+    """LV-ViT-S's MLP hidden layer at B 32 ([32, 197, 1152]) on the GPU against float64."""
+    h, b, dg = make(gen, (32, 197, 1152), dtype, "cuda")
+    got = run_ours(h, b, dg)
+    want = run_torch(h, b, dg, torch.float64)
+    base = run_torch(h, b, dg, torch.float32)
+    floor = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    for name, g, w, r in zip(NAMES, got, want, base):
+        assert rel(g, w) <= 2 * rel(r, w) + floor, name
+
+
+def test_sm90_builds_do_not_spill():
+    """Both kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at LV-ViT-S's MLP shape: no
+    spills. In a subprocess without TRITON_INTERPRET (interpreted kernels do not compile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from tokenlabel.kernels.bias_gelu import sm90_resources\n"
+            "r = sm90_resources()\n"
+            "print(*r['fwd'], *r['bwd'])\n")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    f_regs, f_stack, _, _, b_regs, b_stack, _, _ = map(int, run.stdout.split())
+    assert f_stack == 0 and b_stack == 0 and f_regs <= 128 and b_regs <= 128, run.stdout
