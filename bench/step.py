@@ -76,7 +76,7 @@ def _autocast(case):
 def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fused", fused_adamw=True,
                    loader=None, compile_mode: str | None = None, conv1_impl: str | None = None,
                    compile_options: dict | None = None, bn_impl: str | None = None,
-                   residual_norm: str | None = None) -> Prepared:
+                   residual_norm: str | None = None, gelu: str | None = None) -> Prepared:
     if compile_ and case.device.type != "cuda":
         raise Skip("torch.compile providers run on CUDA only (too slow to compile for a CPU smoke run)")
     model, M = _lvvit(case, attn)
@@ -84,8 +84,8 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
         model.patch_embed.set_impl(conv1=conv1_impl)
     if bn_impl is not None:  # how the stem's BatchNorm + ReLUs run
         model.patch_embed.set_impl(bn=bn_impl)
-    if residual_norm is not None:  # how the blocks' residual adds + the LayerNorms after them run
-        model.set_residual_norm(residual_norm)
+    # how the blocks' residual adds + the LayerNorms after them, and the MLPs' bias + GELU, run
+    model.set_impl(residual_norm=residual_norm, gelu=gelu)
     loss_fn = _loss_fn(loss_kind)
     p = case.params
     B = p["B"]
@@ -106,7 +106,8 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
              f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}",
              f"stem conv1={model.patch_embed.conv1_resolved(case.device.type == 'cuda')}, "
-             f"stem BatchNorm {model.patch_embed.bn_impl}", f"residual + LayerNorm {model.residual_norm_impl}"]
+             f"stem BatchNorm {model.patch_embed.bn_impl}", f"residual + LayerNorm {model.residual_norm_impl}",
+             f"bias + GELU {model.gelu_impl}"]
     if attn == "auto":
         from tokenlabel.models.attention import select_backend
 
@@ -180,12 +181,12 @@ def reference_style(case: Case) -> Prepared:
 
 
 def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split", bn_impl=None,
-                      residual_norm=None):
+                      residual_norm=None, gelu=None):
     """attn="triton" providers pin the attention backward (``bwd_impl``), whatever an "auto" measured earlier in
     the process, so their rows say which kernel ran."""
     def fn(case: Case) -> Prepared:
         prep = _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl, compile_options=options,
-                              bn_impl=bn_impl, residual_norm=residual_norm)
+                              bn_impl=bn_impl, residual_norm=residual_norm, gelu=gelu)
         if attn != "triton":
             return prep
         from tokenlabel.kernels import flash_attention as fa
@@ -196,6 +197,7 @@ def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, 
                   + (f", stem conv1={conv1_impl}" if conv1_impl else "")
                   + (f", stem BatchNorm {bn_impl}" if bn_impl else "")
                   + (f", residual + LayerNorm {residual_norm}" if residual_norm else "")
+                  + (f", bias + GELU {gelu}" if gelu else "")
                   + (f", attention backward {bwd_impl}" if attn == "triton" else ""))
     return fn
 
@@ -237,10 +239,14 @@ register("step", "compile_graphs_auto_bnk")(_backend_provider("auto", True, "red
 # LayerNorm kernels: 2.54 ms of the H200 step, ~37 us each where the bytes take 24-32 us). Not measured yet.
 register("step", "compile_graphs_auto_lnk")(_backend_provider("auto", True, "reduce-overhead",
                                                                residual_norm="triton"))
+# ... and with each MLP's fc1 bias + GELU as one Triton kernel each way (kernels/bias_gelu.py; inductor's GELU
+# kernels: 2.03 ms of the H200 step, the forward at ~54% of the bandwidth, GELU recomputed in the backward and fc1's
+# bias gradient read separately). Not measured yet.
+register("step", "compile_graphs_auto_geluk")(_backend_provider("auto", True, "reduce-overhead", gelu="triton"))
 # every kernel of ours at once: our flash attention (split backward), the stem's BatchNorm kernels, the fused
-# residual + LayerNorm. Not measured yet.
+# residual + LayerNorm, bias + GELU. Not measured yet.
 register("step", "compile_graphs_ours")(_backend_provider("triton", True, "reduce-overhead", bn_impl="triton",
-                                                          residual_norm="triton"))
+                                                          residual_norm="triton", gelu="triton"))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

@@ -130,8 +130,8 @@ def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channe
 
 
 STEM_IMPLS = {"conv1": ("auto", "conv", "s2d"), "proj": ("gemm", "conv"), "bn": ("torch", "triton")}
-# how the blocks' residual adds and the LayerNorms after them run (LVViT.set_residual_norm)
-RESIDUAL_NORM_IMPLS = ("torch", "triton")
+# how the blocks' residual adds with the LayerNorms after them, and the MLPs' bias + GELU, run (LVViT.set_impl)
+BLOCK_IMPLS = {"residual_norm": ("torch", "triton"), "gelu": ("torch", "triton")}
 
 
 class PatchEmbed4_2(nn.Module):
@@ -241,16 +241,26 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2. ``gelu_impl`` "triton" (on CUDA or under TRITON_INTERPRET=1) runs fc1 without its bias
+    and adds the bias inside one Triton GELU kernel each way (``tokenlabel.kernels.bias_gelu``), so fc1's bias
+    gradient comes out of GELU's backward pass; "torch" runs the modules as written."""
+
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.gelu_impl = "torch"
 
     def forward(self, x):
         return self.fc2(self.hidden(x))
 
     def hidden(self, x):
+        if self.gelu_impl == "triton":
+            from tokenlabel.kernels import bias_gelu as bg  # noqa: PLC0415 (imports triton: only when asked for)
+
+            if x.is_cuda or bg.INTERPRET:
+                return bg.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
         return self.act(self.fc1(x))
 
 
@@ -310,15 +320,17 @@ class Block(nn.Module):
     def forward_fused(self, x, n, next_norm: nn.LayerNorm, out_dtype=None, last: bool = False):
         """``forward`` with ``n = norm1(x)`` given and each residual add fused with the LayerNorm after it
         (``tokenlabel.kernels.add_layernorm``; the biases of ``attn.proj`` and ``mlp.fc2`` are added there too, so
-        their gradients come from the same backward pass): returns ``(x_out, next_norm(x_out))``; ``last``: ``(None,
-        next_norm(x_out))``, the stream being read by nothing else."""
+        their gradients come from the same backward pass): returns ``(x_out, next_norm(x_out))``, the normalised
+        tokens in ``out_dtype`` (None: the stream's). ``last``: ``(None, next_norm(x_out))`` in the stream's dtype
+        (the final norm's), the stream being read by nothing else."""
         from tokenlabel.kernels.add_layernorm import add_layer_norm  # noqa: PLC0415 (imports triton)
 
         proj, fc2 = self.attn.proj, self.mlp.fc2
         x, n = add_layer_norm(x, F.linear(self.attn.heads(n), proj.weight), self.norm2, self._branch_scale(x),
                               out_dtype, branch_bias=proj.bias)
-        out = add_layer_norm(x, F.linear(self.mlp.hidden(n), fc2.weight), next_norm, self._branch_scale(x), out_dtype,
-                             return_stream=not last, branch_bias=fc2.bias)
+        # the final norm's output keeps the stream's dtype, as nn.LayerNorm's under autocast
+        out = add_layer_norm(x, F.linear(self.mlp.hidden(n), fc2.weight), next_norm, self._branch_scale(x),
+                             None if last else out_dtype, return_stream=not last, branch_bias=fc2.bias)
         return (None, out) if last else out
 
 
@@ -394,16 +406,31 @@ class LVViT(nn.Module):
     def attn(self) -> str:
         return self.blocks[0].attn.backend if len(self.blocks) else "auto"
 
-    def set_residual_norm(self, impl: str) -> None:
-        """How each block's residual add (drop path and 1 / skip_lam folded in) and the LayerNorm after it run:
-        "torch" (the default: the modules as written, which torch.compile fuses its own way) or "triton" (one
-        kernel per add + LayerNorm each way, ``tokenlabel.kernels.add_layernorm``, on CUDA or under
-        TRITON_INTERPRET=1; elsewhere the torch path runs). Parameters and results are the same either way."""
-        if impl not in RESIDUAL_NORM_IMPLS:
-            raise ValueError(f"residual norm impl must be one of {', '.join(RESIDUAL_NORM_IMPLS)}, got {impl!r}")
-        if impl == "triton":
-            import tokenlabel.kernels.add_layernorm  # noqa: F401, PLC0415 (imported before any torch.compile trace)
-        self.residual_norm_impl = impl
+    def set_impl(self, residual_norm: str | None = None, gelu: str | None = None) -> None:
+        """How the blocks run; None keeps the current choice. Parameters and results are the same either way.
+
+        ``residual_norm``: each residual add (drop path, 1 / skip_lam and the bias of attn.proj or mlp.fc2 folded in)
+        and the LayerNorm after it: "torch" (the default: the modules as written, which torch.compile fuses its own
+        way) or "triton" (one kernel per add + LayerNorm each way, ``tokenlabel.kernels.add_layernorm``).
+        ``gelu``: each MLP's fc1 bias + GELU: "torch" or "triton" (``tokenlabel.kernels.bias_gelu``). The
+        "triton" paths run on CUDA or under TRITON_INTERPRET=1; elsewhere the torch path runs.
+        """
+        for name, value in (("residual_norm", residual_norm), ("gelu", gelu)):
+            if value is not None and value not in BLOCK_IMPLS[name]:
+                raise ValueError(f"{name} must be one of {', '.join(BLOCK_IMPLS[name])}, got {value!r}")
+        # imported before any torch.compile trace
+        if residual_norm == "triton":
+            import tokenlabel.kernels.add_layernorm  # noqa: F401, PLC0415
+        if gelu == "triton":
+            import tokenlabel.kernels.bias_gelu  # noqa: F401, PLC0415
+        self.residual_norm_impl = residual_norm or self.residual_norm_impl
+        if gelu is not None:
+            for blk in self.blocks:
+                blk.mlp.gelu_impl = gelu
+
+    @property
+    def gelu_impl(self) -> str:
+        return self.blocks[0].mlp.gelu_impl if len(self.blocks) else "torch"
 
     def _fused_residual_norm(self, x) -> bool:
         if self.residual_norm_impl != "triton" or not len(self.blocks):
@@ -421,9 +448,9 @@ class LVViT(nn.Module):
         for i, blk in enumerate(self.blocks):
             last = i + 1 == len(self.blocks)
             # a Linear reads the normalised tokens next inside the blocks (bf16 under autocast, as it would cast
-            # them); the final norm's output keeps the stream's dtype, as nn.LayerNorm's under autocast
+            # them); ``last``: the final norm's output keeps the stream's dtype
             step = partial(blk.forward_fused, next_norm=self.norm if last else self.blocks[i + 1].norm1,
-                           out_dtype=None if last else half, last=last)
+                           out_dtype=half, last=last)
             x, n = checkpoint(step, x, n, use_reentrant=False) if ckpt else step(x, n)
         return n
 

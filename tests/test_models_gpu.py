@@ -247,7 +247,7 @@ def test_stem_triton_batchnorm_compiled_matches_torch(gen):
 
 @pytest.mark.gpu
 def test_residual_norm_triton_compiled_matches_torch(gen):
-    """set_residual_norm("triton") inside a compiled LV-ViT-S (2 blocks, inductor, fullgraph) on the GPU against the
+    """set_impl(residual_norm="triton", gelu="triton") inside a compiled LV-ViT-S (2 blocks, inductor, fullgraph) on the GPU against the
     eager torch path: fp32 (TF32 off) loss and every gradient tight; under bf16 autocast every gradient within 2x the
     eager bf16 torch path's distance from the fp32 run, plus bf16's rounding."""
     def grads(m, x, autocast):
@@ -262,7 +262,7 @@ def test_residual_norm_triton_compiled_matches_torch(gen):
     a = create_model("lvvit_s", num_classes=10, depth=2, drop_path_rate=0.0, attn="sdpa").cuda().train()
     b = create_model("lvvit_s", num_classes=10, depth=2, drop_path_rate=0.0, attn="sdpa").cuda().train()
     b.load_state_dict(a.state_dict())
-    b.set_residual_norm("triton")
+    b.set_impl(residual_norm="triton", gelu="triton")
     prev, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     try:
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):

@@ -215,18 +215,26 @@ def _loss_grads(m, x, seed, autocast=False):
         [n for n, _ in m.named_parameters()], torch.autograd.grad(loss, list(m.parameters())))}
 
 
+# the blocks' Triton paths (LVViT.set_impl): each alone and both
+BLOCK_KERNELS = {"residual_norm": dict(residual_norm="triton"), "gelu": dict(gelu="triton"),
+                 "both": dict(residual_norm="triton", gelu="triton")}
+TORCH_BLOCKS = dict(residual_norm="torch", gelu="torch")
+
+
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
-def test_residual_norm_triton_matches_torch(gen, ckpt):
-    """set_residual_norm("triton"): each residual add (drop path, 1 / skip_lam) fused with the LayerNorm after it
-    (interpreted on the CPU) gives the torch path's loss and every gradient (fp32, drop path on, the same draws),
-    with and without activation checkpointing; eval too."""
+@pytest.mark.parametrize("kernels", list(BLOCK_KERNELS))
+def test_block_kernels_match_torch(gen, kernels, ckpt):
+    """set_impl(residual_norm="triton") (each residual add with drop path, 1 / skip_lam and the proj / fc2 bias
+    fused with the LayerNorm after it) and set_impl(gelu="triton") (fc1's bias + GELU), interpreted on the CPU: the
+    torch path's loss and every gradient (fp32, drop path on, the same draws), with and without activation
+    checkpointing; eval too."""
     m = tiny(gen, drop_path_rate=0.3, depth=3)
     x = torch.randn(4, 3, 64, 64, generator=gen)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     m.set_grad_checkpointing(ckpt)
     results = []
-    for impl in ("torch", "triton"):
-        m.set_residual_norm(impl)
+    for impls in (TORCH_BLOCKS, BLOCK_KERNELS[kernels]):
+        m.set_impl(**impls)
         results.append(_loss_grads(m, x, seed))
     (l0, g0), (l1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)
@@ -234,38 +242,73 @@ def test_residual_norm_triton_matches_torch(gen, ckpt):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
     m.eval()
     ref = m(x)
-    m.set_residual_norm("torch")
+    m.set_impl(**TORCH_BLOCKS)
     torch.testing.assert_close(ref, m(x), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="one of torch, triton"):
-        m.set_residual_norm("apex")
 
 
-def test_residual_norm_triton_bf16_autocast(gen):
-    """Under bf16 autocast (the blocks get bf16 normalised tokens straight from the kernel, the stream stays fp32):
-    every gradient within 2x the torch path's distance from the fp32 run, plus bf16's rounding."""
+def test_block_kernel_names_checked(gen):
+    m = tiny(gen)
+    with pytest.raises(ValueError, match="residual_norm must be one of torch, triton"):
+        m.set_impl(residual_norm="apex")
+    with pytest.raises(ValueError, match="gelu must be one of torch, triton"):
+        m.set_impl(gelu="tanh")
+    assert (m.residual_norm_impl, m.gelu_impl) == ("torch", "torch")  # nothing changed by the refused calls
+    m.set_impl(gelu="triton")
+    assert (m.residual_norm_impl, m.gelu_impl) == ("torch", "triton")
+
+
+def test_fused_blocks_hand_bf16_to_the_linears_under_autocast(gen):
+    """Under bf16 autocast with residual_norm="triton" every block's norm2 output (fc1's input) and every norm1
+    output after the first (qkv's input) arrive in bf16, straight from the fused kernel, and the final norm's
+    tokens in fp32 as nn.LayerNorm gives them (the heads' input)."""
+    m = tiny(gen, depth=3)
+    m.set_impl(residual_norm="triton")
+    seen = {}
+
+    def record(name):
+        def hook(mod, args):
+            seen.setdefault(name, args[0].dtype)
+        return hook
+
+    for i, blk in enumerate(m.blocks):
+        blk.mlp.fc1.register_forward_pre_hook(record(f"fc1.{i}"))
+        blk.attn.qkv.register_forward_pre_hook(record(f"qkv.{i}"))
+    m.head.register_forward_pre_hook(record("head"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(2, 3, 64, 64, generator=gen))
+    want = {f"fc1.{i}": torch.bfloat16 for i in range(3)} | {"qkv.1": torch.bfloat16, "qkv.2": torch.bfloat16,
+                                                              "qkv.0": torch.float32, "head": torch.float32}
+    assert seen == want
+
+
+@pytest.mark.parametrize("kernels", ["residual_norm", "gelu"])
+def test_block_kernels_bf16_autocast(gen, kernels):
+    """Under bf16 autocast (bf16 normalised tokens straight from the kernel, the stream in fp32; GELU's input and
+    output in bf16, fc1's bias added in fp32): every gradient within 2x the torch path's distance from the fp32 run,
+    plus bf16's rounding."""
     m = tiny(gen, drop_path_rate=0.2)
     x = torch.randn(3, 3, 64, 64, generator=gen)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     l32, g32 = _loss_grads(m, x, seed)
     err = {}
-    for impl in ("torch", "triton"):
-        m.set_residual_norm(impl)
+    for name, impls in (("torch", TORCH_BLOCKS), ("triton", BLOCK_KERNELS[kernels])):
+        m.set_impl(**impls)
         loss, grads = _loss_grads(m, x, seed, autocast=True)
-        err[impl] = {n: float((grads[n] - g32[n]).abs().max() / g32[n].abs().max().clamp_min(1e-12)) for n in g32}
-        err[impl]["loss"] = float(abs(loss - l32) / abs(l32))
+        err[name] = {n: float((grads[n] - g32[n]).abs().max() / g32[n].abs().max().clamp_min(1e-12)) for n in g32}
+        err[name]["loss"] = float(abs(loss - l32) / abs(l32))
     eps = torch.finfo(torch.bfloat16).eps
     bad = {n: (err["triton"][n], err["torch"][n]) for n in err["torch"] if err["triton"][n] > 2 * err["torch"][n] + eps}
     assert not bad, bad
 
 
-def test_residual_norm_triton_under_compile(gen):
-    """The fused path compiled fullgraph (the add_ln custom ops; aot_eager on the CPU) against the eager torch
-    path: loss and gradients."""
+def test_block_kernels_under_compile(gen):
+    """Both block kernels compiled fullgraph (the custom ops; aot_eager on the CPU) against the eager torch path:
+    loss and gradients."""
     torch._dynamo.reset()
     m = tiny(gen)
     x = torch.randn(2, 3, 64, 64, generator=gen)
     l0, g0 = _loss_grads(m, x, 0)
-    m.set_residual_norm("triton")
+    m.set_impl(**BLOCK_KERNELS["both"])
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     l1, g1 = _loss_grads(compiled, x, 0)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)

@@ -66,24 +66,25 @@ def test_gpu_only_attention_refused_without_cuda(monkeypatch):
 
 
 def test_kernel_switches_refused_without_cuda(monkeypatch):
-    """--stem-bn triton / --residual-norm triton without CUDA: refused at start-up, naming the torch path."""
+    """--stem-bn / --residual-norm / --gelu triton without CUDA: refused at start-up, naming the torch path."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for flag in ("--stem-bn", "--residual-norm"):
+    for flag in ("--stem-bn", "--residual-norm", "--gelu"):
         with pytest.raises(SystemExit, match=f"{flag} triton runs on CUDA GPUs only.*{flag} torch"):
             _cfg(["train", "--data", "d", flag, "triton"])
     cfg = _cfg(["train", "--data", "d"])
-    assert cfg["stem_bn"] == "torch" and cfg["residual_norm"] == "torch"
+    assert cfg["stem_bn"] == cfg["residual_norm"] == cfg["gelu"] == "torch"
 
 
 def test_kernel_switches_reach_the_model(tmp_path, data):
-    """--stem-bn triton --residual-norm triton (interpreted here): one training step runs with both, and a
-    non-LV-ViT model refuses them."""
+    """--stem-bn triton --residual-norm triton --gelu triton (interpreted here): one training step runs with all
+    three, and a non-LV-ViT model refuses them."""
     out = tmp_path / "k"
-    args = tiny_args(data, out, "--max-steps", 1, "--stem-bn", "triton", "--residual-norm", "triton")
+    args = tiny_args(data, out, "--max-steps", 1, "--stem-bn", "triton", "--residual-norm", "triton", "--gelu",
+                     "triton")
     cfg = _cfg(args)
     model = T.build_model(cfg, 3)
-    assert model.patch_embed.bn_impl == "triton" and model.residual_norm_impl == "triton"
+    assert model.patch_embed.bn_impl == model.residual_norm_impl == model.gelu_impl == "triton"
     assert main(args) == 0
     with pytest.raises(SystemExit, match="apply to LV-ViT models"):
         T.build_model(_cfg(["train", "--data", "d", "--model", "resnet_tiny", "--img-size", "32",

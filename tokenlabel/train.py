@@ -53,6 +53,7 @@ DEFAULTS: dict = {
     "attn": "auto",
     "stem_bn": "torch",         # LV-ViT stem's BatchNorm + ReLU: torch | triton (kernels/batchnorm.py, CUDA)
     "residual_norm": "torch",   # LV-ViT blocks' residual add + LayerNorm: torch | triton (kernels/add_layernorm.py)
+    "gelu": "torch",            # LV-ViT MLPs' fc1 bias + GELU: torch | triton (kernels/bias_gelu.py)
     "img_size": 224,
     "token_label_size": None,   # img_size // 16; must equal the model's patch grid
     "epochs": 300,
@@ -195,6 +196,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--residual-norm", choices=["torch", "triton"],
                    help="LV-ViT's residual adds + the LayerNorms after them: torch (default) or one Triton kernel "
                         "each way (CUDA)")
+    g.add_argument("--gelu", choices=["torch", "triton"],
+                   help="LV-ViT's MLP bias + GELU: torch (default) or one Triton kernel each way (CUDA)")
     g.add_argument("--drop-path", type=float)
     g.add_argument("--mix-token", dest="mix_token", action="store_true", default=None)
     g.add_argument("--no-mix-token", dest="mix_token", action="store_false")
@@ -313,7 +316,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     reason = cannot_run_here(cfg["attn"])
     if reason:
         raise SystemExit(f"--attn {cfg['attn']} {reason}; use --attn auto (sdpa on the CPU) or --attn sdpa")
-    for key in ("stem_bn", "residual_norm"):
+    for key in ("stem_bn", "residual_norm", "gelu"):
         flag = "--" + key.replace("_", "-")
         if cfg.get(key) not in ("torch", "triton"):
             raise SystemExit(f"{flag} {cfg.get(key)!r}: valid values are torch, triton")
@@ -528,11 +531,11 @@ def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
         model = create_model(cfg["model"], num_classes=num_classes, **kwargs)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"--model {cfg['model']} {kwargs}: {e}") from None
-    if cfg["stem_bn"] != "torch" or cfg["residual_norm"] != "torch":
-        if not hasattr(model, "set_residual_norm"):
-            raise SystemExit(f"--stem-bn / --residual-norm apply to LV-ViT models, not --model {cfg['model']}")
+    if any(cfg[k] != "torch" for k in ("stem_bn", "residual_norm", "gelu")):
+        if not is_token_model(model):
+            raise SystemExit(f"--stem-bn / --residual-norm / --gelu apply to LV-ViT models, not --model {cfg['model']}")
         model.patch_embed.set_impl(bn=cfg["stem_bn"])
-        model.set_residual_norm(cfg["residual_norm"])
+        model.set_impl(residual_norm=cfg["residual_norm"], gelu=cfg["gelu"])
     if is_token_model(model):
         L = int(model.patch_grid)
         want = cfg["token_label_size"] or cfg["img_size"] // 16
