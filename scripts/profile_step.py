@@ -36,9 +36,12 @@ CATEGORIES = [
     ("attention", r"flash|fmha|attn|attention|sdpa|cudnn_generated_fort_native_sdpa|cudnn::fusion::"),
     # inductor's fused kernels carry the ops they fuse in their names; a BatchNorm backward fused with the
     # convolution's backward epilogue (triton_*_native_batch_norm_*_convolution_backward_*) is BatchNorm work
-    ("layernorm", r"^triton.*layer_norm|aten::native_layer_norm"),
-    ("batchnorm", r"^triton.*batch_norm|aten::(native_batch_norm|cudnn_batch_norm)"),
-    ("gelu", r"^triton.*gelu|aten::gelu"),
+    # ... and ours (kernels/): _add_ln_* (residual + LayerNorm), _bn_* (BatchNorm + ReLU), _bias_gelu_*; their
+    # backwards' _sum_partials (dweight / dbias of any of the three) is a category of its own
+    ("layernorm", r"^triton.*layer_norm|aten::native_layer_norm|^_add_ln_"),
+    ("batchnorm", r"^triton.*batch_norm|aten::(native_batch_norm|cudnn_batch_norm)|^_bn_"),
+    ("gelu", r"^triton.*gelu|aten::gelu|^_bias_gelu_"),
+    ("partial sums (ours)", r"^_sum_partials"),
     ("convolution", r"conv(?!ert)|fprop|dgrad|wgrad|implicit_convolve|aten::(convolution|_convolution|cudnn_convolution)"),
     ("gemm", r"gemm|nvjet|cutlass|cublas|matmul|splitk|aten::(mm|addmm|bmm|linear)$"),
     ("fused reductions (inductor)", r"^triton_(per|red)_"),

@@ -32,6 +32,11 @@ def _script():
      "batchnorm"),
     ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_256x64_32x4_nhwc_align8>",
      "convolution"),
+    ("_add_ln_bwd", "layernorm"),
+    ("_bn_relu_bwd_apply", "batchnorm"),
+    ("_bias_gelu_fwd", "gelu"),
+    ("_sum_partials", "partial sums (ours)"),
+    ("_attn_fwd", "attention"),
     ("something_else", "other"),
 ])
 def test_categories(name, cat):
