@@ -36,13 +36,15 @@ from .batchnorm import _sum_partials, sum_partials
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 4096
-# elements of one [BLOCK_R, BLOCK_C] tile, forward and backward (8 warps each). The backward's 2048 keeps it near
-# 100 registers at every LV-ViT width in the sm_90 builds, so 2 programs are resident per SM (4096 took 147 at
-# C = 384 with the branch bias: 1 program per SM)
+# elements of one [BLOCK_R, BLOCK_C] tile and warps per program, forward and backward. sm_90 builds at LV-ViT-S's
+# width (C = 384, the branch bias on): forward 4096 / 8 warps, 58 registers, 4 programs per SM (~74 KB of loads in
+# flight per SM); backward 2048 / 4 warps, 146 registers, 3 programs per SM (~45 KB in flight); the backward at
+# 2048 / 8 warps took 102 (2 per SM, ~30 KB), at 4096 / 8 warps 147 (1 per SM).
 _TILE_FWD, _TILE_BWD = 4096, 2048
+_WARPS_FWD, _WARPS_BWD = 8, 4
 # backward programs per SM: as many as are resident at once, all in one wave, each with a longer run of rows; fewer
-# partials to sum (264 x 3 x C on an H200's 132 SMs, summed by C / 32 programs)
-_BWD_PER_SM = 2
+# partials to sum (396 x 3 x C on an H200's 132 SMs, summed by C / 32 programs)
+_BWD_PER_SM = 3
 
 
 @triton.jit
@@ -139,12 +141,6 @@ def _blocks(C, tile):
     return max(1, tile // block_c), block_c
 
 
-def _warps(block_c):
-    """8 warps: the forward's 4096-element tile is 16 values per thread per tensor, 48-62 registers in the sm_90
-    builds (96 with 4 warps)."""
-    return 8
-
-
 def _rows(t, C):
     return t.reshape(-1, C)
 
@@ -164,7 +160,7 @@ def add_ln_forward(x, branch, branch_bias, scale, alpha, weight, bias, eps, out_
     _add_ln_fwd[(triton.cdiv(M, block_r),)](
         xr, brr, branch_bias if branch_bias is not None else weight, scale if scale is not None else mean, weight,
         bias, _rows(y, C), _rows(out, C), mean, rstd, M, n_tok, float(alpha), float(eps), C=C, BLOCK_R=block_r,
-        BLOCK_C=block_c, PER_SAMPLE=scale is not None, HAS_BB=branch_bias is not None, num_warps=_warps(block_c))
+        BLOCK_C=block_c, PER_SAMPLE=scale is not None, HAS_BB=branch_bias is not None, num_warps=_WARPS_FWD)
     return y, out, mean, rstd
 
 
@@ -192,14 +188,14 @@ def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype, b
         _rows(dy.contiguous(), C) if dy is not None else dn, dn, yr, weight, mean, rstd,
         scale if scale is not None else mean, _rows(dx, C), _rows(dbr, C), part, M, n_tok, float(alpha), C=C,
         ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=dy is not None, PER_SAMPLE=scale is not None,
-        HAS_BB=has_bb, num_warps=_warps(block_c))
+        HAS_BB=has_bb, num_warps=_WARPS_BWD)
     sum_partials(part, (db, dw, dbb) if has_bb else (db, dw), C)
     return dx, dbr, dw, db, dbb
 
 
 def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=torch.bfloat16) -> dict:
     """The kernels' sm_90 builds at rows of C (an fp32 stream, the branch in ``branch_dtype`` with its Linear's
-    bias, per-sample scales, a persistent backward grid of 264 programs as on an H200's 132 SMs), without a GPU (run
+    bias, per-sample scales, a persistent backward grid of 396 programs as on an H200's 132 SMs), without a GPU (run
     without TRITON_INTERPRET): {"fwd" | "bwd" | "sum": (registers, spilled stack bytes, shared bytes, cp.async
     copies)}."""
     from ._common import aot_sm90
@@ -208,15 +204,15 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
     x, br = torch.empty(M, C, **meta), torch.empty(M, C, device="meta", dtype=branch_dtype)
     w, rowv, s = torch.empty(C, **meta), torch.empty(M, **meta), torch.empty(M // n_tok, **meta)
     block_r, block_c = _blocks(C, _TILE_FWD)
-    opts = dict(num_warps=_warps(block_c))
     fwd = (_add_ln_fwd, None, [x, br, w, s, w, w, x, br, rowv, rowv, M, n_tok, 0.5, 1e-6],
-           dict(C=C, BLOCK_R=block_r, BLOCK_C=block_c, PER_SAMPLE=True, HAS_BB=True), opts)
+           dict(C=C, BLOCK_R=block_r, BLOCK_C=block_c, PER_SAMPLE=True, HAS_BB=True), dict(num_warps=_WARPS_FWD))
     block_r = _blocks(C, _TILE_BWD)[0]
-    rows = triton.cdiv(triton.cdiv(M, 264), block_r) * block_r
-    part = torch.empty(264, 3, block_c, **meta)
+    rows = triton.cdiv(triton.cdiv(M, 396), block_r) * block_r
+    part = torch.empty(396, 3, block_c, **meta)
     bwd = (_add_ln_bwd, None, [x, br, x, w, rowv, rowv, s, x, br, part, M, n_tok, 0.5],
-           dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True, HAS_BB=True), opts)
-    total = (_sum_partials, None, [part, w, w, w], dict(NP=264, C=C, BLOCK_C=block_c, BLOCK_P=64,
+           dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True, HAS_BB=True),
+           dict(num_warps=_WARPS_BWD))
+    total = (_sum_partials, None, [part, w, w, w], dict(NP=396, C=C, BLOCK_C=block_c, BLOCK_P=64,
                                                         CB=min(block_c, 32), SLOTS=3), dict(num_warps=4))
     return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd), "sum": aot_sm90(total)}
 
