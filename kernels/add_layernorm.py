@@ -104,7 +104,7 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
     s_dbr = tl.zeros([BLOCK_C], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in range(0, ROWS // BLOCK_R):  # ROWS is a multiple of BLOCK_R; rows past ``end`` are masked
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
         rows = start + i * BLOCK_R + offs_r
         rm = rows < end
         y, mask, offs = _tile(Y, rows, offs_c, end, C)

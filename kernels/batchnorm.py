@@ -74,7 +74,7 @@ def _bn_stats(X, PART, M, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.const
     m2 = tl.zeros([BLOCK_C], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in range(0, ROWS // BLOCK_R):  # ROWS is a multiple of BLOCK_R; rows past ``end`` are masked
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
         row0 = start + i * BLOCK_R
         x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
         n_b = tl.sum(mask.to(tl.float32), 0)
@@ -131,7 +131,7 @@ def _bn_relu_apply(X, OUT, MEAN, INVSTD, W, B, M, C: tl.constexpr, ROWS: tl.cons
     shift = _channel(B, offs_c, C) - _channel(MEAN, offs_c, C) * scale
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in range(0, ROWS // BLOCK_R):  # ROWS is a multiple of BLOCK_R; rows past ``end`` are masked
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
         row0 = start + i * BLOCK_R
         x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
         y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
@@ -152,7 +152,7 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
     s_gx = tl.zeros([BLOCK_C], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in range(0, ROWS // BLOCK_R):  # ROWS is a multiple of BLOCK_R; rows past ``end`` are masked
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
         g, xhat, _ = _relu_grad(DOUT, X, start + i * BLOCK_R, offs_r, offs_c, end, mean, invstd, w, b, C)
         s_g += tl.sum(g, 0)
         s_gx += tl.sum(g * xhat, 0)
@@ -200,7 +200,7 @@ def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constex
     k = w * invstd
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in range(0, ROWS // BLOCK_R):  # ROWS is a multiple of BLOCK_R; rows past ``end`` are masked
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
         row0 = start + i * BLOCK_R
         g, xhat, mask = _relu_grad(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C)
         dx = k[None, :] * (g - db_m[None, :] - xhat * dw_m[None, :])
@@ -211,13 +211,13 @@ def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constex
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _grid(M, C, device):
-    """(programs, rows per program, BLOCK_R, BLOCK_C): ~4 programs per SM, each a contiguous run of whole rows in
-    blocks of 8K elements (16 KB in bf16; the loop's loads are not software-pipelined, so the bytes in flight per
-    SM come from the block size: 4 x 16 KB, about what the H200's bandwidth-latency product asks of each SM)."""
+def _grid(M, C, device, sms=None):
+    """(programs, rows per program, BLOCK_R, BLOCK_C): ~4 programs per SM (``sms``: the device's count), each a
+    contiguous run of whole rows in blocks of 8K elements (16 KB in bf16), the loop over them software-pipelined
+    (tl.range, 2 stages: the next block's loads in flight while one is reduced)."""
     block_c = max(16, triton.next_power_of_2(C))
     block_r = max(1, min(512, 8192 // block_c))
-    progs = max(1, min(triton.cdiv(M, block_r), 4 * sm_count(device)))
+    progs = max(1, min(triton.cdiv(M, block_r), 4 * (sms or sm_count(device))))
     rows = triton.cdiv(triton.cdiv(M, progs), block_r) * block_r
     return triton.cdiv(M, rows), rows, block_r, block_c
 
@@ -235,6 +235,23 @@ def sum_partials(part, outs, C):
     out0, out1, out2 = (tuple(outs) * 3)[:3]  # the unused ones stand in for pointers never written
     _sum_partials[(triton.cdiv(C, cb),)](part, out0, out1, out2, NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb,
                                          SLOTS=slots, num_warps=4)
+
+
+def sm90_resources(B: int = 128, C: int = 64, H: int = 112, W: int = 112, dtype=torch.bfloat16) -> dict:
+    """The four streaming kernels' sm_90 builds at the LV-ViT stem's activations, without a GPU (run without
+    TRITON_INTERPRET): {name: (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
+    from ._common import aot_sm90
+
+    M = B * H * W
+    x = torch.empty(M, C, device="meta", dtype=dtype)
+    f = torch.empty(C, device="meta", dtype=torch.float32)
+    progs, rows, block_r, block_c = _grid(M, C, "meta", sms=132)  # an H200's SMs
+    part = torch.empty(progs, 2, block_c, device="meta", dtype=torch.float32)
+    tiles, opts = dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c), dict(num_warps=8)
+    launches = {"stats": (_bn_stats, [x, part, M]), "apply": (_bn_relu_apply, [x, x, f, f, f, f, M]),
+                "bwd_sums": (_bn_relu_bwd_sums, [x, x, f, f, f, f, part, M]),
+                "bwd_apply": (_bn_relu_bwd_apply, [x, x, x, f, f, f, f, f, f, M])}
+    return {name: aot_sm90((kernel, None, args, tiles, opts)) for name, (kernel, args) in launches.items()}
 
 
 def _rows_view(x):

@@ -61,7 +61,7 @@ def _bias_gelu_bwd(DG, H, B, DH, PART, M, N, ROWS: tl.constexpr, BLOCK_R: tl.con
     s_db = tl.zeros([BLOCK_N], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in range(0, ROWS // BLOCK_R):  # ROWS is a multiple of BLOCK_R; rows past ``end`` are masked
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
         rows = start + i * BLOCK_R + tl.arange(0, BLOCK_R)
         h, mask, offs = _tile(H, rows, cols, end, N)
         dg, _, _ = _tile(DG, rows, cols, end, N)

@@ -115,12 +115,13 @@ def test_gpu_lvvit_s_shape(gen, dtype):
 
 def test_sm90_builds_do_not_spill():
     """Both kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at LV-ViT-S's MLP shape: no
-    spills. In a subprocess without TRITON_INTERPRET (interpreted kernels do not compile)."""
+    spills, the backward's row loop software-pipelined (cp.async copies). In a subprocess without TRITON_INTERPRET (interpreted kernels do not compile)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("from tokenlabel.kernels.bias_gelu import sm90_resources\n"
             "r = sm90_resources()\n"
             "print(*r['fwd'], *r['bwd'])\n")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    f_regs, f_stack, _, _, b_regs, b_stack, _, _ = map(int, run.stdout.split())
+    f_regs, f_stack, _, _, b_regs, b_stack, _, b_copies = map(int, run.stdout.split())
     assert f_stack == 0 and b_stack == 0 and f_regs <= 128 and b_regs <= 128, run.stdout
+    assert b_copies > 0, f"backward row loop not software-pipelined: {run.stdout}"
