@@ -43,8 +43,9 @@ def _key(record: list[str]) -> tuple:
 
 
 def new_records(fetched: Path, local: Path, partial: Path | None = None) -> list[list[str]]:
-    """The records to append to ``local``: those of ``fetched`` after local's, then ``partial``'s not in them."""
-    have = _records(local, "local file")
+    """The records to append to ``local``: those of ``fetched`` after local's, then ``partial``'s not in them. A
+    ``local`` that does not exist yet (an op's first device run) has no records."""
+    have = _records(local, "local file") if local.exists() else []
     got = _records(fetched, "fetched file")
     if got[:len(have)] != have:
         same = next((i for i, (a, b) in enumerate(zip(have, got)) if a != b), min(len(have), len(got)))
@@ -70,7 +71,10 @@ def main(argv=None) -> int:
         print(f"merge: {e}", file=sys.stderr)
         return 2
     if new:
+        fresh = not a.local.exists()
         with open(a.local, "a", newline="") as f:  # the writer results.append_rows uses: the same bytes
+            if fresh:
+                csv.writer(f).writerow(COLUMNS)
             csv.writer(f).writerows(new)
     providers = sorted({_key(r)[2] for r in new})
     print(f"merge: {len(new)} rows appended to {a.local}" + (f" (providers: {', '.join(providers)})" if new else ""))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 OP_MODULES = {
     "loss": "tokenlabel.bench.loss",
     "attention": "tokenlabel.bench.attention",
+    "blocks": "tokenlabel.bench.blocks",
     "step": "tokenlabel.bench.step",
     "loader": "tokenlabel.bench.loader",
 }

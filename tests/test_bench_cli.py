@@ -38,6 +38,22 @@ def test_bench_loss_quick_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "b" / "loss.png").exists()
 
 
+def test_bench_blocks_quick_end_to_end(tmp_path):
+    """bench blocks: every provider checked against float64 (both kernels' outputs and gradients) and timed in
+    all four modes, with GB/s from the bytes each mode must move."""
+    out = tmp_path / "res"
+    assert main(["bench", "blocks", "--quick", "--out", str(out), "--reps", "1", "--warmup", "0", "--no-plot",
+                 "--providers", "eager,triton"]) == 0
+    rows = results.read_rows(out / "blocks.csv")
+    assert not [r for r in rows if r["metric"] == "status"], rows
+    by = {(r["provider"], r["mode"], r["metric"]): r["p50"] for r in rows}
+    for prov in ("eager", "triton"):
+        for mode in ("add_ln fwd", "add_ln fwd+bwd", "gelu fwd", "gelu fwd+bwd"):
+            assert by[(prov, mode, "ms")] > 0 and by[(prov, mode, "GB/s")] > 0, (prov, mode)
+        errs = [r["p50"] for r in rows if r["provider"] == prov and r["metric"].startswith("err_")]
+        assert len(errs) >= 10 and max(errs) <= 1e-4, errs
+
+
 def test_bench_run_cut_short_keeps_the_providers_that_ran(tmp_path, monkeypatch):
     """A run stopped during its second provider (as a device call's time limit stops it) leaves the first
     provider's rows in the hidden partial file, and no half-written results CSV."""

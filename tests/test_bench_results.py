@@ -364,6 +364,10 @@ def test_merge_appends_the_device_runs_new_rows(tmp_path, capsys):
     assert "3 rows appended" in capsys.readouterr().out
     assert merge.main([str(fetched), str(fetched)]) == 0  # nothing new
     assert "0 rows appended" in capsys.readouterr().out
+    first = tmp_path / "blocks.csv"  # an op's first device run: no committed file yet
+    assert merge.main([str(fetched), str(first)]) == 0
+    assert results.read_rows(first) == results.read_rows(fetched)
+    assert first.read_text() == fetched.read_text()
 
 
 def test_merge_refuses_a_file_the_device_did_not_start_from(tmp_path, capsys):
