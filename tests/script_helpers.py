@@ -1,4 +1,4 @@
-"""Load a file of scripts/ as a module, for the tests of those scripts."""
+"""Helpers for the tests: scripts/ loaded as modules, and the kernels' ahead-of-time sm_90 builds."""
 import importlib.util
 from pathlib import Path
 
@@ -11,3 +11,22 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def sm90_builds(expr: str):
+    """``expr`` evaluated in a subprocess without TRITON_INTERPRET (interpreted kernels do not compile), with
+    ``add_layernorm``, ``batchnorm`` and ``bias_gelu`` of tokenlabel.kernels imported: for their
+    ``sm90_resources`` (ahead-of-time sm_90 builds by Triton's bundled ptxas, no GPU needed). Returns the value
+    through JSON (dict keys become strings; each build is [registers, spilled stack bytes, shared bytes, cp.async
+    copies])."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json\nfrom tokenlabel.kernels import add_layernorm, batchnorm, bias_gelu\n"
+            f"print(json.dumps({expr}))\n")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

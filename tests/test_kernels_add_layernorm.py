@@ -1,14 +1,11 @@
 """Residual add + LayerNorm kernels (kernels/add_layernorm.py) against the definition in float64:
 y = x + (branch + branch_bias) * s, n = LayerNorm(y); the stream, the normalised output and the gradients of x,
 branch, the LayerNorm's weight and bias and the branch bias (CPU: interpreted)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from script_helpers import sm90_builds
 from tokenlabel.kernels import add_layernorm as al
 
 
@@ -211,17 +208,11 @@ def test_gpu_lvvit_s_shape(gen, case):
 def test_sm90_builds_do_not_spill():
     """The kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at the LV-ViT widths (T 240,
     S 384, M 512, L 768) with autocast's dtypes: no registers spilled, few enough registers for 4 forward (8-warp)
-    and 3 backward (4-warp) programs per SM, and the backward's row loop software-pipelined (cp.async copies). In a subprocess without TRITON_INTERPRET (interpreted kernels do not compile)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from tokenlabel.kernels.add_layernorm import sm90_resources\n"
-            "for C in (240, 384, 512, 768):\n"
-            "    r = sm90_resources(C)\n"
-            "    print(C, *r['fwd'], *r['bwd'], *r['sum'])\n")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = [list(map(int, line.split())) for line in run.stdout.splitlines()]
-    assert [r[0] for r in rows] == [240, 384, 512, 768], run.stdout
-    for C, f_regs, f_stack, f_smem, _, b_regs, b_stack, b_smem, b_copies, _, s_stack, _, _ in rows:
-        assert f_stack == 0 and b_stack == 0 and s_stack == 0, (C, run.stdout)
-        assert b_copies > 0, f"backward row loop not software-pipelined at C={C}: {run.stdout}"
-        assert f_regs <= 64 and b_regs <= 168, (C, run.stdout)  # 4 forward (8 warps), 3 backward (4 warps) per SM
+    and 3 backward (4-warp) programs per SM, and the backward's row loop software-pipelined (cp.async copies)."""
+    builds = sm90_builds("{C: add_layernorm.sm90_resources(C) for C in (240, 384, 512, 768)}")
+    assert sorted(builds, key=int) == ["240", "384", "512", "768"], builds
+    for C, r in builds.items():
+        (f_regs, f_stack, _, _), (b_regs, b_stack, _, b_copies), (_, s_stack, _, _) = r["fwd"], r["bwd"], r["sum"]
+        assert f_stack == 0 and b_stack == 0 and s_stack == 0, (C, r)
+        assert b_copies > 0, f"backward row loop not software-pipelined at C={C}: {r}"
+        assert f_regs <= 64 and b_regs <= 168, (C, r)  # 4 forward (8 warps), 3 backward (4 warps) per SM

@@ -1,13 +1,10 @@
 """BatchNorm + ReLU kernels (kernels/batchnorm.py) against nn.BatchNorm2d + ReLU in float64, training mode: the
 output, the gradients of x, weight and bias, and the running statistics (CPU: interpreted)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from script_helpers import sm90_builds
 from tokenlabel.kernels import batchnorm as bk
 
 
@@ -156,15 +153,8 @@ def test_gpu_stem_shape(gen, dtype):
 
 def test_sm90_builds_do_not_spill_and_pipeline():
     """The four streaming kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at the stem's
-    [128, 64, 112, 112] bf16 activations: no spills, and every row loop software-pipelined (cp.async copies). In a
-    subprocess without TRITON_INTERPRET (interpreted kernels do not compile)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from tokenlabel.kernels.batchnorm import sm90_resources\n"
-            "for name, r in sm90_resources().items():\n"
-            "    print(name, *r)\n")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = {line.split()[0]: list(map(int, line.split()[1:])) for line in run.stdout.splitlines()}
-    assert sorted(rows) == ["apply", "bwd_apply", "bwd_sums", "stats"], run.stdout
-    for name, (regs, stack, _, copies) in rows.items():
-        assert stack == 0 and regs <= 255 and copies > 0, (name, run.stdout)
+    [128, 64, 112, 112] bf16 activations: no spills, and every row loop software-pipelined (cp.async copies)."""
+    builds = sm90_builds("batchnorm.sm90_resources()")
+    assert sorted(builds) == ["apply", "bwd_apply", "bwd_sums", "stats"], builds
+    for name, (regs, stack, _, copies) in builds.items():
+        assert stack == 0 and regs <= 255 and copies > 0, (name, builds)

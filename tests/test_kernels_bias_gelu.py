@@ -1,13 +1,10 @@
 """Bias + exact GELU kernels (kernels/bias_gelu.py) against the definition in float64: g = GELU(h + b), and the
 gradients of h and b (CPU: interpreted)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from script_helpers import sm90_builds
 from tokenlabel.kernels import bias_gelu as bg
 
 
@@ -115,13 +112,8 @@ def test_gpu_lvvit_s_shape(gen, dtype):
 
 def test_sm90_builds_do_not_spill():
     """Both kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at LV-ViT-S's MLP shape: no
-    spills, the backward's row loop software-pipelined (cp.async copies). In a subprocess without TRITON_INTERPRET (interpreted kernels do not compile)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from tokenlabel.kernels.bias_gelu import sm90_resources\n"
-            "r = sm90_resources()\n"
-            "print(*r['fwd'], *r['bwd'])\n")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    f_regs, f_stack, _, _, b_regs, b_stack, _, b_copies = map(int, run.stdout.split())
-    assert f_stack == 0 and b_stack == 0 and f_regs <= 128 and b_regs <= 128, run.stdout
-    assert b_copies > 0, f"backward row loop not software-pipelined: {run.stdout}"
+    spills, the backward's row loop software-pipelined (cp.async copies)."""
+    r = sm90_builds("bias_gelu.sm90_resources()")
+    (f_regs, f_stack, _, _), (b_regs, b_stack, _, b_copies) = r["fwd"], r["bwd"]
+    assert f_stack == 0 and b_stack == 0 and f_regs <= 128 and b_regs <= 128, r
+    assert b_copies > 0, f"backward row loop not software-pipelined: {r}"
