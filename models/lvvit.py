@@ -301,18 +301,18 @@ class Block(nn.Module):
     def _residual(self, x, branch):
         # x + DropPath(branch) / skip_lam as one elementwise kernel in eager mode (add with alpha, or
         # addcmul with the per-sample drop-path factor folded together with 1 / skip_lam).
-        if isinstance(self.drop_path, DropPath) and self.training and self.drop_path.p > 0:
-            return torch.addcmul(x, branch, self.drop_path.sample_scale(x, 1.0 / self.skip_lam))
-        if self.skip_lam == 1.0:
-            return x + branch
-        return torch.add(x, branch, alpha=1.0 / self.skip_lam)
+        scale = self._branch_scale(x)
+        if isinstance(scale, torch.Tensor):
+            return torch.addcmul(x, branch, scale)
+        return x + branch if scale == 1.0 else torch.add(x, branch, alpha=scale)
 
     def forward(self, x):
         x = self._residual(x, self.attn(self.norm1(x)))
         return self._residual(x, self.mlp(self.norm2(x)))
 
     def _branch_scale(self, x):
-        """DropPath's per-sample factor over skip_lam (drawn as ``_residual`` draws it), or the constant."""
+        """The branch's factor: DropPath's per-sample mask over keep and skip_lam ([B, 1, ..], drawn now) in
+        training, else the constant 1 / skip_lam."""
         if isinstance(self.drop_path, DropPath) and self.training and self.drop_path.p > 0:
             return self.drop_path.sample_scale(x, 1.0 / self.skip_lam)
         return 1.0 / self.skip_lam
