@@ -6,13 +6,14 @@ take ~24 us (forward) and ~32 us (backward) at the H200's 4.8 TB/s. These kernel
 
 What one call computes (per row r of the [M, C] token rows, sample b = r // N_TOK of the [B, N_TOK, C] stream)
 =======================================================================================================
-Forward:  y = x + branch * s_b            (s_b: the per-sample drop-path factor over skip_lam, or one constant)
+Forward:  y = x + (branch + c) * s_b      (s_b: the per-sample drop-path factor over skip_lam, or one constant;
+                                            c: the bias of the Linear that made the branch, optional)
           xhat = (y - mean(y)) * rstd,     rstd = 1 / sqrt(var(y) + eps)   (biased variance, as nn.LayerNorm)
           n = xhat * w + bias              (written in ``out_dtype``: bf16 under autocast, where the next Linear
                                             would cast nn.LayerNorm's fp32 output to bf16 anyway)
 Backward, given dy (the stream's gradient from further on; may be absent) and dn:
           g = dn * w,  dy_total = dy + rstd * (g - mean(g) - xhat * mean(g * xhat))
-          dx = dy_total,  dbranch = dy_total * s_b,  dw = sum_r dn * xhat,  dbias = sum_r dn
+          dx = dy_total,  dbranch = dy_total * s_b,  dw = sum_r dn * xhat,  dbias = sum_r dn,  dc = sum_r dbranch
 The stream (x, y, dx) stays in its own dtype (fp32 under autocast, as the reference's AMP keeps it); the branch and
 its gradient in the branch's (the Linear's output dtype).
 
@@ -21,7 +22,7 @@ forward reads x 38.7 MB + branch 19.4, writes y 38.7 + n 19.4 = 116 MB (24 us at
 dn 19.4, y 38.7, writes dx 38.7 + dbranch 19.4 = 155 MB (32 us).
 
 Launches: forward one (a program per block of rows); backward two (programs over runs of rows with per-program
-dw/dbias partials, then the partials summed by programs over 32-channel slices).
+dw / dbias / dc partials, then the partials summed by programs over 32-channel slices).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 4096
 # elements of one [BLOCK_R, BLOCK_C] tile and warps per program, forward and backward. sm_90 builds at LV-ViT-S's
 # width (C = 384, the branch bias on): forward 4096 / 8 warps, 58 registers, 4 programs per SM (~74 KB of loads in
-# flight per SM); backward 2048 / 4 warps, 146 registers, 3 programs per SM (~45 KB in flight); the backward at
-# 2048 / 8 warps took 102 (2 per SM, ~30 KB), at 4096 / 8 warps 147 (1 per SM).
+# flight per SM); backward 2048 / 4 warps with its row loop software-pipelined, 128 registers, 3 programs per SM
+# (kernels/NOTES.md has the alternatives that were built).
 _TILE_FWD, _TILE_BWD = 4096, 2048
 _WARPS_FWD, _WARPS_BWD = 8, 4
 # backward programs per SM: as many as are resident at once, all in one wave, each with a longer run of rows; fewer
