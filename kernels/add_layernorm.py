@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, dispatch, sm_count
-from .batchnorm import _sum_partials, sum_partials
+from .batchnorm import SUM, _sum_partials, sum_partials
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 4096
@@ -41,11 +41,12 @@ MAX_C = 4096
 # width (C = 384, the branch bias on): forward 4096 / 8 warps, 58 registers, 4 programs per SM (~74 KB of loads in
 # flight per SM); backward 2048 / 4 warps with its row loop software-pipelined, 128 registers, 3 programs per SM
 # (kernels/NOTES.md has the alternatives that were built).
-_TILE_FWD, _TILE_BWD = 4096, 2048
-_WARPS_FWD, _WARPS_BWD = 8, 4
-# backward programs per SM: as many as are resident at once, all in one wave, each with a longer run of rows; fewer
-# partials to sum (396 x 3 x C on an H200's 132 SMs, summed by C / 32 programs)
-_BWD_PER_SM = 3
+# The backward's tiling: elements per loop step, warps, programs per SM (all resident at once, one wave, each with a
+# long run of rows; fewer partials to sum: 396 x 3 x C on an H200's 132 SMs), the row loop's pipeline stages, and
+# whether the column sums are kept as [BLOCK_R, BLOCK_C] accumulators reduced once at the end (acc2d) instead of
+# reduced every step. scripts/sweep_rowkernels.py times the alternatives on a GPU.
+FWD = dict(tile=4096, warps=8)
+BWD = dict(tile=2048, warps=4, per_sm=3, stages=2, acc2d=False)
 
 
 @triton.jit
@@ -92,7 +93,7 @@ def _add_ln_fwd(X, BR, BB, S, W, B, Y, OUT, MEAN, RSTD, M, N_TOK, alpha, eps, C:
 @triton.jit
 def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                HAS_BB: tl.constexpr):
+                HAS_BB: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False):
     """Program p: rows [p * ROWS, (p + 1) * ROWS): dx, dbranch; sum dn, sum dn * xhat (and sum dbranch, the
     branch bias's gradient) into PART[p]."""
     p = tl.program_id(0)
@@ -100,12 +101,17 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
     offs_c = tl.arange(0, BLOCK_C)
     cm = offs_c < C
     w = tl.load(W + offs_c, mask=cm, other=0.0).to(tl.float32)
-    s_dn = tl.zeros([BLOCK_C], tl.float32)
-    s_dnx = tl.zeros([BLOCK_C], tl.float32)
-    s_dbr = tl.zeros([BLOCK_C], tl.float32)
+    if ACC2D:
+        s_dn = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        s_dnx = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        s_dbr = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    else:
+        s_dn = tl.zeros([BLOCK_C], tl.float32)
+        s_dnx = tl.zeros([BLOCK_C], tl.float32)
+        s_dbr = tl.zeros([BLOCK_C], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (rows past ``end`` masked)
         rows = start + i * BLOCK_R + offs_r
         rm = rows < end
         y, mask, offs = _tile(Y, rows, offs_c, end, C)
@@ -123,10 +129,20 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         dbr = dx * _row_scale(S, rows, end, N_TOK, alpha, PER_SAMPLE)[:, None]
         tl.store(DBR + offs, dbr.to(DBR.dtype.element_ty), mask=mask)
-        s_dn += tl.sum(dn, 0)
-        s_dnx += tl.sum(dn * xhat, 0)
-        if HAS_BB:
-            s_dbr += tl.sum(dbr, 0)
+        if ACC2D:
+            s_dn += dn
+            s_dnx += dn * xhat
+            if HAS_BB:
+                s_dbr += dbr
+        else:
+            s_dn += tl.sum(dn, 0)
+            s_dnx += tl.sum(dn * xhat, 0)
+            if HAS_BB:
+                s_dbr += tl.sum(dbr, 0)
+    if ACC2D:
+        s_dn = tl.sum(s_dn, 0)
+        s_dnx = tl.sum(s_dnx, 0)
+        s_dbr = tl.sum(s_dbr, 0)
     base = PART + p.to(tl.int64) * (3 if HAS_BB else 2) * BLOCK_C
     tl.store(base + offs_c, s_dn)  # slot 0 -> dbias, 1 -> dweight, 2 -> the branch bias's gradient
     tl.store(base + BLOCK_C + offs_c, s_dnx)
@@ -157,11 +173,11 @@ def add_ln_forward(x, branch, branch_bias, scale, alpha, weight, bias, eps, out_
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-    block_r, block_c = _blocks(C, _TILE_FWD)
+    block_r, block_c = _blocks(C, FWD["tile"])
     _add_ln_fwd[(triton.cdiv(M, block_r),)](
         xr, brr, branch_bias if branch_bias is not None else weight, scale if scale is not None else mean, weight,
         bias, _rows(y, C), _rows(out, C), mean, rstd, M, n_tok, float(alpha), float(eps), C=C, BLOCK_R=block_r,
-        BLOCK_C=block_c, PER_SAMPLE=scale is not None, HAS_BB=branch_bias is not None, num_warps=_WARPS_FWD)
+        BLOCK_C=block_c, PER_SAMPLE=scale is not None, HAS_BB=branch_bias is not None, num_warps=FWD["warps"])
     return y, out, mean, rstd
 
 
@@ -173,8 +189,8 @@ def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype, b
     yr = _rows(y, C)
     M = yr.shape[0]
     n_tok = M // y.shape[0] if y.dim() > 1 and y.shape[0] else 1
-    block_r, block_c = _blocks(C, _TILE_BWD)
-    progs = max(1, min(triton.cdiv(M, block_r), _BWD_PER_SM * sm_count(y.device)))
+    block_r, block_c = _blocks(C, BWD["tile"])
+    progs = max(1, min(triton.cdiv(M, block_r), BWD["per_sm"] * sm_count(y.device)))
     rows = triton.cdiv(triton.cdiv(M, progs), block_r) * block_r
     progs = triton.cdiv(M, rows)
     has_bb = branch_bias_dtype is not None
@@ -189,7 +205,7 @@ def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype, b
         _rows(dy.contiguous(), C) if dy is not None else dn, dn, yr, weight, mean, rstd,
         scale if scale is not None else mean, _rows(dx, C), _rows(dbr, C), part, M, n_tok, float(alpha), C=C,
         ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=dy is not None, PER_SAMPLE=scale is not None,
-        HAS_BB=has_bb, num_warps=_WARPS_BWD)
+        HAS_BB=has_bb, STAGES=BWD["stages"], ACC2D=BWD["acc2d"], num_warps=BWD["warps"])
     sum_partials(part, (db, dw, dbb) if has_bb else (db, dw), C)
     return dx, dbr, dw, db, dbb
 
@@ -204,17 +220,19 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
     meta = dict(device="meta", dtype=torch.float32)
     x, br = torch.empty(M, C, **meta), torch.empty(M, C, device="meta", dtype=branch_dtype)
     w, rowv, s = torch.empty(C, **meta), torch.empty(M, **meta), torch.empty(M // n_tok, **meta)
-    block_r, block_c = _blocks(C, _TILE_FWD)
+    block_r, block_c = _blocks(C, FWD["tile"])
     fwd = (_add_ln_fwd, None, [x, br, w, s, w, w, x, br, rowv, rowv, M, n_tok, 0.5, 1e-6],
-           dict(C=C, BLOCK_R=block_r, BLOCK_C=block_c, PER_SAMPLE=True, HAS_BB=True), dict(num_warps=_WARPS_FWD))
-    block_r = _blocks(C, _TILE_BWD)[0]
-    rows = triton.cdiv(triton.cdiv(M, 396), block_r) * block_r
-    part = torch.empty(396, 3, block_c, **meta)
+           dict(C=C, BLOCK_R=block_r, BLOCK_C=block_c, PER_SAMPLE=True, HAS_BB=True), dict(num_warps=FWD["warps"]))
+    block_r = _blocks(C, BWD["tile"])[0]
+    progs = BWD["per_sm"] * 132
+    rows = triton.cdiv(triton.cdiv(M, progs), block_r) * block_r
+    part = torch.empty(progs, 3, block_c, **meta)
     bwd = (_add_ln_bwd, None, [x, br, x, w, rowv, rowv, s, x, br, part, M, n_tok, 0.5],
-           dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True, HAS_BB=True),
-           dict(num_warps=_WARPS_BWD))
-    total = (_sum_partials, None, [part, w, w, w], dict(NP=396, C=C, BLOCK_C=block_c, BLOCK_P=64,
-                                                        CB=min(block_c, 32), SLOTS=3), dict(num_warps=4))
+           dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True, HAS_BB=True,
+                STAGES=BWD["stages"], ACC2D=BWD["acc2d"]), dict(num_warps=BWD["warps"]))
+    total = (_sum_partials, None, [part, w, w, w], dict(NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=SUM["block_p"],
+                                                        CB=min(block_c, SUM["cb"]), SLOTS=3),
+             dict(num_warps=SUM["warps"]))
     return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd), "sum": aot_sm90(total)}
 
 

@@ -161,6 +161,10 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
     tl.store(base + BLOCK_C + offs_c, s_gx)
 
 
+# sum_partials' tiling: channels per program, partial rows per loop step, warps
+SUM = dict(cb=32, block_p=64, warps=4)
+
+
 @triton.jit
 def _sum_partials(PART, OUT0, OUT1, OUT2, NP: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_P: tl.constexpr, CB: tl.constexpr, SLOTS: tl.constexpr):
@@ -231,10 +235,10 @@ def sum_partials(part, outs, C):
     """outs[s] = part[:, s, :C].sum(0) for [programs, len(outs) (1 to 3), BLOCK_C] fp32 partials, by programs over
     32-channel slices (one program alone would stream every partial through one SM)."""
     progs, slots, block_c = part.shape
-    cb = min(block_c, 32)
+    cb = min(block_c, SUM["cb"])
     out0, out1, out2 = (tuple(outs) * 3)[:3]  # the unused ones stand in for pointers never written
-    _sum_partials[(triton.cdiv(C, cb),)](part, out0, out1, out2, NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=64, CB=cb,
-                                         SLOTS=slots, num_warps=4)
+    _sum_partials[(triton.cdiv(C, cb),)](part, out0, out1, out2, NP=progs, C=C, BLOCK_C=block_c,
+                                         BLOCK_P=SUM["block_p"], CB=cb, SLOTS=slots, num_warps=SUM["warps"])
 
 
 def sm90_resources(B: int = 128, C: int = 64, H: int = 112, W: int = 112, dtype=torch.bfloat16) -> dict:

@@ -27,11 +27,13 @@ from ._common import INTERPRET, dispatch, sm_count
 from .batchnorm import sum_partials
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BLOCK_N = 128   # columns per program (a 256-byte bf16 row piece)
-_ROWS_FWD = 32  # rows per forward program: 4,096 elements
-_ROWS_BWD = 32  # rows per backward loop step: 4,096 elements (8 warps: 79 registers in the sm_90 build, 3 programs
-#                 per SM, ~48 KB of loads in flight per SM; 16 rows at 4 warps had ~32 KB)
-_BWD_PER_SM = 3  # backward programs per SM over all column blocks: as many as are resident, one wave
+# Tiling. Forward: rows x columns per program, warps. Backward: rows x columns per loop step, warps, programs per SM
+# over all column blocks (all resident, one wave), the row loop's pipeline stages, and whether the bias-gradient
+# column sums are kept as [rows, cols] accumulators reduced once at the end (acc2d) instead of every step. sm_90
+# build of the first backward (32 x 128, 8 warps): 79 registers, 3 programs per SM. scripts/sweep_rowkernels.py times
+# the alternatives on a GPU.
+FWD = dict(rows=32, cols=128, warps=8)
+BWD = dict(rows=32, cols=128, warps=8, per_sm=3, stages=2, acc2d=False)
 
 
 @triton.jit
@@ -53,15 +55,18 @@ def _bias_gelu_fwd(H, B, G, M, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _bias_gelu_bwd(DG, H, B, DH, PART, M, N, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   N_PAD: tl.constexpr):
+                   N_PAD: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False):
     """Program (p, j): rows [p * ROWS, (p + 1) * ROWS) of column block j: dh; sum of dh per column into PART[p]."""
     p = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
-    s_db = tl.zeros([BLOCK_N], tl.float32)
+    if ACC2D:
+        s_db = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    else:
+        s_db = tl.zeros([BLOCK_N], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (rows past ``end`` masked)
         rows = start + i * BLOCK_R + tl.arange(0, BLOCK_R)
         h, mask, offs = _tile(H, rows, cols, end, N)
         dg, _, _ = _tile(DG, rows, cols, end, N)
@@ -70,7 +75,12 @@ def _bias_gelu_bwd(DG, H, B, DH, PART, M, N, ROWS: tl.constexpr, BLOCK_R: tl.con
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         dh = tl.where(mask, dg * (cdf + z * pdf), 0.0)
         tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
-        s_db += tl.sum(dh, 0)
+        if ACC2D:
+            s_db += dh
+        else:
+            s_db += tl.sum(dh, 0)
+    if ACC2D:
+        s_db = tl.sum(s_db, 0)
     tl.store(PART + p.to(tl.int64) * N_PAD + cols, s_db)
 
 
@@ -85,18 +95,19 @@ def bias_gelu_forward(h, bias):
     hr = _rows(h)
     M, N = hr.shape
     g = torch.empty_like(h)
-    _bias_gelu_fwd[(triton.cdiv(M, _ROWS_FWD), triton.cdiv(N, BLOCK_N))](hr, bias, _rows(g), M, N,
-                                                                          BLOCK_R=_ROWS_FWD, BLOCK_N=BLOCK_N,
-                                                                          num_warps=8)
+    r, c = FWD["rows"], FWD["cols"]
+    _bias_gelu_fwd[(triton.cdiv(M, r), triton.cdiv(N, c))](hr, bias, _rows(g), M, N, BLOCK_R=r, BLOCK_N=c,
+                                                           num_warps=FWD["warps"])
     return g
 
 
-def _bwd_grid(M, N, device):
-    """(row programs, rows per program): _BWD_PER_SM programs per SM over all column blocks, each a run of whole row
-    steps."""
-    col_blocks = triton.cdiv(N, BLOCK_N)
-    progs = max(1, min(triton.cdiv(M, _ROWS_BWD), triton.cdiv(_BWD_PER_SM * sm_count(device), col_blocks)))
-    rows = triton.cdiv(triton.cdiv(M, progs), _ROWS_BWD) * _ROWS_BWD
+def _bwd_grid(M, N, sms):
+    """(row programs, rows per program): BWD["per_sm"] programs per SM over all column blocks, each a run of whole
+    row steps."""
+    col_blocks = triton.cdiv(N, BWD["cols"])
+    step = BWD["rows"]
+    progs = max(1, min(triton.cdiv(M, step), triton.cdiv(BWD["per_sm"] * sms, col_blocks)))
+    rows = triton.cdiv(triton.cdiv(M, progs), step) * step
     return triton.cdiv(M, rows), rows
 
 
@@ -104,14 +115,15 @@ def bias_gelu_backward(dg, h, bias):
     """(dh like h, dbias like bias)."""
     hr = _rows(h)
     M, N = hr.shape
-    progs, rows = _bwd_grid(M, N, h.device)
-    n_pad = triton.cdiv(N, BLOCK_N) * BLOCK_N
+    progs, rows = _bwd_grid(M, N, sm_count(h.device))
+    c = BWD["cols"]
+    n_pad = triton.cdiv(N, c) * c
     part = torch.empty(progs, 1, n_pad, device=h.device, dtype=torch.float32)
     dh = torch.empty_like(h)
     db = torch.empty_like(bias)
-    _bias_gelu_bwd[(progs, triton.cdiv(N, BLOCK_N))](_rows(dg.contiguous()), hr, bias, _rows(dh), part, M, N,
-                                                     ROWS=rows, BLOCK_R=_ROWS_BWD, BLOCK_N=BLOCK_N, N_PAD=n_pad,
-                                                     num_warps=8)
+    _bias_gelu_bwd[(progs, triton.cdiv(N, c))](_rows(dg.contiguous()), hr, bias, _rows(dh), part, M, N, ROWS=rows,
+                                               BLOCK_R=BWD["rows"], BLOCK_N=c, N_PAD=n_pad, STAGES=BWD["stages"],
+                                               ACC2D=BWD["acc2d"], num_warps=BWD["warps"])
     sum_partials(part, (db,), N)
     return dh, db
 
@@ -123,11 +135,15 @@ def sm90_resources(M: int = 128 * 197, N: int = 1152, dtype=torch.bfloat16) -> d
 
     h = torch.empty(M, N, device="meta", dtype=dtype)
     b = torch.empty(N, device="meta", dtype=torch.float32)
-    n_pad = triton.cdiv(N, BLOCK_N) * BLOCK_N
-    part = torch.empty(64, n_pad, device="meta", dtype=torch.float32)
-    fwd = (_bias_gelu_fwd, None, [h, b, h, M, N], dict(BLOCK_R=_ROWS_FWD, BLOCK_N=BLOCK_N), dict(num_warps=8))
+    c = BWD["cols"]
+    n_pad = triton.cdiv(N, c) * c
+    progs, rows = _bwd_grid(M, N, 132)  # an H200's SMs
+    part = torch.empty(progs, n_pad, device="meta", dtype=torch.float32)
+    fwd = (_bias_gelu_fwd, None, [h, b, h, M, N], dict(BLOCK_R=FWD["rows"], BLOCK_N=FWD["cols"]),
+           dict(num_warps=FWD["warps"]))
     bwd = (_bias_gelu_bwd, None, [h, h, b, h, part, M, N],
-           dict(ROWS=18 * _ROWS_BWD, BLOCK_R=_ROWS_BWD, BLOCK_N=BLOCK_N, N_PAD=n_pad), dict(num_warps=8))
+           dict(ROWS=rows, BLOCK_R=BWD["rows"], BLOCK_N=c, N_PAD=n_pad, STAGES=BWD["stages"], ACC2D=BWD["acc2d"]),
+           dict(num_warps=BWD["warps"]))
     return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd)}
 
 

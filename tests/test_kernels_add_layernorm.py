@@ -152,7 +152,7 @@ def test_custom_ops_under_compile_and_opcheck(gen, device, bias):
     wrt = (x, br, norm.weight, norm.bias) + ((bb,) if bias else ())
     grads = torch.autograd.grad((y, n), wrt, (dy, dn))
     for name, g, w in zip(NAMES, (y, n, *grads), eager):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     xd, bd, w, b = x.detach(), br.detach(), norm.weight.detach(), norm.bias.detach()
     bbd = bb.detach() if bias else None
     sd = s.reshape(-1)

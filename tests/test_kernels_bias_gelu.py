@@ -82,7 +82,7 @@ def test_custom_ops_under_compile_and_opcheck(gen, device):
     g = torch.compile(bg.bias_gelu, fullgraph=True, backend="aot_eager")(h, b)
     got = (g, *torch.autograd.grad(g, (h, b), dg))
     for name, x, w in zip(NAMES, got, eager):
-        torch.testing.assert_close(x, w, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(x, w, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     torch.library.opcheck(torch.ops.tokenlabel.bias_gelu_fwd, (h.detach(), b.detach()))
     torch.library.opcheck(torch.ops.tokenlabel.bias_gelu_bwd, (dg, h.detach(), b.detach()))
 

@@ -139,9 +139,9 @@ def test_stem_triton_batchnorm_matches_torch(gen):
         outs.append(out)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
-        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     a.eval(), b.eval()
     torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="bn must be one of torch, triton"):
@@ -166,6 +166,6 @@ def test_stem_triton_batchnorm_under_compile(gen):
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
     for (name, pa), pb in zip(a.patch_embed.named_parameters(), b.patch_embed.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
     for (name, ba), bb in zip(a.patch_embed.named_buffers(), b.patch_embed.buffers()):
-        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,0 +1,212 @@
+"""Time the tilings of the row kernels (kernels/add_layernorm.py, kernels/bias_gelu.py, batchnorm.sum_partials) on
+the GPU at LV-ViT's shapes, one coordinate at a time around the current best, and optionally run a tokenlabel
+command in the same process with the best tiling applied.
+
+    python scripts/sweep_rowkernels.py --out DIR [--model s|m] [--passes 2] [-- bench step --providers ...]
+
+Each candidate is first checked against the float32 torch computation of the same op (a tiling that computes
+something else is reported and never chosen), then timed by triton.testing.do_bench (median). The objective is one
+whole call as the model makes it: add_ln backward includes its partial sums. Writes DIR/sweep.csv (every candidate)
+and DIR/best.json (the chosen tilings, to copy into the kernels' FWD / BWD / SUM defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+
+from tokenlabel.kernels import add_layernorm as aln
+from tokenlabel.kernels import batchnorm as bn
+from tokenlabel.kernels import bias_gelu as bg
+
+SHAPES = {"s": (128 * 197, 384, 1152), "m": (128 * 197, 512, 1536)}  # (rows M, width C, MLP hidden N) at 224, B 128
+
+SPACES = {
+    "add_ln_fwd": (aln.FWD, dict(tile=[1024, 2048, 4096, 8192], warps=[2, 4, 8, 16])),
+    "add_ln_bwd": ((aln.BWD, bn.SUM), dict(acc2d=[False, True], stages=[1, 2, 3], tile=[512, 1024, 2048, 4096],
+                                           warps=[1, 2, 4, 8], per_sm=[1, 2, 3, 4, 6, 8, 12],
+                                           cb=[4, 8, 16, 32], block_p=[16, 32, 64, 128], sum_warps=[1, 2, 4])),
+    "gelu_fwd": (bg.FWD, dict(rows=[4, 8, 16, 32, 64], cols=[64, 128, 256, 512, 1024], warps=[2, 4, 8, 16])),
+    "gelu_bwd": (bg.BWD, dict(acc2d=[False, True], stages=[1, 2, 3], rows=[4, 8, 16, 32, 64],
+                              cols=[64, 128, 256, 512], warps=[2, 4, 8], per_sm=[1, 2, 3, 4, 6, 8])),
+}
+
+
+def _set(kind, key, value):
+    target, _ = SPACES[kind]
+    if kind == "add_ln_bwd":
+        bwd, sums = target
+        if key in ("cb", "block_p"):
+            sums[key] = value
+        elif key == "sum_warps":
+            sums["warps"] = value
+        else:
+            bwd[key] = value
+    else:
+        target[key] = value
+
+
+def _get(kind):
+    target, _ = SPACES[kind]
+    if kind == "add_ln_bwd":
+        bwd, sums = target
+        return {**bwd, "cb": sums["cb"], "block_p": sums["block_p"], "sum_warps": sums["warps"]}
+    return dict(target)
+
+
+def _inputs(kind, M, C, N, gen):
+    dev = "cuda"
+    r = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=gen, device=dev).to(dt)  # noqa: E731
+    B = M // 197
+    if kind.startswith("add_ln"):
+        return dict(x=r(B, 197, C, dt=torch.float32), br=r(B, 197, C), bb=r(C), s=torch.rand(B, device=dev) + 0.5,
+                    w=r(C, dt=torch.float32) * 0.2 + 1, b=r(C, dt=torch.float32) * 0.2,
+                    dy=r(B, 197, C, dt=torch.float32), dn=r(B, 197, C))
+    return dict(h=r(B, 197, N), bias=r(N) * 0.5, dg=r(B, 197, N))
+
+
+def _runner(kind, t):
+    """(call, bytes moved, the outputs to check against _reference)."""
+    if kind == "add_ln_fwd":
+        call = lambda: aln.add_ln_forward(t["x"], t["br"], t["bb"], t["s"], 1.0, t["w"], t["b"], 1e-6,  # noqa: E731
+                                          torch.bfloat16)
+        n = t["x"].numel()
+        return call, n * (4 + 2 + 4 + 2), lambda: call()[:2]
+    if kind == "add_ln_bwd":
+        y, _, mean, rstd = aln.add_ln_forward(t["x"], t["br"], t["bb"], t["s"], 1.0, t["w"], t["b"], 1e-6,
+                                              torch.bfloat16)
+        t.update(y=y, mean=mean, rstd=rstd)
+        call = lambda: aln.add_ln_backward(t["dy"], t["dn"], y, t["w"], mean, rstd, t["s"], 1.0,  # noqa: E731
+                                           torch.bfloat16, torch.bfloat16)
+        n = y.numel()
+        return call, n * (4 + 2 + 4 + 4 + 2), call
+    if kind == "gelu_fwd":
+        call = lambda: bg.bias_gelu_forward(t["h"], t["bias"])  # noqa: E731
+        return call, t["h"].numel() * 4, lambda: (call(),)
+    call = lambda: bg.bias_gelu_backward(t["dg"], t["h"], t["bias"])  # noqa: E731
+    return call, t["h"].numel() * 6, call
+
+
+def _reference(kind, t):
+    """The same op by torch in fp32 (autograd for the backward), cast as the kernels return it."""
+    f = torch.float32
+    if kind.startswith("add_ln"):
+        x = t["x"].clone().requires_grad_()
+        br = t["br"].float().requires_grad_()
+        bb = t["bb"].float().requires_grad_()
+        w, b = t["w"].clone().requires_grad_(), t["b"].clone().requires_grad_()
+        y = x + (br + bb) * t["s"][:, None, None]
+        n = torch.nn.functional.layer_norm(y, (y.shape[-1],), w, b, 1e-6)
+        if kind == "add_ln_fwd":
+            return y.detach(), n.detach()
+        torch.autograd.backward([y, n], [t["dy"], t["dn"].to(f)])
+        return x.grad, br.grad, w.grad, b.grad, bb.grad
+    h = t["h"].float().requires_grad_()
+    bias = t["bias"].float().requires_grad_()
+    g = torch.nn.functional.gelu(h + bias)
+    if kind == "gelu_fwd":
+        return (g.detach(),)
+    g.backward(t["dg"].float())
+    return h.grad, bias.grad
+
+
+def _agrees(outs, refs):
+    for o, r in zip(outs, refs):
+        o, r = o.float(), r.float()
+        if not torch.isfinite(o).all():
+            return False
+        if (o - r).abs().max() > 2e-2 * r.abs().max() + 1e-3:
+            return False
+    return True
+
+
+def sweep(kind, M, C, N, passes, writer, gen, deadline=float("inf")):
+    t = _inputs(kind, M, C, N, gen)
+    call, nbytes, check = _runner(kind, t)
+    refs = _reference(kind, t)
+    seen = {}
+
+    def measure():
+        cfg = _get(kind)
+        key = json.dumps(cfg, sort_keys=True)
+        if key in seen:
+            return seen[key]
+        if time.time() > deadline:  # out of time: the best so far stands
+            return float("inf")
+        try:
+            ok = _agrees(check(), refs)
+            ms = triton.testing.do_bench(call, warmup=20, rep=80, return_mode="median") if ok else float("inf")
+            err = "" if ok else "disagrees with torch"
+        except Exception as e:  # out of resources, a shape the tiling cannot take: recorded, not chosen
+            ms, err = float("inf"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        seen[key] = ms
+        gbs = nbytes / (ms * 1e-3) / 1e9 if ms != float("inf") else 0.0
+        writer.writerow([kind, M, C, N, key, f"{ms * 1e3:.2f}", f"{gbs:.0f}", err])
+        print(f"{kind:11s} {key:120s} {ms * 1e3:9.2f} us {gbs:6.0f} GB/s {err}", flush=True)
+        return ms
+
+    _, space = SPACES[kind]
+    best = measure()
+    start = dict(_get(kind))
+    for _ in range(passes if kind.endswith("bwd") else 1):
+        for param, values in space.items():
+            chosen = _get(kind)[param]
+            for v in values:
+                _set(kind, param, v)
+                ms = measure()
+                if ms < best * 0.99:  # a change must beat the best by 1% (do_bench's noise) to be taken
+                    best, chosen = ms, v
+            _set(kind, param, chosen)
+    print(f"{kind}: start {json.dumps(start)} -> best {json.dumps(_get(kind))} {best * 1e3:.2f} us", flush=True)
+    return _get(kind), best
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, rest = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", choices=sorted(SHAPES), default="s")
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--kinds", default=",".join(SPACES))
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="seconds for the whole sweep, shared evenly by the kinds; what is left unmeasured is skipped")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_rowkernels: needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    M, C, N = SHAPES[args.model]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    best = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shape": dict(M=M, C=C, N=N)}
+    with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["kind", "M", "C", "N", "config", "us", "GB/s", "error"])
+        kinds = args.kinds.split(",")
+        t0 = time.time()
+        for i, kind in enumerate(kinds):
+            share = (args.budget_s - (time.time() - t0)) / (len(kinds) - i)
+            cfg, ms = sweep(kind, M, C, N, args.passes, w, gen, deadline=time.time() + share)
+            best[kind] = dict(config=cfg, us=round(ms * 1e3, 2))
+            fh.flush()
+    with open(os.path.join(args.out, "best.json"), "w") as fh:
+        json.dump(best, fh, indent=1)
+    if rest:
+        from tokenlabel.cli import main as cli
+        print("running with the best tilings:", " ".join(rest), flush=True)
+        return cli(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
