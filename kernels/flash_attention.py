@@ -206,7 +206,8 @@ def _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, start_m,
 @triton.jit
 def _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh, qstart, s_n, o_n, do_n,
                   g_n, offs_d, sm_scale, qk_scale, first, last, N, D: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_D: tl.constexpr, TAIL: tl.constexpr, WITH_DQ: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_D: tl.constexpr, TAIL: tl.constexpr, WITH_DQ: tl.constexpr, IEEE: tl.constexpr, kn=None,
+                  KEY_TAIL: tl.constexpr = False):
     """dk, dv += the contributions of ROWS queries from ``qstart``. WITH_DQ: also dq_i += ds_ij k_j into the head's
     fp32 rows of DQACC (``first`` key block: written without reading; ``last``: dq itself into DQ)."""
     qm = qstart + tl.arange(0, ROWS)
@@ -217,6 +218,11 @@ def _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base,
     # queries past N: lse = +inf, so their p^T column is 2^(-inf) = 0
     lse = tl.load(LSE + bh.to(tl.int64) * N + qm, mask=qm < N, other=float("inf"))
     pT = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])  # [key rows, ROWS]
+    if KEY_TAIL:
+        # keys past N (zero rows of k) score 0, so their p would be 2^-lse: up to ~2^20 when a query's scores are
+        # all very negative, which overflows fp16 in ds (inf x the zero row of k = NaN in dq). They are no keys:
+        # p = 0.
+        pT = tl.where((kn < N)[:, None], pT, 0.0)
     dv += _dot(pT.to(do.dtype), do, IEEE)
     dpT = _dot(v, tl.trans(do), IEEE)
     dsT = pT * (dpT - delta[None, :])
@@ -248,11 +254,11 @@ def _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, st
     for qstart in range(0, N - N % BLOCK_M, BLOCK_M):
         dk, dv = _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh, qstart, s_n,
                                o_n, do_n, g_n, offs_d, sm_scale, qk_scale, first, last, N, D, BLOCK_M, BLOCK_D,
-                               False, WITH_DQ, IEEE)
+                               False, WITH_DQ, IEEE, offs_n, ROW_TAIL)
     if N % BLOCK_M != 0:
         dk, dv = _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh,
                                N - N % BLOCK_M, s_n, o_n, do_n, g_n, offs_d, sm_scale, qk_scale, first, last, N, D,
-                               TAIL_M, BLOCK_D, True, WITH_DQ, IEEE)
+                               TAIL_M, BLOCK_D, True, WITH_DQ, IEEE, offs_n, ROW_TAIL)
     _store(DK, g_base, offs_n, g_n, offs_d, dk * sm_scale, N, D, BLOCK_D, ROW_TAIL)
     _store(DV, g_base, offs_n, g_n, offs_d, dv, N, D, BLOCK_D, ROW_TAIL)
 
