@@ -89,8 +89,10 @@ def _check_batch(batch, B, img, device, k, S):
         raise CheckFailed("boxes must be (top, left, height, width) inside [0, 1]")
 
 
-# the DALI configuration fastest alone: most JPEGs on nvJPEG's hardware decoder, 8 threads (the default,
-# the hybrid path with 12 threads, is the one that keeps a training step fed; dataloading/NOTES.md)
+# one DALI pipeline on nvJPEG's hybrid path, 12 threads: the CUDA default until the sixth session's lanes measured
+# faster alone and fed (dataloading/NOTES.md); kept as the rows "dali" / "loader_fed" so results stay comparable
+HYBRID = dict(hw_decoder_load=0.0)
+# the one-pipeline DALI configuration fastest alone: most JPEGs on nvJPEG's hardware decoder, 8 threads
 HW_DECODER = dict(hw_decoder_load=0.9, dali_threads=8)
 CPU_DECODE_GPU_RESIZE = dict(decode_device="cpu", resize_device="gpu")  # the CIFAR configs' setting
 # two DALI pipelines sharing the batches by what each delivers: all JPEGs on the hardware engines (4 threads), and
@@ -209,9 +211,9 @@ def pil(case: Case) -> Prepared:
 
 @register("loader", "dali")
 def dali(case: Case) -> Prepared:
-    """DALI pipeline as training uses it (nvJPEG hybrid decode), augmentation batched on the GPU, label maps
-    with the batch."""
-    return _prepare(case, "dali")
+    """One DALI pipeline on nvJPEG's hybrid decode (12 threads), augmentation batched on the GPU, label maps with
+    the batch (the default before lanes; dali_lanes is the default now)."""
+    return _prepare(case, "dali", **HYBRID)
 
 
 @register("loader", "dali_hw")

@@ -299,9 +299,11 @@ def timm_vit_s_compile(case: Case) -> Prepared:
 
 @register("step", "loader_fed")
 def loader_fed(case: Case) -> Prepared:
-    """LV-ViT-S (attn auto, compiled with CUDA graphs on CUDA) fed by the real DALI loader: images/s and
-    data-wait share."""
-    return _loader_fed(case)
+    """LV-ViT-S (attn auto, compiled with CUDA graphs on CUDA) fed by the real DALI loader, one pipeline on nvJPEG's
+    hybrid path (the default before lanes): images/s and data-wait share."""
+    from .loader import HYBRID
+
+    return _loader_fed(case, **HYBRID)
 
 
 @register("step", "loader_fed_hw")

@@ -57,6 +57,11 @@ import numpy as np
 import torch
 
 MAX_LANES = 4  # DALI pipelines one loader may run side by side (hw_decoder_load as a sequence)
+# hw_decoder_load's default when nvJPEG decodes on a CUDA device: two lanes, the hardware engines (4 threads) and the
+# hybrid path (12). H200, imagenet334, B 128 (2026-12-05, bench/results/loader.csv, step.csv): alone 16,044 img/s
+# against 6,237 for the hybrid path alone; beside the LV-ViT-S CUDA-graph step 22.26 ms per step (GPU idle 5.1%)
+# against 22.93 ms (2.3%) for the hybrid path and 21.52 ms synthetic. Elsewhere (CPU decoding, no CUDA): 0.0.
+DEFAULT_GPU_LOADS = (1.0, 0.0)
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'tokenlabel[dali-cu13]' (CUDA 13) or "
                 "'tokenlabel[dali-cu12]' (CUDA 12), i.e. nvidia-dali-cuda130 / nvidia-dali-cuda120; "
@@ -180,24 +185,25 @@ class DaliBackend:
     applies_augment = False
 
     def __init__(self, source, sampler, device, num_threads=None, io_workers=None, prefetch=None, worker_processes=None,
-                 hw_decoder_load=0.0, decode_device=None, resize_device=None):
+                 hw_decoder_load=None, decode_device=None, resize_device=None):
         fn, types, pipeline_def = import_dali()
         self.fn, self.types, self.pipeline_def = fn, types, pipeline_def
         self.source, self.sampler = source, sampler
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         cpus = os.cpu_count() or 2
-        # The JPEG decoder: nvJPEG's hybrid path (Huffman on the CPU in DALI's threads, IDCT and colour on the
-        # GPU) for all images by default (hw_decoder_load 0.0), with 12 threads. The hardware decoder is the
-        # fastest alone (H100 box, 4,096 ImageNet JPEGs, B 128: 14-18k img/s at load 0.9 and 8 threads
-        # against 5.5-6.8k for the hybrid path), but beside an LV-ViT-S training step it sustained only
-        # ~4,000 img/s. The step's GPU sat idle 11-13% between steps waiting for the batch (0.65: 8-9%,
-        # 0.3: ~5%, 0.0: 1.8-3.0% over 5 runs), dataloading/NOTES.md "2026-11-25". The engines themselves
-        # slow down beside the step: libnvjpeg called directly (H200, 2026-12-04) fell from 17.7k to
-        # 1.3-2.7k img/s at any stream priority and with no kernel of its own (NOTES.md, fourth session).
-        # A sequence of loads builds one DALI pipeline per entry ("lanes", e.g. (1.0, 0.0): the hardware engines
+        # The JPEG decoder. One pipeline on nvJPEG's hybrid path (Huffman on the CPU in DALI's threads, IDCT and
+        # colour on the GPU) kept an LV-ViT-S step fed on the H100 box (GPU idle 1.8-3.0% over 5 runs) but delivers
+        # only ~6k img/s alone. The hardware decoder is the fastest alone (14-18k img/s at load 0.9, 8 threads)
+        # but beside the step sustained ~4,000 img/s: the step sat idle 11-13% (dataloading/NOTES.md
+        # "2026-11-25"; libnvjpeg called directly fell from 17.7k to 1.3-2.7k img/s beside the step, fourth
+        # session). A sequence of loads builds one DALI pipeline per entry ("lanes", e.g. (1.0, 0.0): the engines
         # and the hybrid path side by side); the batches go, in order, to whichever pipeline asks for its next
-        # one, so each decoder takes the share it can deliver (dataloading/NOTES.md, fifth session).
+        # one, so each decoder takes the share it can deliver (fifth session); the default on CUDA since the
+        # sixth session measured it (DEFAULT_GPU_LOADS).
+        if hw_decoder_load is None:  # lanes where nvJPEG decodes (see DEFAULT_GPU_LOADS), else the CPU's decoder
+            gpu_decode = self.gpu and decode_device in (None, "gpu")
+            hw_decoder_load = DEFAULT_GPU_LOADS if gpu_decode else 0.0
         loads = tuple(hw_decoder_load) if isinstance(hw_decoder_load, (list, tuple)) else (hw_decoder_load,)
         if not 1 <= len(loads) <= MAX_LANES:
             raise ValueError(f"hw_decoder_load: give one load or 2..{MAX_LANES} (one DALI pipeline each), "

@@ -253,14 +253,14 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     store (ValueError on any disagreement). engine: finish_batch's "triton" | "torch" (default:
     Triton on CUDA, torch on the CPU). hw_decoder_load (DALI only): the share of JPEGs nvJPEG's
     hardware decoder takes, the rest going through its hybrid path (Huffman on the CPU, the rest on the
-    GPU); default 0.0, which kept an LV-ViT-S step fed on the H100 box, where the hardware decoder
-    (0.9: the fastest loader alone) left the step idle 11-13% of the time (dataloading/NOTES.md). A sequence of
-    loads, e.g. (1.0, 0.0), runs one DALI pipeline per entry ("lanes"); the batches go in order to whichever
-    pipeline asks for its next one, so the hardware engines and the hybrid path each take the share they can
+    GPU). A sequence of loads, e.g. (1.0, 0.0), runs one DALI pipeline per entry ("lanes"); the batches go in
+    order to whichever pipeline asks for its next one, so the hardware engines and the hybrid path each take the share they can
     deliver, alone or beside a training step. The samples, boxes, flips and label maps are exactly the
     one-pipeline batches; which decoder decodes a batch depends on timing, so with different loads per lane the
     pixels of a run can differ from another run's by the decoders' rounding (chroma upsampling: a fraction of a grey
-    level on average). dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
+    level on average). Default: (1.0, 0.0) where nvJPEG decodes on CUDA (H200: 16.0k img/s alone against the single
+    hybrid pipeline's 6.2k, and the faster of the two beside an LV-ViT-S step; dataloading/NOTES.md), 0.0 otherwise.
+    dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
     (default with lanes: 4 for a lane with load > 0.5, 12 for the others). prefetch (DALI only):
     batches DALI prepares ahead (default 2). decode_device (DALI only): "gpu" (default on CUDA: nvJPEG) or
     "cpu" (DALI's CPU threads decode and resize, one copy per batch to the GPU; for small images, where the
@@ -335,7 +335,7 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
 
         impl = DaliBackend(source, sampler, device, num_threads=dali_threads, io_workers=max(1, workers),
                            prefetch=prefetch, decode_device=decode_device, resize_device=resize_device,
-                           hw_decoder_load=0.0 if hw_decoder_load is None else hw_decoder_load)
+                           hw_decoder_load=hw_decoder_load)
     else:
         from .pil_pipeline import PilBackend
 

@@ -620,9 +620,27 @@ def test_dali_worker_processes_survive_inherited_garbage(folder):
     loader.close()
 
 
+@pytest.mark.gpu
+def test_gpu_default_decoder_loads_are_lanes(folder):
+    """On CUDA with nvJPEG decoding the default is two lanes, the hardware engines (4 threads) and the hybrid path
+    (12, capped by the cores); with CPU decoding, one pipeline and no hardware share; an explicit load is kept."""
+    dali_or_skip()
+    root, _ = folder
+    kw = dict(batch_size=4, image_size=16, device="cuda")
+    b = _build(root, "dali", **kw).backend
+    assert b.hw_decoder_load == (1.0, 0.0) and b.num_threads == (min(4, os.cpu_count()), min(12, os.cpu_count()))
+    assert _build(root, "dali", decode_device="cpu", **kw).backend.hw_decoder_load == 0.0
+    assert _build(root, "dali", hw_decoder_load=0.0, **kw).backend.hw_decoder_load == 0.0
+    loader = _build(root, "dali", **kw)
+    batches = _epoch(loader, 0)
+    assert batches and all(b["images"].is_cuda for b in batches)
+    assert sum(loader.backend.lane_batches) == len(batches)
+    loader.close()
+
+
 def test_hw_decoder_load(folder):
-    """DALI's hardware-decoder share: 0.0 by default (the hybrid path, which keeps a training step fed),
-    a number in [0, 1] reaches the pipeline; anything else, or the knob on the PIL backend, is a ValueError
+    """DALI's hardware-decoder share: 0.0 by default without CUDA (CPU decoding), a number in [0, 1] reaches the
+    pipeline; anything else, or the knob on the PIL backend, is a ValueError
     that names it."""
     dali_or_skip()
     root, _ = folder

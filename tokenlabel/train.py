@@ -81,7 +81,7 @@ DEFAULTS: dict = {
     "loader": None,             # dali when importable and on CUDA, else torch
     "workers": None,
     "prefetch": None,           # DALI: batches prepared ahead (None: the loader's 2)
-    "hw_decoder_load": None,    # DALI: share of JPEGs on nvJPEG's hardware decoder (None: the loader's 0.0)
+    "hw_decoder_load": None,    # DALI: share of JPEGs on nvJPEG's hardware decoder (None: the loader's default)
     "decode_device": None,      # DALI: "gpu" | "cpu" decoding and resizing (None: the loader's "gpu" on CUDA)
     "resize_device": None,      # DALI: "gpu" | "cpu" resizing (None: where the images were decoded)
     "randaugment": "rand-m9-mstd0.5-inc1",
@@ -168,10 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="loader worker processes/threads per process")
     g.add_argument("--prefetch", type=int, help="DALI loader: batches prepared ahead (default 2)")
     g.add_argument("--hw-decoder-load", type=_parse_loads,
-                   help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1] (default 0: the hybrid "
-                        "path, which kept an LV-ViT-S step fed on an H100; see dataloading/NOTES.md); several loads, "
+                   help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1]; several loads, "
                         "comma-separated (e.g. 1,0), run one DALI pipeline each, sharing the batches by what each "
-                        "delivers")
+                        "delivers (default 1,0 where nvJPEG decodes on CUDA, the fastest alone and beside an "
+                        "LV-ViT-S step on an H200; 0 otherwise; see dataloading/NOTES.md)")
     g.add_argument("--decode-device", choices=["gpu", "cpu"],
                    help="DALI loader: decode and resize on the GPU (nvJPEG, default) or in DALI's CPU threads (small "
                         "images such as CIFAR's: keeps the loader's kernels off the GPU the step runs on)")
