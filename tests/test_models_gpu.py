@@ -238,11 +238,15 @@ def test_stem_triton_batchnorm_compiled_matches_torch(gen):
         tol = dict(rtol=2e-2, atol=1e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(lb, la, **tol)
         for (name, ba), bb in zip(a.patch_embed.named_buffers(), b.patch_embed.buffers()):
-            torch.testing.assert_close(bb.float(), ba.float(), rtol=1e-2 if autocast else 1e-5, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(bb.float(), ba.float(), rtol=1e-2 if autocast else 1e-5, atol=1e-4,
+                                       msg=lambda m, n=name: f"{n}: {m}")
         for (name, pa), pb in zip(a.patch_embed.named_parameters(), b.patch_embed.parameters()):
             assert torch.isfinite(pb.grad).all(), name
             if not autocast:
-                torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+                # atol 1e-5 as in the CPU test (tests/test_models_stem.py): the two BatchNorm backwards sum in different
+                # orders; the H200 run differed by at most 3.8e-6 (conv1.weight), on elements near zero
+                torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-5,
+                                           msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.gpu
