@@ -46,7 +46,7 @@ MAX_C = 4096
 # whether the column sums are kept as [BLOCK_R, BLOCK_C] accumulators reduced once at the end (acc2d) instead of
 # reduced every step. scripts/sweep_rowkernels.py times the alternatives on a GPU.
 FWD = dict(tile=4096, warps=8)
-BWD = dict(tile=2048, warps=4, per_sm=3, stages=2, acc2d=False)
+BWD = dict(tile=2048, warps=4, per_sm=3, stages=2, acc2d=False, joint=False)
 
 
 @triton.jit
@@ -91,9 +91,15 @@ def _add_ln_fwd(X, BR, BB, S, W, B, Y, OUT, MEAN, RSTD, M, N_TOK, alpha, eps, C:
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                HAS_BB: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False):
+                HAS_BB: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False,
+                JOINT: tl.constexpr = False):
     """Program p: rows [p * ROWS, (p + 1) * ROWS): dx, dbranch; sum dn, sum dn * xhat (and sum dbranch, the
     branch bias's gradient) into PART[p]."""
     p = tl.program_id(0)
@@ -120,8 +126,12 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
         rstd = tl.load(RSTD + rows, mask=rm, other=0.0)
         xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
         g = dn * w[None, :]
-        c1 = tl.sum(g * xhat, 1) / C
-        c2 = tl.sum(g, 1) / C
+        if JOINT:  # both row sums in one reduction (one exchange between warps instead of two)
+            c1, c2 = tl.reduce((g * xhat, g), 1, _add2)
+            c1, c2 = c1 / C, c2 / C
+        else:
+            c1 = tl.sum(g * xhat, 1) / C
+            c2 = tl.sum(g, 1) / C
         dx = tl.where(mask, (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
         if HAS_DY:
             dy, _, _ = _tile(DY, rows, offs_c, end, C)
@@ -205,7 +215,7 @@ def add_ln_backward(dy, dn, y, weight, mean, rstd, scale, alpha, branch_dtype, b
         _rows(dy.contiguous(), C) if dy is not None else dn, dn, yr, weight, mean, rstd,
         scale if scale is not None else mean, _rows(dx, C), _rows(dbr, C), part, M, n_tok, float(alpha), C=C,
         ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=dy is not None, PER_SAMPLE=scale is not None,
-        HAS_BB=has_bb, STAGES=BWD["stages"], ACC2D=BWD["acc2d"], num_warps=BWD["warps"])
+        HAS_BB=has_bb, STAGES=BWD["stages"], ACC2D=BWD["acc2d"], JOINT=BWD["joint"], num_warps=BWD["warps"])
     sum_partials(part, (db, dw, dbb) if has_bb else (db, dw), C)
     return dx, dbr, dw, db, dbb
 
@@ -229,7 +239,7 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
     part = torch.empty(progs, 3, block_c, **meta)
     bwd = (_add_ln_bwd, None, [x, br, x, w, rowv, rowv, s, x, br, part, M, n_tok, 0.5],
            dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True, HAS_BB=True,
-                STAGES=BWD["stages"], ACC2D=BWD["acc2d"]), dict(num_warps=BWD["warps"]))
+                STAGES=BWD["stages"], ACC2D=BWD["acc2d"], JOINT=BWD["joint"]), dict(num_warps=BWD["warps"]))
     total = (_sum_partials, None, [part, w, w, w], dict(NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=SUM["block_p"],
                                                         CB=min(block_c, SUM["cb"]), SLOTS=3),
              dict(num_warps=SUM["warps"]))

@@ -32,7 +32,8 @@ SHAPES = {"s": (128 * 197, 384, 1152), "m": (128 * 197, 512, 1536)}  # (rows M, 
 
 SPACES = {
     "add_ln_fwd": (aln.FWD, dict(tile=[1024, 2048, 4096, 8192], warps=[2, 4, 8, 16])),
-    "add_ln_bwd": ((aln.BWD, bn.SUM), dict(acc2d=[False, True], stages=[1, 2, 3], tile=[512, 1024, 2048, 4096],
+    "add_ln_bwd": ((aln.BWD, bn.SUM), dict(joint=[False, True], acc2d=[False, True], stages=[1, 2, 3],
+                                           tile=[512, 1024, 2048, 4096],
                                            warps=[1, 2, 4, 8], per_sm=[1, 2, 3, 4, 6, 8, 12],
                                            cb=[4, 8, 16, 32], block_p=[16, 32, 64, 128], sum_warps=[1, 2, 4])),
     "gelu_fwd": (bg.FWD, dict(rows=[4, 8, 16, 32, 64], cols=[64, 128, 256, 512, 1024], warps=[2, 4, 8, 16])),
@@ -47,6 +48,7 @@ SPACES = {
 SEEDS = {
     "add_ln_fwd": [dict(tile=512, warps=4), dict(tile=1024, warps=8)],
     "add_ln_bwd": [dict(tile=512, warps=4, per_sm=8, stages=2, cb=8),
+                   dict(tile=512, warps=4, per_sm=8, stages=2, cb=8, joint=True),
                    dict(tile=512, warps=4, per_sm=12, stages=1, cb=8),
                    dict(tile=1024, warps=8, per_sm=4, stages=2, cb=8)],
     "gelu_fwd": [dict(rows=8, cols=128, warps=4), dict(rows=16, cols=256, warps=8)],
