@@ -32,13 +32,13 @@ SHAPES = {"s": (128 * 197, 384, 1152), "m": (128 * 197, 512, 1536)}  # (rows M, 
 
 SPACES = {
     "add_ln_fwd": (aln.FWD, dict(tile=[1024, 2048, 4096, 8192], warps=[2, 4, 8, 16])),
-    "add_ln_bwd": ((aln.BWD, bn.SUM), dict(joint=[False, True], acc2d=[False, True], stages=[1, 2, 3],
-                                           tile=[512, 1024, 2048, 4096],
-                                           warps=[1, 2, 4, 8], per_sm=[1, 2, 3, 4, 6, 8, 12],
-                                           cb=[4, 8, 16, 32], block_p=[16, 32, 64, 128], sum_warps=[1, 2, 4])),
+    "add_ln_bwd": ((aln.BWD, bn.SUM), dict(tile=[512, 1024, 2048, 4096], warps=[1, 2, 4, 8],
+                                           per_sm=[1, 2, 3, 4, 6, 8, 12], joint=[False, True], stages=[1, 2, 3],
+                                           cb=[4, 8, 16, 32], acc2d=[False, True], block_p=[16, 32, 64, 128],
+                                           sum_warps=[1, 2, 4])),
     "gelu_fwd": (bg.FWD, dict(rows=[4, 8, 16, 32, 64], cols=[64, 128, 256, 512, 1024], warps=[2, 4, 8, 16])),
-    "gelu_bwd": (bg.BWD, dict(acc2d=[False, True], stages=[1, 2, 3], rows=[4, 8, 16, 32, 64],
-                              cols=[64, 128, 256, 512], warps=[2, 4, 8], per_sm=[1, 2, 3, 4, 6, 8])),
+    "gelu_bwd": (bg.BWD, dict(rows=[4, 8, 16, 32, 64], warps=[2, 4, 8], per_sm=[1, 2, 3, 4, 6, 8, 12],
+                              stages=[1, 2, 3], acc2d=[False, True], cols=[64, 128, 256, 512])),
 }
 
 
@@ -52,7 +52,8 @@ SEEDS = {
                    dict(tile=512, warps=4, per_sm=12, stages=1, cb=8),
                    dict(tile=1024, warps=8, per_sm=4, stages=2, cb=8)],
     "gelu_fwd": [dict(rows=8, cols=128, warps=4), dict(rows=16, cols=256, warps=8)],
-    "gelu_bwd": [dict(rows=8, cols=128, warps=4, per_sm=8, acc2d=True), dict(rows=16, cols=128, warps=8, per_sm=4,
+    "gelu_bwd": [dict(rows=8, cols=128, warps=4, per_sm=8, acc2d=True),
+                 dict(rows=8, cols=128, warps=4, per_sm=8, acc2d=True, stages=1), dict(rows=16, cols=128, warps=8, per_sm=4,
                                                                             acc2d=True)],
 }
 
