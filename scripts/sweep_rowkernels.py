@@ -53,8 +53,8 @@ SEEDS = {
                    dict(tile=1024, warps=8, per_sm=4, stages=2, cb=8)],
     "gelu_fwd": [dict(rows=8, cols=128, warps=4), dict(rows=16, cols=256, warps=8)],
     "gelu_bwd": [dict(rows=8, cols=128, warps=4, per_sm=8, acc2d=True),
-                 dict(rows=8, cols=128, warps=4, per_sm=8, acc2d=True, stages=1), dict(rows=16, cols=128, warps=8, per_sm=4,
-                                                                            acc2d=True)],
+                 dict(rows=8, cols=128, warps=4, per_sm=8, acc2d=True, stages=1),
+                 dict(rows=16, cols=128, warps=8, per_sm=4, acc2d=True)],
 }
 
 
