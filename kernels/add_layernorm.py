@@ -45,8 +45,12 @@ MAX_C = 4096
 # long run of rows; fewer partials to sum: 396 x 3 x C on an H200's 132 SMs), the row loop's pipeline stages, and
 # whether the column sums are kept as [BLOCK_R, BLOCK_C] accumulators reduced once at the end (acc2d) instead of
 # reduced every step. scripts/sweep_rowkernels.py times the alternatives on a GPU.
+# Backward from scripts/sweep_rowkernels.py on an H200 (2026-12-05, in CUDA graphs, LV-ViT-S/224 B 128 with its
+# partial sums): 49.0 us per call against ~126 us for the first tiling (2048 elements, 4 warps, 3 per SM, 2 stages).
+# One row of 384 per loop step over 4 warps (4 elements per thread: the fp32 and bf16 tiles share one layout, no
+# conversions through shared memory), both row sums in one reduction, 6 programs per SM, 3 stages.
 FWD = dict(tile=4096, warps=8)
-BWD = dict(tile=2048, warps=4, per_sm=3, stages=2, acc2d=False, joint=False)
+BWD = dict(tile=512, warps=4, per_sm=6, stages=3, acc2d=False, joint=True)
 
 
 @triton.jit

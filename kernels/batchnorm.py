@@ -161,8 +161,10 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
     tl.store(base + BLOCK_C + offs_c, s_gx)
 
 
-# sum_partials' tiling: channels per program, partial rows per loop step, warps
-SUM = dict(cb=32, block_p=64, warps=4)
+# sum_partials' tiling: channels per program, partial rows per loop step, warps. From the H200 sweep of the
+# LayerNorm backward with its sums (scripts/sweep_rowkernels.py, 2026-12-05): 4 channels per program (96 programs
+# for 384 channels instead of 12), 128 partials per step, 1 warp.
+SUM = dict(cb=4, block_p=128, warps=1)
 
 
 @triton.jit
