@@ -37,18 +37,13 @@ from .batchnorm import SUM, _sum_partials, sum_partials
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 4096
-# elements of one [BLOCK_R, BLOCK_C] tile and warps per program, forward and backward. sm_90 builds at LV-ViT-S's
-# width (C = 384, the branch bias on): forward 4096 / 8 warps, 58 registers, 4 programs per SM (~74 KB of loads in
-# flight per SM); backward 2048 / 4 warps with its row loop software-pipelined, 128 registers, 3 programs per SM
-# (kernels/NOTES.md has the alternatives that were built).
-# The backward's tiling: elements per loop step, warps, programs per SM (all resident at once, one wave, each with a
-# long run of rows; fewer partials to sum: 396 x 3 x C on an H200's 132 SMs), the row loop's pipeline stages, and
-# whether the column sums are kept as [BLOCK_R, BLOCK_C] accumulators reduced once at the end (acc2d) instead of
-# reduced every step. scripts/sweep_rowkernels.py times the alternatives on a GPU.
-# Backward from scripts/sweep_rowkernels.py on an H200 (2026-12-05, in CUDA graphs, LV-ViT-S/224 B 128 with its
-# partial sums): 49.0 us per call against ~126 us for the first tiling (2048 elements, 4 warps, 3 per SM, 2 stages).
-# One row of 384 per loop step over 4 warps (4 elements per thread: the fp32 and bf16 tiles share one layout, no
-# conversions through shared memory), both row sums in one reduction, 6 programs per SM, 3 stages.
+# Tilings. Forward: elements of one [BLOCK_R, BLOCK_C] tile, warps (sm_90 at C = 384: 58 registers, 4 programs per
+# SM). Backward: elements per loop step, warps, programs per SM (all resident, one wave, each a long run of rows),
+# the row loop's pipeline stages, the column sums as [BLOCK_R, BLOCK_C] accumulators reduced once at the end (acc2d)
+# or every step, and both row sums in one reduction (joint). The backward's values come from
+# scripts/sweep_rowkernels.py on an H200 (2026-12-05, CUDA graphs, LV-ViT-S/224 B 128, with the partial sums): 49.0
+# us per call against 130 us for the first tiling (2048 elements, 4 warps, 3 per SM, 2 stages), whose fp32 and bf16
+# tiles had different layouts (27 barriers per step); 4 elements per thread gives both one layout.
 FWD = dict(tile=4096, warps=8)
 BWD = dict(tile=512, warps=4, per_sm=6, stages=3, acc2d=False, joint=True)
 

