@@ -89,8 +89,8 @@ def _check_batch(batch, B, img, device, k, S):
         raise CheckFailed("boxes must be (top, left, height, width) inside [0, 1]")
 
 
-# one DALI pipeline on nvJPEG's hybrid path, 12 threads: the CUDA default until the sixth session's lanes measured
-# faster alone and fed (dataloading/NOTES.md); kept as the rows "dali" / "loader_fed" so results stay comparable
+# one DALI pipeline on nvJPEG's hybrid path, 12 threads: the CUDA default until lanes measured faster alone and fed
+# (H200, 2026-12-05, dataloading/NOTES.md); kept as the rows "dali" / "loader_fed" so results stay comparable
 HYBRID = dict(hw_decoder_load=0.0)
 # the one-pipeline DALI configuration fastest alone: most JPEGs on nvJPEG's hardware decoder, 8 threads
 HW_DECODER = dict(hw_decoder_load=0.9, dali_threads=8)

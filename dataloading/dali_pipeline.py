@@ -199,8 +199,8 @@ class DaliBackend:
         # "2026-11-25"; libnvjpeg called directly fell from 17.7k to 1.3-2.7k img/s beside the step, fourth
         # session). A sequence of loads builds one DALI pipeline per entry ("lanes", e.g. (1.0, 0.0): the engines
         # and the hybrid path side by side); the batches go, in order, to whichever pipeline asks for its next
-        # one, so each decoder takes the share it can deliver (fifth session); the default on CUDA since the
-        # sixth session measured it (DEFAULT_GPU_LOADS).
+        # one, so each decoder takes the share it can deliver (fifth session); the default where nvJPEG decodes
+        # since the H200 measured it (DEFAULT_GPU_LOADS).
         if hw_decoder_load is None:  # lanes where nvJPEG decodes (see DEFAULT_GPU_LOADS), else the CPU's decoder
             gpu_decode = self.gpu and decode_device in (None, "gpu")
             hw_decoder_load = DEFAULT_GPU_LOADS if gpu_decode else 0.0

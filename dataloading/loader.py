@@ -254,8 +254,8 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     Triton on CUDA, torch on the CPU). hw_decoder_load (DALI only): the share of JPEGs nvJPEG's
     hardware decoder takes, the rest going through its hybrid path (Huffman on the CPU, the rest on the
     GPU). A sequence of loads, e.g. (1.0, 0.0), runs one DALI pipeline per entry ("lanes"); the batches go in
-    order to whichever pipeline asks for its next one, so the hardware engines and the hybrid path each take the share they can
-    deliver, alone or beside a training step. The samples, boxes, flips and label maps are exactly the
+    order to whichever pipeline asks for its next one, so the hardware engines and the hybrid path each take the
+    share they can deliver, alone or beside a training step. The samples, boxes, flips and label maps are exactly the
     one-pipeline batches; which decoder decodes a batch depends on timing, so with different loads per lane the
     pixels of a run can differ from another run's by the decoders' rounding (chroma upsampling: a fraction of a grey
     level on average). Default: (1.0, 0.0) where nvJPEG decodes on CUDA (H200: 16.0k img/s alone against the single

@@ -235,7 +235,7 @@ def _block_p(progs, block_c):
 
 def sum_partials(part, outs, C):
     """outs[s] = part[:, s, :C].sum(0) for [programs, len(outs) (1 to 3), BLOCK_C] fp32 partials, by programs over
-    32-channel slices (one program alone would stream every partial through one SM)."""
+    SUM["cb"]-channel slices (one program alone would stream every partial through one SM)."""
     progs, slots, block_c = part.shape
     cb = min(block_c, SUM["cb"])
     out0, out1, out2 = (tuple(outs) * 3)[:3]  # the unused ones stand in for pointers never written
