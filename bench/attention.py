@@ -130,6 +130,15 @@ def triton_head(case: Case) -> Prepared:
     return within(prep, lambda: fa.use_bwd_impl("head"), "attention backward: one program per head")
 
 
+@register("attention", "triton_split2")
+def triton_split2(case: Case) -> Prepared:
+    """The same forward; split's two program kinds as two launches (dq, then dk dv), each with its own tiling."""
+    prep = _prepare(case, "triton")
+    from tokenlabel.kernels import flash_attention as fa
+
+    return within(prep, lambda: fa.use_bwd_impl("split2"), "attention backward: split2")
+
+
 @register("attention", "auto")
 def auto(case: Case) -> Prepared:
     """The model's "auto": fastest backend measured once per shape and cached."""

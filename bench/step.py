@@ -236,17 +236,25 @@ register("step", "compile_graphs_auto_combo")(_backend_provider("auto", True, op
 # step, its reductions at ~26-43% of the memory bandwidth; the floor of the three is ~1.0 ms). Not measured yet.
 register("step", "compile_graphs_auto_bnk")(_backend_provider("auto", True, "reduce-overhead", bn_impl="triton"))
 # ... and with each block's residual adds fused with the LayerNorms after them (kernels/add_layernorm.py; inductor's
-# LayerNorm kernels: 2.54 ms of the H200 step, ~37 us each where the bytes take 24-32 us). Not measured yet.
+# LayerNorm kernels: 2.54 ms of the H200 step, ~37 us each where the bytes take 24-32 us). Measured 2026-12-05 before
+# the CUDA-graph tiling sweep: 22.97 ms against 21.53 (kernels/NOTES.md); not rerun since.
 register("step", "compile_graphs_auto_lnk")(_backend_provider("auto", True, "reduce-overhead",
                                                                residual_norm="triton"))
 # ... and with each MLP's fc1 bias + GELU as one Triton kernel each way (kernels/bias_gelu.py; inductor's GELU
 # kernels: 2.03 ms of the H200 step, the forward at ~54% of the bandwidth, GELU recomputed in the backward and fc1's
-# bias gradient read separately). Not measured yet.
+# bias gradient read separately). 2026-12-05, H200, with the swept tiling: 21.08 ms against 21.47.
 register("step", "compile_graphs_auto_geluk")(_backend_provider("auto", True, "reduce-overhead", gelu="triton"))
 # every kernel of ours at once: our flash attention (split backward), the stem's BatchNorm kernels, the fused
-# residual + LayerNorm, bias + GELU. Not measured yet.
+# residual + LayerNorm, bias + GELU. 2026-12-05, H200, with the swept tilings: 19.90 ms against 21.47.
 register("step", "compile_graphs_ours")(_backend_provider("triton", True, "reduce-overhead", bn_impl="triton",
                                                           residual_norm="triton", gelu="triton"))
+# ... the same with the attention backward as split2's two launches (new, not measured), and with cuDNN's attention
+# through SDPA instead of ours (how much our attention adds or takes in the whole step)
+register("step", "compile_graphs_ours_split2")(_backend_provider("triton", True, "reduce-overhead", bwd_impl="split2",
+                                                                 bn_impl="triton", residual_norm="triton",
+                                                                 gelu="triton"))
+register("step", "compile_graphs_ours_sdpa")(_backend_provider("sdpa", True, "reduce-overhead", bn_impl="triton",
+                                                               residual_norm="triton", gelu="triton"))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

@@ -3,7 +3,7 @@
     python -m tokenlabel.kernels._attn_tune resources [--shape S224] [--dtype bf16]   # no GPU needed
     python -m tokenlabel.kernels._attn_tune time [--shape S224] [--out DIR]           # on the GPU
 
-``resources`` compiles every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_90 ahead of time with
+``resources`` compiles every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, fold) for sm_90 ahead of time with
 Triton's bundled ptxas, with the alignment hints a real launch gets (16-byte-aligned pointers, strides that are
 multiples of 16), and prints registers per thread, spilled bytes (stack), shared memory and whether the key loop
 was software-pipelined (cp.async copies in the TTGIR). A config that spills or is not pipelined is not worth a
@@ -11,6 +11,10 @@ GPU minute. ``time`` launches a narrower set on the GPU (forward, and backward a
 CUDA graph of 20 calls), each checked first (the forward against SDPA, the backward against the default config),
 registers and spills as the driver reports them, and prints them beside SDPA's forward and forward+backward on
 the same qkv tensor (the model's path, the stack of dq, dk, dv into the qkv gradient included).
+
+Kinds: ``fwd``; the backwards ``bwd`` ("split", both program kinds in one launch), ``bwd_head`` ("head"), and
+``bwd_dq`` / ``bwd_dkdv``, the two launches of "split2" (its time is the sum of the two; ``time`` ends with a
+``best`` row per kind and one for split2).
 """
 from __future__ import annotations
 
@@ -30,11 +34,15 @@ SHAPES = {"S224": (128, 197, 6, 64), "M224": (128, 197, 8, 64), "S384": (128, 57
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+KINDS = ("fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv")
+
+
 def candidates(dtype):
-    for bm, bn, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+    for bm, bn, warps, stages, fold in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3),
+                                                         (False, True)):
         if bm * bn > 128 * 64 or (dtype == torch.float32 and bm * bn > 64 * 32):
             continue
-        yield bm, bn, warps, stages
+        yield bm, bn, warps, stages, fold
 
 
 def _tensors(B, N, H, D, dtype, device):
@@ -49,17 +57,18 @@ def _tensors(B, N, H, D, dtype, device):
 def _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg):
     if kind == "fwd":
         return fa.fwd_launch(q, k, v, o, lse, D ** -0.5, cfg)
-    impl = "head" if kind == "bwd_head" else "split"
-    scratch = fa.bwd_scratch(q) if impl == "head" else None
-    return fa.bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, cfg, impl, scratch)
+    if kind == "bwd_head":
+        return fa.bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, cfg, "head", fa.bwd_scratch(q))
+    split_kind = {"bwd": "split", "bwd_dq": "dq", "bwd_dkdv": "dkdv"}[kind]
+    return fa.bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, cfg, "split", kind=split_kind)
 
 
 def resources(shape, dtype, defaults_only=False):
     B, N, H, D = SHAPES[shape]
     _, (q, k, v), o, lse, dqkv = _tensors(B, N, H, D, dtype, "meta")
     rows = []
-    for kind in ("fwd", "bwd", "bwd_head"):
-        default = fa._config(D, kind, dtype)
+    for kind in KINDS:
+        default = fa._unpack(fa._config(D, kind, dtype))
         for cfg in [default] if defaults_only else candidates(dtype):
             launch = _launch(kind, q, k, v, o, lse, o, dqkv, D, cfg)
             try:
@@ -68,7 +77,7 @@ def resources(shape, dtype, defaults_only=False):
                 rows.append(dict(kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}"))
                 continue
             rows.append(dict(kind=kind, config=cfg, regs=regs, stack=stack, smem=smem, async_copies=copies,
-                             default=cfg == default))
+                             default=fa._unpack(cfg) == default))
     return rows
 
 
@@ -95,20 +104,48 @@ def _graph_ms(fn, reps=20, iters=5):
     return sorted(times)[len(times) // 2]
 
 
+# Tried first after the default, per kind (a run cut short has these): the sm_90 builds' picks at S/224 bf16,
+# spill-free, all-wgmma where the program's own block is >= 64 rows (fold), or the fewest registers for their tile.
+FIRST = {
+    "fwd": [(64, 64, 4, 2, True), (128, 64, 8, 2, False), (128, 64, 8, 2, True), (64, 64, 8, 2, True),
+            (128, 32, 8, 2, True), (64, 128, 8, 2, True)],
+    "bwd": [(64, 64, 4, 2, True), (64, 64, 8, 2, True), (64, 64, 8, 1, True)],
+    "bwd_head": [(32, 64, 4, 2, True), (64, 64, 8, 1, True)],
+    "bwd_dq": [(64, 64, 4, 2, True), (64, 64, 8, 2, True), (128, 64, 8, 2, True), (128, 32, 8, 2, True),
+               (64, 32, 4, 2, True), (128, 64, 8, 3, True), (64, 64, 4, 3, True)],
+    "bwd_dkdv": [(64, 64, 8, 1, True), (64, 64, 8, 2, True), (32, 128, 8, 2, True), (64, 32, 8, 2, True),
+                 (128, 64, 8, 1, True), (64, 64, 4, 1, True), (32, 64, 8, 2, True), (64, 128, 8, 1, True)],
+}
+
+
 def time_candidates(kind):
-    """The configs ``time`` tries, the default first (a run cut short still has it): 64- and 128-row forward tiles,
-    32- and 64-row backward tiles (larger ones spill in the sm_90 builds)."""
-    yield fa._config(64, kind, torch.bfloat16)
-    for bm, bn, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
-        if (bm, bn, warps, stages) == fa._config(64, kind, torch.bfloat16):
+    """The configs ``time`` tries, the default first, then FIRST's, then the rest: 64- and 128-row forward tiles,
+    backward tiles up to 64 rows (up to 128 in the program's own dimension for split2's two kernels, where the
+    other kind's registers no longer count), each with and without fold."""
+    seen = set()
+    default = fa._unpack(fa._config(64, kind, torch.bfloat16))
+    for cfg in [default] + FIRST.get(kind, []):
+        if cfg not in seen:
+            seen.add(cfg)
+            yield cfg
+    for bm, bn, warps, stages, fold in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3),
+                                                         (False, True)):
+        cfg = (bm, bn, warps, stages, fold)
+        if cfg in seen or bm * bn > 128 * 64:
             continue
-        if kind == "fwd" and bm >= 64 and bm * bn <= 128 * 64 and stages >= 2:
-            yield bm, bn, warps, stages
-        elif kind != "fwd" and bm <= 64 and bn <= 64 and stages <= 2:
-            yield bm, bn, warps, stages
+        own = {"bwd_dq": bm, "bwd_dkdv": bn}.get(kind)
+        if kind == "fwd":
+            ok = bm >= 64 and stages >= 2
+        elif own is not None:
+            ok = stages <= 2 and max(bm, bn) <= 128 and (bm <= 64 or own == bm) and (bn <= 64 or own == bn)
+        else:
+            ok = bm <= 64 and bn <= 64 and stages <= 2
+        if ok:
+            seen.add(cfg)
+            yield cfg
 
 
-def time_configs(shape, dtype, device="cuda"):
+def time_configs(shape, dtype, device="cuda", kinds=KINDS, limit=None):
     """Every time_candidates config on the GPU (spilling ones reported, not timed), beside SDPA: rows, yielded as
     they are measured (a run cut short by a time limit has printed what it measured)."""
     from tokenlabel.models.attention import attention_qkv
@@ -127,16 +164,19 @@ def time_configs(shape, dtype, device="cuda"):
     yield dict(kind="sdpa", config="fwd", ms=_graph_ms(lambda: attention_qkv(qkv.detach(), H, "sdpa")))
     yield dict(kind="sdpa", config="fwd+bwd (incl. the stack into the qkv gradient)", ms=_graph_ms(sdpa_step))
     o, lse = fa.attention_forward(q, k, v, D ** -0.5)
-    want_bwd = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5)
+    want_bwd = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5, impl="split")
     dqkv = torch.empty_like(want_bwd)
-    for kind in ("fwd", "bwd", "bwd_head"):
-        default = fa._config(D, kind, dtype)
-        for cfg in time_candidates(kind):
+    parts = {"bwd_dq": slice(0, 1), "bwd_dkdv": slice(1, 3)}  # which of q, k, v a kind's launch writes
+    best = {}
+    for kind in kinds:
+        default = fa._unpack(fa._config(D, kind, dtype))
+        for cfg in itertools.islice(time_candidates(kind), limit):
             if kind == "fwd":
                 got = torch.empty_like(o)
                 launch = fa.fwd_launch(q, k, v, got, torch.empty_like(lse), D ** -0.5, cfg)
             else:
-                got = dqkv
+                dqkv.fill_(float("nan"))  # what a launch does not write fails the check
+                got = dqkv[:, :, parts.get(kind, slice(0, 3))]
                 launch = _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg)
             kernel, grid, args, const, opts = launch
             try:
@@ -147,12 +187,20 @@ def time_configs(shape, dtype, device="cuda"):
                 yield dict(kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
                 continue
             row = dict(kind=kind, config=cfg, regs=getattr(compiled, "n_regs", None),
-                       spills=getattr(compiled, "n_spills", None), default=cfg == default)
-            want = ref if kind == "fwd" else want_bwd
-            row["max_abs_err"] = float((got.float() - want.float()).abs().max())
+                       spills=getattr(compiled, "n_spills", None), default=fa._unpack(cfg) == default)
+            want = ref if kind == "fwd" else want_bwd[:, :, parts.get(kind, slice(0, 3))]
+            row["max_abs_err"] = float((got.float() - want.float()).abs().nan_to_num(float("inf")).max())
             if not row["spills"]:
                 row["ms"] = _graph_ms(lambda: kernel[grid](*args, **const, **opts))
+                tol = 1e-5 if dtype == torch.float32 else 0.05 * float(want.float().abs().max())
+                if row["max_abs_err"] <= tol and row["ms"] < best.get(kind, (None, float("inf")))[1]:
+                    best[kind] = (cfg, row["ms"])
             yield row
+    for kind, (cfg, ms) in best.items():
+        yield dict(kind="best", config=f"{kind} {cfg}", ms=ms)
+    if "bwd_dq" in best and "bwd_dkdv" in best:
+        yield dict(kind="best", config=f"split2 {best['bwd_dq'][0]} + {best['bwd_dkdv'][0]}",
+                   ms=best["bwd_dq"][1] + best["bwd_dkdv"][1])
 
 
 def main(argv=None):
@@ -162,7 +210,14 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--out", help="folder for attn_tune_<shape>_<dtype>_<what>.csv")
     ap.add_argument("--defaults-only", action="store_true", help="only the configs the launchers use")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"time: which kernels (of {', '.join(KINDS)})")
+    ap.add_argument("--limit", type=int, help="time: at most this many configs per kind (the default and FIRST's "
+                                                "come first)")
     a = ap.parse_args(argv)
+    kinds = [k for k in a.kinds.split(",") if k]
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad:
+        ap.error(f"unknown kinds {bad}; valid: {', '.join(KINDS)}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
         return 2
@@ -171,7 +226,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             print("time needs a CUDA GPU", file=sys.stderr)
             return 2
-        measured = time_configs(a.shape, dtype)
+        measured = time_configs(a.shape, dtype, kinds=kinds, limit=a.limit)
     else:
         measured = resources(a.shape, dtype, a.defaults_only)
     rows = []

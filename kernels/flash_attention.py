@@ -24,8 +24,10 @@ a block of query rows and loop over the keys for dq; the rest each own a block o
 for dk and dv. Each computes the delta_i it needs from o and do, so neither waits for the other (no atomics, no
 pre-pass); the price is reading o once more per (key block, query block) pair, from L2 at these sizes, and S, P
 computed by both kinds (7 matmuls per block pair). The "head" backward runs one program per head over the key
-blocks in order and keeps dq in fp32 scratch rows instead (5 matmuls). Which one runs: ``use_bwd_impl`` inside
-its block, else the one the model's attn="auto" measured faster for the shape on this GPU, else "split".
+blocks in order and keeps dq in fp32 scratch rows instead (5 matmuls). "split2" launches the split kernel's two
+program kinds as two kernels (dq, then dk dv), so each has its own tiling and registers. Which one runs:
+``use_bwd_impl`` inside its block, else the one the model's attn="auto" measured faster for the shape on this GPU,
+else "split".
 
 N is tiled as full blocks plus one partial block rounded up to a power of two (>= 16): 197 = 3 x 64 + 16 rows
 of work, not 4 x 64. N is a compile-time constant, so each resolution compiles its own kernels once.
@@ -49,8 +51,12 @@ _INTERP = tl.constexpr(_INTERPRET)
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 # Which backward the autograd paths launch: "split" (query-block and key-block programs, 7 matmuls per block pair)
-# or "head" (one program per head, 5 matmuls, dq in fp32 scratch). Not yet timed against each other on a GPU.
-BWD_IMPLS = ("split", "head")
+# or "head" (one program per head, 5 matmuls, dq in fp32 scratch), or "split2" (split's two program kinds as two
+# launches, each with its own tiling and registers). Not yet timed against each other on a GPU.
+BWD_IMPLS = ("split", "head", "split2")
+# The ones the model's attn="auto" times (and may pick without checking results): those whose GPU tests have run.
+# "split2" is new (2026-12-05, ninth session) and joins once `pytest -m gpu` has passed with it on a GPU.
+AUTO_BWD_IMPLS = ("split", "head")
 BWD_IMPL = "split"
 # (B, N, H, D, dtype) -> the backward the model's "auto" measured faster on this GPU (models.attention.select_backend)
 BWD_BY_SHAPE: dict[tuple, str] = {}
@@ -97,7 +103,12 @@ def _store(P, base, rows, row_stride, offs_d, value, N, D: tl.constexpr, BLOCK_D
 
 # Tiling of N (197 at 224, 577 at 384): full blocks of BLOCK_M / BLOCK_N rows, then one partial block of TAIL_M /
 # TAIL_N rows (the remainder rounded up to a power of two, at least 16). 197 = 3 x 64 + 5 is tiled as 3 x 64 + 16,
-# not 4 x 64: 208 rows per head instead of 256, (208 / 256)^2 = 66% of the block-pair work.
+# not 4 x 64: 208 rows per head instead of 256, (208 / 256)^2 = 66% of the block-pair work. The price: the partial
+# blocks are a second instantiation of the code, their 16-row dots run on mma.sync instead of wgmma (a warpgroup's
+# wgmma is 64 rows), every mix of the two layouts goes through shared memory, and the registers of a kernel are those
+# of its larger instantiation (the split backward's 255; 212 without the partial blocks, sm_90 builds). FOLD (a
+# config's fifth element) tiles N as cdiv(N, BLOCK) full blocks instead, the last one row-masked, in one loop and
+# one instantiation: 4 x 64 for 197, 51% more block-pair work in uniform wgmma tiles. Which wins is for the GPU.
 
 
 @triton.jit
@@ -124,17 +135,22 @@ def _fwd_keys(q, K, V, base, start, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D: 
 @triton.jit
 def _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, start_m, s_n, o_n, qk_scale, N: tl.constexpr, D: tl.constexpr,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              ROW_TAIL: tl.constexpr, IEEE: tl.constexpr):
+              ROW_TAIL: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr):
     offs_m = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     q = _tile(Q, base, offs_m, s_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for start in range(0, N - N % BLOCK_N, BLOCK_N):
-        m_i, l_i, acc = _fwd_keys(q, K, V, base, start, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D, BLOCK_N, BLOCK_D,
-                                  False, IEEE)
-    if N % BLOCK_N != 0:
+    if FOLD:  # every key block full-size, the mask on where N is not a multiple of BLOCK_N
+        for start in range(0, N, BLOCK_N):
+            m_i, l_i, acc = _fwd_keys(q, K, V, base, start, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D, BLOCK_N,
+                                      BLOCK_D, N % BLOCK_N != 0, IEEE)
+    else:
+        for start in range(0, N - N % BLOCK_N, BLOCK_N):
+            m_i, l_i, acc = _fwd_keys(q, K, V, base, start, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D, BLOCK_N,
+                                      BLOCK_D, False, IEEE)
+    if (N % BLOCK_N != 0) and not FOLD:
         m_i, l_i, acc = _fwd_keys(q, K, V, base, N - N % BLOCK_N, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D, TAIL_N,
                                   BLOCK_D, True, IEEE)
     _store(O, o_base, offs_m, o_n, offs_d, acc / l_i[:, None], N, D, BLOCK_D, ROW_TAIL)
@@ -144,8 +160,9 @@ def _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, start_m, s_n, o_n, qk_scale, N:
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, s_b, s_n, s_h, o_b, o_n, o_h, H, qk_scale, N: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """One program: one block of query rows of one (sample, head) (BLOCK_M rows, TAIL_M for the last partial one).
+              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr = False):
+    """One program: one block of query rows of one (sample, head) (BLOCK_M rows, TAIL_M for the last partial one;
+    FOLD: BLOCK_M rows for every one, row-masked where N is not a multiple).
 
     Q, K, V: the same [B, N, H, D] strides (s_b, s_n, s_h; unit stride over D); O: [B, N, H, D] strides
     (o_b, o_n, o_h); LSE: [B * H, N] fp32, log2 units; qk_scale = scale * log2 e.
@@ -155,16 +172,16 @@ def _attn_fwd(Q, K, V, O, LSE, s_b, s_n, s_h, o_b, o_n, o_h, H, qk_scale, N: tl.
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base, o_base = b * s_b + h * s_h, b * o_b + h * o_h
-    if N % BLOCK_M == 0:
+    if FOLD or (N % BLOCK_M == 0):
         _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, pid_m * BLOCK_M, s_n, o_n, qk_scale, N, D, BLOCK_M, BLOCK_N,
-                  TAIL_N, BLOCK_D, False, IEEE)
+                  TAIL_N, BLOCK_D, N % BLOCK_M != 0, IEEE, FOLD)
     else:
         if pid_m < N // BLOCK_M:
             _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, pid_m * BLOCK_M, s_n, o_n, qk_scale, N, D, BLOCK_M,
-                      BLOCK_N, TAIL_N, BLOCK_D, False, IEEE)
+                      BLOCK_N, TAIL_N, BLOCK_D, False, IEEE, FOLD)
         else:
             _fwd_rows(Q, K, V, O, LSE, base, o_base, bh, pid_m * BLOCK_M, s_n, o_n, qk_scale, N, D, TAIL_M,
-                      BLOCK_N, TAIL_N, BLOCK_D, True, IEEE)
+                      BLOCK_N, TAIL_N, BLOCK_D, True, IEEE, FOLD)
 
 
 @triton.jit
@@ -185,7 +202,8 @@ def _dq_keys(q, do, delta, lse, K, V, base, start, s_n, offs_d, dq, qk_scale, N,
 @triton.jit
 def _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, start_m, s_n, o_n, do_n, g_n, sm_scale,
             qk_scale, N: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-            TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_TAIL: tl.constexpr, IEEE: tl.constexpr):
+            TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, ROW_TAIL: tl.constexpr, IEEE: tl.constexpr,
+            FOLD: tl.constexpr):
     offs_m = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     q = _tile(Q, base, offs_m, s_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
@@ -194,10 +212,15 @@ def _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, start_m,
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for start in range(0, N - N % BLOCK_N, BLOCK_N):
-        dq = _dq_keys(q, do, delta, lse, K, V, base, start, s_n, offs_d, dq, qk_scale, N, D, BLOCK_N, BLOCK_D,
-                      False, IEEE)
-    if N % BLOCK_N != 0:
+    if FOLD:
+        for start in range(0, N, BLOCK_N):
+            dq = _dq_keys(q, do, delta, lse, K, V, base, start, s_n, offs_d, dq, qk_scale, N, D, BLOCK_N, BLOCK_D,
+                          N % BLOCK_N != 0, IEEE)
+    else:
+        for start in range(0, N - N % BLOCK_N, BLOCK_N):
+            dq = _dq_keys(q, do, delta, lse, K, V, base, start, s_n, offs_d, dq, qk_scale, N, D, BLOCK_N, BLOCK_D,
+                          False, IEEE)
+    if (N % BLOCK_N != 0) and not FOLD:
         dq = _dq_keys(q, do, delta, lse, K, V, base, N - N % BLOCK_N, s_n, offs_d, dq, qk_scale, N, D, TAIL_N,
                       BLOCK_D, True, IEEE)
     _store(DQ, g_base, offs_m, g_n, offs_d, dq * sm_scale, N, D, BLOCK_D, ROW_TAIL)
@@ -242,7 +265,7 @@ def _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base,
 def _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, start_n, s_n, o_n, do_n, g_n, sm_scale,
               qk_scale, N: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
               TAIL_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_TAIL: tl.constexpr, IEEE: tl.constexpr, DQ=None,
-              DQACC=None, first=0, last=0, WITH_DQ: tl.constexpr = False):
+              DQACC=None, first=0, last=0, WITH_DQ: tl.constexpr = False, FOLD: tl.constexpr = False):
     """dk, dv of the ROWS keys from start_n (a loop over the query blocks). WITH_DQ (the per-head kernel, which
     runs the key blocks in order): dq as well, see _dkdv_queries."""
     offs_n = start_n + tl.arange(0, ROWS)
@@ -251,11 +274,17 @@ def _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, st
     v = _tile(V, base, offs_n, s_n, offs_d, N, D, BLOCK_D, ROW_TAIL)
     dk = tl.zeros([ROWS, BLOCK_D], tl.float32)
     dv = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for qstart in range(0, N - N % BLOCK_M, BLOCK_M):
-        dk, dv = _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh, qstart, s_n,
-                               o_n, do_n, g_n, offs_d, sm_scale, qk_scale, first, last, N, D, BLOCK_M, BLOCK_D,
-                               False, WITH_DQ, IEEE, offs_n, ROW_TAIL)
-    if N % BLOCK_M != 0:
+    if FOLD:
+        for qstart in range(0, N, BLOCK_M):
+            dk, dv = _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh, qstart,
+                                   s_n, o_n, do_n, g_n, offs_d, sm_scale, qk_scale, first, last, N, D, BLOCK_M, BLOCK_D,
+                                   N % BLOCK_M != 0, WITH_DQ, IEEE, offs_n, ROW_TAIL)
+    else:
+        for qstart in range(0, N - N % BLOCK_M, BLOCK_M):
+            dk, dv = _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh, qstart,
+                                   s_n, o_n, do_n, g_n, offs_d, sm_scale, qk_scale, first, last, N, D, BLOCK_M, BLOCK_D,
+                                   False, WITH_DQ, IEEE, offs_n, ROW_TAIL)
+    if (N % BLOCK_M != 0) and not FOLD:
         dk, dv = _dkdv_queries(k, v, dk, dv, Q, DO, O, LSE, DQ, DQACC, base, o_base, do_base, g_base, bh,
                                N - N % BLOCK_M, s_n, o_n, do_n, g_n, offs_d, sm_scale, qk_scale, first, last, N, D,
                                TAIL_M, BLOCK_D, True, WITH_DQ, IEEE, offs_n, ROW_TAIL)
@@ -264,11 +293,49 @@ def _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, st
 
 
 @triton.jit
+def _dq_program(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid, s_n, o_n, do_n, g_n, sm_scale,
+                qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                FOLD: tl.constexpr):
+    """dq of query block ``pid`` (the last one the partial TAIL_M block; FOLD: a row-masked full one)."""
+    if FOLD or (N % BLOCK_M == 0):
+        _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid * BLOCK_M, s_n, o_n, do_n, g_n,
+                sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, N % BLOCK_M != 0, IEEE, FOLD)
+    elif pid < N // BLOCK_M:
+        _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid * BLOCK_M, s_n, o_n, do_n, g_n,
+                sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, False, IEEE, FOLD)
+    else:
+        _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid * BLOCK_M, s_n, o_n, do_n, g_n,
+                sm_scale, qk_scale, N, D, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, True, IEEE, FOLD)
+
+
+@triton.jit
+def _dkdv_program(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, jb, s_n, o_n, do_n, g_n, sm_scale,
+                  qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                  FOLD: tl.constexpr):
+    """dk, dv of key block ``jb`` (the last one the partial TAIL_N block; FOLD: a row-masked full one)."""
+    if FOLD or (N % BLOCK_N == 0):
+        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, jb * BLOCK_N, s_n, o_n, do_n,
+                  g_n, sm_scale, qk_scale, N, D, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, N % BLOCK_N != 0, IEEE,
+                  FOLD=FOLD)
+    elif jb < N // BLOCK_N:
+        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, jb * BLOCK_N, s_n, o_n, do_n,
+                  g_n, sm_scale, qk_scale, N, D, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, False, IEEE, FOLD=FOLD)
+    else:
+        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, jb * BLOCK_N, s_n, o_n, do_n,
+                  g_n, sm_scale, qk_scale, N, D, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, True, IEEE, FOLD=FOLD)
+
+
+@triton.jit
 def _attn_bwd(Q, K, V, O, DO, DQ, DK, DV, LSE, s_b, s_n, s_h, o_b, o_n, o_h, do_b, do_n, do_h, g_b, g_n, g_h,
               H, sm_scale, qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+              TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+              KIND: tl.constexpr = 0, FOLD: tl.constexpr = False):
     """Axis 0: the first cdiv(N, BLOCK_M) programs each do dq of one block of query rows; the rest dk, dv of one
     block of keys (one head each; the last block of either kind is the partial TAIL_M / TAIL_N one).
+    KIND 1: the dq programs alone; 2: the dk, dv programs alone (axis 0 counts key blocks). "split2" launches the
+    two kinds as two kernels, so each kind gets the registers and the tiling it needs instead of sharing one.
 
     Strides: Q, K, V share (s_b, s_n, s_h); O (o_*); DO (do_*); DQ, DK, DV share (g_*); unit stride over D.
     """
@@ -278,43 +345,49 @@ def _attn_bwd(Q, K, V, O, DO, DQ, DK, DV, LSE, s_b, s_n, s_h, o_b, o_n, o_h, do_
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base, o_base, do_base, g_base = b * s_b + h * s_h, b * o_b + h * o_h, b * do_b + h * do_h, b * g_b + h * g_h
-    if pid < NQ:
-        if (N % BLOCK_M == 0) or (pid < N // BLOCK_M):
-            _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid * BLOCK_M, s_n, o_n, do_n, g_n,
-                    sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, False, IEEE)
-        else:
-            _bwd_dq(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid * BLOCK_M, s_n, o_n, do_n, g_n,
-                    sm_scale, qk_scale, N, D, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, True, IEEE)
+    if KIND == 1:
+        _dq_program(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid, s_n, o_n, do_n, g_n, sm_scale,
+                    qk_scale, N, D, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N, BLOCK_D, IEEE, FOLD)
+    elif KIND == 2:
+        _dkdv_program(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, pid, s_n, o_n, do_n, g_n,
+                      sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N, BLOCK_D, IEEE, FOLD)
     else:
-        jb = pid - NQ
-        if (N % BLOCK_N == 0) or (jb < N // BLOCK_N):
-            _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, jb * BLOCK_N, s_n, o_n, do_n,
-                      g_n, sm_scale, qk_scale, N, D, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, False, IEEE)
+        if pid < NQ:
+            _dq_program(Q, K, V, O, DO, DQ, LSE, base, o_base, do_base, g_base, bh, pid, s_n, o_n, do_n, g_n,
+                        sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N, BLOCK_D, IEEE, FOLD)
         else:
-            _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, jb * BLOCK_N, s_n, o_n, do_n,
-                      g_n, sm_scale, qk_scale, N, D, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, True, IEEE)
+            _dkdv_program(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, pid - NQ, s_n, o_n, do_n,
+                          g_n, sm_scale, qk_scale, N, D, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N, BLOCK_D, IEEE, FOLD)
 
 
 @triton.jit
 def _attn_bwd_head(Q, K, V, O, DO, DQ, DK, DV, LSE, DQACC, s_b, s_n, s_h, o_b, o_n, o_h, do_b, do_n, do_h, g_b, g_n,
                    g_h, H, sm_scale, qk_scale, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   IEEE: tl.constexpr, FOLD: tl.constexpr = False):
     """One program per (sample, head): the key blocks in order, each as _bwd_dkdv plus dq_i += ds_ij k_j kept in
     fp32 rows of DQACC ([B * H, N, BLOCK_D], no initialisation needed). Five matmuls per (query, key) block pair
     instead of the split kernel's seven, no atomics; the price is B * H programs and a serial key loop."""
-    NF: tl.constexpr = N // BLOCK_N  # full key blocks
+    NF: tl.constexpr = N // BLOCK_N  # full key blocks (FOLD: cdiv(N, BLOCK_N), the last row-masked)
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     base, o_base, do_base, g_base = b * s_b + h * s_h, b * o_b + h * o_h, b * do_b + h * do_h, b * g_b + h * g_h
-    for j in range(0, NF):
-        # the previous key block's dq rows were stored by whichever threads held them: make them visible
-        tl.debug_barrier()
-        _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, j * BLOCK_N, s_n, o_n, do_n, g_n,
-                  sm_scale, qk_scale, N, D, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, False, IEEE, DQ, DQACC, j == 0,
-                  (N % BLOCK_N == 0) & (j == NF - 1), True)
-    if N % BLOCK_N != 0:
+    if FOLD:
+        NB: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        for j in range(0, NB):
+            tl.debug_barrier()  # as below
+            _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, j * BLOCK_N, s_n, o_n, do_n,
+                      g_n, sm_scale, qk_scale, N, D, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, N % BLOCK_N != 0, IEEE, DQ,
+                      DQACC, j == 0, j == NB - 1, True, FOLD)
+    else:
+        for j in range(0, NF):
+            # the previous key block's dq rows were stored by whichever threads held them: make them visible
+            tl.debug_barrier()
+            _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, j * BLOCK_N, s_n, o_n, do_n,
+                      g_n, sm_scale, qk_scale, N, D, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, False, IEEE, DQ, DQACC, j == 0,
+                      (N % BLOCK_N == 0) & (j == NF - 1), True)
+    if (N % BLOCK_N != 0) and not FOLD:
         tl.debug_barrier()
         _bwd_dkdv(Q, K, V, O, DO, DK, DV, LSE, base, o_base, do_base, g_base, bh, NF * BLOCK_N, s_n, o_n, do_n, g_n,
                   sm_scale, qk_scale, N, D, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, True, IEEE, DQ, DQACC, NF == 0, 1,
@@ -328,8 +401,16 @@ def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
+# "split2"'s (dq kernel, dk dv kernel) configs for bf16 / fp16 heads of 64, from sm_90 builds until the GPU times them
+# (kernels/NOTES.md): folded, so every dot is a wgmma, 16-21 barriers instead of 47-66, pipelined, no spills; dq 4
+# warps, 127 registers (4 programs per SM); dk dv 8 warps, 122 registers (2 per SM), 32-query steps (224 of 197
+# rows padded instead of 256). The split kernel: 255 registers, 2 programs of 4 warps per SM.
+SPLIT2_64 = ((64, 64, 4, 2, True), (32, 64, 8, 2, True))
+
+
 def _config(D, kind, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim D; kind "fwd", "bwd" or "bwd_head".
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, fold]) for head dim D; kind "fwd", "bwd", "bwd_head", or
+    "bwd_dq" / "bwd_dkdv" ("split2"'s two kernels).
 
     Chosen from sm_90 builds without a GPU (``python -m tokenlabel.kernels._attn_tune resources``: registers,
     spills, shared memory, whether the loops are pipelined), not yet from GPU timings. Heads of 64 (LV-ViT-S/M/L),
@@ -341,10 +422,10 @@ def _config(D, kind, dtype):
     """
     bd = _block_d(D)
     fp32 = dtype == torch.float32
-    table = {  # (fwd, bwd, bwd_head)
+    table = {  # (fwd, bwd, bwd_head[, bwd_dq, bwd_dkdv: "split2"'s two kernels, else bwd's])
         "fp32": ((32, 32, 4, 1), (16, 16, 8, 1), (32, 16, 8, 1)),
         "fp32 wide": ((16, 16, 8, 1),) * 3,
-        "64": ((64, 64, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2)),
+        "64": ((64, 64, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), SPLIT2_64[0], SPLIT2_64[1]),
         "64 masked": ((64, 64, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1)),
         "128": ((64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1)),
         "256": ((32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1)),
@@ -355,7 +436,11 @@ def _config(D, kind, dtype):
         row = table["64 masked" if D % 16 else "64"]
     else:
         row = table["128" if bd <= 128 else "256"]
-    return row[("fwd", "bwd", "bwd_head").index(kind)]
+    kinds = ("fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv")
+    if kind not in kinds:
+        raise ValueError(f"attention config kind={kind!r}; valid: {', '.join(kinds)}")
+    i = kinds.index(kind)
+    return row[i] if i < len(row) else row[1]
 
 
 def check_inputs(q, k, v):
@@ -400,19 +485,31 @@ def _tail(N, block):
     return 0 if r == 0 else min(block, max(16, triton.next_power_of_2(r)))
 
 
-def _tiling(N, D, bm, bn, dtype):
-    return dict(N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, TAIL_M=_tail(N, bm), TAIL_N=_tail(N, bn), BLOCK_D=_block_d(D),
-                IEEE=dtype == torch.float32)
+def _tiling(N, D, bm, bn, dtype, fold=False):
+    """The constexprs of a (BLOCK_M, BLOCK_N) tiling; ``fold``: cdiv(N, BLOCK) row-masked full blocks, no partial
+    block (see FOLD above)."""
+    fold = bool(fold) and (N % bm != 0 or N % bn != 0)  # nothing to fold where both divide N
+    tails = (bm if N % bm else 0, bn if N % bn else 0) if fold else (_tail(N, bm), _tail(N, bn))
+    return dict(N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tails[0], TAIL_N=tails[1], BLOCK_D=_block_d(D),
+                IEEE=dtype == torch.float32, FOLD=fold)
+
+
+def _unpack(config):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, fold) of a config tuple (fold, the fifth element, optional)."""
+    config = tuple(config)
+    if len(config) not in (4, 5):
+        raise ValueError(f"attention config {config!r}: (BLOCK_M, BLOCK_N, num_warps, num_stages[, fold])")
+    return config + (False,) * (5 - len(config))
 
 
 def fwd_launch(q, k, v, o, lse, scale, config=None):
     """(kernel, grid, args, constexprs, launch options) of the forward for these tensors (meta tensors work:
     only shapes and strides are read). ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides _config."""
     B, N, H, D = q.shape
-    bm, bn, warps, stages = config or _config(D, "fwd", q.dtype)
+    bm, bn, warps, stages, fold = _unpack(config or _config(D, "fwd", q.dtype))
     args = (q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), H,
             float(scale) * _LOG2E)
-    const = _tiling(N, D, bm, bn, q.dtype)
+    const = _tiling(N, D, bm, bn, q.dtype, fold)
     return _attn_fwd, (triton.cdiv(N, bm), B * H), args, const, dict(num_warps=warps, num_stages=stages)
 
 
@@ -422,19 +519,42 @@ def _check_impl(impl):
     return impl
 
 
-def bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split", dq_acc=None):
-    """The backward's (kernel, grid, args, constexprs, launch options), as fwd_launch. impl "split": query-block and
-    key-block programs (_attn_bwd); "head": one program per (sample, head) (_attn_bwd_head), which needs
-    ``dq_acc``, an fp32 scratch of B * H * N * BLOCK_D elements (``bwd_scratch``)."""
+_BWD_KINDS = {"split": 0, "dq": 1, "dkdv": 2}  # _attn_bwd's KIND
+
+
+def bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split", dq_acc=None, kind="split"):
+    """One backward launch's (kernel, grid, args, constexprs, launch options), as fwd_launch. impl "split":
+    query-block and key-block programs (_attn_bwd); ``kind`` "dq" or "dkdv": one of the two kinds alone (the two
+    launches of impl "split2", see bwd_launches); "head": one program per (sample, head) (_attn_bwd_head), which
+    needs ``dq_acc``, an fp32 scratch of B * H * N * BLOCK_D elements (``bwd_scratch``)."""
     head = _check_impl(impl) == "head"
+    if impl == "split2":
+        raise ValueError('impl "split2" is two launches: use bwd_launches, or bwd_launch(kind="dq" / "dkdv")')
+    if kind not in _BWD_KINDS or (head and kind != "split"):
+        raise ValueError(f"backward kind={kind!r}; valid: {', '.join(_BWD_KINDS)} (impl \"split\" only)")
     B, N, H, D = q.shape
-    bm, bn, warps, stages = config or _config(D, "bwd_head" if head else "bwd", q.dtype)
+    cfg_kind = "bwd_head" if head else ("bwd" if kind == "split" else f"bwd_{kind}")
+    bm, bn, warps, stages, fold = _unpack(config or _config(D, cfg_kind, q.dtype))
     args = ((q, k, v, o, do, dq, dk, dv, lse) + ((dq_acc,) if head else ())
             + (q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), do.stride(0),
                do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), H, float(scale),
                float(scale) * _LOG2E))
-    kernel, grid = (_attn_bwd_head, (B * H,)) if head else (_attn_bwd, (triton.cdiv(N, bm) + triton.cdiv(N, bn), B * H))
-    return kernel, grid, args, _tiling(N, D, bm, bn, q.dtype), dict(num_warps=warps, num_stages=stages)
+    const = _tiling(N, D, bm, bn, q.dtype, fold)
+    if head:
+        return _attn_bwd_head, (B * H,), args, const, dict(num_warps=warps, num_stages=stages)
+    programs = {"split": triton.cdiv(N, bm) + triton.cdiv(N, bn), "dq": triton.cdiv(N, bm), "dkdv": triton.cdiv(N, bn)}
+    const["KIND"] = _BWD_KINDS[kind]
+    return _attn_bwd, (programs[kind], B * H), args, const, dict(num_warps=warps, num_stages=stages)
+
+
+def bwd_launches(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split", dq_acc=None):
+    """The backward as a list of launches: one for "split" and "head"; for "split2" the dq kernel, then the dk, dv
+    kernel, ``config`` then a pair (dq's, dk dv's) or None for the defaults."""
+    if _check_impl(impl) != "split2":
+        return [bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config, impl, dq_acc)]
+    cq, ckv = config if config is not None else (None, None)
+    return [bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, cq, "split", kind="dq"),
+            bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, ckv, "split", kind="dkdv")]
 
 
 def _run(launch):
@@ -485,7 +605,8 @@ def attention_backward(do, q, k, v, o, lse, scale, config=None, impl=None):
     dqkv = torch.empty(B, N, 3, H, D, device=q.device, dtype=q.dtype)
     impl = impl or bwd_impl_for(q)
     scratch = bwd_scratch(q) if impl == "head" else None
-    _run(bwd_launch(do, q, k, v, o, lse, *dqkv.unbind(2), scale, config, impl, scratch))
+    for launch in bwd_launches(do, q, k, v, o, lse, *dqkv.unbind(2), scale, config, impl, scratch):
+        _run(launch)
     return dqkv
 
 

@@ -234,7 +234,7 @@ def _time_triton_backwards(qkv, num_heads) -> float:
     shape (flash_attention.BWD_BY_SHAPE, which its autograd paths follow) and its time returned."""
     fa = _flash()
     times = {}
-    for impl in fa.BWD_IMPLS:
+    for impl in fa.AUTO_BWD_IMPLS:
         with fa.use_bwd_impl(impl):
             times[impl] = _time_backend("triton", qkv, num_heads, grad=True)
     best = min(times, key=times.get)

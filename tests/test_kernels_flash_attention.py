@@ -59,9 +59,10 @@ FP32_SHAPES = [(2, 197, 3, 64), (3, 17, 2, 60), (1, 1, 1, 64), (2, 65, 2, 32), (
                (1, 128, 2, 64)]
 
 
-@pytest.fixture(params=["split", "head"])
+@pytest.fixture(params=["split", "head", "split2"])
 def bwd_impl(request, monkeypatch):
-    """Both backward kernels: query- and key-block programs ("split"), one program per head ("head")."""
+    """Every backward: query- and key-block programs in one launch ("split"), one program per head ("head"), the
+    two program kinds as two launches ("split2")."""
     monkeypatch.setattr(fa, "BWD_IMPL", request.param)
     return request.param
 
@@ -120,6 +121,47 @@ def test_very_negative_scores_with_a_partial_key_block(gen, device, dtype, N, bw
     floor = max(1e-2, 8 * torch.finfo(dtype).eps)
     assert rel(out, ref_out) <= 2 * rel(base_out, ref_out) + floor
     assert rel(g, ref_g) <= 2 * rel(base_g, ref_g) + floor
+
+
+# (forward config, backward impl, backward config): fold (full row-masked blocks, one loop) against the partial
+# power-of-two blocks, split2's two kernels with different tilings, 128-row program blocks
+TILINGS = [
+    ((64, 32, 4, 2, True), "split", (32, 64, 4, 2, True)),
+    ((32, 64, 4, 1, False), "head", (32, 32, 4, 1, True)),
+    ((128, 32, 8, 2, True), "split2", ((64, 32, 4, 2, True), (32, 64, 8, 1, False))),
+    ((64, 64, 4, 2, False), "split2", ((128, 32, 8, 2, False), (16, 128, 8, 2, True))),
+]
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: f"{t[1]}-{t[0][4]}")
+@pytest.mark.parametrize("shape", [(2, 197, 2, 64), (1, 17, 1, 32), (1, 1, 1, 64), (1, 128, 1, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_tilings_match_float64(gen, device, shape, tiling):
+    """Each tiling the GPU sweep (_attn_tune time) may pick, fp32 against the float64 reference: the output, the
+    row log-sum-exp, and the q, k, v gradients; nothing left unwritten (the gradient buffer starts as NaN)."""
+    fwd_cfg, impl, bwd_cfg = tiling
+    B, N, H, D = shape
+    x = torch.randn(B, N, 3, H, D, generator=gen).to(device) * 2
+    q, k, v = x.unbind(2)
+    do = torch.randn(B, N, H, D, generator=gen).to(device)
+    scale = D ** -0.5
+    o, lse = fa.attention_forward(q, k, v, scale, config=fwd_cfg)
+    x64 = x.double().requires_grad_()
+    q64, k64, v64 = x64.unbind(2)
+    ref = reference(q64, k64, v64, scale)
+    (ref_g,) = torch.autograd.grad(ref, x64, do.double())
+    scores = torch.einsum("bihd,bjhd->bhij", q64, k64).detach() * scale
+    assert rel(o, ref) < 1e-5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1) / torch.log(torch.tensor(2.0)).double(),
+                               rtol=1e-5, atol=1e-5)
+    g = torch.full((B, N, 3, H, D), float("nan"), device=device)
+    scratch = fa.bwd_scratch(q) if impl == "head" else None
+    for launch in fa.bwd_launches(do, q, k, v, o, lse, *g.unbind(2), scale, bwd_cfg, impl, scratch):
+        fa._run(launch)
+    assert torch.isfinite(g).all()
+    floor = 2e-6 * float(ref_g.abs().max())
+    for got, want in zip(g.unbind(2), ref_g.unbind(2)):
+        assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max()) + floor
 
 
 def test_separate_inputs_any_strides_and_scale(gen, device):
@@ -222,11 +264,19 @@ def test_bad_inputs_name_the_problem(gen, device, monkeypatch):
     with pytest.raises(ValueError, match="empty"):
         e = torch.randn(1, 0, 2, 16, device=device)
         fa.flash_attention(e, e, e)
-    with pytest.raises(ValueError, match="impl='nope'; valid: split, head"):
+    with pytest.raises(ValueError, match="impl='nope'; valid: split, head, split2"):
         with fa.use_bwd_impl("nope"):
             pass
     with pytest.raises(ValueError, match="impl='nope'"):
         fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, impl="nope")
+    with pytest.raises(ValueError, match="split2.*two launches"):
+        fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, impl="split2")
+    with pytest.raises(ValueError, match="kind='dk'; valid: split, dq, dkdv"):
+        fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, kind="dk")
+    with pytest.raises(ValueError, match=r"config \(64, 64, 4\): \(BLOCK_M, BLOCK_N, num_warps"):
+        fa.attention_forward(x, x, x, 1.0, config=(64, 64, 4))
+    with pytest.raises(ValueError, match="kind='bwd_x'; valid: fwd, bwd, bwd_head, bwd_dq, bwd_dkdv"):
+        fa._config(64, "bwd_x", torch.bfloat16)
     with pytest.raises(RuntimeError, match="inside"):
         with fa.use_bwd_impl("head"):
             assert fa.bwd_impl_for(x) == "head"
@@ -292,7 +342,7 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [dict(kv.split("=", 1) for kv in line.split(" ") if "=" in kv) for line in run.stdout.splitlines()
             if line.startswith("kind=")]
-    assert sorted(r["kind"] for r in rows) == ["bwd", "bwd_head", "fwd"], run.stdout
+    assert sorted(r["kind"] for r in rows) == ["bwd", "bwd_dkdv", "bwd_dq", "bwd_head", "fwd"], run.stdout
     for r in rows:
         assert "error" not in r, r
         assert int(r["stack"]) == 0, r
@@ -302,14 +352,34 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
 
 
 def test_attn_tune_time_rows_check_every_config(monkeypatch):
-    """_attn_tune's GPU timing loop, run on the CPU (interpreted, a tiny shape, two configs per kernel, a stand-in
-    timer): every config is launched and checked against SDPA (forward) or the default split backward."""
+    """_attn_tune's GPU timing loop, run on the CPU (interpreted, a tiny shape, a few configs per kernel, a stand-in
+    timer): every config is launched and checked against SDPA (forward) or the default split backward, and the
+    best rows name the fastest checked config per kind and split2's sum."""
     from tokenlabel.kernels import _attn_tune
 
     monkeypatch.setattr(_attn_tune, "_graph_ms", lambda fn, **kw: (fn(), 1.0)[1])
     monkeypatch.setattr(_attn_tune, "time_candidates",
-                        lambda kind: [(16, 16, 4, 1), (32, 16, 4, 1)] if kind == "fwd" else [(16, 32, 4, 1)])
+                        lambda kind: [(16, 16, 4, 1), (32, 16, 4, 1, True)] if kind == "fwd" else [(16, 32, 4, 1)])
     rows = list(_attn_tune.time_configs("tiny", torch.float32, device="cpu"))
-    assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "fwd", "fwd", "bwd", "bwd_head"]
-    for r in rows[2:]:
+    assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "fwd", "fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv",
+                                         "best", "best", "best", "best", "best", "best"]
+    for r in rows[2:8]:
         assert r["ms"] == 1.0 and r["max_abs_err"] < 1e-5, r
+    assert rows[-1]["config"].startswith("split2") and rows[-1]["ms"] == 2.0
+    # a launch that leaves its part of the gradient unwritten has an infinite error and is never the best
+    real = _attn_tune._launch
+    monkeypatch.setattr(_attn_tune, "_launch", lambda kind, *args: _NoOpKernel.wrap(real(kind, *args)))
+    rows = list(_attn_tune.time_configs("tiny", torch.float32, device="cpu", kinds=("bwd_dq",)))
+    assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "bwd_dq"]
+    assert rows[2]["max_abs_err"] == float("inf")
+
+
+class _NoOpKernel:
+    """A launch tuple whose kernel writes nothing (``kernel[grid](...)`` returns None)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+    @classmethod
+    def wrap(cls, launch):
+        return (cls(),) + tuple(launch[1:])

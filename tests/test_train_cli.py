@@ -91,6 +91,25 @@ def test_kernel_switches_reach_the_model(tmp_path, data):
                             "--residual-norm", "triton"]), 3)
 
 
+def test_kernel_switches_auto_resolve_per_model_and_device(monkeypatch):
+    """"auto": our kernels for an LV-ViT model on CUDA, the torch modules without CUDA (never the interpreter) and
+    for other models, which then train as they would with torch; the resolved choice is what the run records."""
+    argv = ["train", "--data", "d", "--img-size", "32", "--stem-bn", "auto", "--residual-norm", "auto", "--gelu",
+            "auto"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for cuda, model, want in ((False, "lvvit_t", "torch"), (True, "resnet_tiny", "torch"), (True, "lvvit_t", "triton")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        cfg = _cfg(argv + ["--model", model])
+        built = T.build_model(cfg, 3)
+        assert cfg["stem_bn"] == cfg["residual_norm"] == cfg["gelu"] == want, (cuda, model)
+        if model == "lvvit_t":
+            assert built.patch_embed.bn_impl == built.residual_norm_impl == built.gelu_impl == want
+    ns = build_parser(["train", "--data", "d"]).parse_args(["train", "--data", "d"])
+    ns.gelu = "fast"  # as a config file could have it
+    with pytest.raises(SystemExit, match="--gelu 'fast': valid values are torch, triton, auto"):
+        T.resolve_config(ns)
+
+
 def test_demo_defaults_only_without_data():
     cfg = _cfg(["train"])
     assert cfg["model"] == "lvvit_t" and cfg["img_size"] == 32 and cfg["model_kwargs"]

@@ -51,9 +51,11 @@ DEFAULTS: dict = {
     "model": "lvvit_s",
     "model_kwargs": {},
     "attn": "auto",
-    "stem_bn": "torch",         # LV-ViT stem's BatchNorm + ReLU: torch | triton (kernels/batchnorm.py, CUDA)
-    "residual_norm": "torch",   # LV-ViT blocks' residual add + LayerNorm: torch | triton (kernels/add_layernorm.py)
-    "gelu": "torch",            # LV-ViT MLPs' fc1 bias + GELU: torch | triton (kernels/bias_gelu.py)
+    # LV-ViT's fused kernels, each torch | triton | auto (triton for an LV-ViT model on CUDA, else torch). "auto"
+    # becomes the default once the train CLI's GPU tests have run with the kernels (models/NOTES.md).
+    "stem_bn": "torch",         # the stem's BatchNorm + ReLU (kernels/batchnorm.py)
+    "residual_norm": "torch",   # the blocks' residual add + LayerNorm (kernels/add_layernorm.py)
+    "gelu": "torch",            # the MLPs' fc1 bias + GELU (kernels/bias_gelu.py)
     "img_size": 224,
     "token_label_size": None,   # img_size // 16; must equal the model's patch grid
     "epochs": 300,
@@ -156,6 +158,10 @@ def _parse_kv(text: str) -> dict:
     return out
 
 
+KERNEL_KEYS = ("stem_bn", "residual_norm", "gelu")
+KERNEL_CHOICES = ("torch", "triton", "auto")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (__doc__ or "").splitlines()[0]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -191,13 +197,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-kwargs", type=_parse_kv, action="append",
                    help="model overrides as key=value[,key=value], e.g. depth=4,embed_dim=96")
     g.add_argument("--attn", help="attention backend: auto | xformers | sdpa | triton | math")
-    g.add_argument("--stem-bn", choices=["torch", "triton"],
-                   help="LV-ViT's stem BatchNorm + ReLU in training: torch (default) or our Triton kernels (CUDA)")
-    g.add_argument("--residual-norm", choices=["torch", "triton"],
-                   help="LV-ViT's residual adds + the LayerNorms after them: torch (default) or one Triton kernel "
-                        "each way (CUDA)")
-    g.add_argument("--gelu", choices=["torch", "triton"],
-                   help="LV-ViT's MLP bias + GELU: torch (default) or one Triton kernel each way (CUDA)")
+    g.add_argument("--stem-bn", choices=KERNEL_CHOICES,
+                   help="LV-ViT's stem BatchNorm + ReLU in training: torch (default), our Triton kernels (CUDA), or "
+                        "auto (triton on CUDA, else torch)")
+    g.add_argument("--residual-norm", choices=KERNEL_CHOICES,
+                   help="LV-ViT's residual adds + the LayerNorms after them: torch (default), one Triton kernel "
+                        "each way (CUDA), or auto")
+    g.add_argument("--gelu", choices=KERNEL_CHOICES,
+                   help="LV-ViT's MLP bias + GELU: torch (default), one Triton kernel each way (CUDA), or auto")
     g.add_argument("--drop-path", type=float)
     g.add_argument("--mix-token", dest="mix_token", action="store_true", default=None)
     g.add_argument("--no-mix-token", dest="mix_token", action="store_false")
@@ -316,10 +323,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
     reason = cannot_run_here(cfg["attn"])
     if reason:
         raise SystemExit(f"--attn {cfg['attn']} {reason}; use --attn auto (sdpa on the CPU) or --attn sdpa")
-    for key in ("stem_bn", "residual_norm", "gelu"):
+    for key in KERNEL_KEYS:
         flag = "--" + key.replace("_", "-")
-        if cfg.get(key) not in ("torch", "triton"):
-            raise SystemExit(f"{flag} {cfg.get(key)!r}: valid values are torch, triton")
+        if cfg.get(key) not in KERNEL_CHOICES:
+            raise SystemExit(f"{flag} {cfg.get(key)!r}: valid values are {', '.join(KERNEL_CHOICES)}")
         reason = cannot_run_here("triton") if cfg[key] == "triton" else None
         if reason:
             raise SystemExit(f"{flag} triton {reason}; use {flag} torch")
@@ -531,7 +538,10 @@ def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
         model = create_model(cfg["model"], num_classes=num_classes, **kwargs)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"--model {cfg['model']} {kwargs}: {e}") from None
-    if any(cfg[k] != "torch" for k in ("stem_bn", "residual_norm", "gelu")):
+    for key in KERNEL_KEYS:  # "auto": our kernels where they run (an LV-ViT model on CUDA), the modules elsewhere
+        if cfg[key] == "auto":
+            cfg[key] = "triton" if is_token_model(model) and torch.cuda.is_available() else "torch"
+    if any(cfg[k] != "torch" for k in KERNEL_KEYS):
         if not is_token_model(model):
             raise SystemExit(f"--stem-bn / --residual-norm / --gelu apply to LV-ViT models, not --model {cfg['model']}")
         model.patch_embed.set_impl(bn=cfg["stem_bn"])
