@@ -55,6 +55,105 @@ def _relu_grad(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C: tl.con
 
 
 @triton.jit
+def _tile(P, row0, offs_r, offs_c, end, C: tl.constexpr, BLOCK_C: tl.constexpr, MASK: tl.constexpr):
+    """The [BLOCK_R, BLOCK_C] fp32 tile of rows row0..: MASK, rows past ``end`` (and channels past C) are zeros; else
+    every row is taken as inside (the peeled loops' full steps), only channels past C masked, if any."""
+    rows = row0 + offs_r
+    ptrs = P + rows.to(tl.int64)[:, None] * C + offs_c[None, :]
+    if MASK:
+        return tl.load(ptrs, mask=(rows[:, None] < end) & (offs_c[None, :] < C), other=0.0).to(tl.float32)
+    elif C < BLOCK_C:
+        return tl.load(ptrs, mask=offs_c[None, :] < C, other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _put(P, row0, offs_r, offs_c, end, value, C: tl.constexpr, BLOCK_C: tl.constexpr, MASK: tl.constexpr):
+    """Store a tile at rows row0.., with _tile's masking."""
+    rows = row0 + offs_r
+    ptrs = P + rows.to(tl.int64)[:, None] * C + offs_c[None, :]
+    if MASK:
+        tl.store(ptrs, value.to(P.dtype.element_ty), mask=(rows[:, None] < end) & (offs_c[None, :] < C))
+    elif C < BLOCK_C:
+        tl.store(ptrs, value.to(P.dtype.element_ty), mask=offs_c[None, :] < C)
+    else:
+        tl.store(ptrs, value.to(P.dtype.element_ty))
+
+
+@triton.jit
+def _welford_step(X, row0, offs_r, offs_c, end, n_r, mean2, m2_2, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                  MASK: tl.constexpr):
+    """Fold one row block into the per-slot running (count, mean, M2); rows past ``end`` (MASK) leave them as
+    they are (weight 0). Channels past C fold zeros, never read back."""
+    x = _tile(X, row0, offs_r, offs_c, end, C, BLOCK_C, MASK)
+    if MASK:
+        valid = ((row0 + offs_r) < end).to(tl.float32)[:, None]
+        n_r += valid
+        wgt = valid / tl.maximum(n_r, 1.0)
+        delta = x - mean2
+        mean2 += delta * wgt
+        m2_2 += delta * (x - mean2) * valid
+    else:
+        n_r += 1.0
+        delta = x - mean2
+        mean2 += delta * (1.0 / n_r)
+        m2_2 += delta * (x - mean2)
+    return n_r, mean2, m2_2
+
+
+@triton.jit
+def _relu_grad_step(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                    MASK: tl.constexpr):
+    """(g = dout where y = xhat * w + b > 0, xhat) of one row block (zeros past ``end`` with MASK: dout loads 0)."""
+    x = _tile(X, row0, offs_r, offs_c, end, C, BLOCK_C, MASK)
+    dout = _tile(DOUT, row0, offs_r, offs_c, end, C, BLOCK_C, MASK)
+    xhat = (x - mean[None, :]) * invstd[None, :]
+    return tl.where(xhat * w[None, :] + b[None, :] > 0, dout, 0.0), xhat
+
+
+# The peeled loops (acc2d / peel): a program's blocks, all without masks or all masked (MASK), one helper each
+@triton.jit
+def _welford_blocks(X, start, end, offs_r, offs_c, n_r, mean2, m2_2, C: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, MASK: tl.constexpr):
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):
+        n_r, mean2, m2_2 = _welford_step(X, start + i * BLOCK_R, offs_r, offs_c, end, n_r, mean2, m2_2, C, BLOCK_C,
+                                         MASK)
+    return n_r, mean2, m2_2
+
+
+@triton.jit
+def _sums_blocks(DOUT, X, start, end, offs_r, offs_c, mean, invstd, w, b, a_g, a_gx, C: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
+                 MASK: tl.constexpr):
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):
+        g, xhat = _relu_grad_step(DOUT, X, start + i * BLOCK_R, offs_r, offs_c, end, mean, invstd, w, b, C, BLOCK_C,
+                                  MASK)
+        a_g += g
+        a_gx += g * xhat
+    return a_g, a_gx
+
+
+@triton.jit
+def _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, MASK: tl.constexpr):
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):
+        row0 = start + i * BLOCK_R
+        x = _tile(X, row0, offs_r, offs_c, end, C, BLOCK_C, MASK)
+        _put(OUT, row0, offs_r, offs_c, end, tl.maximum(x * scale[None, :] + shift[None, :], 0.0), C, BLOCK_C, MASK)
+
+
+@triton.jit
+def _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
+                      MASK: tl.constexpr):
+    for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):
+        row0 = start + i * BLOCK_R
+        g, xhat = _relu_grad_step(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C, BLOCK_C, MASK)
+        _put(DX, row0, offs_r, offs_c, end, k[None, :] * (g - db_m[None, :] - xhat * dw_m[None, :]), C, BLOCK_C, MASK)
+
+
+@triton.jit
 def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al.'s combination of two (count, mean, M2) summaries."""
     n = n_a + n_b
@@ -64,23 +163,45 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _bn_stats(X, PART, M, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program p: (mean, M2) per channel of rows [p * ROWS, (p + 1) * ROWS) into PART[p] = [2, BLOCK_C]."""
+def _bn_stats(X, PART, M, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+              STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False):
+    """Program p: (mean, M2) per channel of rows [p * ROWS, (p + 1) * ROWS) into PART[p] = [2, BLOCK_C].
+
+    ACC2D: every element slot of the [BLOCK_R, BLOCK_C] tile keeps its own running (mean, M2) over the row blocks
+    (Welford's update; the count is the same along a row), combined across the BLOCK_R rows once at the end (Chan):
+    no reduction across warps inside the loop. Otherwise each block is reduced to (mean, M2) as it comes (three
+    cross-warp sums per block, each a shared-memory round trip with barriers) and combined with the running one."""
     p = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
-    n = tl.zeros([BLOCK_C], tl.float32)
-    mean = tl.zeros([BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_C], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
-        row0 = start + i * BLOCK_R
-        x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
-        n_b = tl.sum(mask.to(tl.float32), 0)
-        mean_b = tl.sum(x, 0) / tl.maximum(n_b, 1.0)
-        d = tl.where(mask, x - mean_b[None, :], 0.0)
-        n, mean, m2 = _chan(n, mean, m2, n_b, mean_b, tl.sum(d * d, 0))
+    if ACC2D:
+        n_r = tl.zeros([BLOCK_R, 1], tl.float32)
+        mean2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        m2_2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        # the programs whose rows are all inside M: every block without masks; the last one: masked
+        if start + ROWS <= M:
+            n_r, mean2, m2_2 = _welford_blocks(X, start, end, offs_r, offs_c, n_r, mean2, m2_2, C, ROWS, BLOCK_R,
+                                               BLOCK_C, STAGES, False)
+        else:
+            n_r, mean2, m2_2 = _welford_blocks(X, start, end, offs_r, offs_c, n_r, mean2, m2_2, C, ROWS, BLOCK_R,
+                                               BLOCK_C, STAGES, True)
+        n = tl.sum(n_r, 0)  # [1]: the program's rows
+        mean = tl.sum(n_r * mean2, 0) / tl.maximum(n, 1.0)
+        d = mean2 - mean[None, :]
+        m2 = tl.sum(m2_2 + n_r * d * d, 0)
+    else:
+        n = tl.zeros([BLOCK_C], tl.float32)
+        mean = tl.zeros([BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
+            row0 = start + i * BLOCK_R
+            x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
+            n_b = tl.sum(mask.to(tl.float32), 0)
+            mean_b = tl.sum(x, 0) / tl.maximum(n_b, 1.0)
+            d = tl.where(mask, x - mean_b[None, :], 0.0)
+            n, mean, m2 = _chan(n, mean, m2, n_b, mean_b, tl.sum(d * d, 0))
     base = PART + p.to(tl.int64) * 2 * BLOCK_C
     tl.store(base + offs_c, mean)
     tl.store(base + BLOCK_C + offs_c, m2)
@@ -122,8 +243,9 @@ def _bn_finalize(PART, MEAN, INVSTD, RUN_MEAN, RUN_VAR, M, eps, momentum, NP: tl
 
 @triton.jit
 def _bn_relu_apply(X, OUT, MEAN, INVSTD, W, B, M, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr):
-    """out = max((x - mean) * invstd * w + b, 0) over program p's rows."""
+                   BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 2, PEEL: tl.constexpr = False):
+    """out = max((x - mean) * invstd * w + b, 0) over program p's rows. PEEL: the whole blocks without masks, then
+    the program's last partial one (else every block masked)."""
     p = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -131,31 +253,52 @@ def _bn_relu_apply(X, OUT, MEAN, INVSTD, W, B, M, C: tl.constexpr, ROWS: tl.cons
     shift = _channel(B, offs_c, C) - _channel(MEAN, offs_c, C) * scale
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
-        row0 = start + i * BLOCK_R
-        x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
-        y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
-        rows = row0 + offs_r
-        tl.store(OUT + rows.to(tl.int64)[:, None] * C + offs_c[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+    if PEEL:
+        # the programs whose rows are all inside M: every block without masks; the last one: masked
+        if start + ROWS <= M:
+            _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, False)
+        else:
+            _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, True)
+    else:
+        for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
+            row0 = start + i * BLOCK_R
+            x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
+            y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
+            rows = row0 + offs_r
+            tl.store(OUT + rows.to(tl.int64)[:, None] * C + offs_c[None, :], y.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    """Program p: sum g and sum g * xhat per channel over its rows (g = dout where y > 0) into PART[p]."""
+                      BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False):
+    """Program p: sum g and sum g * xhat per channel over its rows (g = dout where y > 0) into PART[p]. ACC2D: the
+    sums kept per element slot of the tile and reduced across the rows once, after the loop."""
     p = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
     mean, invstd = _channel(MEAN, offs_c, C), _channel(INVSTD, offs_c, C)
     w, b = _channel(W, offs_c, C), _channel(B, offs_c, C)
-    s_g = tl.zeros([BLOCK_C], tl.float32)
-    s_gx = tl.zeros([BLOCK_C], tl.float32)
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
-        g, xhat, _ = _relu_grad(DOUT, X, start + i * BLOCK_R, offs_r, offs_c, end, mean, invstd, w, b, C)
-        s_g += tl.sum(g, 0)
-        s_gx += tl.sum(g * xhat, 0)
+    if ACC2D:
+        a_g = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        a_gx = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        # the programs whose rows are all inside M: every block without masks; the last one: masked
+        if start + ROWS <= M:
+            a_g, a_gx = _sums_blocks(DOUT, X, start, end, offs_r, offs_c, mean, invstd, w, b, a_g, a_gx, C, ROWS,
+                                     BLOCK_R, BLOCK_C, STAGES, False)
+        else:
+            a_g, a_gx = _sums_blocks(DOUT, X, start, end, offs_r, offs_c, mean, invstd, w, b, a_g, a_gx, C, ROWS,
+                                     BLOCK_R, BLOCK_C, STAGES, True)
+        s_g = tl.sum(a_g, 0)
+        s_gx = tl.sum(a_gx, 0)
+    else:
+        s_g = tl.zeros([BLOCK_C], tl.float32)
+        s_gx = tl.zeros([BLOCK_C], tl.float32)
+        for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
+            g, xhat, _ = _relu_grad(DOUT, X, start + i * BLOCK_R, offs_r, offs_c, end, mean, invstd, w, b, C)
+            s_g += tl.sum(g, 0)
+            s_gx += tl.sum(g * xhat, 0)
     base = PART + p.to(tl.int64) * 2 * BLOCK_C
     tl.store(base + offs_c, s_g)
     tl.store(base + BLOCK_C + offs_c, s_gx)
@@ -195,8 +338,9 @@ def _sum_partials(PART, OUT0, OUT1, OUT2, NP: tl.constexpr, C: tl.constexpr, BLO
 
 @triton.jit
 def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = w * invstd * (g - db / M - xhat * dw / M) over program p's rows."""
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 2,
+                       PEEL: tl.constexpr = False):
+    """dx = w * invstd * (g - db / M - xhat * dw / M) over program p's rows (PEEL as _bn_relu_apply's)."""
     p = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -206,26 +350,62 @@ def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constex
     k = w * invstd
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    for i in tl.range(0, ROWS // BLOCK_R, num_stages=2):  # whole row steps (rows past ``end`` masked), pipelined
-        row0 = start + i * BLOCK_R
-        g, xhat, mask = _relu_grad(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C)
-        dx = k[None, :] * (g - db_m[None, :] - xhat * dw_m[None, :])
-        rows = row0 + offs_r
-        tl.store(DX + rows.to(tl.int64)[:, None] * C + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if PEEL:
+        # the programs whose rows are all inside M: every block without masks; the last one: masked
+        if start + ROWS <= M:
+            _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C, ROWS,
+                              BLOCK_R, BLOCK_C, STAGES, False)
+        else:
+            _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C, ROWS,
+                              BLOCK_R, BLOCK_C, STAGES, True)
+    else:
+        for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
+            row0 = start + i * BLOCK_R
+            g, xhat, mask = _relu_grad(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C)
+            dx = k[None, :] * (g - db_m[None, :] - xhat * dw_m[None, :])
+            rows = row0 + offs_r
+            tl.store(DX + rows.to(tl.int64)[:, None] * C + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _grid(M, C, device, sms=None):
-    """(programs, rows per program, BLOCK_R, BLOCK_C): ~4 programs per SM (``sms``: the device's count), each a
-    contiguous run of whole rows in blocks of 8K elements (16 KB in bf16), the loop over them software-pipelined
-    (tl.range, 2 stages: the next block's loads in flight while one is reduced)."""
+# The four streaming kernels' tilings: elements per row block (BLOCK_R = elems / BLOCK_C rows), warps, programs per
+# SM, software-pipelining stages of the row loop; for the two reductions whether the sums stay per element slot until
+# the loop ends (acc2d, with the loop peeled as below), for the two pointwise passes whether the loop is peeled (peel:
+# the whole blocks without row or channel masks, then the program's one partial block). The first four are the
+# seventh session's choice (8K elements = 16 KB of bf16 per block, ~4 programs per SM), unchanged by a GPU sweep so
+# far; acc2d and peel are new (ninth session) and off until one times them (scripts/sweep_rowkernels.py --kinds
+# bn_fwd,bn_bwd): the stem's profile had the statistics at 179 us per call where one read of the activations takes
+# 43 us, their backward sums at 175 where two take 86 (kernels/NOTES.md).
+STATS = dict(elems=8192, warps=8, per_sm=4, stages=2, acc2d=False)
+APPLY = dict(elems=8192, warps=8, per_sm=4, stages=2, peel=False)
+BWD_SUMS = dict(elems=8192, warps=8, per_sm=4, stages=2, acc2d=False)
+BWD_APPLY = dict(elems=8192, warps=8, per_sm=4, stages=2, peel=False)
+
+
+def _grid(M, C, device, tiling=None, sms=None):
+    """(programs, rows per program, BLOCK_R, BLOCK_C) for a tiling dict (default STATS): ``per_sm`` programs per SM
+    (``sms``: the device's count), each a contiguous run of whole rows in blocks of ``elems`` elements, the loop
+    over them software-pipelined (tl.range, ``stages``: the next blocks' loads in flight while one is used)."""
+    tiling = tiling or STATS
     block_c = max(16, triton.next_power_of_2(C))
-    block_r = max(1, min(512, 8192 // block_c))
-    progs = max(1, min(triton.cdiv(M, block_r), 4 * (sms or sm_count(device))))
+    block_r = max(1, min(512, tiling["elems"] // block_c))
+    progs = max(1, min(triton.cdiv(M, block_r), tiling["per_sm"] * (sms or sm_count(device))))
     rows = triton.cdiv(triton.cdiv(M, progs), block_r) * block_r
     return triton.cdiv(M, rows), rows, block_r, block_c
+
+
+def _launch_args(M, C, device, tiling, sms=None):
+    """(programs, the constexprs and launch options of a streaming kernel) for ``tiling``."""
+    progs, rows, block_r, block_c = _grid(M, C, device, tiling, sms)
+    const = dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, STAGES=tiling["stages"],
+                 num_warps=tiling["warps"])
+    if "acc2d" in tiling:
+        const["ACC2D"] = tiling["acc2d"]
+    if "peel" in tiling:
+        const["PEEL"] = tiling["peel"]
+    return progs, const
 
 
 def _block_p(progs, block_c):
@@ -243,21 +423,27 @@ def sum_partials(part, outs, C):
                                          BLOCK_P=SUM["block_p"], CB=cb, SLOTS=slots, num_warps=SUM["warps"])
 
 
-def sm90_resources(B: int = 128, C: int = 64, H: int = 112, W: int = 112, dtype=torch.bfloat16) -> dict:
+def sm90_resources(B: int = 128, C: int = 64, H: int = 112, W: int = 112, dtype=torch.bfloat16,
+                   overrides: dict | None = None) -> dict:
     """The four streaming kernels' sm_90 builds at the LV-ViT stem's activations, without a GPU (run without
-    TRITON_INTERPRET): {name: (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
+    TRITON_INTERPRET): {name: (registers, spilled stack bytes, shared bytes, cp.async copies)}. ``overrides``:
+    {name: tiling entries} on top of STATS / APPLY / BWD_SUMS / BWD_APPLY (e.g. {"stats": {"acc2d": True}})."""
     from ._common import aot_sm90
 
     M = B * H * W
     x = torch.empty(M, C, device="meta", dtype=dtype)
     f = torch.empty(C, device="meta", dtype=torch.float32)
-    progs, rows, block_r, block_c = _grid(M, C, "meta", sms=132)  # an H200's SMs
-    part = torch.empty(progs, 2, block_c, device="meta", dtype=torch.float32)
-    tiles, opts = dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c), dict(num_warps=8)
-    launches = {"stats": (_bn_stats, [x, part, M]), "apply": (_bn_relu_apply, [x, x, f, f, f, f, M]),
-                "bwd_sums": (_bn_relu_bwd_sums, [x, x, f, f, f, f, part, M]),
-                "bwd_apply": (_bn_relu_bwd_apply, [x, x, x, f, f, f, f, f, f, M])}
-    return {name: aot_sm90((kernel, None, args, tiles, opts)) for name, (kernel, args) in launches.items()}
+    part = torch.empty(1, 2, max(16, triton.next_power_of_2(C)), device="meta", dtype=torch.float32)
+    launches = {"stats": (_bn_stats, [x, part, M], STATS), "apply": (_bn_relu_apply, [x, x, f, f, f, f, M], APPLY),
+                "bwd_sums": (_bn_relu_bwd_sums, [x, x, f, f, f, f, part, M], BWD_SUMS),
+                "bwd_apply": (_bn_relu_bwd_apply, [x, x, x, f, f, f, f, f, f, M], BWD_APPLY)}
+    out = {}
+    for name, (kernel, args, tiling) in launches.items():
+        tiling = {**tiling, **(overrides or {}).get(name, {})}
+        const = _launch_args(M, C, "meta", tiling, sms=132)[1]  # an H200's SMs
+        opts = dict(num_warps=const.pop("num_warps"))
+        out[name] = aot_sm90((kernel, None, args, const, opts))
+    return out
 
 
 def _rows_view(x):
@@ -288,18 +474,19 @@ def bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps):
     C = x.shape[1]
     xr = _rows_view(x)
     M = xr.shape[0]
-    progs, rows, block_r, block_c = _grid(M, C, x.device)
+    progs, stats = _launch_args(M, C, x.device, STATS)
+    block_c = stats["BLOCK_C"]
     part = torch.empty(progs, 2, block_c, device=x.device, dtype=torch.float32)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
     invstd = torch.empty(C, device=x.device, dtype=torch.float32)
     out = torch.empty_like(x)  # channels-last, as x
-    tiles = dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
-    _bn_stats[(progs,)](xr, part, M, **tiles)
+    _bn_stats[(progs,)](xr, part, M, **stats)
     update = running_mean is not None
     _bn_finalize[(1,)](part, mean, invstd, running_mean if update else mean, running_var if update else invstd, M,
-                       float(eps), float(momentum), NP=progs, ROWS=rows, C=C, BLOCK_P=_block_p(progs, block_c),
-                       BLOCK_C=block_c, UPDATE=update, num_warps=4)
-    _bn_relu_apply[(progs,)](xr, _rows_view(out), mean, invstd, weight, bias, M, **tiles)
+                       float(eps), float(momentum), NP=progs, ROWS=stats["ROWS"], C=C,
+                       BLOCK_P=_block_p(progs, block_c), BLOCK_C=block_c, UPDATE=update, num_warps=4)
+    progs, apply = _launch_args(M, C, x.device, APPLY)
+    _bn_relu_apply[(progs,)](xr, _rows_view(out), mean, invstd, weight, bias, M, **apply)
     return out, mean, invstd
 
 
@@ -309,16 +496,16 @@ def bn_relu_backward(dout, x, weight, bias, mean, invstd):
     dout = dout.contiguous(memory_format=torch.channels_last)
     xr = _rows_view(x)
     M = xr.shape[0]
-    progs, rows, block_r, block_c = _grid(M, C, x.device)
-    part = torch.empty(progs, 2, block_c, device=x.device, dtype=torch.float32)
+    progs, sums = _launch_args(M, C, x.device, BWD_SUMS)
+    part = torch.empty(progs, 2, sums["BLOCK_C"], device=x.device, dtype=torch.float32)
     dw = torch.empty_like(weight)
     db = torch.empty_like(bias)
     dx = torch.empty_like(x)
     dr = _rows_view(dout)
-    tiles = dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
-    _bn_relu_bwd_sums[(progs,)](dr, xr, mean, invstd, weight, bias, part, M, **tiles)
+    _bn_relu_bwd_sums[(progs,)](dr, xr, mean, invstd, weight, bias, part, M, **sums)
     sum_partials(part, (db, dw), C)
-    _bn_relu_bwd_apply[(progs,)](dr, xr, _rows_view(dx), mean, invstd, weight, bias, dw, db, M, **tiles)
+    progs, apply = _launch_args(M, C, x.device, BWD_APPLY)
+    _bn_relu_bwd_apply[(progs,)](dr, xr, _rows_view(dx), mean, invstd, weight, bias, dw, db, M, **apply)
     return dx, dw, db
 
 

@@ -1,6 +1,6 @@
-"""Time the tilings of the row kernels (kernels/add_layernorm.py, kernels/bias_gelu.py, batchnorm.sum_partials) on
-the GPU at LV-ViT's shapes, one coordinate at a time around the current best, and optionally run a tokenlabel
-command in the same process with the best tiling applied.
+"""Time the tilings of the row kernels (kernels/add_layernorm.py, kernels/bias_gelu.py, batchnorm.sum_partials, and
+the stem's BatchNorm + ReLU kernels, kernels/batchnorm.py) on the GPU at LV-ViT's shapes, one coordinate at a time
+around the current best, and optionally run a tokenlabel command in the same process with the best tiling applied.
 
     python scripts/sweep_rowkernels.py --out DIR [--model s|m] [--passes 2] [-- bench step --providers ...]
 
@@ -29,6 +29,7 @@ from tokenlabel.kernels import batchnorm as bn
 from tokenlabel.kernels import bias_gelu as bg
 
 SHAPES = {"s": (128 * 197, 384, 1152), "m": (128 * 197, 512, 1536)}  # (rows M, width C, MLP hidden N) at 224, B 128
+STEM = (128, 64, 112, 112)  # the stem's BatchNorm activations at 224, B 128 (the same for every LV-ViT size)
 
 SPACES = {
     "add_ln_fwd": (aln.FWD, dict(tile=[1024, 2048, 4096, 8192], warps=[2, 4, 8, 16])),
@@ -39,6 +40,25 @@ SPACES = {
     "gelu_fwd": (bg.FWD, dict(rows=[4, 8, 16, 32, 64], cols=[64, 128, 256, 512, 1024], warps=[2, 4, 8, 16])),
     "gelu_bwd": (bg.BWD, dict(rows=[4, 8, 16, 32, 64], warps=[2, 4, 8], per_sm=[1, 2, 3, 4, 6, 8, 12],
                               stages=[1, 2, 3], acc2d=[False, True], cols=[64, 128, 256, 512])),
+    # the stem's BatchNorm + ReLU, forward (statistics, finalise, apply) and backward (sums, sum_partials, apply):
+    # each parameter is "<kernel>_<key>" of bn.STATS / APPLY / BWD_SUMS / BWD_APPLY (see FIELDS)
+    "bn_fwd": (None, dict(acc2d=[False, True], peel=[False, True], stats_elems=[2048, 4096, 8192, 16384],
+                          stats_warps=[2, 4, 8, 16], stats_per_sm=[1, 2, 4, 8, 16], stats_stages=[1, 2, 3, 4],
+                          apply_elems=[2048, 4096, 8192, 16384], apply_warps=[2, 4, 8, 16],
+                          apply_per_sm=[1, 2, 4, 8, 16], apply_stages=[1, 2, 3, 4])),
+    "bn_bwd": (None, dict(acc2d=[False, True], peel=[False, True], sums_elems=[2048, 4096, 8192, 16384],
+                          sums_warps=[2, 4, 8, 16], sums_per_sm=[1, 2, 4, 8, 16], sums_stages=[1, 2, 3, 4],
+                          apply_elems=[2048, 4096, 8192, 16384], apply_warps=[2, 4, 8, 16],
+                          apply_per_sm=[1, 2, 4, 8, 16], apply_stages=[1, 2, 3, 4])),
+}
+# for the kinds whose parameters live in several dicts: parameter -> (dict, key)
+FIELDS = {
+    "bn_fwd": {"acc2d": (bn.STATS, "acc2d"), "peel": (bn.APPLY, "peel"),
+               **{f"stats_{k}": (bn.STATS, k) for k in ("elems", "warps", "per_sm", "stages")},
+               **{f"apply_{k}": (bn.APPLY, k) for k in ("elems", "warps", "per_sm", "stages")}},
+    "bn_bwd": {"acc2d": (bn.BWD_SUMS, "acc2d"), "peel": (bn.BWD_APPLY, "peel"),
+               **{f"sums_{k}": (bn.BWD_SUMS, k) for k in ("elems", "warps", "per_sm", "stages")},
+               **{f"apply_{k}": (bn.BWD_APPLY, k) for k in ("elems", "warps", "per_sm", "stages")}},
 }
 
 
@@ -55,12 +75,19 @@ SEEDS = {
     "gelu_bwd": [dict(rows=8, cols=128, warps=4, per_sm=8, acc2d=True),
                  dict(rows=8, cols=128, warps=4, per_sm=8, acc2d=True, stages=1),
                  dict(rows=16, cols=128, warps=8, per_sm=4, acc2d=True)],
+    # per element slot statistics and sums, the loops peeled (the sm_90 builds: statistics 573 -> 253 instructions
+    # and 17 -> 4 barriers per loop step, backward sums 629 -> 362 and 9 -> 5; kernels/NOTES.md)
+    "bn_fwd": [dict(acc2d=True, peel=True), dict(acc2d=True, peel=True, stats_per_sm=8, stats_elems=4096)],
+    "bn_bwd": [dict(acc2d=True, peel=True), dict(acc2d=True, peel=True, sums_per_sm=8, sums_elems=4096)],
 }
 
 
 def _set(kind, key, value):
     target, _ = SPACES[kind]
-    if kind == "add_ln_bwd":
+    if kind in FIELDS:
+        d, k = FIELDS[kind][key]
+        d[k] = value
+    elif kind == "add_ln_bwd":
         bwd, sums = target
         if key in ("cb", "block_p"):
             sums[key] = value
@@ -74,16 +101,27 @@ def _set(kind, key, value):
 
 def _get(kind):
     target, _ = SPACES[kind]
+    if kind in FIELDS:
+        return {p: d[k] for p, (d, k) in FIELDS[kind].items()}
     if kind == "add_ln_bwd":
         bwd, sums = target
         return {**bwd, "cb": sums["cb"], "block_p": sums["block_p"], "sum_warps": sums["warps"]}
     return dict(target)
 
 
+DEVICE = "cuda"  # the CPU test runs the sweep's logic interpreted, with a stand-in timer
+
+
 def _inputs(kind, M, C, N, gen):
-    dev = "cuda"
+    dev = DEVICE
     r = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=gen, device=dev).to(dt)  # noqa: E731
     B = M // 197
+    if kind.startswith("bn_"):
+        x = r(*STEM).contiguous(memory_format=torch.channels_last) * 2 + 0.5
+        C = STEM[1]
+        u = lambda: torch.rand(C, generator=gen, device=dev)  # noqa: E731
+        return dict(x=x, w=u() + 0.5, b=u() - 0.5, rm=torch.zeros(C, device=dev), rv=torch.ones(C, device=dev),
+                    dout=r(*STEM).contiguous(memory_format=torch.channels_last))
     if kind.startswith("add_ln"):
         return dict(x=r(B, 197, C, dt=torch.float32), br=r(B, 197, C), bb=r(C), s=torch.rand(B, device=dev) + 0.5,
                     w=r(C, dt=torch.float32) * 0.2 + 1, b=r(C, dt=torch.float32) * 0.2,
@@ -93,6 +131,13 @@ def _inputs(kind, M, C, N, gen):
 
 def _runner(kind, t):
     """(call, bytes moved, the outputs to check against _reference)."""
+    if kind == "bn_fwd":
+        call = lambda: bn.bn_relu_forward(t["x"], t["w"], t["b"], t["rm"], t["rv"], 0.1, 1e-5)  # noqa: E731
+        return call, t["x"].numel() * 2 * 3, call  # statistics: one read; apply: a read and a write (bf16)
+    if kind == "bn_bwd":
+        _, mean, invstd = bn.bn_relu_forward(t["x"], t["w"], t["b"], None, None, 0.1, 1e-5)
+        call = lambda: bn.bn_relu_backward(t["dout"], t["x"], t["w"], t["b"], mean, invstd)  # noqa: E731
+        return call, t["x"].numel() * 2 * 5, call  # sums: two reads; apply: two reads and a write
     if kind == "add_ln_fwd":
         call = lambda: aln.add_ln_forward(t["x"], t["br"], t["bb"], t["s"], 1.0, t["w"], t["b"], 1e-6,  # noqa: E731
                                           torch.bfloat16)
@@ -116,6 +161,17 @@ def _runner(kind, t):
 def _reference(kind, t):
     """The same op by torch in fp32 (autograd for the backward), cast as the kernels return it."""
     f = torch.float32
+    if kind.startswith("bn_"):
+        x = t["x"].float().requires_grad_()
+        w, b = t["w"].clone().requires_grad_(), t["b"].clone().requires_grad_()
+        mean = x.mean((0, 2, 3))
+        var = x.var((0, 2, 3), unbiased=False)
+        invstd = torch.rsqrt(var + 1e-5)
+        out = torch.relu(torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5))
+        if kind == "bn_fwd":
+            return out.detach(), mean.detach(), invstd.detach()
+        out.backward(t["dout"].float())
+        return x.grad, w.grad, b.grad
     if kind.startswith("add_ln"):
         x = t["x"].clone().requires_grad_()
         br = t["br"].float().requires_grad_()

@@ -62,6 +62,38 @@ def test_fp32_matches_float64_batchnorm_relu(gen, device, shape):
     assert int(bn.num_batches_tracked) == 1
 
 
+# tilings the sweep may choose (scripts/sweep_rowkernels.py --kinds bn_fwd,bn_bwd): per element slot sums (acc2d),
+# small blocks with many steps per program, a block larger than the rows, 1 and 3 stages
+TILINGS = [dict(stats=dict(acc2d=True), bwd_sums=dict(acc2d=True), apply=dict(peel=True), bwd_apply=dict(peel=True)),
+           dict(stats=dict(elems=256, per_sm=1, stages=3, acc2d=True), apply=dict(elems=256, stages=1, peel=True),
+                bwd_sums=dict(elems=512, per_sm=1, warps=2, acc2d=True), bwd_apply=dict(elems=2048, warps=4)),
+           dict(stats=dict(elems=65536, warps=4, stages=1), bwd_sums=dict(elems=128, warps=1, stages=1),
+                bwd_apply=dict(elems=128, per_sm=2, peel=True))]
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=["acc2d", "small-blocks", "large-blocks"])
+@pytest.mark.parametrize("shape", [(4, 16, 30, 30), (3, 5, 7, 9), (1, 64, 33, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_tilings_match_float64(gen, device, monkeypatch, tiling, shape):
+    """Each tiling is as accurate as the default one (tested against float64 above) on the same draw: the output,
+    the three gradients (within 1.5x the default's error against float64, plus 1e-6), and the running variance
+    within 1e-5 of float64's at a mean of 50 with a spread of 0.5, where a sum of squares would lose ~1e-3."""
+    x, bn, gout = make(gen, *shape, torch.float32, device, scale=0.5, offset=50.0)
+    with torch.no_grad():
+        bn.bias.add_(3.0)  # y > 0 away from the ReLU's threshold (xhat > -4)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    want, ref_bn = run_torch(x, state, gout, torch.float64)
+    default = run_ours(x, bn, gout)
+    for name, over in tiling.items():
+        attr = name.upper()
+        monkeypatch.setattr(bk, attr, {**getattr(bk, attr), **over})
+    bn.load_state_dict(state)
+    got = run_ours(x, bn, gout)
+    for name, g, d, w in zip(("out", "dx", "dweight", "dbias"), got, default, want):
+        assert rel(g, w) <= 1.5 * rel(d, w) + 1e-6, name
+    assert rel(bn.running_mean, ref_bn.running_mean) < 1e-6
+    assert rel(bn.running_var, ref_bn.running_var) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_within_twice_torch(gen, device, dtype):
     """bf16 / fp16 activations (fp32 parameters, as under autocast): against float64, at most 2x the error of
@@ -151,10 +183,14 @@ def test_gpu_stem_shape(gen, dtype):
     assert rel(bn.running_var, ref_bn.running_var) < 1e-5
 
 
-def test_sm90_builds_do_not_spill_and_pipeline():
+@pytest.mark.parametrize("overrides", [{}, dict(stats=dict(acc2d=True), bwd_sums=dict(acc2d=True),
+                                               apply=dict(peel=True), bwd_apply=dict(peel=True))],
+                         ids=["default", "acc2d-peel"])
+def test_sm90_builds_do_not_spill_and_pipeline(overrides):
     """The four streaming kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at the stem's
-    [128, 64, 112, 112] bf16 activations: no spills, and every row loop software-pipelined (cp.async copies)."""
-    builds = sm90_builds("batchnorm.sm90_resources()")
+    [128, 64, 112, 112] bf16 activations, with the default tilings and with the sweep's new options: no spills, and
+    every row loop software-pipelined (cp.async copies)."""
+    builds = sm90_builds(f"batchnorm.sm90_resources(overrides={overrides!r})")
     assert sorted(builds) == ["apply", "bwd_apply", "bwd_sums", "stats"], builds
     for name, (regs, stack, _, copies) in builds.items():
         assert stack == 0 and regs <= 255 and copies > 0, (name, builds)

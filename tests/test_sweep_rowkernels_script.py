@@ -1,0 +1,60 @@
+"""scripts/sweep_rowkernels.py's search on the CPU (interpreted, small shapes, a stand-in timer): every candidate is
+checked against torch before it counts, the search keeps what is faster, the dicts the kernels read end on the best
+tiling, and a tiling that computes something else is never chosen."""
+import csv
+import io
+
+import torch
+
+from script_helpers import load_script
+from tokenlabel.kernels import batchnorm as bn
+
+TIMES = {  # the stand-in timer's ms for a config: acc2d and peel "faster", a 4-warp statistics kernel "fastest"
+    "bn_fwd": lambda c: 1.0 - 0.3 * c["acc2d"] - 0.2 * c["peel"] - 0.5 * (c["stats_warps"] == 4),
+    "bn_bwd": lambda c: 1.0 - 0.3 * c["acc2d"] - 0.1 * (c["sums_elems"] == 256),
+}
+
+
+def test_bn_sweeps_check_every_candidate_and_keep_the_fastest(monkeypatch):
+    sw = load_script("sweep_rowkernels")
+    monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "STEM", (2, 16, 6, 5))
+    saved = {name: dict(getattr(bn, name)) for name in ("STATS", "APPLY", "BWD_SUMS", "BWD_APPLY")}
+    monkeypatch.setitem(sw.SPACES, "bn_fwd", (None, dict(acc2d=[False, True], peel=[False, True], stats_warps=[4, 8])))
+    monkeypatch.setitem(sw.SPACES, "bn_bwd", (None, dict(acc2d=[False, True], sums_elems=[256, 8192])))
+    monkeypatch.setitem(sw.SEEDS, "bn_fwd", [])
+    monkeypatch.setitem(sw.SEEDS, "bn_bwd", [])
+    real_fwd = bn.bn_relu_forward
+
+    def fwd(*args):  # the 4-warp statistics kernel computes something else: it must never be chosen
+        out, mean, invstd = real_fwd(*args)
+        return (out * 1.5 if bn.STATS["warps"] == 4 else out), mean, invstd
+
+    monkeypatch.setattr(bn, "bn_relu_forward", fwd)
+    current = []
+
+    def timer(call, **kw):
+        call()
+        return TIMES[current[-1]](sw._get(current[-1]))
+
+    monkeypatch.setattr(sw.triton.testing, "do_bench_cudagraph", timer)
+    out = io.StringIO()
+    w = csv.writer(out)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        current.append("bn_fwd")
+        cfg_f, ms_f = sw.sweep("bn_fwd", 0, 0, 0, 1, w, gen)
+        current.append("bn_bwd")
+        cfg_b, ms_b = sw.sweep("bn_bwd", 0, 0, 0, 1, w, gen)
+        tiled = dict(stats=dict(bn.STATS), apply=dict(bn.APPLY), sums=dict(bn.BWD_SUMS))
+    finally:
+        for name, d in saved.items():  # the sweep writes the kernels' own dicts: put them back
+            getattr(bn, name).clear()
+            getattr(bn, name).update(d)
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    assert (cfg_f["acc2d"], cfg_f["peel"], cfg_f["stats_warps"]) == (True, True, 8), cfg_f
+    assert abs(ms_f - 0.5) < 1e-9
+    assert (tiled["stats"]["acc2d"], tiled["apply"]["peel"], tiled["stats"]["warps"]) == (True, True, 8), tiled
+    assert any(r[-1] == "disagrees with torch" for r in rows if '"stats_warps": 4' in r[4]), rows
+    assert (cfg_b["acc2d"], cfg_b["sums_elems"]) == (True, 256) and tiled["sums"]["elems"] == 256, cfg_b
+    assert abs(ms_b - 0.6) < 1e-9 and all(r[-1] == "" for r in rows if r[0] == "bn_bwd"), rows
