@@ -3,7 +3,7 @@
     python -m tokenlabel.kernels._attn_tune resources [--shape S224] [--dtype bf16]   # no GPU needed
     python -m tokenlabel.kernels._attn_tune time [--shape S224] [--out DIR]           # on the GPU
 
-``resources`` compiles every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, fold) for sm_90 ahead of time with
+``resources`` compiles every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages, tail) for sm_90 ahead of time with
 Triton's bundled ptxas, with the alignment hints a real launch gets (16-byte-aligned pointers, strides that are
 multiples of 16), and prints registers per thread, spilled bytes (stack), shared memory and whether the key loop
 was software-pipelined (cp.async copies in the TTGIR). A config that spills or is not pipelined is not worth a
@@ -38,11 +38,11 @@ KINDS = ("fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv")
 
 
 def candidates(dtype):
-    for bm, bn, warps, stages, fold in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3),
-                                                         (False, True)):
+    for bm, bn, warps, stages, tail in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3),
+                                                         fa.TAILS):
         if bm * bn > 128 * 64 or (dtype == torch.float32 and bm * bn > 64 * 32):
             continue
-        yield bm, bn, warps, stages, fold
+        yield bm, bn, warps, stages, tail
 
 
 def _tensors(B, N, H, D, dtype, device):
@@ -105,32 +105,32 @@ def _graph_ms(fn, reps=20, iters=5):
 
 
 # Tried first after the default, per kind (a run cut short has these): the sm_90 builds' picks at S/224 bf16,
-# spill-free, all-wgmma where the program's own block is >= 64 rows (fold), or the fewest registers for their tile.
+# spill-free, all-wgmma where the program's own block is >= 64 rows (pad / fold tails), or the fewest registers.
 FIRST = {
-    "fwd": [(64, 64, 4, 2, True), (128, 64, 8, 2, False), (128, 64, 8, 2, True), (64, 64, 8, 2, True),
-            (128, 32, 8, 2, True), (64, 128, 8, 2, True)],
-    "bwd": [(64, 64, 4, 2, True), (64, 64, 8, 2, True), (64, 64, 8, 1, True)],
-    "bwd_head": [(32, 64, 4, 2, True), (64, 64, 8, 1, True)],
-    "bwd_dq": [(64, 64, 4, 2, True), (64, 64, 8, 2, True), (128, 64, 8, 2, True), (128, 32, 8, 2, True),
-               (64, 32, 4, 2, True), (128, 64, 8, 3, True), (64, 64, 4, 3, True)],
-    "bwd_dkdv": [(64, 64, 8, 1, True), (64, 64, 8, 2, True), (32, 128, 8, 2, True), (64, 32, 8, 2, True),
-                 (128, 64, 8, 1, True), (64, 64, 4, 1, True), (32, 64, 8, 2, True), (64, 128, 8, 1, True)],
+    "fwd": [(64, 64, 4, 2, "pad"), (64, 64, 8, 2, "pad"), (128, 64, 8, 2, "pad"), (128, 64, 8, 2, "pow2"),
+            (64, 64, 4, 2, "fold"), (128, 32, 8, 2, "pad"), (64, 128, 8, 2, "pad")],
+    "bwd": [(64, 64, 4, 2, "pad"), (64, 64, 8, 2, "pad"), (64, 64, 4, 2, "fold")],
+    "bwd_head": [(32, 64, 4, 2, "pad"), (64, 64, 8, 1, "pad")],
+    "bwd_dq": [(64, 64, 4, 2, "pad"), (64, 64, 8, 2, "pad"), (128, 64, 8, 2, "pad"), (64, 64, 4, 2, "fold"),
+               (128, 32, 8, 2, "pad"), (64, 32, 4, 2, "pad"), (64, 64, 4, 3, "pad")],
+    "bwd_dkdv": [(32, 64, 4, 2, "pad"), (64, 64, 8, 2, "pad"), (32, 64, 8, 2, "fold"), (64, 64, 8, 1, "pad"),
+                 (32, 128, 8, 2, "pad"), (64, 32, 8, 2, "pad"), (64, 64, 4, 1, "pad"), (128, 64, 8, 1, "pad")],
 }
 
 
 def time_candidates(kind):
     """The configs ``time`` tries, the default first, then FIRST's, then the rest: 64- and 128-row forward tiles,
     backward tiles up to 64 rows (up to 128 in the program's own dimension for split2's two kernels, where the
-    other kind's registers no longer count), each with and without fold."""
+    other kind's registers no longer count), each with every tail (flash_attention.TAILS)."""
     seen = set()
     default = fa._unpack(fa._config(64, kind, torch.bfloat16))
     for cfg in [default] + FIRST.get(kind, []):
         if cfg not in seen:
             seen.add(cfg)
             yield cfg
-    for bm, bn, warps, stages, fold in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3),
-                                                         (False, True)):
-        cfg = (bm, bn, warps, stages, fold)
+    for bm, bn, warps, stages, tail in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3),
+                                                         fa.TAILS):
+        cfg = (bm, bn, warps, stages, tail)
         if cfg in seen or bm * bn > 128 * 64:
             continue
         own = {"bwd_dq": bm, "bwd_dkdv": bn}.get(kind)

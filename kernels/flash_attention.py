@@ -106,9 +106,12 @@ def _store(P, base, rows, row_stride, offs_d, value, N, D: tl.constexpr, BLOCK_D
 # not 4 x 64: 208 rows per head instead of 256, (208 / 256)^2 = 66% of the block-pair work. The price: the partial
 # blocks are a second instantiation of the code, their 16-row dots run on mma.sync instead of wgmma (a warpgroup's
 # wgmma is 64 rows), every mix of the two layouts goes through shared memory, and the registers of a kernel are those
-# of its larger instantiation (the split backward's 255; 212 without the partial blocks, sm_90 builds). FOLD (a
-# config's fifth element) tiles N as cdiv(N, BLOCK) full blocks instead, the last one row-masked, in one loop and
-# one instantiation: 4 x 64 for 197, 51% more block-pair work in uniform wgmma tiles. Which wins is for the GPU.
+# of its larger instantiation (the split backward's 255; 212 without the partial blocks, sm_90 builds). A config's
+# fifth element, ``tail``, picks how the last partial block is done: "pow2" as above (the default); "pad", a full
+# BLOCK of rows, row-masked, still peeled off the loop (4 x 64 for 197: 51% more block-pair work, every dot a wgmma
+# of one layout, the loop itself without masks); "fold", the same full blocks with the masked one inside the loop
+# (FOLD: one instantiation, but every step pays the masks: +125 instructions per step of the dq loop, sm_90 SASS).
+# Which wins is for the GPU.
 
 
 @triton.jit
@@ -402,14 +405,14 @@ def _block_d(D):
 
 
 # "split2"'s (dq kernel, dk dv kernel) configs for bf16 / fp16 heads of 64, from sm_90 builds until the GPU times them
-# (kernels/NOTES.md): folded, so every dot is a wgmma, 16-21 barriers instead of 47-66, pipelined, no spills; dq 4
-# warps, 127 registers (4 programs per SM); dk dv 8 warps, 122 registers (2 per SM), 32-query steps (224 of 197
-# rows padded instead of 256). The split kernel: 255 registers, 2 programs of 4 warps per SM.
-SPLIT2_64 = ((64, 64, 4, 2, True), (32, 64, 8, 2, True))
+# (kernels/NOTES.md): padded tails, so every dot is a wgmma of one layout and the loops carry no masks; pipelined, no
+# spills; dq 136 registers (3 programs of 4 warps per SM, 224 instructions per key step); dk dv 182 (2 programs of 4
+# warps, 353 per 32-query step; 224 of 197 query rows padded instead of 256). The split kernel: 255 registers.
+SPLIT2_64 = ((64, 64, 4, 2, "pad"), (32, 64, 4, 2, "pad"))
 
 
 def _config(D, kind, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, fold]) for head dim D; kind "fwd", "bwd", "bwd_head", or
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, tail]) for head dim D; kind "fwd", "bwd", "bwd_head", or
     "bwd_dq" / "bwd_dkdv" ("split2"'s two kernels).
 
     Chosen from sm_90 builds without a GPU (``python -m tokenlabel.kernels._attn_tune resources``: registers,
@@ -485,31 +488,38 @@ def _tail(N, block):
     return 0 if r == 0 else min(block, max(16, triton.next_power_of_2(r)))
 
 
-def _tiling(N, D, bm, bn, dtype, fold=False):
-    """The constexprs of a (BLOCK_M, BLOCK_N) tiling; ``fold``: cdiv(N, BLOCK) row-masked full blocks, no partial
-    block (see FOLD above)."""
-    fold = bool(fold) and (N % bm != 0 or N % bn != 0)  # nothing to fold where both divide N
-    tails = (bm if N % bm else 0, bn if N % bn else 0) if fold else (_tail(N, bm), _tail(N, bn))
+TAILS = ("pow2", "pad", "fold")  # how the last partial block of N is tiled (see above)
+
+
+def _tiling(N, D, bm, bn, dtype, tail="pow2"):
+    """The constexprs of a (BLOCK_M, BLOCK_N) tiling with ``tail`` (TAILS)."""
+    if tail not in TAILS:
+        raise ValueError(f"attention tail={tail!r}; valid: {', '.join(TAILS)}")
+    fold = tail == "fold" and (N % bm != 0 or N % bn != 0)  # nothing to fold where both divide N
+    if tail == "pow2":
+        tails = (_tail(N, bm), _tail(N, bn))
+    else:
+        tails = (bm if N % bm else 0, bn if N % bn else 0)
     return dict(N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, TAIL_M=tails[0], TAIL_N=tails[1], BLOCK_D=_block_d(D),
                 IEEE=dtype == torch.float32, FOLD=fold)
 
 
 def _unpack(config):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, fold) of a config tuple (fold, the fifth element, optional)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, tail) of a config tuple (tail, the fifth element, optional)."""
     config = tuple(config)
     if len(config) not in (4, 5):
-        raise ValueError(f"attention config {config!r}: (BLOCK_M, BLOCK_N, num_warps, num_stages[, fold])")
-    return config + (False,) * (5 - len(config))
+        raise ValueError(f"attention config {config!r}: (BLOCK_M, BLOCK_N, num_warps, num_stages[, tail])")
+    return config + ("pow2",) * (5 - len(config))
 
 
 def fwd_launch(q, k, v, o, lse, scale, config=None):
     """(kernel, grid, args, constexprs, launch options) of the forward for these tensors (meta tensors work:
     only shapes and strides are read). ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides _config."""
     B, N, H, D = q.shape
-    bm, bn, warps, stages, fold = _unpack(config or _config(D, "fwd", q.dtype))
+    bm, bn, warps, stages, tail = _unpack(config or _config(D, "fwd", q.dtype))
     args = (q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), H,
             float(scale) * _LOG2E)
-    const = _tiling(N, D, bm, bn, q.dtype, fold)
+    const = _tiling(N, D, bm, bn, q.dtype, tail)
     return _attn_fwd, (triton.cdiv(N, bm), B * H), args, const, dict(num_warps=warps, num_stages=stages)
 
 
@@ -534,12 +544,12 @@ def bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split"
         raise ValueError(f"backward kind={kind!r}; valid: {', '.join(_BWD_KINDS)} (impl \"split\" only)")
     B, N, H, D = q.shape
     cfg_kind = "bwd_head" if head else ("bwd" if kind == "split" else f"bwd_{kind}")
-    bm, bn, warps, stages, fold = _unpack(config or _config(D, cfg_kind, q.dtype))
+    bm, bn, warps, stages, tail = _unpack(config or _config(D, cfg_kind, q.dtype))
     args = ((q, k, v, o, do, dq, dk, dv, lse) + ((dq_acc,) if head else ())
             + (q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2), do.stride(0),
                do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), H, float(scale),
                float(scale) * _LOG2E))
-    const = _tiling(N, D, bm, bn, q.dtype, fold)
+    const = _tiling(N, D, bm, bn, q.dtype, tail)
     if head:
         return _attn_bwd_head, (B * H,), args, const, dict(num_warps=warps, num_stages=stages)
     programs = {"split": triton.cdiv(N, bm) + triton.cdiv(N, bn), "dq": triton.cdiv(N, bm), "dkdv": triton.cdiv(N, bn)}

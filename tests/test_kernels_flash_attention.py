@@ -123,17 +123,20 @@ def test_very_negative_scores_with_a_partial_key_block(gen, device, dtype, N, bw
     assert rel(g, ref_g) <= 2 * rel(base_g, ref_g) + floor
 
 
-# (forward config, backward impl, backward config): fold (full row-masked blocks, one loop) against the partial
-# power-of-two blocks, split2's two kernels with different tilings, 128-row program blocks
+# (forward config, backward impl, backward config): the tails (pow2 partial blocks, padded full blocks peeled off
+# the loop, folded into it), split2's two kernels with different tilings, 128-row program blocks
 TILINGS = [
-    ((64, 32, 4, 2, True), "split", (32, 64, 4, 2, True)),
-    ((32, 64, 4, 1, False), "head", (32, 32, 4, 1, True)),
-    ((128, 32, 8, 2, True), "split2", ((64, 32, 4, 2, True), (32, 64, 8, 1, False))),
-    ((64, 64, 4, 2, False), "split2", ((128, 32, 8, 2, False), (16, 128, 8, 2, True))),
+    ((64, 32, 4, 2, "fold"), "split", (32, 64, 4, 2, "fold")),
+    ((32, 64, 4, 1, "pad"), "head", (32, 32, 4, 1, "fold")),
+    ((64, 64, 4, 2, "pad"), "head", (32, 32, 4, 1, "pad")),
+    ((128, 32, 8, 2, "fold"), "split2", ((64, 32, 4, 2, "fold"), (32, 64, 8, 1, "pow2"))),
+    ((64, 64, 4, 2, "pow2"), "split2", ((128, 32, 8, 2, "pad"), (16, 128, 8, 2, "pad"))),
+    ((128, 64, 8, 2, "pad"), "split", (64, 32, 4, 2, "pad")),
 ]
 
 
-@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: f"{t[1]}-{t[0][4]}")
+@pytest.mark.parametrize("tiling", TILINGS, ids=["split-fold", "head-pad-fold", "head-pad", "split2-fold-pow2",
+                                                 "split2-pad", "split-pad-128"])
 @pytest.mark.parametrize("shape", [(2, 197, 2, 64), (1, 17, 1, 32), (1, 1, 1, 64), (1, 128, 1, 16)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_tilings_match_float64(gen, device, shape, tiling):
@@ -275,6 +278,8 @@ def test_bad_inputs_name_the_problem(gen, device, monkeypatch):
         fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, kind="dk")
     with pytest.raises(ValueError, match=r"config \(64, 64, 4\): \(BLOCK_M, BLOCK_N, num_warps"):
         fa.attention_forward(x, x, x, 1.0, config=(64, 64, 4))
+    with pytest.raises(ValueError, match="tail='odd'; valid: pow2, pad, fold"):
+        fa.attention_forward(x, x, x, 1.0, config=(64, 64, 4, 1, "odd"))
     with pytest.raises(ValueError, match="kind='bwd_x'; valid: fwd, bwd, bwd_head, bwd_dq, bwd_dkdv"):
         fa._config(64, "bwd_x", torch.bfloat16)
     with pytest.raises(RuntimeError, match="inside"):
@@ -359,7 +364,7 @@ def test_attn_tune_time_rows_check_every_config(monkeypatch):
 
     monkeypatch.setattr(_attn_tune, "_graph_ms", lambda fn, **kw: (fn(), 1.0)[1])
     monkeypatch.setattr(_attn_tune, "time_candidates",
-                        lambda kind: [(16, 16, 4, 1), (32, 16, 4, 1, True)] if kind == "fwd" else [(16, 32, 4, 1)])
+                        lambda kind: [(16, 16, 4, 1), (32, 16, 4, 1, "pad")] if kind == "fwd" else [(16, 32, 4, 1)])
     rows = list(_attn_tune.time_configs("tiny", torch.float32, device="cpu"))
     assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "fwd", "fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv",
                                          "best", "best", "best", "best", "best", "best"]
