@@ -98,3 +98,17 @@ def test_time_limit_stops_after_the_running_step(tmp_path):
     st = _weights(out / "last.pt")[2]
     assert (st["global_step"], st["samples_in_epoch"], st["epoch"]) == (1, 4, 0)
     assert len(read_csv(out / "steps.csv")) == 1 and not (out / "summary.csv").exists()
+
+
+def test_resume_with_our_kernels_matches_uninterrupted(tmp_path, monkeypatch):
+    """Our four kernels (attention, stem BatchNorm, residual + LayerNorm, bias + GELU; interpreted here, on CUDA on
+    the GPU): a run interrupted mid-epoch and resumed repeats the uninterrupted one, losses and weights."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    data = make_data(tmp_path / "data")
+    kernels = ("--attn", "triton", "--stem-bn", "triton", "--residual-norm", "triton", "--gelu", "triton",
+               "--amp", "fp32")
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(tiny_args(data, full, *kernels, epochs=1)) == 0
+    assert main(tiny_args(data, split, *kernels, "--max-steps", 3, epochs=1)) == 0
+    assert main(tiny_args(data, split, *kernels, "--resume", "auto", epochs=1)) == 0
+    _assert_same_run(full, split)
