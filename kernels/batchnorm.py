@@ -32,26 +32,18 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _rows(X, row0, offs_r, offs_c, M, C: tl.constexpr):
-    """A [BLOCK_R, BLOCK_C] fp32 tile of rows row0.. (zeros past M and past C), and its mask."""
+    """A [BLOCK_R, BLOCK_C] fp32 tile of rows row0.. (zeros past M and past C), and its mask (the statistics' count
+    and deviations need it; the other kernels load through _tile)."""
     rows = row0 + offs_r
     mask = (rows[:, None] < M) & (offs_c[None, :] < C)
     ptrs = X + rows.to(tl.int64)[:, None] * C + offs_c[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask, ptrs
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask
 
 
 @triton.jit
 def _channel(P, offs_c, C: tl.constexpr):
     """A per-channel vector as fp32 (zeros past C)."""
     return tl.load(P + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _relu_grad(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C: tl.constexpr):
-    """For a row block: (g = dout where the forward's y = xhat * w + b > 0, xhat, mask)."""
-    x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
-    dout, _, _ = _rows(DOUT, row0, offs_r, offs_c, end, C)
-    xhat = (x - mean[None, :]) * invstd[None, :]
-    return tl.where(mask & (xhat * w[None, :] + b[None, :] > 0), dout, 0.0), xhat, mask
 
 
 @triton.jit
@@ -197,7 +189,7 @@ def _bn_stats(X, PART, M, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.const
         m2 = tl.zeros([BLOCK_C], tl.float32)
         for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
             row0 = start + i * BLOCK_R
-            x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
+            x, mask = _rows(X, row0, offs_r, offs_c, end, C)
             n_b = tl.sum(mask.to(tl.float32), 0)
             mean_b = tl.sum(x, 0) / tl.maximum(n_b, 1.0)
             d = tl.where(mask, x - mean_b[None, :], 0.0)
@@ -253,19 +245,11 @@ def _bn_relu_apply(X, OUT, MEAN, INVSTD, W, B, M, C: tl.constexpr, ROWS: tl.cons
     shift = _channel(B, offs_c, C) - _channel(MEAN, offs_c, C) * scale
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    if PEEL:
-        # the programs whose rows are all inside M: every block without masks; the last one: masked
-        if start + ROWS <= M:
-            _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, False)
-        else:
-            _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, True)
+    # PEEL: the programs whose rows are all inside M run every block without masks, the last one masked
+    if PEEL and (start + ROWS <= M):
+        _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, False)
     else:
-        for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
-            row0 = start + i * BLOCK_R
-            x, mask, _ = _rows(X, row0, offs_r, offs_c, end, C)
-            y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
-            rows = row0 + offs_r
-            tl.store(OUT + rows.to(tl.int64)[:, None] * C + offs_c[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+        _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, True)
 
 
 @triton.jit
@@ -296,7 +280,8 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
         s_g = tl.zeros([BLOCK_C], tl.float32)
         s_gx = tl.zeros([BLOCK_C], tl.float32)
         for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
-            g, xhat, _ = _relu_grad(DOUT, X, start + i * BLOCK_R, offs_r, offs_c, end, mean, invstd, w, b, C)
+            g, xhat = _relu_grad_step(DOUT, X, start + i * BLOCK_R, offs_r, offs_c, end, mean, invstd, w, b, C,
+                                      BLOCK_C, True)
             s_g += tl.sum(g, 0)
             s_gx += tl.sum(g * xhat, 0)
     base = PART + p.to(tl.int64) * 2 * BLOCK_C
@@ -350,21 +335,12 @@ def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constex
     k = w * invstd
     start = p * ROWS
     end = tl.minimum(start + ROWS, M)
-    if PEEL:
-        # the programs whose rows are all inside M: every block without masks; the last one: masked
-        if start + ROWS <= M:
-            _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C, ROWS,
-                              BLOCK_R, BLOCK_C, STAGES, False)
-        else:
-            _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C, ROWS,
-                              BLOCK_R, BLOCK_C, STAGES, True)
+    if PEEL and (start + ROWS <= M):  # as _bn_relu_apply
+        _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C, ROWS,
+                          BLOCK_R, BLOCK_C, STAGES, False)
     else:
-        for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
-            row0 = start + i * BLOCK_R
-            g, xhat, mask = _relu_grad(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C)
-            dx = k[None, :] * (g - db_m[None, :] - xhat * dw_m[None, :])
-            rows = row0 + offs_r
-            tl.store(DX + rows.to(tl.int64)[:, None] * C + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C, ROWS,
+                          BLOCK_R, BLOCK_C, STAGES, True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -562,6 +562,8 @@ def bwd_launches(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="spli
     kernel, ``config`` then a pair (dq's, dk dv's) or None for the defaults."""
     if _check_impl(impl) != "split2":
         return [bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config, impl, dq_acc)]
+    if config is not None and (len(config) != 2 or not all(c is None or isinstance(c, tuple) for c in config)):
+        raise ValueError(f'impl "split2" takes a pair of configs (dq kernel, dk dv kernel), got {config!r}')
     cq, ckv = config if config is not None else (None, None)
     return [bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, cq, "split", kind="dq"),
             bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, ckv, "split", kind="dkdv")]

@@ -274,6 +274,8 @@ def test_bad_inputs_name_the_problem(gen, device, monkeypatch):
         fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, impl="nope")
     with pytest.raises(ValueError, match="split2.*two launches"):
         fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, impl="split2")
+    with pytest.raises(ValueError, match=r'"split2" takes a pair of configs.*\(64, 64, 4, 2\)'):
+        fa.bwd_launches(x, x, x, x, x, x, x, x, x, 1.0, (64, 64, 4, 2), "split2")
     with pytest.raises(ValueError, match="kind='dk'; valid: split, dq, dkdv"):
         fa.bwd_launch(x, x, x, x, x, x, x, x, x, 1.0, kind="dk")
     with pytest.raises(ValueError, match=r"config \(64, 64, 4\): \(BLOCK_M, BLOCK_N, num_warps"):
