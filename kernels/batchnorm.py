@@ -47,11 +47,29 @@ def _channel(P, offs_c, C: tl.constexpr):
 
 
 @triton.jit
-def _tile(P, row0, offs_r, offs_c, end, C: tl.constexpr, BLOCK_C: tl.constexpr, MASK: tl.constexpr):
+def _mem_rows(rows, PK: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr):
+    """Where rows of the [B * HH * WW, C] activations sit in a tensor's memory: as they are (PK 0), or (PK > 0) in the
+    patch layout [B * (HH / PK) * (WW / PK), PK * PK * C] of a PK x PK stride-PK conv's GEMM operand: pixel (b, y, x)
+    in patch (b, y // PK, x // PK), at slot (y % PK, x % PK) of it. A row stays C contiguous values either way."""
+    if PK == 0:
+        return rows
+    else:
+        img = rows // (HH * WW)
+        r = rows % (HH * WW)
+        y = r // WW
+        x = r % WW
+        patch = (img * (HH // PK) + y // PK) * (WW // PK) + x // PK
+        return patch * (PK * PK) + (y % PK) * PK + x % PK
+
+
+@triton.jit
+def _tile(P, row0, offs_r, offs_c, end, C: tl.constexpr, BLOCK_C: tl.constexpr, MASK: tl.constexpr,
+          PK: tl.constexpr = 0, HH: tl.constexpr = 1, WW: tl.constexpr = 1):
     """The [BLOCK_R, BLOCK_C] fp32 tile of rows row0..: MASK, rows past ``end`` (and channels past C) are zeros; else
-    every row is taken as inside (the peeled loops' full steps), only channels past C masked, if any."""
+    every row is taken as inside (the peeled loops' full steps), only channels past C masked, if any. PK, HH, WW:
+    where the rows sit in P's memory (_mem_rows)."""
     rows = row0 + offs_r
-    ptrs = P + rows.to(tl.int64)[:, None] * C + offs_c[None, :]
+    ptrs = P + _mem_rows(rows, PK, HH, WW).to(tl.int64)[:, None] * C + offs_c[None, :]
     if MASK:
         return tl.load(ptrs, mask=(rows[:, None] < end) & (offs_c[None, :] < C), other=0.0).to(tl.float32)
     elif C < BLOCK_C:
@@ -61,10 +79,11 @@ def _tile(P, row0, offs_r, offs_c, end, C: tl.constexpr, BLOCK_C: tl.constexpr, 
 
 
 @triton.jit
-def _put(P, row0, offs_r, offs_c, end, value, C: tl.constexpr, BLOCK_C: tl.constexpr, MASK: tl.constexpr):
-    """Store a tile at rows row0.., with _tile's masking."""
+def _put(P, row0, offs_r, offs_c, end, value, C: tl.constexpr, BLOCK_C: tl.constexpr, MASK: tl.constexpr,
+         PK: tl.constexpr = 0, HH: tl.constexpr = 1, WW: tl.constexpr = 1):
+    """Store a tile at rows row0.., with _tile's masking and row placement."""
     rows = row0 + offs_r
-    ptrs = P + rows.to(tl.int64)[:, None] * C + offs_c[None, :]
+    ptrs = P + _mem_rows(rows, PK, HH, WW).to(tl.int64)[:, None] * C + offs_c[None, :]
     if MASK:
         tl.store(ptrs, value.to(P.dtype.element_ty), mask=(rows[:, None] < end) & (offs_c[None, :] < C))
     elif C < BLOCK_C:
@@ -96,10 +115,11 @@ def _welford_step(X, row0, offs_r, offs_c, end, n_r, mean2, m2_2, C: tl.constexp
 
 @triton.jit
 def _relu_grad_step(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                    MASK: tl.constexpr):
-    """(g = dout where y = xhat * w + b > 0, xhat) of one row block (zeros past ``end`` with MASK: dout loads 0)."""
+                    MASK: tl.constexpr, PK: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr):
+    """(g = dout where y = xhat * w + b > 0, xhat) of one row block (zeros past ``end`` with MASK: dout loads 0);
+    dout's rows placed by PK, HH, WW (_mem_rows)."""
     x = _tile(X, row0, offs_r, offs_c, end, C, BLOCK_C, MASK)
-    dout = _tile(DOUT, row0, offs_r, offs_c, end, C, BLOCK_C, MASK)
+    dout = _tile(DOUT, row0, offs_r, offs_c, end, C, BLOCK_C, MASK, PK, HH, WW)
     xhat = (x - mean[None, :]) * invstd[None, :]
     return tl.where(xhat * w[None, :] + b[None, :] > 0, dout, 0.0), xhat
 
@@ -117,10 +137,10 @@ def _welford_blocks(X, start, end, offs_r, offs_c, n_r, mean2, m2_2, C: tl.const
 @triton.jit
 def _sums_blocks(DOUT, X, start, end, offs_r, offs_c, mean, invstd, w, b, a_g, a_gx, C: tl.constexpr,
                  ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
-                 MASK: tl.constexpr):
+                 MASK: tl.constexpr, PK: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr):
     for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):
         g, xhat = _relu_grad_step(DOUT, X, start + i * BLOCK_R, offs_r, offs_c, end, mean, invstd, w, b, C, BLOCK_C,
-                                  MASK)
+                                  MASK, PK, HH, WW)
         a_g += g
         a_gx += g * xhat
     return a_g, a_gx
@@ -128,20 +148,23 @@ def _sums_blocks(DOUT, X, start, end, offs_r, offs_c, mean, invstd, w, b, a_g, a
 
 @triton.jit
 def _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, MASK: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr, MASK: tl.constexpr,
+                  PK: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr):
     for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):
         row0 = start + i * BLOCK_R
         x = _tile(X, row0, offs_r, offs_c, end, C, BLOCK_C, MASK)
-        _put(OUT, row0, offs_r, offs_c, end, tl.maximum(x * scale[None, :] + shift[None, :], 0.0), C, BLOCK_C, MASK)
+        _put(OUT, row0, offs_r, offs_c, end, tl.maximum(x * scale[None, :] + shift[None, :], 0.0), C, BLOCK_C, MASK,
+             PK, HH, WW)
 
 
 @triton.jit
 def _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C: tl.constexpr,
                       ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
-                      MASK: tl.constexpr):
+                      MASK: tl.constexpr, PK: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr):
     for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):
         row0 = start + i * BLOCK_R
-        g, xhat = _relu_grad_step(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C, BLOCK_C, MASK)
+        g, xhat = _relu_grad_step(DOUT, X, row0, offs_r, offs_c, end, mean, invstd, w, b, C, BLOCK_C, MASK, PK, HH,
+                                  WW)
         _put(DX, row0, offs_r, offs_c, end, k[None, :] * (g - db_m[None, :] - xhat * dw_m[None, :]), C, BLOCK_C, MASK)
 
 
@@ -235,9 +258,10 @@ def _bn_finalize(PART, MEAN, INVSTD, RUN_MEAN, RUN_VAR, M, eps, momentum, NP: tl
 
 @triton.jit
 def _bn_relu_apply(X, OUT, MEAN, INVSTD, W, B, M, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 2, PEEL: tl.constexpr = False):
+                   BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 2, PEEL: tl.constexpr = False,
+                   PK: tl.constexpr = 0, HH: tl.constexpr = 1, WW: tl.constexpr = 1):
     """out = max((x - mean) * invstd * w + b, 0) over program p's rows. PEEL: the whole blocks without masks, then
-    the program's last partial one (else every block masked)."""
+    the program's last partial one (else every block masked). PK > 0: out in the patch layout (_mem_rows)."""
     p = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -247,16 +271,20 @@ def _bn_relu_apply(X, OUT, MEAN, INVSTD, W, B, M, C: tl.constexpr, ROWS: tl.cons
     end = tl.minimum(start + ROWS, M)
     # PEEL: the programs whose rows are all inside M run every block without masks, the last one masked
     if PEEL and (start + ROWS <= M):
-        _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, False)
+        _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, False,
+                      PK, HH, WW)
     else:
-        _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, True)
+        _apply_blocks(X, OUT, start, end, offs_r, offs_c, scale, shift, C, ROWS, BLOCK_R, BLOCK_C, STAGES, True,
+                      PK, HH, WW)
 
 
 @triton.jit
 def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False):
+                      BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False,
+                      PK: tl.constexpr = 0, HH: tl.constexpr = 1, WW: tl.constexpr = 1):
     """Program p: sum g and sum g * xhat per channel over its rows (g = dout where y > 0) into PART[p]. ACC2D: the
-    sums kept per element slot of the tile and reduced across the rows once, after the loop."""
+    sums kept per element slot of the tile and reduced across the rows once, after the loop. PK > 0: dout in the
+    patch layout (_mem_rows)."""
     p = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -270,10 +298,10 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
         # the programs whose rows are all inside M: every block without masks; the last one: masked
         if start + ROWS <= M:
             a_g, a_gx = _sums_blocks(DOUT, X, start, end, offs_r, offs_c, mean, invstd, w, b, a_g, a_gx, C, ROWS,
-                                     BLOCK_R, BLOCK_C, STAGES, False)
+                                     BLOCK_R, BLOCK_C, STAGES, False, PK, HH, WW)
         else:
             a_g, a_gx = _sums_blocks(DOUT, X, start, end, offs_r, offs_c, mean, invstd, w, b, a_g, a_gx, C, ROWS,
-                                     BLOCK_R, BLOCK_C, STAGES, True)
+                                     BLOCK_R, BLOCK_C, STAGES, True, PK, HH, WW)
         s_g = tl.sum(a_g, 0)
         s_gx = tl.sum(a_gx, 0)
     else:
@@ -281,7 +309,7 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
         s_gx = tl.zeros([BLOCK_C], tl.float32)
         for i in tl.range(0, ROWS // BLOCK_R, num_stages=STAGES):  # whole row steps (past ``end`` masked), pipelined
             g, xhat = _relu_grad_step(DOUT, X, start + i * BLOCK_R, offs_r, offs_c, end, mean, invstd, w, b, C,
-                                      BLOCK_C, True)
+                                      BLOCK_C, True, PK, HH, WW)
             s_g += tl.sum(g, 0)
             s_gx += tl.sum(g * xhat, 0)
     base = PART + p.to(tl.int64) * 2 * BLOCK_C
@@ -324,8 +352,9 @@ def _sum_partials(PART, OUT0, OUT1, OUT2, NP: tl.constexpr, C: tl.constexpr, BLO
 @triton.jit
 def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr = 2,
-                       PEEL: tl.constexpr = False):
-    """dx = w * invstd * (g - db / M - xhat * dw / M) over program p's rows (PEEL as _bn_relu_apply's)."""
+                       PEEL: tl.constexpr = False, PK: tl.constexpr = 0, HH: tl.constexpr = 1, WW: tl.constexpr = 1):
+    """dx = w * invstd * (g - db / M - xhat * dw / M) over program p's rows (PEEL as _bn_relu_apply's; PK > 0: dout
+    in the patch layout, _mem_rows)."""
     p = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     offs_c = tl.arange(0, BLOCK_C)
@@ -337,10 +366,10 @@ def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constex
     end = tl.minimum(start + ROWS, M)
     if PEEL and (start + ROWS <= M):  # as _bn_relu_apply
         _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C, ROWS,
-                          BLOCK_R, BLOCK_C, STAGES, False)
+                          BLOCK_R, BLOCK_C, STAGES, False, PK, HH, WW)
     else:
         _bwd_apply_blocks(DOUT, X, DX, start, end, offs_r, offs_c, mean, invstd, w, b, k, db_m, dw_m, C, ROWS,
-                          BLOCK_R, BLOCK_C, STAGES, True)
+                          BLOCK_R, BLOCK_C, STAGES, True, PK, HH, WW)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,10 +429,11 @@ def sum_partials(part, outs, C):
 
 
 def sm90_resources(B: int = 128, C: int = 64, H: int = 112, W: int = 112, dtype=torch.bfloat16,
-                   overrides: dict | None = None) -> dict:
+                   overrides: dict | None = None, patch: int = 0) -> dict:
     """The four streaming kernels' sm_90 builds at the LV-ViT stem's activations, without a GPU (run without
     TRITON_INTERPRET): {name: (registers, spilled stack bytes, shared bytes, cp.async copies)}. ``overrides``:
-    {name: tiling entries} on top of STATS / APPLY / BWD_SUMS / BWD_APPLY (e.g. {"stats": {"acc2d": True}})."""
+    {name: tiling entries} on top of STATS / APPLY / BWD_SUMS / BWD_APPLY (e.g. {"stats": {"acc2d": True}});
+    ``patch``: the output / its gradient in the patch layout (the stem's last BatchNorm: 8)."""
     from ._common import aot_sm90
 
     M = B * H * W
@@ -417,6 +447,8 @@ def sm90_resources(B: int = 128, C: int = 64, H: int = 112, W: int = 112, dtype=
     for name, (kernel, args, tiling) in launches.items():
         tiling = {**tiling, **(overrides or {}).get(name, {})}
         const = _launch_args(M, C, "meta", tiling, sms=132)[1]  # an H200's SMs
+        if name != "stats":
+            const.update(_patch_layout(torch.empty(B, C, H, W, device="meta"), patch)[1])
         opts = dict(num_warps=const.pop("num_warps"))
         out[name] = aot_sm90((kernel, None, args, const, opts))
     return out
@@ -445,8 +477,31 @@ def check_inputs(x, weight, bias):
         raise ValueError(f"bn_relu: batch statistics need at least 2 values per channel, got shape {tuple(x.shape)}")
 
 
-def bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps):
-    """(out like x, mean [C] fp32, invstd [C] fp32); updates running_mean / running_var in place when given."""
+def check_patch(x, patch):
+    """``patch`` (0, or the k of a k x k stride-k conv that takes the output as its GEMM operand) fits x
+    [B, C, H, W]."""
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 0:
+        raise ValueError(f"bn_relu: patch must be an int >= 0 (0: x's own layout), got {patch!r}")
+    H, W = x.shape[-2:]
+    if patch and (H % patch or W % patch):
+        raise ValueError(f"bn_relu: patch={patch} must divide the activations' height and width, got {H} x {W}")
+
+
+def _patch_layout(x, patch):
+    """(the output's shape, the kernels' row-placement constexprs, _mem_rows's) for ``patch`` (0: x's own layout)."""
+    B, C, H, W = x.shape
+    if not patch:
+        return tuple(x.shape), dict(PK=0, HH=1, WW=1)
+    return (B * (H // patch) * (W // patch), patch * patch * C), dict(PK=patch, HH=H, WW=W)
+
+
+def bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps, patch=0):
+    """(out, mean [C] fp32, invstd [C] fp32); updates running_mean / running_var in place when given. out: like x
+    (channels-last) for ``patch`` 0; else the [B * (H / patch) * (W / patch), patch * patch * C] operand of a patch x
+    patch stride-patch conv run as a GEMM (rows = patches, each in (row, column, channel) order), written there by the
+    normalising pass itself: the copy from x's layout to the patches' (a read and a write of the activations) never
+    runs."""
+    check_patch(x, patch)
     C = x.shape[1]
     xr = _rows_view(x)
     M = xr.shape[0]
@@ -455,21 +510,27 @@ def bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps):
     part = torch.empty(progs, 2, block_c, device=x.device, dtype=torch.float32)
     mean = torch.empty(C, device=x.device, dtype=torch.float32)
     invstd = torch.empty(C, device=x.device, dtype=torch.float32)
-    out = torch.empty_like(x)  # channels-last, as x
+    shape, layout = _patch_layout(x, patch)
+    out = x.new_empty(shape) if patch else torch.empty_like(x)  # channels-last, as x
     _bn_stats[(progs,)](xr, part, M, **stats)
     update = running_mean is not None
     _bn_finalize[(1,)](part, mean, invstd, running_mean if update else mean, running_var if update else invstd, M,
                        float(eps), float(momentum), NP=progs, ROWS=stats["ROWS"], C=C,
                        BLOCK_P=_block_p(progs, block_c), BLOCK_C=block_c, UPDATE=update, num_warps=4)
     progs, apply = _launch_args(M, C, x.device, APPLY)
-    _bn_relu_apply[(progs,)](xr, _rows_view(out), mean, invstd, weight, bias, M, **apply)
+    _bn_relu_apply[(progs,)](xr, out if patch else _rows_view(out), mean, invstd, weight, bias, M, **apply, **layout)
     return out, mean, invstd
 
 
-def bn_relu_backward(dout, x, weight, bias, mean, invstd):
-    """(dx like x, dweight like weight, dbias like bias)."""
+def bn_relu_backward(dout, x, weight, bias, mean, invstd, patch=0):
+    """(dx like x, dweight like weight, dbias like bias); dout in the forward output's layout (``patch``)."""
+    check_patch(x, patch)
     C = x.shape[1]
-    dout = dout.contiguous(memory_format=torch.channels_last)
+    shape, layout = _patch_layout(x, patch)
+    if tuple(dout.shape) != shape:
+        raise ValueError(f"bn_relu: dout must have the forward output's shape {shape} (patch={patch}), got "
+                         f"{tuple(dout.shape)}")
+    dout = dout.contiguous() if patch else dout.contiguous(memory_format=torch.channels_last)
     xr = _rows_view(x)
     M = xr.shape[0]
     progs, sums = _launch_args(M, C, x.device, BWD_SUMS)
@@ -477,11 +538,11 @@ def bn_relu_backward(dout, x, weight, bias, mean, invstd):
     dw = torch.empty_like(weight)
     db = torch.empty_like(bias)
     dx = torch.empty_like(x)
-    dr = _rows_view(dout)
-    _bn_relu_bwd_sums[(progs,)](dr, xr, mean, invstd, weight, bias, part, M, **sums)
+    dr = dout if patch else _rows_view(dout)
+    _bn_relu_bwd_sums[(progs,)](dr, xr, mean, invstd, weight, bias, part, M, **sums, **layout)
     sum_partials(part, (db, dw), C)
     progs, apply = _launch_args(M, C, x.device, BWD_APPLY)
-    _bn_relu_bwd_apply[(progs,)](dr, xr, _rows_view(dx), mean, invstd, weight, bias, dw, db, M, **apply)
+    _bn_relu_bwd_apply[(progs,)](dr, xr, _rows_view(dx), mean, invstd, weight, bias, dw, db, M, **apply, **layout)
     return dx, dw, db
 
 
@@ -490,34 +551,36 @@ def bn_relu_backward(dout, x, weight, bias, mean, invstd):
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("tokenlabel::bn_relu_fwd", mutates_args=("running_mean", "running_var"))
 def bn_relu_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
-                   running_var: torch.Tensor, momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor]:
-    return bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps)
+                   running_var: torch.Tensor, momentum: float, eps: float,
+                   patch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps, patch)
 
 
 @bn_relu_fwd_op.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, patch=0):
     C = x.shape[1]
-    return (torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32))
+    out = x.new_empty(_patch_layout(x, patch)[0]) if patch else torch.empty_like(x)
+    return (out, x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32))
 
 
 @torch.library.custom_op("tokenlabel::bn_relu_bwd", mutates_args=())
 def bn_relu_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-                   invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return bn_relu_backward(dout, x, weight, bias, mean, invstd)
+                   invstd: torch.Tensor, patch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return bn_relu_backward(dout, x, weight, bias, mean, invstd, patch)
 
 
 @bn_relu_bwd_op.register_fake
-def _(dout, x, weight, bias, mean, invstd):
+def _(dout, x, weight, bias, mean, invstd, patch=0):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
 
 
 class _BNReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, patch):
         out, mean, invstd = dispatch(torch.ops.tokenlabel.bn_relu_fwd, bn_relu_forward, x, weight, bias, running_mean,
-                                     running_var, momentum, eps, check=(x,))
+                                     running_var, momentum, eps, patch, check=(x,))
         ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.patch = patch
         return out
 
     @staticmethod
@@ -525,16 +588,20 @@ class _BNReLU(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         dx, dw, db = dispatch(torch.ops.tokenlabel.bn_relu_bwd, bn_relu_backward, dout, x, weight, bias, mean, invstd,
-                              check=(dout, x))
-        return dx, dw, db, None, None, None, None
+                              ctx.patch, check=(dout, x))
+        return dx, dw, db, None, None, None, None, None
 
 
-def bn_relu_train(x, bn: torch.nn.BatchNorm2d):
+def bn_relu_train(x, bn: torch.nn.BatchNorm2d, patch: int = 0):
     """``F.relu(bn(x))`` for a BatchNorm2d in training mode (batch statistics, running stats updated, the batch
     counter advanced), by the Triton kernels; x channels-last [B, C, H, W]. ``bn.momentum`` must be a number
-    (momentum None, a cumulative average, would need the counter on the host)."""
+    (momentum None, a cumulative average, would need the counter on the host). ``patch`` k > 0: the output comes as
+    the [B * (H / k) * (W / k), k * k * C] patch rows of a k x k stride-k conv run as a GEMM (bn_relu_forward), the
+    same values as ``patches_of(F.relu(bn(x)), k)`` without the copy."""
     if bn.momentum is None or not bn.affine or not bn.track_running_stats:
         raise ValueError("bn_relu_train: needs an affine BatchNorm2d with running stats and a numeric momentum")
     check_inputs(x, bn.weight, bn.bias)
+    check_patch(x, patch)
     bn.num_batches_tracked.add_(1)
-    return _BNReLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.momentum), float(bn.eps))
+    return _BNReLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.momentum), float(bn.eps),
+                         patch)

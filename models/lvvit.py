@@ -87,10 +87,27 @@ def patchify_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if Cw != C or kw != k or H % k or W % k:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} are not a k x k patchify "
                          "(weight [D, C, k, k], H and W multiples of k)")
+    return patch_linear(patches_of(x, k), weight, bias, (B, H // k, W // k))
+
+
+def patches_of(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [B, C, H, W] as ``[B * (H/k) * (W/k), k * k * C]``: one row per k x k patch, in (row, column, channel)
+    order (a view for a channels_last x up to the last reshape, which is the one copy)."""
+    B, C, H, W = x.shape
     h, w = H // k, W // k
-    # [B, H, W, C] -> [B, h, k, w, k, C] -> [B, h, w, k, k, C]: one row per patch (a view for a
-    # channels_last x up to the last reshape, which is the one copy).
-    patches = x.permute(0, 2, 3, 1).reshape(B, h, k, w, k, C).transpose(2, 3).reshape(B * h * w, k * k * C)
+    # [B, H, W, C] -> [B, h, k, w, k, C] -> [B, h, w, k, k, C]
+    return x.permute(0, 2, 3, 1).reshape(B, h, k, w, k, C).transpose(2, 3).reshape(B * h * w, k * k * C)
+
+
+def patch_linear(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 grid: tuple[int, int, int]) -> torch.Tensor:
+    """The k x k stride-k conv of ``weight [D, C, k, k]`` on patch rows (``patches_of``) of a ``grid`` (B, h, w):
+    ``[B, D, h, w]`` in ``[B, h, w, D]`` memory."""
+    D, C, k, _ = weight.shape
+    B, h, w = grid
+    if tuple(patches.shape) != (B * h * w, k * k * C):
+        raise ValueError(f"patches {tuple(patches.shape)} are not the {B} x {h} x {w} patches of {k} x {k} x {C} "
+                         f"that weight {tuple(weight.shape)} takes")
     out = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(D, k * k * C), bias)
     return out.view(B, h, w, D).permute(0, 3, 1, 2)
 
@@ -183,13 +200,16 @@ class PatchEmbed4_2(nn.Module):
         if self.bn_impl == "triton":
             import tokenlabel.kernels.batchnorm  # noqa: F401, PLC0415 (imported before any torch.compile trace)
 
-    def _bn_relu(self, bn, x):
+    def _bn_relu(self, bn, x, patch=0):
+        """``F.relu(bn(x))``; ``patch`` k > 0: as its k x k patch rows (``patches_of``), which the Triton kernels
+        write in that layout directly."""
         if self.bn_impl == "triton" and self.training and bn.momentum is not None:
             from tokenlabel.kernels import batchnorm  # noqa: PLC0415 (imports triton: only when asked for)
 
             if x.is_cuda or batchnorm.INTERPRET:
-                return batchnorm.bn_relu_train(x.contiguous(memory_format=torch.channels_last), bn)
-        return F.relu(bn(x), inplace=True)
+                return batchnorm.bn_relu_train(x.contiguous(memory_format=torch.channels_last), bn, patch)
+        out = F.relu(bn(x), inplace=True)
+        return patches_of(out, patch) if patch else out
 
     def conv1_resolved(self, cuda: bool) -> str:
         """The conv1 implementation that runs for an input on CUDA (``cuda``) or elsewhere."""
@@ -208,10 +228,16 @@ class PatchEmbed4_2(nn.Module):
             x = self.conv1(x)
         x = self._bn_relu(self.bn1, x)
         x = self._bn_relu(self.bn2, self.conv2(x))
-        x = self._bn_relu(self.bn3, self.conv3(x))
+        x = self.conv3(x)
         if self.proj_impl == "gemm":
-            return patchify_linear(x, self.proj.weight, self.proj.bias)
-        return self.proj(x)
+            k = self.proj.kernel_size[0]
+            B, _, H, W = x.shape
+            if H % k or W % k:
+                raise ValueError(f"the stem's {H} x {W} activations are not whole {k} x {k} patches")
+            # the patch rows straight from the last BatchNorm + ReLU (the Triton kernels write them, no copy)
+            return patch_linear(self._bn_relu(self.bn3, x, patch=k), self.proj.weight, self.proj.bias,
+                                (B, H // k, W // k))
+        return self.proj(self._bn_relu(self.bn3, x))
 
     def extra_repr(self):
         return f"conv1_impl={self.conv1_impl!r}, proj_impl={self.proj_impl!r}, bn_impl={self.bn_impl!r}"

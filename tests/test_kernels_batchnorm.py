@@ -94,6 +94,59 @@ def test_tilings_match_float64(gen, device, monkeypatch, tiling, shape):
     assert rel(bn.running_var, ref_bn.running_var) < 1e-5
 
 
+def patches(t, k):
+    """t [B, C, H, W] as the rows of its k x k patches, (row, column, channel) order: the proj GEMM's operand."""
+    B, C, H, W = t.shape
+    return t.permute(0, 2, 3, 1).reshape(B, H // k, k, W // k, k, C).transpose(2, 3).reshape(-1, k * k * C)
+
+
+# the stem's proj (k 8 on 64 channels), a patch the size of the image, odd channels, k 3, non-square, k 1
+PATCH_CASES = [((2, 64, 16, 16), 8), ((3, 16, 4, 4), 4), ((2, 5, 6, 9), 3), ((2, 8, 6, 10), 2), ((2, 3, 3, 5), 1)]
+
+
+@pytest.mark.parametrize("tiling", [{}, TILINGS[0], TILINGS[1]], ids=["default", "acc2d-peel", "small-blocks"])
+@pytest.mark.parametrize("shape,k", PATCH_CASES,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c))
+def test_patch_layout_matches_float64(gen, device, monkeypatch, tiling, shape, k):
+    """patch=k: the output written as the k x k patch rows of a stride-k conv's GEMM, the gradient read from that
+    layout; the values of F.relu(bn(x)) in float64 (output, dx, dweight, dbias, running statistics), for each tiling.
+    """
+    for name, over in tiling.items():
+        monkeypatch.setattr(bk, name.upper(), {**getattr(bk, name.upper()), **over})
+    x, bn, _ = make(gen, *shape, torch.float32, device, scale=3.0, offset=2.0)
+    B, C, H, W = shape
+    gp = torch.randn(B * (H // k) * (W // k), k * k * C, generator=gen).to(device)
+    state = {n: v.clone() for n, v in bn.state_dict().items()}
+    out = bk.bn_relu_train(x, bn, patch=k)
+    got = (out, *torch.autograd.grad(out, (x, bn.weight, bn.bias), gp))
+    ref = torch.nn.BatchNorm2d(C, momentum=0.3).to(device)
+    ref.load_state_dict(state)
+    ref = ref.double()
+    xx = x.detach().double().requires_grad_()
+    want_out = patches(F.relu(ref(xx)), k)
+    want = (want_out, *torch.autograd.grad(want_out, (xx, ref.weight, ref.bias), gp.double()))
+    assert out.shape == want_out.shape and out.is_contiguous()
+    for name, g, w in zip(("out", "dx", "dweight", "dbias"), got, want):
+        assert g.shape == w.shape and rel(g, w) < 1e-5, name
+    assert got[1].is_contiguous(memory_format=torch.channels_last)
+    assert rel(bn.running_mean, ref.running_mean) < 1e-6 and rel(bn.running_var, ref.running_var) < 1e-6
+
+
+def test_patch_layout_bad_inputs_name_the_problem(gen, device):
+    x, bn, _ = make(gen, 2, 4, 6, 9, torch.float32, device)
+    with pytest.raises(ValueError, match=r"patch=2 must divide the activations' height and width, got 6 x 9"):
+        bk.bn_relu_train(x, bn, patch=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="patch must be an int >= 0"):
+            bk.bn_relu_train(x, bn, patch=bad)
+    assert int(bn.num_batches_tracked) == 0  # nothing ran
+    xd, w, b = x.detach(), bn.weight.detach(), bn.bias.detach()
+    _, mean, invstd = bk.bn_relu_forward(xd, w, b, None, None, 0.1, 1e-5, 3)
+    with pytest.raises(ValueError, match=r"dout must have the forward output's shape \(12, 36\) \(patch=3\), "
+                                         r"got \(2, 4, 6, 9\)"):
+        bk.bn_relu_backward(torch.zeros_like(xd), xd, w, b, mean, invstd, 3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_within_twice_torch(gen, device, dtype):
     """bf16 / fp16 activations (fp32 parameters, as under autocast): against float64, at most 2x the error of
@@ -150,6 +203,11 @@ def test_custom_ops_under_compile_and_opcheck(gen, device):
     out, mean, invstd = bk.bn_relu_forward(xd, bn.weight.detach(), bn.bias.detach(), None, None, 0.1, 1e-5)
     torch.library.opcheck(torch.ops.tokenlabel.bn_relu_bwd, (gout, xd, bn.weight.detach(), bn.bias.detach(), mean,
                                                               invstd))
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    torch.library.opcheck(torch.ops.tokenlabel.bn_relu_fwd, (xd, bn.weight.detach(), bn.bias.detach(), rm, rv, 0.1,
+                                                              1e-5, 3))
+    torch.library.opcheck(torch.ops.tokenlabel.bn_relu_bwd, (gout.new_ones(8, 9 * 16), xd, bn.weight.detach(),
+                                                              bn.bias.detach(), mean, invstd, 3))
 
 
 def test_bad_inputs_name_the_problem(gen, device):
@@ -169,12 +227,20 @@ def test_bad_inputs_name_the_problem(gen, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("patch", [0, 8], ids=["nhwc", "patch8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_stem_shape(gen, dtype):
-    """The LV-ViT-S stem's activations at B 16 ([16, 64, 112, 112] channels-last) on the GPU, against float64."""
+def test_gpu_stem_shape(gen, dtype, patch):
+    """The LV-ViT-S stem's activations at B 16 ([16, 64, 112, 112] channels-last) on the GPU, against float64; also
+    with the output and its gradient as the proj's 8 x 8 patch rows (the stem's last BatchNorm)."""
     x, bn, gout = make(gen, 16, 64, 112, 112, dtype, "cuda", scale=2.0, offset=0.5)
     state = {k: v.clone() for k, v in bn.state_dict().items()}
-    got = run_ours(x, bn, gout)
+    if patch:
+        out = bk.bn_relu_train(x, bn, patch=patch)
+        got = (out, *torch.autograd.grad(out, (x, bn.weight, bn.bias), patches(gout, patch)))
+        got = (got[0].view(16, 14, 14, 8, 8, 64).transpose(2, 3).reshape(16, 112, 112, 64).permute(0, 3, 1, 2),
+               *got[1:])  # back to [B, C, H, W]: the same comparison as the default layout's
+    else:
+        got = run_ours(x, bn, gout)
     want, ref_bn = run_torch(x, state, gout, torch.float64)
     base, _ = run_torch(x, state, gout, torch.float32)
     floor = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
@@ -183,14 +249,14 @@ def test_gpu_stem_shape(gen, dtype):
     assert rel(bn.running_var, ref_bn.running_var) < 1e-5
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(stats=dict(acc2d=True), bwd_sums=dict(acc2d=True),
-                                               apply=dict(peel=True), bwd_apply=dict(peel=True))],
-                         ids=["default", "acc2d-peel"])
-def test_sm90_builds_do_not_spill_and_pipeline(overrides):
+@pytest.mark.parametrize("overrides,patch", [({}, 0), (dict(stats=dict(acc2d=True), bwd_sums=dict(acc2d=True),
+                                                          apply=dict(peel=True), bwd_apply=dict(peel=True)), 0),
+                                            ({}, 8)], ids=["default", "acc2d-peel", "patch8"])
+def test_sm90_builds_do_not_spill_and_pipeline(overrides, patch):
     """The four streaming kernels compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at the stem's
-    [128, 64, 112, 112] bf16 activations, with the default tilings and with the sweep's new options: no spills, and
-    every row loop software-pipelined (cp.async copies)."""
-    builds = sm90_builds(f"batchnorm.sm90_resources(overrides={overrides!r})")
+    [128, 64, 112, 112] bf16 activations, with the default tilings, with the sweep's new options, and writing /
+    reading the proj's 8 x 8 patch rows: no spills, and every row loop software-pipelined (cp.async copies)."""
+    builds = sm90_builds(f"batchnorm.sm90_resources(overrides={overrides!r}, patch={patch})")
     assert sorted(builds) == ["apply", "bwd_apply", "bwd_sums", "stats"], builds
     for name, (regs, stack, _, copies) in builds.items():
         assert stack == 0 and regs <= 255 and copies > 0, (name, builds)

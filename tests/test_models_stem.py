@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenlabel.models import create_model
-from tokenlabel.models.lvvit import STEM_IMPLS, conv_stride2_s2d, patchify_linear
+from tokenlabel.models.lvvit import STEM_IMPLS, conv_stride2_s2d, patch_linear, patches_of, patchify_linear
 
 
 def grads_of(fn, *tensors, gen):
@@ -45,6 +45,10 @@ def test_patchify_linear_fp32_and_bad_shapes(gen):
         patchify_linear(torch.randn(1, 16, 20, 24, generator=gen), w)  # 20 is no multiple of 8
     with pytest.raises(ValueError, match="patchify"):
         patchify_linear(x, torch.randn(10, 15, 8, 8, generator=gen))
+    # the two halves the Triton BatchNorm path uses (its kernels write patches_of's layout themselves)
+    torch.testing.assert_close(patch_linear(patches_of(x, 8), w, None, (2, 3, 3)), patchify_linear(x, w))
+    with pytest.raises(ValueError, match=r"patches \(18, 1024\) are not the 2 x 3 x 2 patches of 8 x 8 x 16"):
+        patch_linear(patches_of(x, 8), w, None, (2, 3, 2))
 
 
 @pytest.mark.parametrize("C,H,W,k,pad,mult", [(3, 32, 32, 7, 3, 8),   # conv1 of the stem (12 -> 16 channels)
