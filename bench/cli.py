@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default 20; quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; quick 1)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
+                        help="torch.backends.cudnn.benchmark for the whole run (CUDA): cuDNN times its convolution "
+                             "algorithms per shape on first use, as the reference's training script sets it. One "
+                             "setting per process: cuDNN's plan cache is keyed without it, so the first provider's "
+                             "choice would stick (default on; step rows whose notes do not name it ran with it off)")
     parser.add_argument("--list", action="store_true", help="list the providers and shapes, run nothing")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing providers")
 
@@ -118,6 +123,8 @@ def run(args) -> int:
     elif not torch.cuda.is_available():
         print(f"--device {device}: CUDA is not available here", file=sys.stderr)
         return 2
+    else:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
 
     from . import registry, results
     from .plot import plot_rows

@@ -107,7 +107,7 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
              f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}",
              f"stem conv1={model.patch_embed.conv1_resolved(case.device.type == 'cuda')}, "
              f"stem BatchNorm {model.patch_embed.bn_impl}", f"residual + LayerNorm {model.residual_norm_impl}",
-             f"bias + GELU {model.gelu_impl}"]
+             f"bias + GELU {model.gelu_impl}", _cudnn_note(case)]
     if attn == "auto":
         from tokenlabel.models.attention import select_backend
 
@@ -158,6 +158,13 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
     if loader is not None:
         _attach_loader(prep, step, loader, case.device, whole_epochs=not case.quick)
     return prep
+
+
+def _cudnn_note(case):
+    """Whether cuDNN timed its convolution algorithms (``bench --cudnn-benchmark``) for this row."""
+    if case.device.type != "cuda":
+        return "cuDNN n/a"
+    return f"cuDNN benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}"
 
 
 def _has_attn_dims(model):
@@ -290,7 +297,7 @@ def _timm(case: Case, compile_: bool) -> Prepared:
     gflop = GFLOP_PER_IMAGE["vit_small_patch16_224"]
     return Prepared(modes={"train_step": step}, check=check, items=B, flops=gflop * 1e9 * B, mfu=True,
                     notes=f"timm {timm.__version__} vit_small_patch16_224, CE with smoothing 0.1, AdamW fused, "
-                          f"{'compiled' if compile_ else 'eager'}; {gflop} GFLOP/image (training)")
+                          f"{'compiled' if compile_ else 'eager'}; {_cudnn_note(case)}; {gflop} GFLOP/image (training)")
 
 
 @register("step", "timm_vit_s_eager")

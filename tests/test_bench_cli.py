@@ -91,4 +91,4 @@ def test_bench_bad_arguments(tmp_path, capsys):
 def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "tokenlabel", "bench", "--help"], capture_output=True, text=True,
                        timeout=60)
-    assert r.returncode == 0 and "--compare" in r.stdout
+    assert r.returncode == 0 and "--compare" in r.stdout and "--cudnn-benchmark" in r.stdout

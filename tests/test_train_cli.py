@@ -33,6 +33,13 @@ def test_config_file_then_cli_precedence(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"batch-size": 12, "mix_token": True}))
     cfg = _cfg(["train", "--data", "d", "--config", str(tmp_path / "c.json"), "--no-mix-token"])
     assert cfg["batch_size"] == 12 and cfg["mix_token"] is False
+    # cuDNN's algorithm timing: on by default (as the reference's script sets it), off from a file or the line
+    assert cfg["cudnn_benchmark"] is True
+    (tmp_path / "n.yaml").write_text("cudnn_benchmark: false\n")
+    assert _cfg(["train", "--data", "d", "--config", str(tmp_path / "n.yaml")])["cudnn_benchmark"] is False
+    assert _cfg(["train", "--data", "d", "--config", str(tmp_path / "n.yaml"),
+                 "--cudnn-benchmark"])["cudnn_benchmark"] is True
+    assert _cfg(["train", "--data", "d", "--no-cudnn-benchmark"])["cudnn_benchmark"] is False
 
 
 def test_config_errors(tmp_path):

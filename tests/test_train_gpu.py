@@ -22,9 +22,11 @@ def test_gpu_token_label_run_bf16(tmp_path, loader):
     data = make_data(tmp_path / "data")
     store = make_store(tmp_path / "store", train_relpaths(data), num_classes=4)
     out = tmp_path / "run"
+    torch.backends.cudnn.benchmark = False
     assert main(_gpu_args(data, out, "--labels", store, "--amp", "bf16", loader=loader)) == 0
     rows = read_csv(out / "summary.csv")
     assert len(rows) == 2 and all(float(r["train_loss"]) > 0 for r in rows)
+    assert torch.backends.cudnn.benchmark is True  # the default, as the reference's training script sets it
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
