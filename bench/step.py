@@ -76,7 +76,8 @@ def _autocast(case):
 def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fused", fused_adamw=True,
                    loader=None, compile_mode: str | None = None, conv1_impl: str | None = None,
                    compile_options: dict | None = None, bn_impl: str | None = None,
-                   residual_norm: str | None = None, gelu: str | None = None) -> Prepared:
+                   residual_norm: str | None = None, gelu: str | None = None,
+                   conv1_wgrad: str | None = None) -> Prepared:
     if compile_ and case.device.type != "cuda":
         raise Skip("torch.compile providers run on CUDA only (too slow to compile for a CPU smoke run)")
     model, M = _lvvit(case, attn)
@@ -84,6 +85,8 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
         model.patch_embed.set_impl(conv1=conv1_impl)
     if bn_impl is not None:  # how the stem's BatchNorm + ReLUs run
         model.patch_embed.set_impl(bn=bn_impl)
+    if conv1_wgrad is not None:  # who computes the s2d conv1's weight gradient
+        model.patch_embed.set_impl(conv1_wgrad=conv1_wgrad)
     # how the blocks' residual adds + the LayerNorms after them, and the MLPs' bias + GELU, run
     model.set_impl(residual_norm=residual_norm, gelu=gelu)
     loss_fn = _loss_fn(loss_kind)
@@ -106,7 +109,8 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
              "AdamW fused" if fused_adamw and case.device.type == "cuda" else "AdamW foreach",
              f"{case.dtype} autocast, MixToken on, drop path {_drop_path(model)}",
              f"stem conv1={model.patch_embed.conv1_resolved(case.device.type == 'cuda')}, "
-             f"stem BatchNorm {model.patch_embed.bn_impl}", f"residual + LayerNorm {model.residual_norm_impl}",
+             f"stem BatchNorm {model.patch_embed.bn_impl}, conv1 weight gradient {model.patch_embed.conv1_wgrad_impl}",
+             f"residual + LayerNorm {model.residual_norm_impl}",
              f"bias + GELU {model.gelu_impl}", _cudnn_note(case)]
     if attn == "auto":
         from tokenlabel.models.attention import select_backend
@@ -188,12 +192,12 @@ def reference_style(case: Case) -> Prepared:
 
 
 def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split", bn_impl=None,
-                      residual_norm=None, gelu=None):
+                      residual_norm=None, gelu=None, conv1_wgrad=None):
     """attn="triton" providers pin the attention backward (``bwd_impl``), whatever an "auto" measured earlier in
     the process, so their rows say which kernel ran."""
     def fn(case: Case) -> Prepared:
         prep = _lvvit_prepare(case, attn, compile_, compile_mode=mode, conv1_impl=conv1_impl, compile_options=options,
-                              bn_impl=bn_impl, residual_norm=residual_norm, gelu=gelu)
+                              bn_impl=bn_impl, residual_norm=residual_norm, gelu=gelu, conv1_wgrad=conv1_wgrad)
         if attn != "triton":
             return prep
         from tokenlabel.kernels import flash_attention as fa
@@ -205,6 +209,7 @@ def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, 
                   + (f", stem BatchNorm {bn_impl}" if bn_impl else "")
                   + (f", residual + LayerNorm {residual_norm}" if residual_norm else "")
                   + (f", bias + GELU {gelu}" if gelu else "")
+                  + (f", conv1 weight gradient {conv1_wgrad}" if conv1_wgrad else "")
                   + (f", attention backward {bwd_impl}" if attn == "triton" else ""))
     return fn
 
@@ -262,6 +267,13 @@ register("step", "compile_graphs_ours_split2")(_backend_provider("triton", True,
                                                                  gelu="triton"))
 register("step", "compile_graphs_ours_sdpa")(_backend_provider("sdpa", True, "reduce-overhead", bn_impl="triton",
                                                                residual_norm="triton", gelu="triton"))
+# ... and with the s2d conv1's weight gradient by kernels/conv_wgrad.py (cuDNN's heuristics put it on a cutlass 5.x
+# kernel at 459 us per step in the H200 profile of compile_graphs_ours; ours is predicted at ~110-170 us). New, not
+# measured; with --cudnn-benchmark on (the default) cuDNN may pick a faster kernel of its own, so the pair of rows
+# says whether ours still wins.
+register("step", "compile_graphs_ours_c1w")(_backend_provider("triton", True, "reduce-overhead", bn_impl="triton",
+                                                              residual_norm="triton", gelu="triton",
+                                                              conv1_wgrad="triton"))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

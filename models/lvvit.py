@@ -112,7 +112,8 @@ def patch_linear(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.view(B, h, w, D).permute(0, 3, 1, 2)
 
 
-def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channel_multiple: int = 8) -> torch.Tensor:
+def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channel_multiple: int = 8,
+                     wgrad: str = "cudnn") -> torch.Tensor:
     """``F.conv2d(x, weight, stride=2, padding=padding)`` as a stride-1 conv on a 2x2 space-to-depth input.
 
     The kernel is zero-padded to an even size 2m (an odd 7x7 becomes 8x8, its last row and column
@@ -122,7 +123,8 @@ def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channe
     which are folded rows ``i .. i+m-1``. Channels are zero-padded up to a multiple of
     ``channel_multiple`` (tensor-core kernels want 8 bf16 channels; 3 input channels give 12 -> 16).
     Why: a 3-channel 7x7/2 conv is a poor fit for tensor cores; 16 channels and a 4x4 kernel are not.
-    Returns ``[B, D, Ho, Wo]`` (channels_last: the folded input is built in NHWC memory).
+    Returns ``[B, D, Ho, Wo]`` (channels_last: the folded input is built in NHWC memory). ``wgrad`` "triton": the
+    weight gradient by kernels/conv_wgrad.py instead of cuDNN's (forward and input gradient stay cuDNN's).
     """
     B, C, H, W = x.shape
     D, Cw, kh, kw = weight.shape
@@ -143,10 +145,15 @@ def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channe
     if c4 != 4 * C:
         folded = F.pad(folded, (0, c4 - 4 * C))
         wq = F.pad(wq, (0, 0, 0, 0, 0, c4 - 4 * C))
+    if wgrad == "triton":
+        from tokenlabel.kernels.conv_wgrad import conv2d_s1  # noqa: PLC0415 (imports triton: only when asked for)
+
+        return conv2d_s1(folded.permute(0, 3, 1, 2), wq)
     return F.conv2d(folded.permute(0, 3, 1, 2), wq.contiguous(memory_format=torch.channels_last))
 
 
-STEM_IMPLS = {"conv1": ("auto", "conv", "s2d"), "proj": ("gemm", "conv"), "bn": ("torch", "triton")}
+STEM_IMPLS = {"conv1": ("auto", "conv", "s2d"), "proj": ("gemm", "conv"), "bn": ("torch", "triton"),
+              "conv1_wgrad": ("cudnn", "triton")}
 # how the blocks' residual adds with the LayerNorms after them, and the MLPs' bias + GELU, run (LVViT.set_impl)
 BLOCK_IMPLS = {"residual_norm": ("torch", "triton"), "gelu": ("torch", "triton")}
 
@@ -159,8 +166,10 @@ class PatchEmbed4_2(nn.Module):
     cuDNN's conv; ``conv1_impl`` "s2d" runs ``conv1`` as a space-to-depth stride-1 conv
     (:func:`conv_stride2_s2d`), "conv" as the plain conv, and "auto" (the default) picks "s2d" for CUDA
     inputs and "conv" otherwise; ``bn_impl`` "triton" runs each BatchNorm + ReLU in training on CUDA by
-    ``tokenlabel.kernels.batchnorm`` (channels-last streaming kernels; not yet timed on a GPU), "torch" (the
-    default) as ``F.relu(bn(x))``. Change them with :meth:`set_impl`.
+    ``tokenlabel.kernels.batchnorm`` (channels-last streaming kernels; the last one writes the proj GEMM's patch
+    rows itself), "torch" (the default) as ``F.relu(bn(x))``; ``conv1_wgrad_impl`` "triton" computes the s2d
+    conv1's weight gradient by ``tokenlabel.kernels.conv_wgrad`` in training on CUDA, "cudnn" (the default) by
+    cuDNN. Change them with :meth:`set_impl`.
 
     Why "auto" picks "s2d" on CUDA: in the compiled LV-ViT-S step on an H200 the plain 3-channel 7x7/2 conv's
     forward and weight-gradient kernels took 1.24 ms per step (~50 TFLOP/s); with "s2d" the step ran 21.43 ms
@@ -185,20 +194,25 @@ class PatchEmbed4_2(nn.Module):
         self.conv3 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
         self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
-        self.conv1_impl, self.proj_impl, self.bn_impl = "conv", "gemm", "torch"
+        self.conv1_impl, self.proj_impl, self.bn_impl, self.conv1_wgrad_impl = "conv", "gemm", "torch", "cudnn"
         self.set_impl(conv1=conv1_impl, proj=proj_impl)
 
-    def set_impl(self, conv1: str | None = None, proj: str | None = None, bn: str | None = None) -> None:
-        """Pick how ``conv1`` ("auto" | "conv" | "s2d"), ``proj`` ("gemm" | "conv") and the BatchNorm + ReLUs
-        (``bn``: "torch" | "triton") run; None keeps the current one."""
-        for name, value in (("conv1", conv1), ("proj", proj), ("bn", bn)):
+    def set_impl(self, conv1: str | None = None, proj: str | None = None, bn: str | None = None,
+                 conv1_wgrad: str | None = None) -> None:
+        """Pick how ``conv1`` ("auto" | "conv" | "s2d"), ``proj`` ("gemm" | "conv"), the BatchNorm + ReLUs
+        (``bn``: "torch" | "triton") and the s2d conv1's weight gradient (``conv1_wgrad``: "cudnn" | "triton")
+        run; None keeps the current one."""
+        for name, value in (("conv1", conv1), ("proj", proj), ("bn", bn), ("conv1_wgrad", conv1_wgrad)):
             if value is not None and value not in STEM_IMPLS[name]:
                 raise ValueError(f"{name} must be one of {', '.join(STEM_IMPLS[name])}, got {value!r}")
         self.conv1_impl = conv1 or self.conv1_impl
         self.proj_impl = proj or self.proj_impl
         self.bn_impl = bn or self.bn_impl
+        self.conv1_wgrad_impl = conv1_wgrad or self.conv1_wgrad_impl
         if self.bn_impl == "triton":
             import tokenlabel.kernels.batchnorm  # noqa: F401, PLC0415 (imported before any torch.compile trace)
+        if self.conv1_wgrad_impl == "triton":
+            import tokenlabel.kernels.conv_wgrad  # noqa: F401, PLC0415 (as above)
 
     def _bn_relu(self, bn, x, patch=0):
         """``F.relu(bn(x))``; ``patch`` k > 0: as its k x k patch rows (``patches_of``), which the Triton kernels
@@ -211,6 +225,16 @@ class PatchEmbed4_2(nn.Module):
         out = F.relu(bn(x), inplace=True)
         return patches_of(out, patch) if patch else out
 
+    def _conv1_wgrad(self, x) -> str:
+        """"triton" where the s2d conv1's weight gradient is taken by our kernel: asked for, in training with
+        gradients on, the kernel able to run (CUDA, or the interpreter); else "cudnn"."""
+        if self.conv1_wgrad_impl != "triton" or not (self.training and torch.is_grad_enabled()
+                                                     and self.conv1.weight.requires_grad):
+            return "cudnn"
+        from tokenlabel.kernels import conv_wgrad  # noqa: PLC0415 (imports triton: only when asked for)
+
+        return "triton" if x.is_cuda or conv_wgrad.INTERPRET else "cudnn"
+
     def conv1_resolved(self, cuda: bool) -> str:
         """The conv1 implementation that runs for an input on CUDA (``cuda``) or elsewhere."""
         if self.conv1_impl == "auto":
@@ -219,7 +243,7 @@ class PatchEmbed4_2(nn.Module):
 
     def forward(self, x):
         if self.conv1_resolved(x.is_cuda) == "s2d":  # its folded input is built in NHWC memory whatever x's layout
-            x = conv_stride2_s2d(x, self.conv1.weight, self.conv1.padding[0])
+            x = conv_stride2_s2d(x, self.conv1.weight, self.conv1.padding[0], wgrad=self._conv1_wgrad(x))
         elif x.is_cuda:
             # cuDNN's NHWC kernels; the [B, D, h, w] output is then [B, h, w, D] in memory, so
             # flattening to tokens [B, N, D] below is a free view.
@@ -240,7 +264,8 @@ class PatchEmbed4_2(nn.Module):
         return self.proj(self._bn_relu(self.bn3, x))
 
     def extra_repr(self):
-        return f"conv1_impl={self.conv1_impl!r}, proj_impl={self.proj_impl!r}, bn_impl={self.bn_impl!r}"
+        return (f"conv1_impl={self.conv1_impl!r}, proj_impl={self.proj_impl!r}, bn_impl={self.bn_impl!r}, "
+                f"conv1_wgrad_impl={self.conv1_wgrad_impl!r}")
 
 
 class Attention(nn.Module):

@@ -153,14 +153,15 @@ def test_stem_triton_batchnorm_matches_torch(gen):
 
 
 def test_stem_triton_batchnorm_under_compile(gen):
-    """A small LV-ViT with the stem's BatchNorm kernels, compiled fullgraph (the custom ops; aot_eager on the
-    CPU): the loss, stem gradients and running statistics of the eager torch path."""
+    """A small LV-ViT with the stem's BatchNorm kernels and conv1's weight-gradient kernel (s2d form), compiled
+    fullgraph (the custom ops; aot_eager on the CPU): the loss, stem gradients and running statistics of the eager
+    torch path."""
     torch._dynamo.reset()
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     kw = dict(num_classes=5, img_size=64, depth=1, embed_dim=32, num_heads=2, stem_channels=8, attn="sdpa")
     a, b = create_model("lvvit_t", **kw).train(), create_model("lvvit_t", **kw).train()
     b.load_state_dict(a.state_dict())
-    b.patch_embed.set_impl(bn="triton")
+    b.patch_embed.set_impl(bn="triton", conv1="s2d", conv1_wgrad="triton")
     x = torch.randn(2, 3, 64, 64, generator=gen)
     losses = []
     for m in (a, torch.compile(b, fullgraph=True, backend="aot_eager")):
@@ -173,3 +174,34 @@ def test_stem_triton_batchnorm_under_compile(gen):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
     for (name, ba), bb in zip(a.patch_embed.named_buffers(), b.patch_embed.buffers()):
         torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_stem_triton_conv1_weight_gradient(gen):
+    """set_impl(conv1_wgrad="triton"): the s2d conv1's weight gradient by kernels/conv_wgrad.py (interpreted here)
+    gives the cuDNN path's gradients (the plain conv's, in float64 terms); eval and no-grad calls run the plain
+    path; a bad name lists the valid ones."""
+    from tokenlabel.models.lvvit import PatchEmbed4_2
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    a = PatchEmbed4_2(img_size=32, patch_size=8, embed_dim=24, stem_channels=8, conv1_impl="conv").double()
+    b = PatchEmbed4_2(img_size=32, patch_size=8, embed_dim=24, stem_channels=8, conv1_impl="s2d")
+    b.load_state_dict(a.state_dict())
+    b.set_impl(conv1_wgrad="triton")
+    assert "conv1_wgrad_impl='triton'" in repr(b)
+    assert b._conv1_wgrad(torch.zeros(1)) == "triton"
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    outs = []
+    for m, xx in ((a, x.double()), (b, x)):
+        out = m(xx)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1].double(), outs[0], rtol=1e-4, atol=1e-5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad.double(), pa.grad, rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    with torch.no_grad():
+        assert b._conv1_wgrad(x) == "cudnn"
+    b.eval()
+    assert b._conv1_wgrad(x) == "cudnn"
+    with pytest.raises(ValueError, match="conv1_wgrad must be one of cudnn, triton"):
+        b.set_impl(conv1_wgrad="cutlass")
