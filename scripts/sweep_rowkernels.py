@@ -1,6 +1,7 @@
 """Time the tilings of the row kernels (kernels/add_layernorm.py, kernels/bias_gelu.py, batchnorm.sum_partials, and
-the stem's BatchNorm + ReLU kernels, kernels/batchnorm.py) on the GPU at LV-ViT's shapes, one coordinate at a time
-around the current best, and optionally run a tokenlabel command in the same process with the best tiling applied.
+the stem's BatchNorm + ReLU kernels, kernels/batchnorm.py) and of conv1's weight gradient (kernels/conv_wgrad.py) on
+the GPU at LV-ViT's shapes, one coordinate at a time around the current best, and optionally run a tokenlabel command
+in the same process with the best tiling applied.
 
     python scripts/sweep_rowkernels.py --out DIR [--model s|m] [--passes 2] [-- bench step --providers ...]
 
@@ -27,9 +28,11 @@ import triton.testing
 from tokenlabel.kernels import add_layernorm as aln
 from tokenlabel.kernels import batchnorm as bn
 from tokenlabel.kernels import bias_gelu as bg
+from tokenlabel.kernels import conv_wgrad as cw
 
 SHAPES = {"s": (128 * 197, 384, 1152), "m": (128 * 197, 512, 1536)}  # (rows M, width C, MLP hidden N) at 224, B 128
 STEM = (128, 64, 112, 112)  # the stem's BatchNorm activations at 224, B 128 (the same for every LV-ViT size)
+CONV1 = (128, 16, 115, 115, 4)  # conv1's s2d input at 224, B 128: [B, 16 folded channels, 115, 115], a 4 x 4 kernel
 
 SPACES = {
     "add_ln_fwd": (aln.FWD, dict(tile=[1024, 2048, 4096, 8192], warps=[2, 4, 8, 16])),
@@ -50,6 +53,9 @@ SPACES = {
                           sums_warps=[2, 4, 8, 16], sums_per_sm=[1, 2, 4, 8, 16], sums_stages=[1, 2, 3, 4],
                           apply_elems=[2048, 4096, 8192, 16384], apply_warps=[2, 4, 8, 16],
                           apply_per_sm=[1, 2, 4, 8, 16], apply_stages=[1, 2, 3, 4])),
+    # conv1's weight gradient (s2d form): output columns per step, warps, programs per SM, pipeline stages (a stage
+    # of block_x 128 holds 80 KB of shared memory: 3 stages do not fit an SM and fail, recorded, never chosen)
+    "conv1_wgrad": (cw.TILING, dict(block_x=[32, 64, 128, 256], warps=[4, 8], per_sm=[1, 2, 3, 4], stages=[1, 2, 3])),
 }
 # for the kinds whose parameters live in several dicts: parameter -> (dict, key)
 FIELDS = {
@@ -79,6 +85,7 @@ SEEDS = {
     # and 17 -> 4 barriers per loop step, backward sums 629 -> 362 and 9 -> 5; kernels/NOTES.md)
     "bn_fwd": [dict(acc2d=True, peel=True), dict(acc2d=True, peel=True, stats_per_sm=8, stats_elems=4096)],
     "bn_bwd": [dict(acc2d=True, peel=True), dict(acc2d=True, peel=True, sums_per_sm=8, sums_elems=4096)],
+    "conv1_wgrad": [dict(block_x=64, warps=4, per_sm=2, stages=2), dict(block_x=64, warps=8, per_sm=2, stages=3)],
 }
 
 
@@ -116,6 +123,11 @@ def _inputs(kind, M, C, N, gen):
     dev = DEVICE
     r = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=gen, device=dev).to(dt)  # noqa: E731
     B = M // 197
+    if kind == "conv1_wgrad":
+        Bc, ci, hp, wp, k = CONV1
+        cl = torch.channels_last
+        return dict(x=r(Bc, ci, hp, wp).contiguous(memory_format=cl),
+                    dy=r(Bc, 64, hp - k + 1, wp - k + 1).contiguous(memory_format=cl), k=k)
     if kind.startswith("bn_"):
         x = r(*STEM).contiguous(memory_format=torch.channels_last) * 2 + 0.5
         C = STEM[1]
@@ -131,6 +143,9 @@ def _inputs(kind, M, C, N, gen):
 
 def _runner(kind, t):
     """(call, bytes moved, the outputs to check against _reference)."""
+    if kind == "conv1_wgrad":
+        call = lambda: cw.conv_weight_grad(t["dy"], t["x"], t["k"], t["k"])  # noqa: E731
+        return call, (t["dy"].numel() + t["x"].numel()) * 2, lambda: (call(),)
     if kind == "bn_fwd":
         call = lambda: bn.bn_relu_forward(t["x"], t["w"], t["b"], t["rm"], t["rv"], 0.1, 1e-5)  # noqa: E731
         return call, t["x"].numel() * 2 * 3, call  # statistics: one read; apply: a read and a write (bf16)
@@ -161,6 +176,9 @@ def _runner(kind, t):
 def _reference(kind, t):
     """The same op by torch in fp32 (autograd for the backward), cast as the kernels return it."""
     f = torch.float32
+    if kind == "conv1_wgrad":
+        k, x, dy = t["k"], t["x"].float(), t["dy"].float()
+        return (torch.nn.grad.conv2d_weight(x, (dy.shape[1], x.shape[1], k, k), dy),)
     if kind.startswith("bn_"):
         x = t["x"].float().requires_grad_()
         w, b = t["w"].clone().requires_grad_(), t["b"].clone().requires_grad_()
@@ -228,6 +246,13 @@ def sweep(kind, M, C, N, passes, writer, gen, deadline=float("inf")):
         print(f"{kind:11s} {key:120s} {ms * 1e3:9.2f} us {gbs:6.0f} GB/s {err}", flush=True)
         return ms
 
+    if kind == "conv1_wgrad":  # what the kernel replaces: cuDNN's weight gradient of the same conv, timed alike
+        w = (t["dy"].shape[1], t["x"].shape[1], t["k"], t["k"])
+        cudnn = lambda: torch.nn.grad.conv2d_weight(t["x"], w, t["dy"])  # noqa: E731
+        ms = triton.testing.do_bench_cudagraph(cudnn, rep=30, return_mode="median")
+        tag = f"cuDNN (benchmark {'on' if torch.backends.cudnn.benchmark else 'off'})"
+        writer.writerow([kind, M, C, N, tag, f"{ms * 1e3:.2f}", f"{nbytes / (ms * 1e-3) / 1e9:.0f}", ""])
+        print(f"{kind:11s} {tag:120s} {ms * 1e3:9.2f} us", flush=True)
     _, space = SPACES[kind]
     best = measure()
     start = dict(_get(kind))
@@ -264,12 +289,16 @@ def main(argv=None):
     ap.add_argument("--model", choices=sorted(SHAPES), default="s")
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--kinds", default=",".join(SPACES))
+    ap.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
+                    help="torch.backends.cudnn.benchmark for the whole process (conv1_wgrad's cuDNN line and any "
+                         "command after --)")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="seconds for the whole sweep, shared evenly by the kinds; what is left unmeasured is skipped")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("sweep_rowkernels: needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     M, C, N = SHAPES[args.model]
     gen = torch.Generator(device="cuda").manual_seed(0)
     best = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,

@@ -58,3 +58,34 @@ def test_bn_sweeps_check_every_candidate_and_keep_the_fastest(monkeypatch):
     assert any(r[-1] == "disagrees with torch" for r in rows if '"stats_warps": 4' in r[4]), rows
     assert (cfg_b["acc2d"], cfg_b["sums_elems"]) == (True, 256) and tiled["sums"]["elems"] == 256, cfg_b
     assert abs(ms_b - 0.6) < 1e-9 and all(r[-1] == "" for r in rows if r[0] == "bn_bwd"), rows
+
+
+def test_conv1_wgrad_sweep_times_cudnn_and_keeps_the_fastest_correct_tiling(monkeypatch):
+    """The conv1_wgrad kind: cuDNN's weight gradient timed first (a row of its own), then the tilings, each checked
+    against torch; one that computes something else (per_sm 2 here) is recorded and never chosen."""
+    from tokenlabel.kernels import conv_wgrad as cw
+
+    sw = load_script("sweep_rowkernels")
+    monkeypatch.setattr(sw, "DEVICE", "cpu")
+    monkeypatch.setattr(sw, "CONV1", (2, 3, 7, 9, 2))
+    monkeypatch.setitem(sw.SPACES, "conv1_wgrad", (cw.TILING, dict(block_x=[16, 32], per_sm=[1, 2], warps=[4])))
+    monkeypatch.setitem(sw.SEEDS, "conv1_wgrad", [])
+    saved = dict(cw.TILING)
+    real = cw.conv_weight_grad
+    monkeypatch.setattr(cw, "conv_weight_grad",
+                        lambda *a: real(*a) * (1.5 if cw.TILING["per_sm"] == 2 else 1.0))
+    timer = lambda call, **kw: (call(), 1.0 - 0.2 * (cw.TILING["block_x"] == 16)  # noqa: E731
+                                - 0.5 * (cw.TILING["per_sm"] == 2))[1]
+    monkeypatch.setattr(sw.triton.testing, "do_bench_cudagraph", timer)
+    out = io.StringIO()
+    try:
+        cfg, ms = sw.sweep("conv1_wgrad", 0, 0, 0, 1, csv.writer(out), torch.Generator().manual_seed(0))
+        tiled = dict(cw.TILING)
+    finally:
+        cw.TILING.clear()
+        cw.TILING.update(saved)
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    assert rows[0][4].startswith("cuDNN (benchmark "), rows
+    assert (cfg["block_x"], cfg["per_sm"]) == (16, 1) == (tiled["block_x"], tiled["per_sm"]), cfg
+    assert abs(ms - 0.8) < 1e-9
+    assert any(r[-1] == "disagrees with torch" for r in rows if '"per_sm": 2' in r[4]), rows
