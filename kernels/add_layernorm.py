@@ -240,7 +240,8 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
            dict(C=C, ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c, HAS_DY=True, PER_SAMPLE=True, HAS_BB=True,
                 STAGES=BWD["stages"], ACC2D=BWD["acc2d"], JOINT=BWD["joint"]), dict(num_warps=BWD["warps"]))
     total = (_sum_partials, None, [part, w, w, w], dict(NP=progs, C=C, BLOCK_C=block_c, BLOCK_P=SUM["block_p"],
-                                                        CB=min(block_c, SUM["cb"]), SLOTS=3),
+                                                        CB=min(block_c, SUM["cb"]), SLOTS=3,
+                                                        STAGES=SUM.get("stages", 1)),
              dict(num_warps=SUM["warps"]))
     return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd), "sum": aot_sm90(total)}
 

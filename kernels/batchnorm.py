@@ -317,22 +317,26 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
     tl.store(base + BLOCK_C + offs_c, s_gx)
 
 
-# sum_partials' tiling: channels per program, partial rows per loop step, warps. From the H200 sweep of the
-# LayerNorm backward with its sums (scripts/sweep_rowkernels.py, 2026-12-05): 4 channels per program (96 programs
-# for 384 channels instead of 12), 128 partials per step, 1 warp.
-SUM = dict(cb=4, block_p=128, warps=1)
+# sum_partials' tiling: channels per program, partial rows per loop step, warps, pipeline stages of that loop. From
+# the H200 sweep of the LayerNorm backward with its sums (scripts/sweep_rowkernels.py, 2026-12-05): 4 channels per
+# program (96 programs for 384 channels instead of 12), 128 partials per step, 1 warp. 128 was the largest block_p
+# that sweep tried, and the profile of compile_graphs_ours then had _sum_partials at 9.3 us per call (51 calls, 0.475
+# ms per step) for ~1-5 MB of partials: a loop of ~9 steps, each waiting on its loads. The sweep's space now goes to
+# 1024 partials per step, 8 warps and a pipelined loop (stages), not yet timed.
+SUM = dict(cb=4, block_p=128, warps=1, stages=1)
 
 
 @triton.jit
 def _sum_partials(PART, OUT0, OUT1, OUT2, NP: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_P: tl.constexpr, CB: tl.constexpr, SLOTS: tl.constexpr):
-    """Program j: channels [j * CB, (j + 1) * CB) of OUTs = sum_p PART[p, s] for the s < SLOTS (1 to 3)."""
+                  BLOCK_P: tl.constexpr, CB: tl.constexpr, SLOTS: tl.constexpr, STAGES: tl.constexpr = 1):
+    """Program j: channels [j * CB, (j + 1) * CB) of OUTs = sum_p PART[p, s] for the s < SLOTS (1 to 3). STAGES > 1:
+    the loop over the partials software-pipelined (the next blocks' loads in flight while one is summed)."""
     offs_c = tl.program_id(0) * CB + tl.arange(0, CB)
     offs_p = tl.arange(0, BLOCK_P)
     s0 = tl.zeros([CB], tl.float32)
     s1 = tl.zeros([CB], tl.float32)
     s2 = tl.zeros([CB], tl.float32)
-    for p0 in range(0, NP, BLOCK_P):
+    for p0 in tl.range(0, NP, BLOCK_P, num_stages=STAGES):
         ps = p0 + offs_p
         base = PART + ps.to(tl.int64)[:, None] * SLOTS * BLOCK_C + offs_c[None, :]
         valid = (ps < NP)[:, None]
@@ -425,7 +429,8 @@ def sum_partials(part, outs, C):
     cb = min(block_c, SUM["cb"])
     out0, out1, out2 = (tuple(outs) * 3)[:3]  # the unused ones stand in for pointers never written
     _sum_partials[(triton.cdiv(C, cb),)](part, out0, out1, out2, NP=progs, C=C, BLOCK_C=block_c,
-                                         BLOCK_P=SUM["block_p"], CB=cb, SLOTS=slots, num_warps=SUM["warps"])
+                                         BLOCK_P=SUM["block_p"], CB=cb, SLOTS=slots, STAGES=SUM.get("stages", 1),
+                                         num_warps=SUM["warps"])
 
 
 def sm90_resources(B: int = 128, C: int = 64, H: int = 112, W: int = 112, dtype=torch.bfloat16,

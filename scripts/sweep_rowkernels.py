@@ -38,8 +38,9 @@ SPACES = {
     "add_ln_fwd": (aln.FWD, dict(tile=[1024, 2048, 4096, 8192], warps=[2, 4, 8, 16])),
     "add_ln_bwd": ((aln.BWD, bn.SUM), dict(tile=[512, 1024, 2048, 4096], warps=[1, 2, 4, 8],
                                            per_sm=[1, 2, 3, 4, 6, 8, 12], joint=[False, True], stages=[1, 2, 3],
-                                           cb=[4, 8, 16, 32], acc2d=[False, True], block_p=[16, 32, 64, 128],
-                                           sum_warps=[1, 2, 4])),
+                                           cb=[4, 8, 16, 32], acc2d=[False, True],
+                                           block_p=[16, 32, 64, 128, 256, 512, 1024], sum_warps=[1, 2, 4, 8],
+                                           sum_stages=[1, 2, 3])),
     "gelu_fwd": (bg.FWD, dict(rows=[4, 8, 16, 32, 64], cols=[64, 128, 256, 512, 1024], warps=[2, 4, 8, 16])),
     "gelu_bwd": (bg.BWD, dict(rows=[4, 8, 16, 32, 64], warps=[2, 4, 8], per_sm=[1, 2, 3, 4, 6, 8, 12],
                               stages=[1, 2, 3], acc2d=[False, True], cols=[64, 128, 256, 512])),
@@ -98,8 +99,8 @@ def _set(kind, key, value):
         bwd, sums = target
         if key in ("cb", "block_p"):
             sums[key] = value
-        elif key == "sum_warps":
-            sums["warps"] = value
+        elif key in ("sum_warps", "sum_stages"):
+            sums[key[4:]] = value
         else:
             bwd[key] = value
     else:
@@ -112,7 +113,8 @@ def _get(kind):
         return {p: d[k] for p, (d, k) in FIELDS[kind].items()}
     if kind == "add_ln_bwd":
         bwd, sums = target
-        return {**bwd, "cb": sums["cb"], "block_p": sums["block_p"], "sum_warps": sums["warps"]}
+        return {**bwd, "cb": sums["cb"], "block_p": sums["block_p"], "sum_warps": sums["warps"],
+                "sum_stages": sums.get("stages", 1)}
     return dict(target)
 
 

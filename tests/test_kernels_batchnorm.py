@@ -260,3 +260,19 @@ def test_sm90_builds_do_not_spill_and_pipeline(overrides, patch):
     assert sorted(builds) == ["apply", "bwd_apply", "bwd_sums", "stats"], builds
     for name, (regs, stack, _, copies) in builds.items():
         assert stack == 0 and regs <= 255 and copies > 0, (name, builds)
+
+
+@pytest.mark.parametrize("tiling", [dict(cb=4, block_p=128, warps=1, stages=1),
+                                    dict(cb=8, block_p=16, warps=2, stages=3),
+                                    dict(cb=32, block_p=1024, warps=4, stages=2)], ids=["default", "small", "large"])
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_sum_partials_tilings(gen, device, monkeypatch, tiling, slots):
+    """sum_partials (the partial sums of the BatchNorm, LayerNorm and GELU backwards) under each tiling the sweep may
+    choose, against float64: partial counts that are not a multiple of the block, channels not of the slice."""
+    monkeypatch.setattr(bk, "SUM", tiling)
+    for progs, C, block_c in ((37, 5, 16), (300, 100, 128), (1, 64, 64)):
+        part = torch.randn(progs, slots, block_c, generator=gen).to(device)
+        outs = [torch.full((C,), float("nan"), device=device) for _ in range(slots)]
+        bk.sum_partials(part, outs, C)
+        for s, out in enumerate(outs):
+            assert rel(out, part[:, s, :C].double().sum(0)) < 1e-6, (progs, C, s)
