@@ -13,9 +13,13 @@ Backward, given dg: dh = dg * GELU'(z), GELU'(z) = Phi(z) + z * phi(z); db = sum
 per program, summed by ``batchnorm.sum_partials``).
 
 Bytes per call at LV-ViT-S/224, B 128 (M = 25,216, N = 1,152, bf16): forward h in, g out: 116 MB (24 us at 4.8
-TB/s); backward dg and h in, dh out: 174 MB (36 us). The erf (and exp) per element is ~20-30 instructions: ~20-30 us
-of the SMs' issue rate at this size, about as long as the bytes take, so these kernels sit near the
-compute/bandwidth balance, not far under the bandwidth.
+TB/s); backward dg and h in, dh out: 174 MB (36 us). Instructions (sm_90 builds) with libdevice's erf: 39.5 per element
+forward, 52.6 per element backward: at the SMs' issue rate (132 SMs x 4 warp-instructions per cycle at 1.98 GHz)
+34 us and 45 us, as long as the bytes take or longer; the H200 measured 44.6 us and 60.3 us. So these kernels are
+issue-bound as much as memory-bound, and ``cdf="erfcx"`` (_phi: one fitted polynomial, the SFU's reciprocal and
+exp2, one exp shared by Phi and phi) brings them to 26.5 and 32.8 instructions per element (prediction: ~30 and ~42
+us on the H200, -0.5 ms per step; less on an H100, whose bytes take 1.4x longer). It is also the more accurate of
+the two in Phi's tail, where 0.5 * (1 + erf) cancels (tests/test_kernels_bias_gelu.py).
 """
 from __future__ import annotations
 
@@ -27,14 +31,72 @@ from ._common import INTERPRET, dispatch, sm_count
 from .batchnorm import sum_partials
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERP = tl.constexpr(INTERPRET)
 # Tiling. Forward: rows x columns per program, warps. Backward: rows x columns per loop step, warps, programs per SM
 # over all column blocks (all resident, one wave), the row loop's pipeline stages, and whether the bias-gradient
 # column sums are kept as [rows, cols] accumulators reduced once at the end (acc2d) instead of every step. The
 # backward's values come from scripts/sweep_rowkernels.py on an H200 (2026-12-05, CUDA graphs, LV-ViT-S's MLP,
 # B 128): 60.3 us per call (bytes floor 36 us) against 105.5 us for the first tiling (32 x 128, 8 warps, 3 per SM,
 # 2 stages, the column sums reduced across warps every step).
-FWD = dict(rows=32, cols=128, warps=8)
-BWD = dict(rows=8, cols=128, warps=2, per_sm=8, stages=3, acc2d=True)
+# ``cdf``: how Phi(z) (and, backward, phi(z)) are computed: "erf" (libdevice's erff, and a separate exp backward) or
+# "erfcx" (one fitted erfcx polynomial and one exp for both; _phi below), not yet timed against each other.
+FWD = dict(rows=32, cols=128, warps=8, cdf="erf")
+BWD = dict(rows=8, cols=128, warps=2, per_sm=8, stages=3, acc2d=True, cdf="erf")
+CDFS = ("erf", "erfcx")
+# erfcx(t) = erfc(t) * exp(t^2) ~ sum_k ERFCX[k-1] * u^k with u = 1 / (1 + t / 2), k = 1..9, t in [0, inf): a
+# weighted least-squares fit to float64's erfcx on [0, 10] (relative error 4.4e-8; fp32 evaluation 3.6e-7). Exact for
+# t -> inf in form (erfcx(t) ~ 1 / (t sqrt(pi)), u ~ 2 / t: the linear term carries it).
+ERFCX = (0.2820863375, 0.2823769392, 0.243090075, 0.2027488716, -0.02679174406, 0.2783374737, -0.4874620902,
+         0.284714135, -0.05910004169)
+
+
+@triton.jit
+def _rcp(x):
+    """1 / x by the SFU alone (rcp.approx.ftz: ~1 ulp; no range fix-ups, which a division adds: ~8 instructions)."""
+    if _INTERP:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _exp2(x):
+    """2^x by the SFU alone (ex2.approx.ftz: results below 2^-126 flush to 0; tl.exp2 adds ~4 instructions to keep
+    them)."""
+    if _INTERP:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _phi(z, CDF: tl.constexpr):
+    """(Phi(z), exp(-z^2 / 2)) in fp32. CDF "erf": 0.5 * (1 + erf(z / sqrt 2)) by libdevice (its erff selects one of
+    two coefficient sets per element: ~25 instructions with the selects) and exp separately. "erfcx": with t =
+    |z| / sqrt 2 and e = exp(-t^2) = exp(-z^2 / 2), Phi(-|z|) = erfc(t) / 2 = erfcx(t) * e / 2 from ERFCX's polynomial
+    in u (one reciprocal, 9 FMAs), Phi(z) = 1 - that for z >= 0; e serves phi too. Against float64 over z in
+    [-14, 14] (fp32 evaluation): Phi's relative error <= 1.4e-5 where Phi > 1e-30 (from exp's argument t^2 in the far
+    tail; <= 4e-7 for z > -6), GELU's absolute error <= 3.9e-7, GELU' <= 2.2e-7."""
+    if CDF == "erf":
+        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)), tl.exp(-0.5 * z * z)
+    else:
+        t = tl.abs(z) * 0.7071067811865476
+        u = _rcp(1.0 + 0.5 * t)
+        # Horner on ERFCX / 2 (the 1/2 of Phi(-|z|) = erfc(t) / 2 folded into the coefficients)
+        q = -0.029550020845 * u
+        q = (q + 0.1423570675) * u
+        q = (q + -0.2437310451) * u
+        q = (q + 0.13916873685) * u
+        q = (q + -0.01339587203) * u
+        q = (q + 0.1013744358) * u
+        q = (q + 0.1215450375) * u
+        q = (q + 0.1411884696) * u
+        q = (q + 0.14104316875) * u
+        e = _exp2(t * (t * -1.4426950408889634))  # exp(-t^2)
+        tail = q * e
+        return tl.where(z >= 0, 1.0 - tail, tail), e
 
 
 @triton.jit
@@ -45,18 +107,23 @@ def _tile(P, rows, cols, M, N):
 
 
 @triton.jit
-def _bias_gelu_fwd(H, B, G, M, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bias_gelu_fwd(H, B, G, M, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, CDF: tl.constexpr = "erf"):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     h, mask, offs = _tile(H, rows, cols, M, N)
     z = h + tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    g = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    if CDF == "erf":
+        g = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    else:
+        cdf, _ = _phi(z, CDF)
+        g = z * cdf
     tl.store(G + offs, g.to(G.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bias_gelu_bwd(DG, H, B, DH, PART, M, N, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   N_PAD: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False):
+                   N_PAD: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False,
+                   CDF: tl.constexpr = "erf"):
     """Program (p, j): rows [p * ROWS, (p + 1) * ROWS) of column block j: dh; sum of dh per column into PART[p]."""
     p = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,9 +139,8 @@ def _bias_gelu_bwd(DG, H, B, DH, PART, M, N, ROWS: tl.constexpr, BLOCK_R: tl.con
         h, mask, offs = _tile(H, rows, cols, end, N)
         dg, _, _ = _tile(DG, rows, cols, end, N)
         z = h + b[None, :]
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-        dh = tl.where(mask, dg * (cdf + z * pdf), 0.0)
+        cdf, e = _phi(z, CDF)
+        dh = tl.where(mask, dg * (cdf + z * (e * 0.3989422804014327)), 0.0)
         tl.store(DH + offs, dh.to(DH.dtype.element_ty), mask=mask)
         if ACC2D:
             s_db += dh
@@ -98,7 +164,7 @@ def bias_gelu_forward(h, bias):
     g = torch.empty_like(h)
     r, c = FWD["rows"], FWD["cols"]
     _bias_gelu_fwd[(triton.cdiv(M, r), triton.cdiv(N, c))](hr, bias, _rows(g), M, N, BLOCK_R=r, BLOCK_N=c,
-                                                           num_warps=FWD["warps"])
+                                                           CDF=FWD.get("cdf", "erf"), num_warps=FWD["warps"])
     return g
 
 
@@ -124,14 +190,15 @@ def bias_gelu_backward(dg, h, bias):
     db = torch.empty_like(bias)
     _bias_gelu_bwd[(progs, triton.cdiv(N, c))](_rows(dg.contiguous()), hr, bias, _rows(dh), part, M, N, ROWS=rows,
                                                BLOCK_R=BWD["rows"], BLOCK_N=c, N_PAD=n_pad, STAGES=BWD["stages"],
-                                               ACC2D=BWD["acc2d"], num_warps=BWD["warps"])
+                                               ACC2D=BWD["acc2d"], CDF=BWD.get("cdf", "erf"), num_warps=BWD["warps"])
     sum_partials(part, (db,), N)
     return dh, db
 
 
-def sm90_resources(M: int = 128 * 197, N: int = 1152, dtype=torch.bfloat16) -> dict:
+def sm90_resources(M: int = 128 * 197, N: int = 1152, dtype=torch.bfloat16, cdf: str | None = None) -> dict:
     """The kernels' sm_90 builds at LV-ViT-S's MLP shape, without a GPU (run without TRITON_INTERPRET):
-    {"fwd" | "bwd": (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
+    {"fwd" | "bwd": (registers, spilled stack bytes, shared bytes, cp.async copies)}; ``cdf`` overrides FWD's and
+    BWD's."""
     from ._common import aot_sm90
 
     h = torch.empty(M, N, device="meta", dtype=dtype)
@@ -140,11 +207,12 @@ def sm90_resources(M: int = 128 * 197, N: int = 1152, dtype=torch.bfloat16) -> d
     n_pad = triton.cdiv(N, c) * c
     progs, rows = _bwd_grid(M, N, 132)  # an H200's SMs
     part = torch.empty(progs, n_pad, device="meta", dtype=torch.float32)
-    fwd = (_bias_gelu_fwd, None, [h, b, h, M, N], dict(BLOCK_R=FWD["rows"], BLOCK_N=FWD["cols"]),
+    fwd = (_bias_gelu_fwd, None, [h, b, h, M, N],
+           dict(BLOCK_R=FWD["rows"], BLOCK_N=FWD["cols"], CDF=cdf or FWD.get("cdf", "erf")),
            dict(num_warps=FWD["warps"]))
     bwd = (_bias_gelu_bwd, None, [h, h, b, h, part, M, N],
-           dict(ROWS=rows, BLOCK_R=BWD["rows"], BLOCK_N=c, N_PAD=n_pad, STAGES=BWD["stages"], ACC2D=BWD["acc2d"]),
-           dict(num_warps=BWD["warps"]))
+           dict(ROWS=rows, BLOCK_R=BWD["rows"], BLOCK_N=c, N_PAD=n_pad, STAGES=BWD["stages"], ACC2D=BWD["acc2d"],
+                CDF=cdf or BWD.get("cdf", "erf")), dict(num_warps=BWD["warps"]))
     return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd)}
 
 
