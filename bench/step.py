@@ -267,6 +267,13 @@ register("step", "compile_graphs_ours_split2")(_backend_provider("triton", True,
                                                                  gelu="triton"))
 register("step", "compile_graphs_ours_sdpa")(_backend_provider("sdpa", True, "reduce-overhead", bn_impl="triton",
                                                                residual_norm="triton", gelu="triton"))
+# ... and with inductor's combo kernels: the profile of compile_graphs_ours has 108 small pointwise kernels in the
+# forward (the Linears' weights cast to bf16, transposed: 48 `triton_poi_fused__to_copy_t_7` alone) and 73 in the
+# backward, 0.665 ms per step at ~3.7 us each; independent ones (the forward's casts read only parameters) can run
+# as one launch. Not measured.
+register("step", "compile_graphs_ours_combo")(_backend_provider("triton", True, options=COMBO_OPTIONS,
+                                                                bn_impl="triton", residual_norm="triton",
+                                                                gelu="triton"))
 # ... and with the s2d conv1's weight gradient by kernels/conv_wgrad.py (cuDNN's heuristics put it on a cutlass 5.x
 # kernel at 459 us per step in the H200 profile of compile_graphs_ours; ours is predicted at ~110-170 us). New, not
 # measured; with --cudnn-benchmark on (the default) cuDNN may pick a faster kernel of its own, so the pair of rows
