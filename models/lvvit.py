@@ -132,6 +132,8 @@ def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channe
         raise ValueError(f"weight {tuple(weight.shape)} must be [D, {C}, k, k] for x {tuple(x.shape)}")
     if padding < 0 or channel_multiple < 1:
         raise ValueError(f"padding must be >= 0 and channel_multiple >= 1, got {padding}, {channel_multiple}")
+    if wgrad not in STEM_IMPLS["conv1_wgrad"]:
+        raise ValueError(f"wgrad must be one of {', '.join(STEM_IMPLS['conv1_wgrad'])}, got {wgrad!r}")
     m = (kh + 1) // 2
     Ho, Wo = (H + 2 * padding - kh) // 2 + 1, (W + 2 * padding - kw) // 2 + 1
     # padded extent that output Ho-1 reads up to: 2 (Ho - 1) + 2m; cropped (negative pad) if shorter

@@ -205,3 +205,5 @@ def test_stem_triton_conv1_weight_gradient(gen):
     assert b._conv1_wgrad(x) == "cudnn"
     with pytest.raises(ValueError, match="conv1_wgrad must be one of cudnn, triton"):
         b.set_impl(conv1_wgrad="cutlass")
+    with pytest.raises(ValueError, match="wgrad must be one of cudnn, triton, got 'cutlass'"):
+        conv_stride2_s2d(x, b.conv1.weight, 3, wgrad="cutlass")
