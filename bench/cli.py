@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "algorithms per shape on first use, as the reference's training script sets it. One "
                              "setting per process: cuDNN's plan cache is keyed without it, so the first provider's "
                              "choice would stick (default on; step rows whose notes do not name it ran with it off)")
+    parser.add_argument("--cuda-sync", choices=("auto", "spin", "yield", "blocking"), default="auto",
+                        help="how this process's threads wait for the GPU (tokenlabel train --cuda-sync; CUDA only, "
+                             "set before anything touches CUDA); the step rows note it")
     parser.add_argument("--list", action="store_true", help="list the providers and shapes, run nothing")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing providers")
 
@@ -116,6 +119,17 @@ def build_cases(op: str, module, quick: bool, shapes, dtypes, device, options) -
 def run(args) -> int:
     import torch
 
+    if args.cuda_sync != "auto" and args.device != "cpu":  # before anything touches CUDA
+        from tokenlabel.env import set_cuda_sync
+
+        try:
+            set_cuda_sync(args.cuda_sync)
+        except RuntimeError as e:
+            print(f"--cuda-sync {args.cuda_sync}: {e}", file=sys.stderr)
+            return 2
+        from . import step as step_module
+
+        step_module.CUDA_SYNC = args.cuda_sync
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         # Triton kernels run under the interpreter without a GPU; must be set before triton loads.

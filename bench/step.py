@@ -164,11 +164,15 @@ def _lvvit_prepare(case: Case, attn: str, compile_: bool, loss_kind: str = "fuse
     return prep
 
 
+CUDA_SYNC = "auto"  # bench --cuda-sync: how the process waits for the GPU (set by the CLI before CUDA starts)
+
+
 def _cudnn_note(case):
-    """Whether cuDNN timed its convolution algorithms (``bench --cudnn-benchmark``) for this row."""
+    """Whether cuDNN timed its convolution algorithms (``bench --cudnn-benchmark``) for this row, and how the process
+    waits for the GPU (``bench --cuda-sync``)."""
     if case.device.type != "cuda":
         return "cuDNN n/a"
-    return f"cuDNN benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}"
+    return f"cuDNN benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}, CUDA sync {CUDA_SYNC}"
 
 
 def _has_attn_dims(model):

@@ -40,6 +40,20 @@ def test_config_file_then_cli_precedence(tmp_path):
     assert _cfg(["train", "--data", "d", "--config", str(tmp_path / "n.yaml"),
                  "--cudnn-benchmark"])["cudnn_benchmark"] is True
     assert _cfg(["train", "--data", "d", "--no-cudnn-benchmark"])["cudnn_benchmark"] is False
+    assert cfg["cuda_sync"] == "auto" and _cfg(["train", "--data", "d", "--cuda-sync", "blocking"])["cuda_sync"] == \
+        "blocking"
+
+
+def test_cuda_sync_refused_without_cuda_or_with_a_bad_value(monkeypatch):
+    """--cuda-sync must be set before CUDA starts, on a GPU; without one, or with a value no mode has (from a
+    config file), the run stops at once and says why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--cuda-sync blocking needs CUDA"):
+        T.apply_cuda_sync("blocking")
+    with pytest.raises(SystemExit, match="--cuda-sync 'sleepy': valid values are auto, spin, yield, blocking"):
+        T.apply_cuda_sync("sleepy")
+    with pytest.raises(SystemExit, match="needs CUDA"):
+        main(["train", "--data", "d", "--cuda-sync", "yield"])
 
 
 def test_config_errors(tmp_path):

@@ -81,6 +81,23 @@ def test_gpu_torchrun_one_process_takes_the_ddp_path(tmp_path):
     assert "DDP" in res.stdout and len(read_csv(out / "summary.csv")) == 1
 
 
+def test_gpu_cuda_sync_blocking_run(tmp_path):
+    """--cuda-sync blocking (a fresh process: the flag is set before CUDA starts) with the DALI loader: the run
+    completes and records the mode."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tokenlabel", *_gpu_args(data, out, "--epochs", 1, "--cuda-sync", "blocking")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["cuda_sync"] == "blocking"
+    assert len(read_csv(out / "summary.csv")) == 1
+
+
 KERNELS = ("--attn", "triton", "--stem-bn", "auto", "--residual-norm", "auto", "--gelu", "auto")
 
 

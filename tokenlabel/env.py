@@ -215,3 +215,38 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print(rep)
     return 0
+
+
+# How a process's threads wait for the GPU: the scheduling flag of the device's primary context (the CUDA driver's
+# CU_CTX_SCHED_*). "auto", CUDA's default, spins whenever the process has no more contexts than the machine has
+# logical CPUs, i.e. always here: every thread blocked on the GPU (the training loop's syncs, DALI's workers, the
+# loader's copy threads) then keeps a core busy that the loader's CPU decoding could use.
+CUDA_SYNC = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}
+
+
+def set_cuda_sync(mode: str, device: int = 0) -> int:
+    """Set how this process waits for CUDA device ``device`` (``CUDA_SYNC``'s names), through the driver API, before
+    the primary context is used (call it before anything touches CUDA). Returns the scheduling flags the context
+    has afterwards. Raises ValueError for an unknown mode and RuntimeError, naming the step, where the driver is
+    missing or refuses."""
+    if mode not in CUDA_SYNC:
+        raise ValueError(f"cuda sync mode must be one of {', '.join(CUDA_SYNC)}, got {mode!r}")
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise RuntimeError(f"setting the CUDA sync mode needs the CUDA driver (libcuda.so.1), which does not load "
+                           f"here: {e}") from None
+    dev = ctypes.c_int()
+    set_flags = getattr(lib, "cuDevicePrimaryCtxSetFlags_v2", None) or lib.cuDevicePrimaryCtxSetFlags
+    steps = (("cuInit", lambda: lib.cuInit(0)),
+             (f"cuDeviceGet({device})", lambda: lib.cuDeviceGet(ctypes.byref(dev), int(device))),
+             (f"cuDevicePrimaryCtxSetFlags({mode})", lambda: set_flags(dev, CUDA_SYNC[mode])))
+    for name, call in steps:
+        rc = call()
+        if rc != 0:
+            raise RuntimeError(f"setting the CUDA sync mode: {name} failed with CUresult {rc}")
+    flags, active = ctypes.c_uint(), ctypes.c_int()
+    lib.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active))
+    return flags.value & 0x7

@@ -80,6 +80,7 @@ DEFAULTS: dict = {
     "compile": False,
     "compile_mode": None,
     "cudnn_benchmark": True,    # cuDNN times its algorithms per conv shape on first use (CUDA), as the reference does
+    "cuda_sync": "auto",        # how threads wait for the GPU: auto (CUDA's default: spin) | spin | yield | blocking
     "amp": None,                # bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler
     "loader": None,             # dali when importable and on CUDA, else torch
     "workers": None,
@@ -232,6 +233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(torch.backends.cudnn.benchmark; CUDA only)")
     g.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
                    help="cuDNN's heuristic choice instead")
+    g.add_argument("--cuda-sync", choices=("auto", "spin", "yield", "blocking"),
+                   help="how the process's threads wait for the GPU (CUDA only): CUDA's default (auto) spins a core "
+                        "per waiting thread; blocking sleeps them, leaving the cores to the loader's CPU decoding")
     g = parser.add_argument_group("loss")
     g.add_argument("--smoothing", type=float)
     g.add_argument("--dense-weight", type=float)
@@ -361,6 +365,20 @@ def apply_multicast_defaults() -> None:
     """NVLink multicast (NVLS) off unless the user set these: it fails on the lent multi-GPU hosts."""
     for k, v in MULTICAST_OFF.items():
         os.environ.setdefault(k, v)
+
+
+def apply_cuda_sync(mode: str) -> None:
+    """--cuda-sync: the scheduling flag of this process's GPU (LOCAL_RANK's under torchrun), or a clear exit."""
+    from tokenlabel.env import CUDA_SYNC, set_cuda_sync
+
+    if mode not in CUDA_SYNC:
+        raise SystemExit(f"--cuda-sync {mode!r}: valid values are {', '.join(CUDA_SYNC)}")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--cuda-sync {mode} needs CUDA (no GPU here)")
+    try:
+        set_cuda_sync(mode, int(os.environ.get("LOCAL_RANK", "0")))
+    except RuntimeError as e:
+        raise SystemExit(f"--cuda-sync {mode}: {e}") from None
 
 
 def setup_distributed() -> Dist:
@@ -1035,6 +1053,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     # options given on the command line (the rest of cfg comes from the config file or the defaults)
     cli_keys = frozenset(k for k in DEFAULTS if getattr(args, k, None) is not None)
+    if cfg["cuda_sync"] != "auto":  # before anything touches CUDA: the primary context takes the flag at creation
+        apply_cuda_sync(cfg["cuda_sync"])
     d = setup_distributed()
     loaders = []  # _run's data loaders: closed here, on every way out
     try:
