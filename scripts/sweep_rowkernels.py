@@ -285,6 +285,36 @@ def sweep(kind, M, C, N, passes, writer, gen, deadline=float("inf")):
     return _get(kind), best
 
 
+def apply_best(path, rest, cudnn_benchmark=True):
+    """Set the kernels' tilings to ``path``'s (a best.json of this script: {kind: {"config": {...}, "us": ...}}),
+    kinds whose sweep measured nothing (us inf) left as they are; then run ``rest`` as a tokenlabel command."""
+    try:
+        with open(path) as fh:
+            best = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--apply {path}: {e}") from None
+    applied = []
+    for kind, entry in best.items():
+        if kind not in SPACES or not isinstance(entry, dict):
+            continue  # the header fields (gpu, torch, date, ...)
+        if not isinstance(entry.get("config"), dict) or not entry.get("us", float("inf")) < float("inf"):
+            continue
+        unknown = set(entry["config"]) - set(_get(kind))
+        if unknown:
+            raise SystemExit(f"--apply {path}: {kind} has keys this version does not know: {sorted(unknown)}")
+        for k, v in entry["config"].items():
+            _set(kind, k, v)
+        applied.append(kind)
+    print(f"applied the tilings of {path} ({best.get('gpu', '?')}, {best.get('date', '?')}): "
+          f"{', '.join(applied) or 'none'}", flush=True)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if rest:
+        from tokenlabel.cli import main as cli
+
+        return cli(rest)
+    return 0
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = []
@@ -292,7 +322,9 @@ def main(argv=None):
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="folder for sweep.csv and best.json (required unless --apply)")
+    ap.add_argument("--apply", metavar="BEST_JSON",
+                    help="sweep nothing: set the tilings of an earlier run's best.json, then run the command after --")
     ap.add_argument("--model", choices=sorted(SHAPES), default="s")
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--kinds", default=",".join(SPACES))
@@ -302,6 +334,10 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="seconds for the whole sweep, shared evenly by the kinds; what is left unmeasured is skipped")
     args = ap.parse_args(argv)
+    if args.apply:
+        return apply_best(args.apply, rest, args.cudnn_benchmark == "on")
+    if not args.out:
+        ap.error("--out is required (or --apply an earlier run's best.json)")
     if not torch.cuda.is_available():
         raise SystemExit("sweep_rowkernels: needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)

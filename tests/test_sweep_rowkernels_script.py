@@ -89,3 +89,37 @@ def test_conv1_wgrad_sweep_times_cudnn_and_keeps_the_fastest_correct_tiling(monk
     assert (cfg["block_x"], cfg["per_sm"]) == (16, 1) == (tiled["block_x"], tiled["per_sm"]), cfg
     assert abs(ms - 0.8) < 1e-9
     assert any(r[-1] == "disagrees with torch" for r in rows if '"per_sm": 2' in r[4]), rows
+
+
+def test_apply_sets_an_earlier_runs_best_tilings(tmp_path, monkeypatch):
+    """--apply best.json sets the measured kinds' tilings (a kind that measured nothing keeps its own) and then runs
+    the command after --; a file from another version (unknown keys) or an unreadable one is refused by name."""
+    import json
+
+    import pytest
+
+    from tokenlabel.kernels import bias_gelu as bg
+    from tokenlabel.kernels import conv_wgrad as cw
+
+    sw = load_script("sweep_rowkernels")
+    saved = dict(cw.TILING), dict(bg.BWD), dict(bn.STATS)
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps({"gpu": "H200", "conv1_wgrad": {"config": {**cw.TILING, "block_x": 64}, "us": 120.0},
+                                "gelu_bwd": {"config": {**bg.BWD, "cdf": "erfcx"}, "us": 41.0},
+                                "bn_fwd": {"config": {**sw._get("bn_fwd"), "acc2d": True}, "us": float("inf")}}))
+    ran = []
+    monkeypatch.setattr("tokenlabel.cli.main", lambda argv: ran.append(argv) or 0)
+    try:
+        assert sw.main(["--apply", str(path), "--", "env", "--no-probe"]) == 0
+        assert cw.TILING["block_x"] == 64 and bg.BWD["cdf"] == "erfcx"
+        assert bn.STATS["acc2d"] is saved[2]["acc2d"]  # nothing measured for bn_fwd: left as it was
+        assert ran == [["env", "--no-probe"]]
+        path.write_text(json.dumps({"gelu_fwd": {"config": {"tile": 3}, "us": 1.0}}))
+        with pytest.raises(SystemExit, match=r"gelu_fwd has keys this version does not know: \['tile'\]"):
+            sw.main(["--apply", str(path)])
+        with pytest.raises(SystemExit, match="--apply .*nope.json"):
+            sw.main(["--apply", str(tmp_path / "nope.json")])
+    finally:
+        for d, old in zip((cw.TILING, bg.BWD, bn.STATS), saved):
+            d.clear()
+            d.update(old)
