@@ -42,6 +42,14 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def rel_stat(a, b, x):
+    """A running statistic's error relative to the larger of its own magnitude and the batch's values: the update
+    r + m (mean - r) carries fp32 rounding of the batch mean (~|x| * eps), which dwarfs a small r (a running mean of
+    0.1 next to values around 5 once measured 1.02e-6 against float64 with a correct kernel)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / max(float(b.abs().max()), float(x.detach().abs().max()), 1e-30))
+
+
 # realistic (the stem's 64 channels) and awkward (5 and 100 channels, one row short of a block, many programs
 # with a short last one, a single image of 5 x 1)
 SHAPES = [(2, 64, 14, 14), (3, 5, 7, 9), (2, 100, 4, 4), (4, 16, 30, 30), (1, 3, 5, 1)]
@@ -57,8 +65,8 @@ def test_fp32_matches_float64_batchnorm_relu(gen, device, shape):
         assert g.shape == w.shape and rel(g, w) < 1e-5, name
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     assert got[1].is_contiguous(memory_format=torch.channels_last)
-    assert rel(bn.running_mean, ref_bn.running_mean) < 1e-6
-    assert rel(bn.running_var, ref_bn.running_var) < 1e-6
+    assert rel_stat(bn.running_mean, ref_bn.running_mean, x) < 1e-6
+    assert rel_stat(bn.running_var, ref_bn.running_var, x * x) < 1e-6
     assert int(bn.num_batches_tracked) == 1
 
 
@@ -129,7 +137,8 @@ def test_patch_layout_matches_float64(gen, device, monkeypatch, tiling, shape, k
     for name, g, w in zip(("out", "dx", "dweight", "dbias"), got, want):
         assert g.shape == w.shape and rel(g, w) < 1e-5, name
     assert got[1].is_contiguous(memory_format=torch.channels_last)
-    assert rel(bn.running_mean, ref.running_mean) < 1e-6 and rel(bn.running_var, ref.running_var) < 1e-6
+    assert rel_stat(bn.running_mean, ref.running_mean, x) < 1e-6
+    assert rel_stat(bn.running_var, ref.running_var, x * x) < 1e-6
 
 
 def test_patch_layout_bad_inputs_name_the_problem(gen, device):
