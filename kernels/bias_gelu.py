@@ -23,6 +23,8 @@ the two in Phi's tail, where 0.5 * (1 + erf) cancels (tests/test_kernels_bias_ge
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +50,19 @@ CDFS = ("erf", "erfcx")
 # t -> inf in form (erfcx(t) ~ 1 / (t sqrt(pi)), u ~ 2 / t: the linear term carries it).
 ERFCX = (0.2820863375, 0.2823769392, 0.243090075, 0.2027488716, -0.02679174406, 0.2783374737, -0.4874620902,
          0.284714135, -0.05910004169)
+
+
+@contextlib.contextmanager
+def use_cdf(cdf: str):
+    """Within the block both kernels compute Phi by ``cdf`` (one of CDFS), whatever FWD / BWD say."""
+    if cdf not in CDFS:
+        raise ValueError(f"cdf must be one of {', '.join(CDFS)}, got {cdf!r}")
+    old = FWD.get("cdf", "erf"), BWD.get("cdf", "erf")
+    FWD["cdf"] = BWD["cdf"] = cdf
+    try:
+        yield
+    finally:
+        FWD["cdf"], BWD["cdf"] = old
 
 
 @triton.jit

@@ -169,3 +169,21 @@ def test_sm90_builds_do_not_spill():
         assert f_stack == 0 and b_stack == 0 and f_regs <= 128 and b_regs <= b_max, (cdf, r, b_max)
         if bg.BWD["stages"] > 1:
             assert b_copies > 0, f"backward row loop not software-pipelined: {cdf} {r}"
+
+
+def test_use_cdf_switches_both_kernels_and_restores(gen, device):
+    """use_cdf("erfcx") computes Phi the other way in both kernels within the block (the results then match the erf
+    path's within the fp32 tolerance, not bit for bit), restores the tilings after, and refuses unknown names."""
+    h, b, dg = make(gen, (3, 7, 130), torch.float32, device)
+    before = dict(bg.FWD), dict(bg.BWD)
+    erf = run_ours(h, b, dg)
+    with bg.use_cdf("erfcx"):
+        assert bg.FWD["cdf"] == bg.BWD["cdf"] == "erfcx"
+        erfcx = run_ours(h, b, dg)
+    assert (dict(bg.FWD), dict(bg.BWD)) == before
+    for name, x, y in zip(NAMES, erfcx, erf):
+        assert rel(x, y) < 1e-5, name
+    assert not torch.equal(erfcx[0], erf[0])  # a different formula really ran
+    with pytest.raises(ValueError, match="cdf must be one of erf, erfcx, got 'tanh'"):
+        with bg.use_cdf("tanh"):
+            pass
