@@ -101,9 +101,12 @@ def check_inputs(dy, x, kh, kw):
                          f"unpadded conv of x {tuple(x.shape)} (expected {want})")
     if not (x.is_cuda or INTERPRET):
         raise RuntimeError(f"conv_weight_grad (Triton) needs CUDA tensors, got {x.device}")
-    if dy.shape[1] > 256 or CI * kh * kw > 1024:
-        raise ValueError(f"conv_weight_grad: at most 256 output channels and 1024 taps x input channels, got "
-                         f"{dy.shape[1]} and {CI * kh * kw}")
+    # one program holds the whole [CO, KH * KW * CI] fp32 accumulator (padded to powers of two) in registers: up
+    # to 32K values (128 per thread at 8 warps; the stem's conv1 needs 64 x 256 = 16K)
+    acc = max(16, triton.next_power_of_2(dy.shape[1])) * max(16, triton.next_power_of_2(CI * kh * kw))
+    if acc > 32768:
+        raise ValueError(f"conv_weight_grad: {dy.shape[1]} output channels x {CI * kh * kw} taps x input channels "
+                         f"need a {acc}-value accumulator, more than the 32768 one program holds")
 
 
 def conv_weight_grad(dy: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:

@@ -99,6 +99,9 @@ def test_bad_inputs_name_the_problem(gen, device):
         cw.conv_weight_grad(dy, x, 9, 3)
     with pytest.raises(ValueError, match="must be float16, bfloat16 or float32"):
         cw.conv_weight_grad(dy.double(), x.double(), 3, 3)
+    big_dy, big_x = draw(gen, 1, 64, 6, 6, 3, 3, 128, device=device)  # 128 x 576 -> a 128 x 1024 accumulator
+    with pytest.raises(ValueError, match="128 output channels x 576 taps x input channels need a 131072-value"):
+        cw.conv_weight_grad(big_dy, big_x, 3, 3)
     with pytest.raises(ValueError, match=r"weight \[CO, C, kh, kw\] expected"):
         cw.conv2d_s1(x, torch.randn(4, 5, 3, 3))
 
