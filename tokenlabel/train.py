@@ -1057,6 +1057,7 @@ def run(args: argparse.Namespace) -> int:
         apply_cuda_sync(cfg["cuda_sync"])
     d = setup_distributed()
     loaders = []  # _run's data loaders: closed here, on every way out
+    cudnn_benchmark = torch.backends.cudnn.benchmark  # set for the run (_run), restored after: no leak to a caller
     try:
         status = _run(cfg, d, loaders, cli_keys)
         # every rank returns from _run at the same point; leaving together keeps a rank from tearing
@@ -1069,6 +1070,7 @@ def run(args: argparse.Namespace) -> int:
         # "terminate called without an active exception") after its last epoch was written.
         for loader in loaders:
             loader.close()
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         if d.distributed:
             import torch.distributed as dist
 
