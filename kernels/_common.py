@@ -30,6 +30,13 @@ def traced(*tensors) -> bool:
     return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
 
 
+def compute_dtype(t):
+    """The dtype an op on ``t`` computes in: autocast's where autocast is on for t's device, else t's own."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
 def dispatch(op, launcher, *args, check=()):
     """``op(*args)`` (the torch.library op) when ``check``'s tensors are traced, else ``launcher(*args)`` directly,
     without the ops' dispatch layers."""

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dispatch, sm_count
+from ._common import INTERPRET, compute_dtype, dispatch, sm_count
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERP = tl.constexpr(INTERPRET)
@@ -149,10 +149,6 @@ def _(dy, x, kh, kw):
     return dy.new_empty(dy.shape[1], x.shape[1], kh, kw, dtype=torch.float32)
 
 
-def _compute_dtype(t):
-    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
-
-
 class _ConvS1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
@@ -179,7 +175,7 @@ def conv2d_s1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"conv2d_s1: x [B, C, H, W] and weight [CO, C, kh, kw] expected, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    dt = _compute_dtype(x)
+    dt = compute_dtype(x)
     x = x.to(dt).contiguous(memory_format=torch.channels_last)
     weight = weight.to(dt).contiguous(memory_format=torch.channels_last)
     return _ConvS1.apply(x, weight)

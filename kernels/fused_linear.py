@@ -13,13 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._common import compute_dtype
 from .loss import _use_triton, validate_inputs
-
-
-def _compute_dtype(t):
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
 
 
 class _FusedLinearTokenLabelCE(torch.autograd.Function):
@@ -31,7 +26,7 @@ class _FusedLinearTokenLabelCE(torch.autograd.Function):
         B, N, D = features.shape
         C = weight.shape[0]
         dev = features.device
-        dt = _compute_dtype(features)
+        dt = compute_dtype(features)
         w = weight.to(dt)
         bvec = bias.to(dt) if bias is not None else None
         feats = features.to(dt)
