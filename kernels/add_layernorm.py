@@ -43,9 +43,11 @@ MAX_C = 4096
 # or every step, and both row sums in one reduction (joint). The backward's values come from
 # scripts/sweep_rowkernels.py on an H200 (2026-12-05, CUDA graphs, LV-ViT-S/224 B 128, with the partial sums): 49.0
 # us per call against 130 us for the first tiling (2048 elements, 4 warps, 3 per SM, 2 stages), whose fp32 and bf16
-# tiles had different layouts (27 barriers per step); 4 elements per thread gives both one layout.
+# tiles had different layouts (27 barriers per step); 4 elements per thread gives both one layout. The H100 sweep
+# (2026-12-05, bench/results/rowkernels-h100/) moved per_sm 6 -> 4 (with batchnorm.SUM's 1024 partials per step):
+# 70.1 -> 62.6 us.
 FWD = dict(tile=4096, warps=8)
-BWD = dict(tile=512, warps=4, per_sm=6, stages=3, acc2d=False, joint=True)
+BWD = dict(tile=512, warps=4, per_sm=4, stages=3, acc2d=False, joint=True)
 
 
 @triton.jit

@@ -321,9 +321,10 @@ def _bn_relu_bwd_sums(DOUT, X, MEAN, INVSTD, W, B, PART, M, C: tl.constexpr, ROW
 # the H200 sweep of the LayerNorm backward with its sums (scripts/sweep_rowkernels.py, 2026-12-05): 4 channels per
 # program (96 programs for 384 channels instead of 12), 128 partials per step, 1 warp. 128 was the largest block_p
 # that sweep tried, and the profile of compile_graphs_ours then had _sum_partials at 9.3 us per call (51 calls, 0.475
-# ms per step) for ~1-5 MB of partials: a loop of ~9 steps, each waiting on its loads. The sweep's space now goes to
-# 1024 partials per step, 8 warps and a pipelined loop (stages), not yet timed.
-SUM = dict(cb=4, block_p=128, warps=1, stages=1)
+# ms per step) for ~1-5 MB of partials: a loop of ~9 steps, each waiting on its loads. The H100 sweep of 2026-12-05
+# (bench/results/rowkernels-h100/, space up to 1024 partials per step, 8 warps, pipelined loop) chose 1024 partials
+# per step, 1 warp, 1 stage: LayerNorm backward with its sums 70.1 -> 62.6 us.
+SUM = dict(cb=4, block_p=1024, warps=1, stages=1)
 
 
 @triton.jit
@@ -383,14 +384,15 @@ def _bn_relu_bwd_apply(DOUT, X, DX, MEAN, INVSTD, W, B, DW, DB, M, C: tl.constex
 # SM, software-pipelining stages of the row loop; for the two reductions whether the sums stay per element slot until
 # the loop ends (acc2d, with the loop peeled as below), for the two pointwise passes whether the loop is peeled (peel:
 # the whole blocks without row or channel masks, then the program's one partial block). The first four are the
-# seventh session's choice (8K elements = 16 KB of bf16 per block, ~4 programs per SM), unchanged by a GPU sweep so
-# far; acc2d and peel are new (ninth session) and off until one times them (scripts/sweep_rowkernels.py --kinds
-# bn_fwd,bn_bwd): the stem's profile had the statistics at 179 us per call where one read of the activations takes
-# 43 us, their backward sums at 175 where two take 86 (kernels/NOTES.md).
-STATS = dict(elems=8192, warps=8, per_sm=4, stages=2, acc2d=False)
-APPLY = dict(elems=8192, warps=8, per_sm=4, stages=2, peel=False)
-BWD_SUMS = dict(elems=8192, warps=8, per_sm=4, stages=2, acc2d=False)
-BWD_APPLY = dict(elems=8192, warps=8, per_sm=4, stages=2, peel=False)
+# seventh session's choice was 8K elements (16 KB of bf16 per block), 8 warps, ~4 programs per SM, 2 stages, with
+# acc2d and peel off; the stem's profile then had the statistics at 179 us per call where one read of the activations
+# takes 43 us, their backward sums at 175 where two take 86 (kernels/NOTES.md). The values below are the H100 sweep's
+# (scripts/sweep_rowkernels.py --kinds bn_fwd,bn_bwd, 2026-12-05, bench/results/rowkernels-h100/): forward (the
+# stem's 4 BatchNorms, statistics + apply) 333.0 -> 236.6 us, backward 391.9 -> 358.8 us per step.
+STATS = dict(elems=4096, warps=8, per_sm=4, stages=2, acc2d=True)
+APPLY = dict(elems=8192, warps=8, per_sm=4, stages=2, peel=True)
+BWD_SUMS = dict(elems=4096, warps=2, per_sm=8, stages=2, acc2d=True)
+BWD_APPLY = dict(elems=8192, warps=8, per_sm=16, stages=2, peel=True)
 
 
 def _grid(M, C, device, tiling=None, sms=None):

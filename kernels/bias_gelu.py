@@ -41,8 +41,9 @@ _INTERP = tl.constexpr(INTERPRET)
 # B 128): 60.3 us per call (bytes floor 36 us) against 105.5 us for the first tiling (32 x 128, 8 warps, 3 per SM,
 # 2 stages, the column sums reduced across warps every step).
 # ``cdf``: how Phi(z) (and, backward, phi(z)) are computed: "erf" (libdevice's erff, and a separate exp backward) or
-# "erfcx" (one fitted erfcx polynomial and one exp for both; _phi below), not yet timed against each other.
-FWD = dict(rows=32, cols=128, warps=8, cdf="erf")
+# "erfcx" (one fitted erfcx polynomial and one exp for both; _phi below). The H100 sweep (2026-12-05,
+# bench/results/rowkernels-h100/): forward erf 47.6 -> erfcx 42.3 us; backward erf 66.8, erfcx 69.3 us (kept erf).
+FWD = dict(rows=32, cols=128, warps=8, cdf="erfcx")
 BWD = dict(rows=8, cols=128, warps=2, per_sm=8, stages=3, acc2d=True, cdf="erf")
 CDFS = ("erf", "erfcx")
 # erfcx(t) = erfc(t) * exp(t^2) ~ sum_k ERFCX[k-1] * u^k with u = 1 / (1 + t / 2), k = 1..9, t in [0, inf): a

@@ -82,22 +82,25 @@ TILINGS = [dict(stats=dict(acc2d=True), bwd_sums=dict(acc2d=True), apply=dict(pe
 @pytest.mark.parametrize("tiling", TILINGS, ids=["acc2d", "small-blocks", "large-blocks"])
 @pytest.mark.parametrize("shape", [(4, 16, 30, 30), (3, 5, 7, 9), (1, 64, 33, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_tilings_match_float64(gen, device, monkeypatch, tiling, shape):
-    """Each tiling is as accurate as the default one (tested against float64 above) on the same draw: the output,
-    the three gradients (within 1.5x the default's error against float64, plus 1e-6), and the running variance
-    within 1e-5 of float64's at a mean of 50 with a spread of 0.5, where a sum of squares would lose ~1e-3."""
+    """Each tiling is as accurate as the default one (tested against float64 above) or PyTorch's fp32 BatchNorm,
+    whichever is less, on the same draw: the output and the three gradients within 1.5x that error against float64,
+    plus 1e-6 (the default's own tiling may be the most accurate one, so it alone is no bound for the others); the
+    running variance within 1e-5 of float64's at a mean of 50 with a spread of 0.5, where a sum of squares would lose
+    ~1e-3."""
     x, bn, gout = make(gen, *shape, torch.float32, device, scale=0.5, offset=50.0)
     with torch.no_grad():
         bn.bias.add_(3.0)  # y > 0 away from the ReLU's threshold (xhat > -4)
     state = {k: v.clone() for k, v in bn.state_dict().items()}
     want, ref_bn = run_torch(x, state, gout, torch.float64)
+    fp32, _ = run_torch(x, state, gout, torch.float32)
     default = run_ours(x, bn, gout)
     for name, over in tiling.items():
         attr = name.upper()
         monkeypatch.setattr(bk, attr, {**getattr(bk, attr), **over})
     bn.load_state_dict(state)
     got = run_ours(x, bn, gout)
-    for name, g, d, w in zip(("out", "dx", "dweight", "dbias"), got, default, want):
-        assert rel(g, w) <= 1.5 * rel(d, w) + 1e-6, name
+    for name, g, d, t, w in zip(("out", "dx", "dweight", "dbias"), got, default, fp32, want):
+        assert rel(g, w) <= 1.5 * max(rel(d, w), rel(t, w)) + 1e-6, name
     assert rel(bn.running_mean, ref_bn.running_mean) < 1e-6
     assert rel(bn.running_var, ref_bn.running_var) < 1e-5
 

@@ -172,15 +172,18 @@ def test_sm90_builds_do_not_spill():
 
 
 def test_use_cdf_switches_both_kernels_and_restores(gen, device):
-    """use_cdf("erfcx") computes Phi the other way in both kernels within the block (the results then match the erf
-    path's within the fp32 tolerance, not bit for bit), restores the tilings after, and refuses unknown names."""
+    """use_cdf(name) computes Phi that way in both kernels within the block (erf and erfcx results match within the
+    fp32 tolerance, not bit for bit), restores the tilings after (the defaults mix the two: erfcx forward, erf
+    backward), and refuses unknown names."""
     h, b, dg = make(gen, (3, 7, 130), torch.float32, device)
     before = dict(bg.FWD), dict(bg.BWD)
-    erf = run_ours(h, b, dg)
-    with bg.use_cdf("erfcx"):
-        assert bg.FWD["cdf"] == bg.BWD["cdf"] == "erfcx"
-        erfcx = run_ours(h, b, dg)
-    assert (dict(bg.FWD), dict(bg.BWD)) == before
+    got = {}
+    for cdf in bg.CDFS:
+        with bg.use_cdf(cdf):
+            assert bg.FWD["cdf"] == bg.BWD["cdf"] == cdf
+            got[cdf] = run_ours(h, b, dg)
+        assert (dict(bg.FWD), dict(bg.BWD)) == before
+    erf, erfcx = got["erf"], got["erfcx"]
     for name, x, y in zip(NAMES, erfcx, erf):
         assert rel(x, y) < 1e-5, name
     assert not torch.equal(erfcx[0], erf[0])  # a different formula really ran

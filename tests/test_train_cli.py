@@ -93,8 +93,9 @@ def test_kernel_switches_refused_without_cuda(monkeypatch):
     for flag in ("--stem-bn", "--residual-norm", "--gelu"):
         with pytest.raises(SystemExit, match=f"{flag} triton runs on CUDA GPUs only.*{flag} torch"):
             _cfg(["train", "--data", "d", flag, "triton"])
-    cfg = _cfg(["train", "--data", "d"])
-    assert cfg["stem_bn"] == cfg["residual_norm"] == cfg["gelu"] == "torch"
+    cfg = _cfg(["train", "--data", "d", "--model", "lvvit_t"])
+    assert cfg["stem_bn"] == cfg["residual_norm"] == cfg["gelu"] == "auto"  # the default: torch here, at build time
+    assert T.build_model(cfg, 3).patch_embed.bn_impl == "torch" and cfg["stem_bn"] == "torch"
 
 
 def test_kernel_switches_reach_the_model(tmp_path, data):

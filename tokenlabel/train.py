@@ -51,11 +51,11 @@ DEFAULTS: dict = {
     "model": "lvvit_s",
     "model_kwargs": {},
     "attn": "auto",
-    # LV-ViT's fused kernels, each torch | triton | auto (triton for an LV-ViT model on CUDA, else torch). "auto"
-    # becomes the default once the train CLI's GPU tests have run with the kernels (models/NOTES.md).
-    "stem_bn": "torch",         # the stem's BatchNorm + ReLU (kernels/batchnorm.py)
-    "residual_norm": "torch",   # the blocks' residual add + LayerNorm (kernels/add_layernorm.py)
-    "gelu": "torch",            # the MLPs' fc1 bias + GELU (kernels/bias_gelu.py)
+    # LV-ViT's fused kernels, each torch | triton | auto (triton for an LV-ViT model on CUDA, else torch). The train
+    # CLI's GPU tests pass with them (H100, 2026-12-05), and the step is faster (bench/results/step.csv).
+    "stem_bn": "auto",          # the stem's BatchNorm + ReLU (kernels/batchnorm.py)
+    "residual_norm": "auto",    # the blocks' residual add + LayerNorm (kernels/add_layernorm.py)
+    "gelu": "auto",             # the MLPs' fc1 bias + GELU (kernels/bias_gelu.py)
     "img_size": 224,
     "token_label_size": None,   # img_size // 16; must equal the model's patch grid
     "epochs": 300,
@@ -200,13 +200,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="model overrides as key=value[,key=value], e.g. depth=4,embed_dim=96")
     g.add_argument("--attn", help="attention backend: auto | xformers | sdpa | triton | math")
     g.add_argument("--stem-bn", choices=KERNEL_CHOICES,
-                   help="LV-ViT's stem BatchNorm + ReLU in training: torch (default), our Triton kernels (CUDA), or "
-                        "auto (triton on CUDA, else torch)")
+                   help="LV-ViT's stem BatchNorm + ReLU in training: torch, our Triton kernels (CUDA), or "
+                        "auto (the default: triton for an LV-ViT model on CUDA, else torch)")
     g.add_argument("--residual-norm", choices=KERNEL_CHOICES,
-                   help="LV-ViT's residual adds + the LayerNorms after them: torch (default), one Triton kernel "
-                        "each way (CUDA), or auto")
+                   help="LV-ViT's residual adds + the LayerNorms after them: torch, one Triton kernel "
+                        "each way (CUDA), or auto (the default)")
     g.add_argument("--gelu", choices=KERNEL_CHOICES,
-                   help="LV-ViT's MLP bias + GELU: torch (default), one Triton kernel each way (CUDA), or auto")
+                   help="LV-ViT's MLP bias + GELU: torch, one Triton kernel each way (CUDA), or auto (the default)")
     g.add_argument("--drop-path", type=float)
     g.add_argument("--mix-token", dest="mix_token", action="store_true", default=None)
     g.add_argument("--no-mix-token", dest="mix_token", action="store_false")
