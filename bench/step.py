@@ -366,6 +366,17 @@ def loader_fed_lanes(case: Case) -> Prepared:
     return _loader_fed(case, **HW_LANES)
 
 
+@register("step", "loader_fed_lanes_ours")
+def loader_fed_lanes_ours(case: Case) -> Prepared:
+    """loader_fed_lanes feeding the step as `tokenlabel train` runs it by default (our attention, stem BatchNorm,
+    residual + LayerNorm and bias + GELU kernels): the faster step asks more of the loader."""
+    if case.device.type != "cuda":
+        raise Skip("the hardware JPEG decoder needs CUDA")
+    from .loader import HW_LANES
+
+    return _loader_fed(case, kernels=True, **HW_LANES)
+
+
 @register("step", "loader_fed_lanes3")
 def loader_fed_lanes3(case: Case) -> Prepared:
     """loader_fed_lanes with two hardware-engine pipelines beside the hybrid one (the loader bench's dali_lanes3)."""
@@ -388,7 +399,9 @@ def loader_fed_cpu_decode(case: Case) -> Prepared:
     return _loader_fed(case, **CPU_DECODE_GPU_RESIZE)
 
 
-def _loader_fed(case: Case, **loader_kw) -> Prepared:
+def _loader_fed(case: Case, kernels: bool = False, **loader_kw) -> Prepared:
+    """The step fed by the real loader; ``kernels``: with our kernels (attention, stem BatchNorm, residual +
+    LayerNorm, bias + GELU: the train CLI's defaults on CUDA), else the torch modules with attn "auto"."""
     data = case.options.get("data")
     if data is None:
         raise Skip("needs --data (a folder or .tar of JPEGs) to feed the step from the real loader")
@@ -406,7 +419,8 @@ def _loader_fed(case: Case, **loader_kw) -> Prepared:
     loader = make_loader("dali" if case.device.type == "cuda" else "torch", root, store, p["B"], p["img"],
                          case.device, **loader_kw)
     cuda = case.device.type == "cuda"
-    return _lvvit_prepare(case, "auto", cuda, loader=loader, compile_mode="reduce-overhead" if cuda else None)
+    ours = dict(bn_impl="triton", residual_norm="triton", gelu="triton") if kernels and cuda else {}
+    return _lvvit_prepare(case, "auto", cuda, loader=loader, compile_mode="reduce-overhead" if cuda else None, **ours)
 
 
 def block_means(per_step: list[float], block: int = 8) -> list[float]:
