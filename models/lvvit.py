@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention_qkv, check_backend, prepare_backend
+from .attention import attention_qkv, check_backend, prepare_backend, select_backend
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -458,6 +458,19 @@ class LVViT(nn.Module):
     @property
     def attn(self) -> str:
         return self.blocks[0].attn.backend if len(self.blocks) else "auto"
+
+    def measure_attention(self, batch_size: int, dtype: torch.dtype, device, grad: bool = True) -> str | None:
+        """Time "auto"'s backends now for this model's attention at ``batch_size`` ([batch_size, tokens, heads,
+        head_dim] q of ``dtype``: the autocast dtype when training under autocast) and return the choice.
+
+        A torch.compile trace cannot time anything: inside one, "auto" takes what an eager call measured for the
+        shape, else "sdpa". Call this before compiling (``tokenlabel train`` does, for its training and eval
+        batches). None when no block runs "auto"; "sdpa" off CUDA."""
+        if not len(self.blocks) or self.attn != "auto":
+            return None
+        a = self.blocks[0].attn
+        shape = (int(batch_size), self.patch_grid ** 2 + 1, a.num_heads, a.head_dim)
+        return select_backend(shape, dtype, device, grad=grad)
 
     def set_impl(self, residual_norm: str | None = None, gelu: str | None = None) -> None:
         """How the blocks run; None keeps the current choice. Parameters and results are the same either way.

@@ -103,6 +103,19 @@ def test_auto_measures_once_and_falls_back(gen):
         assert "xformers" not in available_backends("cuda")
 
 
+def test_measure_attention_fills_the_trace_lookup():
+    """model.measure_attention times "auto" for the model's q shape ([B, 197, 6, 64] for LV-ViT-S/224) and leaves
+    the choice where a torch.compile trace looks it up (the trace cannot time); a model on a fixed backend: None."""
+    m = create_model("lvvit_s", attn="auto")
+    choice = m.measure_attention(4, torch.bfloat16, "cuda", grad=True)
+    assert choice in available_backends("cuda")
+    assert attn_mod._AUTO_BY_SHAPE[(4, 197, 6, 64, torch.bfloat16, True)] == choice
+    assert m.measure_attention(4, torch.bfloat16, "cuda", grad=False) in available_backends("cuda")
+    assert (4, 197, 6, 64, torch.bfloat16, False) in attn_mod._AUTO_BY_SHAPE
+    m.set_attention("sdpa")
+    assert m.measure_attention(4, torch.bfloat16, "cuda") is None
+
+
 def test_lvvit_s_train_step_bf16_channels_last_no_host_sync(gen):
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     m = create_model("lvvit_s", attn="auto").cuda()

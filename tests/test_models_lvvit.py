@@ -463,6 +463,10 @@ def test_attention_function_on_cpu(gen):
 
     q, k, v = (torch.randn(2, 9, 3, 8, generator=gen, requires_grad=True) for _ in range(3))
     assert select_backend(q.shape, q.dtype, "cpu") == "sdpa"
+    m = create_model("lvvit_t", img_size=32, attn="auto")
+    assert m.measure_attention(2, torch.float32, "cpu") == "sdpa"  # nothing to time off CUDA
+    m.set_attention("math")
+    assert m.measure_attention(2, torch.float32, "cpu") is None
     out = attention(q, k, v, "auto")
     assert out.shape == (2, 9, 24)
     # Written out from the definition: softmax(q k^T / sqrt(Dh)) v per head, in float64 so that the

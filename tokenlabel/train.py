@@ -746,6 +746,11 @@ class Trainer:
         # CUDA-graph replay (compile mode reduce-overhead): each step starts a new graph iteration
         self.graphs = uses_cuda_graphs(cfg)
         if cfg["compile"]:
+            if d.device.type == "cuda" and hasattr(model, "measure_attention"):
+                # attn "auto" inside the compiled graph takes what was measured eagerly for the shape (else sdpa):
+                # measure the training batch (with gradients) and the eval batch now
+                for grad in (True, False):
+                    model.measure_attention(cfg["batch_size"], _amp_dtype(cfg) or torch.float32, d.device, grad)
             # In place: LV-ViT compiles its tensor core and draws the MixToken box outside it (no recompiles).
             model.compile(mode=None if cfg.get("compile_mode") in (None, "default") else cfg["compile_mode"])
         if d.distributed:
