@@ -71,6 +71,7 @@ def test_conv1_wgrad_sweep_times_cudnn_and_keeps_the_fastest_correct_tiling(monk
     monkeypatch.setitem(sw.SPACES, "conv1_wgrad", (cw.TILING, dict(block_x=[16, 32], per_sm=[1, 2], warps=[4])))
     monkeypatch.setitem(sw.SEEDS, "conv1_wgrad", [])
     saved = dict(cw.TILING)
+    cw.TILING.update(block_x=32, per_sm=1, warps=4)  # the start: inside the space, not the answer (the defaults may be)
     real = cw.conv_weight_grad
     monkeypatch.setattr(cw, "conv_weight_grad",
                         lambda *a: real(*a) * (1.5 if cw.TILING["per_sm"] == 2 else 1.0))
