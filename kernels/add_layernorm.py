@@ -35,6 +35,8 @@ import triton.language as tl
 from ._common import INTERPRET, dispatch, sm_count
 from .batchnorm import SUM, _sum_partials, sum_partials
 
+_INTERP = tl.constexpr(INTERPRET)
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 4096
 # Tilings. Forward: elements of one [BLOCK_R, BLOCK_C] tile, warps (sm_90 at C = 384: 58 registers, 4 programs per
@@ -97,6 +99,19 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
+def _mul_rn(a, b):
+    """a * b rounded to fp32 once, never contracted into an FMA (PTX mul.rn). The backward's g = dn * w feeds both
+    its row sum c2 and g - c2: with the product contracted into fma(dn, w, -c2) the two saw different g, and with
+    rstd up to 1 / sqrt(eps) (a row of near-constant values; every row at C = 1) that rounding difference came out
+    as dx errors of 2-5e-5 relative (H200, 2026-12-05; the sm_90 PTX had the fma)."""
+    if _INTERP:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
 def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: tl.constexpr, ROWS: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DY: tl.constexpr, PER_SAMPLE: tl.constexpr,
                 HAS_BB: tl.constexpr, STAGES: tl.constexpr = 2, ACC2D: tl.constexpr = False,
@@ -126,7 +141,7 @@ def _add_ln_bwd(DY, DN, Y, W, MEAN, RSTD, S, DX, DBR, PART, M, N_TOK, alpha, C: 
         mean = tl.load(MEAN + rows, mask=rm, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rm, other=0.0)
         xhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        g = dn * w[None, :]
+        g = _mul_rn(dn, w[None, :])
         if JOINT:  # both row sums in one reduction (one exchange between warps instead of two)
             c1, c2 = tl.reduce((g * xhat, g), 1, _add2)
             c1, c2 = c1 / C, c2 / C

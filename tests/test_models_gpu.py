@@ -288,7 +288,10 @@ def test_residual_norm_triton_compiled_matches_torch(gen):
             lb, gb = grads(torch.compile(b, fullgraph=True), x, False)
             torch.testing.assert_close(lb, l32, rtol=1e-4, atol=1e-6)
             for n in g32:
-                torch.testing.assert_close(gb[n], g32[n], rtol=1e-3, atol=1e-6, msg=n)
+                # the stem's gradients with atol 1e-5, as in the stem test above: inductor sums the stem's BatchNorm
+                # backwards in another order (the H200 run of 2026-12-05 11:53 UTC failed conv1.weight at 1e-6)
+                atol = 1e-5 if n.startswith("patch_embed.") else 1e-6
+                torch.testing.assert_close(gb[n], g32[n], rtol=1e-3, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
             torch._dynamo.reset()
             _, ga16 = grads(a, x, True)
             _, gb16 = grads(torch.compile(b, fullgraph=True), x, True)
