@@ -49,6 +49,22 @@ def aot_sm90(launch):
     bytes, shared bytes, cp.async copies in the TTGIR). ``launch``: (kernel, grid, args without the constexprs,
     constexprs, compile options); tensors may be on the meta device."""
     import triton
+
+    compiled = compile_sm90(launch)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    stack = int(re.search(r"STACK:(\d+)", out).group(1))
+    return regs, stack, compiled.metadata.shared, len(re.findall("async_copy_global_to_local", compiled.asm["ttgir"]))
+
+
+def compile_sm90(launch):
+    """The sm_90 build of ``launch`` (as aot_sm90 describes it): Triton's compiled kernel, its ``asm`` holding the
+    TTIR, TTGIR, LLVM IR, PTX and cubin."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -68,12 +84,4 @@ def aot_sm90(launch):
             attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     signature.update({n: "constexpr" for n in const})
     src = ASTSource(fn=kernel, signature=signature, constexprs=dict(const), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs = int(re.search(r"REG:(\d+)", out).group(1))
-    stack = int(re.search(r"STACK:(\d+)", out).group(1))
-    return regs, stack, compiled.metadata.shared, len(re.findall("async_copy_global_to_local", compiled.asm["ttgir"]))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts))

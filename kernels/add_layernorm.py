@@ -243,6 +243,17 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
     copies)}."""
     from ._common import aot_sm90
 
+    return {name: aot_sm90(launch) for name, launch in _sm90_launches(C, M, n_tok, branch_dtype).items()}
+
+
+def sm90_backward_ptx(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=torch.bfloat16) -> str:
+    """The PTX of the backward's sm_90 build at rows of C (as sm90_resources builds it; no GPU needed)."""
+    from ._common import compile_sm90
+
+    return compile_sm90(_sm90_launches(C, M, n_tok, branch_dtype)["bwd"]).asm["ptx"]
+
+
+def _sm90_launches(C, M, n_tok, branch_dtype):
     meta = dict(device="meta", dtype=torch.float32)
     x, br = torch.empty(M, C, **meta), torch.empty(M, C, device="meta", dtype=branch_dtype)
     w, rowv, s = torch.empty(C, **meta), torch.empty(M, **meta), torch.empty(M // n_tok, **meta)
@@ -260,7 +271,7 @@ def sm90_resources(C: int, M: int = 128 * 197, n_tok: int = 197, branch_dtype=to
                                                         CB=min(block_c, SUM["cb"]), SLOTS=3,
                                                         STAGES=SUM.get("stages", 1)),
              dict(num_warps=SUM["warps"]))
-    return {"fwd": aot_sm90(fwd), "bwd": aot_sm90(bwd), "sum": aot_sm90(total)}
+    return {"fwd": fwd, "bwd": bwd, "sum": total}
 
 
 # --------------------------------------------------------------------------------------------
