@@ -207,34 +207,22 @@ def available_backends(device: torch.device | str) -> list[str]:
     return out
 
 
-# GPU spin before each timed call (~1 ms at H100 clocks), so the host has enqueued the whole call before the GPU
-# reaches it: the events then time the GPU's work, as in a training step where the host runs ahead (CUDA graphs,
-# compile), not the Python launch latency of a backend's kernels. Without it "auto" once picked SDPA at N = 197,
-# where our kernels' GPU time was 14% lower (bench/results/attention.csv, H100, 2026-12-05).
-_HOST_AHEAD_CYCLES = 2_000_000
-
-
 def _time_backend(backend, qkv, num_heads, grad: bool, reps: int = 15) -> float:
     """Median milliseconds of one call on the model's path (``attention_qkv``: the gradient of the qkv
-    Linear's output, forward+backward when ``grad``): CUDA events around each call, the host ahead of the GPU."""
+    Linear's output, forward+backward when ``grad``): CUDA events around each call with the host ahead of the GPU
+    (``bench.timing.time_calls``), so the events time the GPU's work, as in a training step where the host runs
+    ahead (CUDA graphs, compile), not a backend's Python launch latency. Timed without the host ahead, "auto" once
+    picked SDPA at N = 197, where our kernels' GPU time was 14% lower (bench/results/attention.csv, H100,
+    2026-12-05)."""
+    from tokenlabel.bench.timing import time_calls  # noqa: PLC0415 (only when timing)
+
     def step():
         out = attention_qkv(qkv, num_heads, backend)
         if grad:
             out.backward(gout)
 
     gout = torch.randn(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3, device=qkv.device, dtype=qkv.dtype)
-    for _ in range(3):
-        step()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    torch.cuda.synchronize()
-    for start, end in zip(starts, ends):
-        torch.cuda._sleep(_HOST_AHEAD_CYCLES)
-        start.record()
-        step()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return statistics.median(time_calls(step, qkv.device, warmup=3, reps=reps, flush_l2=False))
 
 
 def _time_triton_backwards(qkv, num_heads) -> float:

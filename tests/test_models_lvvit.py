@@ -506,3 +506,24 @@ def test_shapes_all_variants_full_size_on_meta(name):
         cls, aux, box = out
         assert cls.shape == (2, 1000) and aux.shape == (2, L * L, 1000) and L == m.img_size // 16
         assert 0 <= box[0] <= box[2] <= L and 0 <= box[1] <= box[3] <= L
+
+
+def test_auto_times_each_backend_with_the_host_ahead(monkeypatch, gen):
+    """"auto"'s per-backend timing goes through bench.timing.time_calls with the host ahead of the GPU (the events
+    then time the GPU's work, not launch latency, as the bench does) and returns the median of the calls; with
+    gradients each call is forward + backward into the qkv Linear's output."""
+    from tokenlabel.bench import timing
+    from tokenlabel.models import attention as attn_mod
+
+    seen = {}
+
+    def fake_time_calls(fn, device, **kw):
+        seen.update(kw, device=device)
+        fn()
+        return [3.0, 1.0, 2.0]
+
+    monkeypatch.setattr(timing, "time_calls", fake_time_calls)
+    qkv = torch.randn(2, 5, 3 * 2 * 4, generator=gen, requires_grad=True)
+    assert attn_mod._time_backend("sdpa", qkv, 2, grad=True) == 2.0
+    assert seen.get("host_ahead", True) is True and seen["device"] == qkv.device
+    assert qkv.grad is not None and qkv.grad.shape == qkv.shape
