@@ -195,6 +195,10 @@ def reference_style(case: Case) -> Prepared:
     return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False, conv1_impl="conv")
 
 
+# our kernels besides the attention: the stem's BatchNorm + ReLU, the residual adds + LayerNorm, fc1's bias + GELU
+OUR_BLOCK_KERNELS = dict(bn_impl="triton", residual_norm="triton", gelu="triton")
+
+
 def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split", bn_impl=None,
                       residual_norm=None, gelu=None, conv1_wgrad=None):
     """attn="triton" providers pin the attention backward (``bwd_impl``), whatever an "auto" measured earlier in
@@ -261,30 +265,26 @@ register("step", "compile_graphs_auto_lnk")(_backend_provider("auto", True, "red
 # bias gradient read separately). 2026-12-05, H200, with the swept tiling: 21.08 ms against 21.47.
 register("step", "compile_graphs_auto_geluk")(_backend_provider("auto", True, "reduce-overhead", gelu="triton"))
 # every kernel of ours at once: our flash attention (split backward), the stem's BatchNorm kernels, the fused
-# residual + LayerNorm, bias + GELU. 2026-12-05, H200, with the swept tilings: 19.90 ms against 21.47.
-register("step", "compile_graphs_ours")(_backend_provider("triton", True, "reduce-overhead", bn_impl="triton",
-                                                          residual_norm="triton", gelu="triton"))
+# residual + LayerNorm, bias + GELU (OUR_BLOCK_KERNELS: what `tokenlabel train` takes by default on CUDA).
+# 2026-12-05, H200, with the swept tilings: 19.90 ms against 21.47; with the H100 sweep's tilings 18.85 against 21.03.
+register("step", "compile_graphs_ours")(_backend_provider("triton", True, "reduce-overhead", **OUR_BLOCK_KERNELS))
 # ... the same with the attention backward as split2's two launches (new, not measured), and with cuDNN's attention
 # through SDPA instead of ours (how much our attention adds or takes in the whole step)
 register("step", "compile_graphs_ours_split2")(_backend_provider("triton", True, "reduce-overhead", bwd_impl="split2",
-                                                                 bn_impl="triton", residual_norm="triton",
-                                                                 gelu="triton"))
-register("step", "compile_graphs_ours_sdpa")(_backend_provider("sdpa", True, "reduce-overhead", bn_impl="triton",
-                                                               residual_norm="triton", gelu="triton"))
+                                                                 **OUR_BLOCK_KERNELS))
+register("step", "compile_graphs_ours_sdpa")(_backend_provider("sdpa", True, "reduce-overhead", **OUR_BLOCK_KERNELS))
 # ... and with inductor's combo kernels: the profile of compile_graphs_ours has 108 small pointwise kernels in the
 # forward (the Linears' weights cast to bf16, transposed: 48 `triton_poi_fused__to_copy_t_7` alone) and 73 in the
 # backward, 0.665 ms per step at ~3.7 us each; independent ones (the forward's casts read only parameters) can run
 # as one launch. Not measured.
 register("step", "compile_graphs_ours_combo")(_backend_provider("triton", True, options=COMBO_OPTIONS,
-                                                                bn_impl="triton", residual_norm="triton",
-                                                                gelu="triton"))
+                                                                **OUR_BLOCK_KERNELS))
 # ... and with the s2d conv1's weight gradient by kernels/conv_wgrad.py (cuDNN's heuristics put it on a cutlass 5.x
 # kernel at 459 us per step in the H200 profile of compile_graphs_ours; ours is predicted at ~110-170 us). New, not
 # measured; with --cudnn-benchmark on (the default) cuDNN may pick a faster kernel of its own, so the pair of rows
 # says whether ours still wins.
-register("step", "compile_graphs_ours_c1w")(_backend_provider("triton", True, "reduce-overhead", bn_impl="triton",
-                                                              residual_norm="triton", gelu="triton",
-                                                              conv1_wgrad="triton"))
+register("step", "compile_graphs_ours_c1w")(_backend_provider("triton", True, "reduce-overhead", conv1_wgrad="triton",
+                                                              **OUR_BLOCK_KERNELS))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:
@@ -419,7 +419,7 @@ def _loader_fed(case: Case, kernels: bool = False, **loader_kw) -> Prepared:
     loader = make_loader("dali" if case.device.type == "cuda" else "torch", root, store, p["B"], p["img"],
                          case.device, **loader_kw)
     cuda = case.device.type == "cuda"
-    ours = dict(bn_impl="triton", residual_norm="triton", gelu="triton") if kernels and cuda else {}
+    ours = OUR_BLOCK_KERNELS if kernels and cuda else {}
     return _lvvit_prepare(case, "auto", cuda, loader=loader, compile_mode="reduce-overhead" if cuda else None, **ours)
 
 
