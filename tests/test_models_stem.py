@@ -124,6 +124,13 @@ def test_stem_impl_defaults_and_bad_names():
     assert (pe.conv1_resolved(cuda=True), pe.conv1_resolved(cuda=False)) == ("conv", "conv")
 
 
+def grad_atol(ref):
+    """The absolute tolerance of a stem gradient against ``ref``: 1e-5, or 4e-6 of its largest element where that is
+    more. The stem's conv weight gradients reach ~20, and fp32 sums over the batch then land up to 2.7e-5 from
+    float64 on elements near zero (16 draws; CI once failed conv3.weight at a flat 1e-5, on torch's own conv)."""
+    return max(1e-5, 4e-6 * float(ref.abs().max()))
+
+
 def test_stem_triton_batchnorm_matches_torch(gen):
     """set_impl(bn="triton"): the stem's BatchNorm + ReLUs by the Triton kernels (interpreted on the CPU) give
     torch's outputs, gradients and running statistics in training; eval mode runs the module's own path."""
@@ -143,7 +150,8 @@ def test_stem_triton_batchnorm_matches_torch(gen):
         outs.append(out)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=grad_atol(pa.grad),
+                                   msg=lambda m, n=name: f"{n}: {m}")
     for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
         torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     a.eval(), b.eval()
@@ -197,7 +205,7 @@ def test_stem_triton_conv1_weight_gradient(gen):
         outs.append(out)
     torch.testing.assert_close(outs[1].double(), outs[0], rtol=1e-4, atol=1e-5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pb.grad.double(), pa.grad, rtol=1e-3, atol=1e-5,
+        torch.testing.assert_close(pb.grad.double(), pa.grad, rtol=1e-3, atol=grad_atol(pa.grad),
                                    msg=lambda m, n=name: f"{n}: {m}")
     with torch.no_grad():
         assert b._conv1_wgrad(x) == "cudnn"
