@@ -387,6 +387,17 @@ def loader_fed_lanes3(case: Case) -> Prepared:
     return _loader_fed(case, **HW_LANES3)
 
 
+@register("step", "loader_fed_lanes3_ours")
+def loader_fed_lanes3_ours(case: Case) -> Prepared:
+    """loader_fed_lanes3 (two hardware-engine pipelines beside the hybrid one) feeding the step with our kernels,
+    as loader_fed_lanes_ours: does a second engines lane close the data wait of the faster step?"""
+    if case.device.type != "cuda":
+        raise Skip("the hardware JPEG decoder needs CUDA")
+    from .loader import HW_LANES3
+
+    return _loader_fed(case, kernels=True, **HW_LANES3)
+
+
 @register("step", "loader_fed_cpu_decode")
 def loader_fed_cpu_decode(case: Case) -> Prepared:
     """loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU (the loader bench's
