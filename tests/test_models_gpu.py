@@ -1,4 +1,6 @@
 """GPU-only model tests (run on the GPU machine: ``pytest -m gpu tests/test_models_gpu.py``)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,7 +272,8 @@ def test_residual_norm_triton_compiled_matches_torch(gen):
     def grads(m, x, autocast):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             cls, aux, _ = m(x, mix_box=(1, 2, 5, 9))
-        loss = cls.float().square().mean() + aux.float().square().mean()
+        dt = torch.promote_types(cls.dtype, torch.float32)  # float64 stays float64: the reference's loss
+        loss = cls.to(dt).square().mean() + aux.to(dt).square().mean()
         return loss.detach(), dict(zip([n for n, _ in a.named_parameters()],
                                        torch.autograd.grad(loss, list(m.parameters()))))
 
@@ -285,13 +288,22 @@ def test_residual_norm_triton_compiled_matches_torch(gen):
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             torch._dynamo.reset()
             l32, g32 = grads(a, x, False)
+            _, g64 = grads(copy.deepcopy(a).double(), x.double(), False)
+            _, gc = grads(torch.compile(copy.deepcopy(a), fullgraph=True), x, False)  # torch's modules, compiled
             lb, gb = grads(torch.compile(b, fullgraph=True), x, False)
             torch.testing.assert_close(lb, l32, rtol=1e-4, atol=1e-6)
             for n in g32:
-                # the stem's gradients with atol 1e-5, as in the stem test above: inductor sums the stem's BatchNorm
-                # backwards in another order (the H200 run of 2026-12-05 11:53 UTC failed conv1.weight at 1e-6)
-                atol = 1e-5 if n.startswith("patch_embed.") else 1e-6
-                torch.testing.assert_close(gb[n], g32[n], rtol=1e-3, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+                if n.startswith("patch_embed."):
+                    # the stem's gradients come out of three BatchNorm backwards, whose mean subtractions cancel, so
+                    # fp32 runs that sum in different orders land far apart on them (H200, 2026-12-05: conv3.weight
+                    # 1.7e-5 from the eager run's, ~2e-3 of its largest element). Against float64 instead: ours
+                    # within 3x the farther of torch's eager and torch's compiled (inductor's BatchNorm backward,
+                    # as in ours) runs
+                    e_b, e_a, e_c = ((g[n].double() - g64[n]).abs().max().item() for g in (gb, g32, gc))
+                    assert e_b <= 3 * max(e_a, e_c) + 1e-8, \
+                        f"{n}: {e_b:.3g} from float64 against torch's {e_a:.3g} (eager), {e_c:.3g} (compiled)"
+                else:
+                    torch.testing.assert_close(gb[n], g32[n], rtol=1e-3, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
             torch._dynamo.reset()
             _, ga16 = grads(a, x, True)
             _, gb16 = grads(torch.compile(b, fullgraph=True), x, True)
