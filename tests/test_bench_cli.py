@@ -2,7 +2,9 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tokenlabel.bench import results
 from tokenlabel.cli import main
@@ -92,3 +94,24 @@ def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "tokenlabel", "bench", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "--compare" in r.stdout and "--cudnn-benchmark" in r.stdout
+
+
+def test_bench_step_loader_fed_quick_on_cpu(tmp_path):
+    """bench step's loader_fed on the CPU (the PIL loader feeds the tiny step: a smoke run of the fed timing) writes
+    the fed rows: the block means, the whole run's ms per step, and both data-wait shares."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "jpg" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "jpg" / c / f"{i}.jpg")
+    out = tmp_path / "res"
+    assert main(["bench", "step", "--quick", "--device", "cpu", "--out", str(out), "--reps", "3", "--warmup", "1",
+                 "--no-plot", "--providers", "loader_fed", "--data", str(tmp_path / "jpg")]) == 0
+    rows = results.read_rows(out / "step.csv")
+    assert not [r for r in rows if r["metric"] == "status"], rows
+    by = {r["metric"]: r for r in rows if r["provider"] == "loader_fed"}
+    assert by["ms"]["p50"] > 0 and by["img/s"]["p50"] > 0
+    # the whole run's rate: 3 timed steps (or more: at least one epoch) after the untimed ones
+    assert by["ms_run"]["p50"] > 0 and "steps after" in by["ms_run"]["notes"]
+    for metric in ("data_wait", "data_wait_gpu"):
+        assert 0 <= by[metric]["p50"] <= 100, by[metric]
