@@ -1,0 +1,10 @@
+#!/bin/bash
+# Needs DALI staged (../shared/device/README.md) and data/imagenet-sample-334.tar carried. The lanes feeding the step
+# with our kernels, 600 timed steps each (150 left the GPU-idle share 2 points apart between repeats), then the
+# loader and train GPU tests.   BUDGET=560 bash scripts/gpu_jobs/fed.sh   (after `source .device/env.sh`)
+source scripts/gpu_jobs/common.sh
+D=data/imagenet-sample-334.tar
+for p in ${FED:-loader_fed_lanes_ours}; do
+  step 170 fed.txt python -m tokenlabel bench step --providers "$p" --data $D --reps ${REPS:-600} --out "$OUT/fed-$p" --no-plot
+done
+step 250 tests.txt python -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_loader_pipeline.py tests/test_train_gpu.py
