@@ -33,7 +33,8 @@ def sm90_builds(expr: str):
 
 
 def grad_atol(ref):
-    """The absolute tolerance of an LV-ViT stem gradient against ``ref`` (CPU and GPU tests): 1e-5, or 4e-6 of its
-    largest element where that is more. The stem's conv weight gradients reach ~20, and fp32 sums over the batch then land up to 2.7e-5 from
-    float64 on elements near zero (16 draws; CI once failed conv3.weight at a flat 1e-5, on torch's own conv)."""
+    """The absolute tolerance of an LV-ViT stem gradient against ``ref`` (the CPU stem tests): 1e-5, or 4e-6 of its
+    largest element where that is more. The stem's conv weight gradients reach ~20, and fp32 sums over the batch
+    then land up to 2.7e-5 from float64 on elements near zero (16 draws; CI once failed conv3.weight at a flat 1e-5,
+    on torch's own conv)."""
     return max(1e-5, 4e-6 * float(ref.abs().max()))
