@@ -335,79 +335,45 @@ def timm_vit_s_compile(case: Case) -> Prepared:
     return _timm(case, True)
 
 
-@register("step", "loader_fed")
-def loader_fed(case: Case) -> Prepared:
-    """LV-ViT-S (attn auto, compiled with CUDA graphs on CUDA) fed by the real DALI loader, one pipeline on nvJPEG's
-    hybrid path (the default before lanes): images/s and data-wait share."""
-    from .loader import HYBRID
+def _fed_provider(setting: str, doc: str, kernels: bool = False, cuda_only: str | None = None):
+    """A loader-fed step provider: the loader with bench/loader.py's ``setting`` (a dict of its loader arguments,
+    looked up when the provider runs), our kernels in the step with ``kernels``; ``cuda_only``: why it skips
+    without CUDA."""
+    def fn(case: Case) -> Prepared:
+        if cuda_only and case.device.type != "cuda":
+            raise Skip(cuda_only)
+        from . import loader
 
-    return _loader_fed(case, **HYBRID)
-
-
-@register("step", "loader_fed_hw")
-def loader_fed_hw(case: Case) -> Prepared:
-    """loader_fed with the DALI loader on nvJPEG's hardware decoder (90%, 8 threads: the loader bench's
-    dali_hw), the configuration fastest alone."""
-    if case.device.type != "cuda":
-        raise Skip("the hardware JPEG decoder needs CUDA")
-    from .loader import HW_DECODER
-
-    return _loader_fed(case, **HW_DECODER)
+        return _loader_fed(case, kernels=kernels, **getattr(loader, setting))
+    fn.__doc__ = doc
+    return fn
 
 
-@register("step", "loader_fed_lanes")
-def loader_fed_lanes(case: Case) -> Prepared:
-    """loader_fed with two DALI pipelines sharing the batches by what each delivers, one on nvJPEG's hardware
-    engines and one on the hybrid path (the loader bench's dali_lanes)."""
-    if case.device.type != "cuda":
-        raise Skip("the hardware JPEG decoder needs CUDA")
-    from .loader import HW_LANES
-
-    return _loader_fed(case, **HW_LANES)
-
-
-@register("step", "loader_fed_lanes_ours")
-def loader_fed_lanes_ours(case: Case) -> Prepared:
-    """loader_fed_lanes feeding the step as `tokenlabel train` runs it by default (our attention, stem BatchNorm,
-    residual + LayerNorm and bias + GELU kernels): the faster step asks more of the loader."""
-    if case.device.type != "cuda":
-        raise Skip("the hardware JPEG decoder needs CUDA")
-    from .loader import HW_LANES
-
-    return _loader_fed(case, kernels=True, **HW_LANES)
-
-
-@register("step", "loader_fed_lanes3")
-def loader_fed_lanes3(case: Case) -> Prepared:
-    """loader_fed_lanes with two hardware-engine pipelines beside the hybrid one (the loader bench's dali_lanes3)."""
-    if case.device.type != "cuda":
-        raise Skip("the hardware JPEG decoder needs CUDA")
-    from .loader import HW_LANES3
-
-    return _loader_fed(case, **HW_LANES3)
-
-
-@register("step", "loader_fed_lanes3_ours")
-def loader_fed_lanes3_ours(case: Case) -> Prepared:
-    """loader_fed_lanes3 (two hardware-engine pipelines beside the hybrid one) feeding the step with our kernels,
-    as loader_fed_lanes_ours: does a second engines lane close the data wait of the faster step?"""
-    if case.device.type != "cuda":
-        raise Skip("the hardware JPEG decoder needs CUDA")
-    from .loader import HW_LANES3
-
-    return _loader_fed(case, kernels=True, **HW_LANES3)
-
-
-@register("step", "loader_fed_cpu_decode")
-def loader_fed_cpu_decode(case: Case) -> Prepared:
-    """loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU (the loader bench's
-    dali_cpu_decode_gpu_resize): no per-image decoder work on the GPU beside the step; the CIFAR configs'
-    setting, here on full-size JPEGs, where the CPU's decoding rate decides."""
-    if case.device.type != "cuda":
-        raise Skip("resizes on the GPU: needs CUDA")
-    from .loader import CPU_DECODE_GPU_RESIZE
-
-    return _loader_fed(case, **CPU_DECODE_GPU_RESIZE)
+_HW = "the hardware JPEG decoder needs CUDA"
+register("step", "loader_fed")(_fed_provider(
+    "HYBRID", "LV-ViT-S (attn auto, compiled with CUDA graphs on CUDA) fed by the real DALI loader, one pipeline on "
+    "nvJPEG's hybrid path (the default before lanes): images/s and data-wait share."))
+register("step", "loader_fed_hw")(_fed_provider(
+    "HW_DECODER", "loader_fed with the DALI loader on nvJPEG's hardware decoder (90%, 8 threads: the loader bench's "
+    "dali_hw), the configuration fastest alone.", cuda_only=_HW))
+register("step", "loader_fed_lanes")(_fed_provider(
+    "HW_LANES", "loader_fed with two DALI pipelines sharing the batches by what each delivers, one on nvJPEG's "
+    "hardware engines and one on the hybrid path (the loader bench's dali_lanes).", cuda_only=_HW))
+register("step", "loader_fed_lanes_ours")(_fed_provider(
+    "HW_LANES", "loader_fed_lanes feeding the step as `tokenlabel train` runs it by default (our attention, stem "
+    "BatchNorm, residual + LayerNorm and bias + GELU kernels): the faster step asks more of the loader.",
+    kernels=True, cuda_only=_HW))
+register("step", "loader_fed_lanes3")(_fed_provider(
+    "HW_LANES3", "loader_fed_lanes with two hardware-engine pipelines beside the hybrid one (the loader bench's "
+    "dali_lanes3).", cuda_only=_HW))
+register("step", "loader_fed_lanes3_ours")(_fed_provider(
+    "HW_LANES3", "loader_fed_lanes3 feeding the step with our kernels, as loader_fed_lanes_ours (H200, 2026-12-05: "
+    "GPU idle 5.6 / 6.1% against the two lanes' 4.0 / 5.9%).", kernels=True, cuda_only=_HW))
+register("step", "loader_fed_cpu_decode")(_fed_provider(
+    "CPU_DECODE_GPU_RESIZE", "loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU "
+    "(the loader bench's dali_cpu_decode_gpu_resize): no per-image decoder work on the GPU beside the step; the "
+    "CIFAR configs' setting, here on full-size JPEGs, where the CPU's decoding rate decides.",
+    cuda_only="resizes on the GPU: needs CUDA"))
 
 
 def _loader_fed(case: Case, kernels: bool = False, **loader_kw) -> Prepared:

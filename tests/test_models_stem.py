@@ -3,10 +3,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from script_helpers import grad_atol
-
 from tokenlabel.models import create_model
 from tokenlabel.models.lvvit import STEM_IMPLS, conv_stride2_s2d, patch_linear, patches_of, patchify_linear
+
+
+def grad_atol(ref):
+    """The absolute tolerance of an LV-ViT stem gradient against ``ref``: 1e-5, or 4e-6 of its
+    largest element where that is more. The stem's conv weight gradients reach ~20, and fp32 sums over the batch
+    then land up to 2.7e-5 from float64 on elements near zero (16 draws; CI once failed conv3.weight at a flat 1e-5,
+    on torch's own conv)."""
+    return max(1e-5, 4e-6 * float(ref.abs().max()))
 
 
 def grads_of(fn, *tensors, gen):
