@@ -195,8 +195,10 @@ def reference_style(case: Case) -> Prepared:
     return _lvvit_prepare(case, "math", False, loss_kind="reference", fused_adamw=False, conv1_impl="conv")
 
 
-# our kernels besides the attention: the stem's BatchNorm + ReLU, the residual adds + LayerNorm, fc1's bias + GELU
-OUR_BLOCK_KERNELS = dict(bn_impl="triton", residual_norm="triton", gelu="triton")
+# our kernels besides the attention: the stem's BatchNorm + ReLU, the residual adds + LayerNorm, fc1's bias + GELU,
+# the stem conv1's weight gradient (since 2026-12-05 16:00 UTC: H100, 21.68 ms per step against 21.76 with cuDNN's;
+# in the profile 168 us against cuDNN's 464)
+OUR_BLOCK_KERNELS = dict(bn_impl="triton", residual_norm="triton", gelu="triton", conv1_wgrad="triton")
 
 
 def _backend_provider(attn, compile_, mode=None, conv1_impl=None, options=None, bwd_impl="split", bn_impl=None,
@@ -265,7 +267,8 @@ register("step", "compile_graphs_auto_lnk")(_backend_provider("auto", True, "red
 # bias gradient read separately). 2026-12-05, H200, with the swept tiling: 21.08 ms against 21.47.
 register("step", "compile_graphs_auto_geluk")(_backend_provider("auto", True, "reduce-overhead", gelu="triton"))
 # every kernel of ours at once: our flash attention (split backward), the stem's BatchNorm kernels, the fused
-# residual + LayerNorm, bias + GELU (OUR_BLOCK_KERNELS: what `tokenlabel train` takes by default on CUDA).
+# residual + LayerNorm, bias + GELU, conv1's weight gradient (OUR_BLOCK_KERNELS: what `tokenlabel train` takes by
+# default on CUDA; rows before 2026-12-05 16:00 UTC had cuDNN's conv1 weight gradient, as _cudnn_wgrad has now).
 # 2026-12-05, H200, with the swept tilings: 19.90 ms against 21.47; with the H100 sweep's tilings 18.85 against 21.03.
 register("step", "compile_graphs_ours")(_backend_provider("triton", True, "reduce-overhead", **OUR_BLOCK_KERNELS))
 # ... the same with the attention backward as split2's two launches (new, not measured), and with cuDNN's attention
@@ -279,12 +282,12 @@ register("step", "compile_graphs_ours_sdpa")(_backend_provider("sdpa", True, "re
 # as one launch. Not measured.
 register("step", "compile_graphs_ours_combo")(_backend_provider("triton", True, options=COMBO_OPTIONS,
                                                                 **OUR_BLOCK_KERNELS))
-# ... and with the s2d conv1's weight gradient by kernels/conv_wgrad.py (cuDNN's heuristics put it on a cutlass 5.x
-# kernel at 459 us per step in the H200 profile of compile_graphs_ours; ours is predicted at ~110-170 us). New, not
-# measured; with --cudnn-benchmark on (the default) cuDNN may pick a faster kernel of its own, so the pair of rows
-# says whether ours still wins.
-register("step", "compile_graphs_ours_c1w")(_backend_provider("triton", True, "reduce-overhead", conv1_wgrad="triton",
-                                                              **OUR_BLOCK_KERNELS))
+# ... and with cuDNN's weight gradient of the s2d conv1 instead of kernels/conv_wgrad.py (cuDNN's heuristics put it
+# on a cutlass 5.x kernel: 464 us per step in the H100 profile, 454-480 in the H200 ones; ours 168 us on the H100).
+# Until 2026-12-05 16:00 UTC this was compile_graphs_ours, and ours was the opt-in compile_graphs_ours_c1w (H100,
+# 2026-12-05: 21.68 ms against 21.76; the tenth session: 0.06 ms apart).
+register("step", "compile_graphs_ours_cudnn_wgrad")(_backend_provider(
+    "triton", True, "reduce-overhead", **{**OUR_BLOCK_KERNELS, "conv1_wgrad": "cudnn"}))
 
 
 def _timm(case: Case, compile_: bool) -> Prepared:

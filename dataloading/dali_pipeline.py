@@ -22,7 +22,8 @@ Division of labour (why it is built this way):
   batch 0, so a training loop that asks for the next epoch finds DALI's prefetch queue full instead
   of restarting the producer and refilling the queue. A request for anything else (another epoch,
   a resume at batch b, a repeat) stops the stream, drains what DALI holds and starts a new one
-  there; every batch is a pure function of (epoch, sample), so the batches are the same either way.
+  there; every batch is a pure function of (epoch, sample), so the batches are the same either way (with
+  lanes of different decoders, up to the decoders' rounding of the pixels: see Lanes below).
 * Files the GPU decoder should not see (PNG/GIF/CMYK/truncated JPEGs with a .jpg name) are decoded
   by PIL in the producer once and handed over as lossless PNM files in a cache folder (removed with
   the backend); files nothing can decode are replaced by the next readable sample with one warning
@@ -33,6 +34,9 @@ Division of labour (why it is built this way):
   at most ``reorder_limit`` batches ahead of the consumer; each pump copies its outputs out of DALI's buffers and
   deposits them by position, and the consumer takes them in order. A fast decoder takes more batches, a slow one
   fewer: the share follows what each delivers, alone or beside a training step, with no fixed split.
+  Which lane decodes a batch depends on timing, and nvJPEG's hardware engines and its hybrid path round the
+  pixels differently (chroma upsampling), so a repeat of an epoch is bit-equal in everything but the pixels;
+  bit-equal pixels need one decoder (a single load, or the same load on every lane).
 
 Sample ids travel through the pipeline with the images, and each output batch is checked against
 the metadata queued for it, so label maps always belong to the images they arrive with.

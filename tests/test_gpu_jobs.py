@@ -37,3 +37,22 @@ def test_jobs_need_an_output_folder(tmp_path):
     r = subprocess.run(["bash", "-c", f"source {JOBS / 'common.sh'}"], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "OUT must name the output folder" in r.stderr
+
+
+def test_jobs_name_registered_providers():
+    """Every bench provider a job script names (--providers a,b / --provider a / FED="a b") is registered: a renamed
+    provider would otherwise surface only on the GPU, as a lost call."""
+    import re
+
+    from tokenlabel.bench.registry import providers
+
+    known = {p.name for p in providers("step")}
+    named = set()
+    for script in JOBS.glob("*.sh"):
+        text = script.read_text()
+        for m in re.finditer(r"--providers?\s+\"?([\w,$]+)", text):
+            named.update(n for n in m.group(1).split(",") if not n.startswith("$"))
+        for m in re.finditer(r"\$\{FED:-([^}]+)\}", text):
+            named.update(m.group(1).split())
+    assert named, "no provider found in the job scripts"
+    assert named <= known, sorted(named - known)

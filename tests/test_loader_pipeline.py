@@ -1,7 +1,6 @@
 """End-to-end loader tests on small real-JPEG folders: PIL backend always, DALI (CPU, device_id=None)
 where DALI imports, DALI "mixed" on the GPU with -m gpu."""
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -63,18 +62,27 @@ DEVICES = [("torch", "cpu"), ("dali", "cpu"), pytest.param("torch", "cuda", mark
 
 @pytest.mark.parametrize("backend,device", DEVICES)
 def test_same_epoch_same_batches_and_exact_resume(folder, backend, device):
+    """An epoch repeated, and resumed at batch 2, gives the same batches bit for bit. On CUDA DALI's default is two
+    lanes (the hardware engines and the hybrid path), and which lane decodes a batch depends on timing; the two
+    decoders round differently (chroma upsampling), so bit-equal images need one decoder: hw_decoder_load=0.0 here.
+    The default lanes keep everything but the pixels exact and the pixels within the decoders' rounding (a repeat
+    differed on 1 run in 5 on an H100, 2026-12-05, before this test said so)."""
     root, rel = folder
-    loader = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device)
+    one = dict(hw_decoder_load=0.0) if (backend, device) == ("dali", "cuda") else {}
+    loader = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device, **one)
     full = _epoch(loader, 5)
     again = _epoch(loader, 5)
     resumed = _epoch(loader, 5, start_batch=2)
+    loader.close()
     assert len(resumed) == len(full) - 2
-    for a, b in zip(full, again):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    for a, b in zip(full[2:], resumed):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
+    _same(again, full)
+    _same(resumed, full[2:])
+    if one:  # the default lanes, twice, against the one decoder
+        for _ in range(2):
+            lanes = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device)
+            got = _epoch(lanes, 5) + _epoch(lanes, 5, start_batch=2)
+            lanes.close()
+            _same_up_to_decoding(got, full + full[2:])
 
 
 def test_shards_partition_an_epoch(folder):
@@ -114,6 +122,23 @@ def _same(xs, ys):
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+def _same_up_to_decoding(xs, ys):
+    """Everything but the pixels exact; the pixels within the hardware and hybrid decoders' rounding, by the mean
+    absolute difference of each image in grey levels: their chroma upsampling gives a fraction of a level, which
+    RandAugment's histogram ops (equalize, autocontrast) can widen on a few images; a wrong crop, flip or image
+    gives tens of levels."""
+    assert len(xs) == len(ys)
+    err = []
+    for a, b in zip(xs, ys):
+        assert set(a) == set(b)
+        for k in a:
+            if k != "images":
+                assert torch.equal(a[k], b[k]), k
+        err.append(np.abs(to_uint8(a["images"]) - to_uint8(b["images"])).mean(axis=(1, 2, 3)))
+    err = np.concatenate(err)
+    assert np.median(err) < 3.0 and err.max() < 20.0, np.round(err, 2)
 
 
 def test_dali_stream_runs_across_epochs(folder, tmp_path):

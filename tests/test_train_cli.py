@@ -87,26 +87,30 @@ def test_gpu_only_attention_refused_without_cuda(monkeypatch):
 
 
 def test_kernel_switches_refused_without_cuda(monkeypatch):
-    """--stem-bn / --residual-norm / --gelu triton without CUDA: refused at start-up, naming the torch path."""
+    """--stem-bn / --residual-norm / --gelu / --conv1-wgrad triton without CUDA: refused at start-up, naming the torch
+    path."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for flag in ("--stem-bn", "--residual-norm", "--gelu"):
+    for flag in ("--stem-bn", "--residual-norm", "--gelu", "--conv1-wgrad"):
         with pytest.raises(SystemExit, match=f"{flag} triton runs on CUDA GPUs only.*{flag} torch"):
             _cfg(["train", "--data", "d", flag, "triton"])
     cfg = _cfg(["train", "--data", "d", "--model", "lvvit_t"])
-    assert cfg["stem_bn"] == cfg["residual_norm"] == cfg["gelu"] == "auto"  # the default: torch here, at build time
-    assert T.build_model(cfg, 3).patch_embed.bn_impl == "torch" and cfg["stem_bn"] == "torch"
+    assert cfg["stem_bn"] == cfg["residual_norm"] == cfg["gelu"] == cfg["conv1_wgrad"] == "auto"  # torch here, at build
+    stem = T.build_model(cfg, 3).patch_embed
+    assert (stem.bn_impl, stem.conv1_wgrad_impl) == ("torch", "cudnn")
+    assert cfg["stem_bn"] == cfg["conv1_wgrad"] == "torch"
 
 
 def test_kernel_switches_reach_the_model(tmp_path, data):
-    """--stem-bn triton --residual-norm triton --gelu triton (interpreted here): one training step runs with all
-    three, and a non-LV-ViT model refuses them."""
+    """--stem-bn triton --residual-norm triton --gelu triton --conv1-wgrad triton (interpreted here): one training
+    step runs with all four, and a non-LV-ViT model refuses them."""
     out = tmp_path / "k"
     args = tiny_args(data, out, "--max-steps", 1, "--stem-bn", "triton", "--residual-norm", "triton", "--gelu",
-                     "triton")
+                     "triton", "--conv1-wgrad", "triton")
     cfg = _cfg(args)
     model = T.build_model(cfg, 3)
     assert model.patch_embed.bn_impl == model.residual_norm_impl == model.gelu_impl == "triton"
+    assert model.patch_embed.conv1_wgrad_impl == "triton"
     assert main(args) == 0
     with pytest.raises(SystemExit, match="apply to LV-ViT models"):
         T.build_model(_cfg(["train", "--data", "d", "--model", "resnet_tiny", "--img-size", "32",
@@ -117,15 +121,16 @@ def test_kernel_switches_auto_resolve_per_model_and_device(monkeypatch):
     """"auto": our kernels for an LV-ViT model on CUDA, the torch modules without CUDA (never the interpreter) and
     for other models, which then train as they would with torch; the resolved choice is what the run records."""
     argv = ["train", "--data", "d", "--img-size", "32", "--stem-bn", "auto", "--residual-norm", "auto", "--gelu",
-            "auto"]
+            "auto", "--conv1-wgrad", "auto"]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for cuda, model, want in ((False, "lvvit_t", "torch"), (True, "resnet_tiny", "torch"), (True, "lvvit_t", "triton")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         cfg = _cfg(argv + ["--model", model])
         built = T.build_model(cfg, 3)
-        assert cfg["stem_bn"] == cfg["residual_norm"] == cfg["gelu"] == want, (cuda, model)
+        assert cfg["stem_bn"] == cfg["residual_norm"] == cfg["gelu"] == cfg["conv1_wgrad"] == want, (cuda, model)
         if model == "lvvit_t":
             assert built.patch_embed.bn_impl == built.residual_norm_impl == built.gelu_impl == want
+            assert built.patch_embed.conv1_wgrad_impl == {"torch": "cudnn", "triton": "triton"}[want]
     ns = build_parser(["train", "--data", "d"]).parse_args(["train", "--data", "d"])
     ns.gelu = "fast"  # as a config file could have it
     with pytest.raises(SystemExit, match="--gelu 'fast': valid values are torch, triton, auto"):

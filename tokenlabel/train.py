@@ -56,6 +56,7 @@ DEFAULTS: dict = {
     "stem_bn": "auto",          # the stem's BatchNorm + ReLU (kernels/batchnorm.py)
     "residual_norm": "auto",    # the blocks' residual add + LayerNorm (kernels/add_layernorm.py)
     "gelu": "auto",             # the MLPs' fc1 bias + GELU (kernels/bias_gelu.py)
+    "conv1_wgrad": "auto",      # the stem conv1's weight gradient (kernels/conv_wgrad.py; torch: cuDNN's)
     "img_size": 224,
     "token_label_size": None,   # img_size // 16; must equal the model's patch grid
     "epochs": 300,
@@ -160,7 +161,7 @@ def _parse_kv(text: str) -> dict:
     return out
 
 
-KERNEL_KEYS = ("stem_bn", "residual_norm", "gelu")
+KERNEL_KEYS = ("stem_bn", "residual_norm", "gelu", "conv1_wgrad")
 KERNEL_CHOICES = ("torch", "triton", "auto")
 
 
@@ -207,6 +208,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "each way (CUDA), or auto (the default)")
     g.add_argument("--gelu", choices=KERNEL_CHOICES,
                    help="LV-ViT's MLP bias + GELU: torch, one Triton kernel each way (CUDA), or auto (the default)")
+    g.add_argument("--conv1-wgrad", choices=KERNEL_CHOICES,
+                   help="the weight gradient of LV-ViT's first stem conv (space-to-depth form): torch (cuDNN), our "
+                        "Triton kernel (CUDA), or auto (the default)")
     g.add_argument("--drop-path", type=float)
     g.add_argument("--mix-token", dest="mix_token", action="store_true", default=None)
     g.add_argument("--no-mix-token", dest="mix_token", action="store_false")
@@ -567,8 +571,10 @@ def build_model(cfg: dict, num_classes: int) -> torch.nn.Module:
             cfg[key] = "triton" if is_token_model(model) and torch.cuda.is_available() else "torch"
     if any(cfg[k] != "torch" for k in KERNEL_KEYS):
         if not is_token_model(model):
-            raise SystemExit(f"--stem-bn / --residual-norm / --gelu apply to LV-ViT models, not --model {cfg['model']}")
-        model.patch_embed.set_impl(bn=cfg["stem_bn"])
+            raise SystemExit(f"--stem-bn / --residual-norm / --gelu / --conv1-wgrad apply to LV-ViT models, not "
+                             f"--model {cfg['model']}")
+        wgrad = "cudnn" if cfg["conv1_wgrad"] == "torch" else "triton"  # torch's: cuDNN's convolution backward
+        model.patch_embed.set_impl(bn=cfg["stem_bn"], conv1_wgrad=wgrad)
         model.set_impl(residual_norm=cfg["residual_norm"], gelu=cfg["gelu"])
     if is_token_model(model):
         L = int(model.patch_grid)
