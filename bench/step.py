@@ -356,6 +356,10 @@ _HW = "the hardware JPEG decoder needs CUDA"
 register("step", "loader_fed")(_fed_provider(
     "HYBRID", "LV-ViT-S (attn auto, compiled with CUDA graphs on CUDA) fed by the real DALI loader, one pipeline on "
     "nvJPEG's hybrid path (the default before lanes): images/s and data-wait share."))
+register("step", "loader_fed_ours")(_fed_provider(
+    "HYBRID", "loader_fed (one hybrid pipeline) feeding the step with our kernels, as loader_fed_lanes_ours: whether "
+    "the hybrid path alone keeps up with the faster step (H100, 2026-11-25: 2.0% GPU idle beside the torch step of "
+    "then, 25.7 ms; ours is 21.7 ms).", kernels=True))
 register("step", "loader_fed_hw")(_fed_provider(
     "HW_DECODER", "loader_fed with the DALI loader on nvJPEG's hardware decoder (90%, 8 threads: the loader bench's "
     "dali_hw), the configuration fastest alone.", cuda_only=_HW))
