@@ -367,8 +367,8 @@ register("step", "loader_fed_lanes")(_fed_provider(
     "HW_LANES", "loader_fed with two DALI pipelines sharing the batches by what each delivers, one on nvJPEG's "
     "hardware engines and one on the hybrid path (the loader bench's dali_lanes).", cuda_only=_HW))
 register("step", "loader_fed_lanes_ours")(_fed_provider(
-    "HW_LANES", "loader_fed_lanes feeding the step as `tokenlabel train` runs it by default (our attention, stem "
-    "BatchNorm, residual + LayerNorm and bias + GELU kernels): the faster step asks more of the loader.",
+    "HW_LANES", "loader_fed_lanes feeding the step as `tokenlabel train` runs it by default (attn auto and "
+    "OUR_BLOCK_KERNELS): the faster step asks more of the loader.",
     kernels=True, cuda_only=_HW))
 register("step", "loader_fed_lanes3")(_fed_provider(
     "HW_LANES3", "loader_fed_lanes with two hardware-engine pipelines beside the hybrid one (the loader bench's "
@@ -384,8 +384,8 @@ register("step", "loader_fed_cpu_decode")(_fed_provider(
 
 
 def _loader_fed(case: Case, kernels: bool = False, **loader_kw) -> Prepared:
-    """The step fed by the real loader; ``kernels``: with our kernels (attention, stem BatchNorm, residual +
-    LayerNorm, bias + GELU: the train CLI's defaults on CUDA), else the torch modules with attn "auto"."""
+    """The step fed by the real loader, attn "auto"; ``kernels``: with OUR_BLOCK_KERNELS on CUDA (the train CLI's
+    defaults there), else the torch modules."""
     data = case.options.get("data")
     if data is None:
         raise Skip("needs --data (a folder or .tar of JPEGs) to feed the step from the real loader")

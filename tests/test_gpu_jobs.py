@@ -1,4 +1,5 @@
 """scripts/gpu_jobs: the GPU job scripts parse, and their shared `step` runner keeps to the job's time budget."""
+import re
 import subprocess
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def test_jobs_need_an_output_folder(tmp_path):
 def test_jobs_name_registered_providers():
     """Every bench provider a job script names (--providers a,b / --provider a / FED="a b") is registered: a renamed
     provider would otherwise surface only on the GPU, as a lost call."""
-    import re
-
     from tokenlabel.bench.registry import providers
 
     known = {p.name for p in providers("step")}
