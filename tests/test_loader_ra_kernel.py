@@ -69,12 +69,14 @@ def _check(got, want, spatial_rows, nonspatial_frac=0.0):
     # Resampling may differ by one grey level (rounding order of the matrix and of grid_sample, FMA
     # contraction on the GPU); a later layer can amplify such a pixel (Contrast x1.9, Posterize or
     # Solarize thresholds, Equalize's table), so after a spatial op only the share of differing pixels
-    # is bounded. Samples without a spatial op must agree to one level.
+    # is bounded: at most 1e-3 of those pixels, and at least one pixel whatever the image size (at 11 x 9 px a
+    # single pixel one level off is 1.1e-3 of three samples; CI drew one, about 1 run in 200).
+    # Samples without a spatial op must agree to one level.
     if (~spatial).any():
         assert d[~spatial].max() <= 1, float(d[~spatial].max())
-    frac_s = float((d[spatial] > 0).double().mean()) if spatial.any() else 0.0
+    n_s = int((d[spatial] > 0).sum()) if spatial.any() else 0
     frac_o = float((d[~spatial] > 0).double().mean()) if (~spatial).any() else 0.0
-    assert frac_s <= 1e-3, frac_s
+    assert n_s <= max(1, 1e-3 * d[spatial].numel()), (n_s, d[spatial].numel())
     assert frac_o <= nonspatial_frac, frac_o
 
 
