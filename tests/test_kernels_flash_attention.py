@@ -17,6 +17,23 @@ def reference(q, k, v, scale):
     return torch.einsum("bhij,bhjd->bhid", weights, v).permute(0, 2, 1, 3)
 
 
+def cancellation_bound(q, k, v, o, do, scale):
+    """[B, N, 3, H, D]: the fp32 rounding an exact backward still shows in dq and dk, elementwise (0 for dv). Each
+    ds_ij = p_ij (dp_ij - delta_i) subtracts two length-D dot products (dp_ij = do_i . v_j, delta_i = do_i . o_i)
+    that cancel where attention is sharp; at N = 1 they cancel exactly, the float64 dq and dk are 0, and what fp32
+    leaves is about u (|do_i| . |v_j| + |do_i| . |o_i|) (u = 2^-24; interpreted, 1,200 draws at N = 1 reached 0.94x
+    of it, so 4x is allowed: at N = 197 that adds ~1/3 to the relative bound, where the worst case of a length-D
+    dot, D u, would add 3-8x). It reaches dq_i as scale sum_j p_ij err_ij |k_j| and dk_j as scale sum_i p_ij
+    err_ij |q_i|. (A flat floor of 2e-6 of the largest gradient failed ~3% of the N = 1 draws, by up to 1.65x.)"""
+    q, k, v, o, do = (t.detach().double() for t in (q, k, v, o, do))
+    p = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) * scale, dim=-1)
+    terms = torch.einsum("bihd,bjhd->bhij", do.abs(), v.abs()) + (do.abs() * o.abs()).sum(-1).transpose(1, 2)[..., None]
+    err = 4 * 2.0 ** -24 * p * terms
+    dq = scale * torch.einsum("bhij,bjhd->bihd", err, k.abs())
+    dk = scale * torch.einsum("bhij,bihd->bjhd", err, q.abs())
+    return torch.stack([dq, dk, torch.zeros_like(dq)], dim=2)
+
+
 def rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -162,9 +179,9 @@ def test_tilings_match_float64(gen, device, shape, tiling):
     for launch in fa.bwd_launches(do, q, k, v, o, lse, *g.unbind(2), scale, bwd_cfg, impl, scratch):
         fa._run(launch)
     assert torch.isfinite(g).all()
-    floor = 2e-6 * float(ref_g.abs().max())
-    for got, want in zip(g.unbind(2), ref_g.unbind(2)):
-        assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max()) + floor
+    floor = 2e-6 * float(ref_g.abs().max()) + cancellation_bound(q64, k64, v64, ref, do, scale)
+    for got, want, bound in zip(g.unbind(2), ref_g.unbind(2), floor.unbind(2)):
+        assert ((got.double() - want).abs() < 1e-5 * float(want.abs().max()) + bound).all()
 
 
 def test_separate_inputs_any_strides_and_scale(gen, device):
