@@ -1,4 +1,4 @@
-"""``tokenlabel bench {loss,attention,blocks,step,loader,all}``: check, time, record, tabulate, plot.
+"""``tokenlabel bench {loss,attention,blocks,mlp,step,loader,all}``: check, time, record, tabulate, plot.
 
 Examples (the full run on one H100 takes a few minutes)::
 
@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-ORDER = ("loss", "attention", "blocks", "step", "loader")   # step before loader: the loader rows quote its rate
+ORDER = ("loss", "attention", "blocks", "mlp", "step", "loader")   # step before loader: the loader rows quote its rate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ OP_MODULES = {
     "loss": "tokenlabel.bench.loss",
     "attention": "tokenlabel.bench.attention",
     "blocks": "tokenlabel.bench.blocks",
+    "mlp": "tokenlabel.bench.mlp",
     "step": "tokenlabel.bench.step",
     "loader": "tokenlabel.bench.loader",
 }

@@ -15,9 +15,10 @@ from tokenlabel.bench import registry
 from tokenlabel.bench.registry import Case, CheckFailed, Skip
 from tokenlabel.bench.runner import DTYPES
 
-OPS = ("loss", "attention", "blocks", "step")
+OPS = ("loss", "attention", "blocks", "mlp", "step")
 MODES = {"loss": ("fwd+bwd",), "attention": ("fwd", "fwd+bwd"),
-         "blocks": ("add_ln fwd", "add_ln fwd+bwd", "gelu fwd", "gelu fwd+bwd"), "step": ("train_step",)}
+         "blocks": ("add_ln fwd", "add_ln fwd+bwd", "gelu fwd", "gelu fwd+bwd"), "mlp": ("fwd", "fwd+bwd"),
+         "step": ("train_step",)}
 
 
 def _cases(op, quick):

@@ -15,17 +15,18 @@ def load_script(name: str):
 
 def sm90_builds(expr: str):
     """``expr`` evaluated in a subprocess without TRITON_INTERPRET (interpreted kernels do not compile), with
-    ``add_layernorm``, ``batchnorm``, ``bias_gelu`` and ``conv_wgrad`` of tokenlabel.kernels imported: for their
-    ``sm90_resources`` (ahead-of-time sm_90 builds by Triton's bundled ptxas, no GPU needed). Returns the value
-    through JSON (dict keys become strings; each build is [registers, spilled stack bytes, shared bytes, cp.async
-    copies])."""
+    ``add_layernorm``, ``batchnorm``, ``bias_gelu``, ``conv_wgrad`` and ``linear_gelu`` of tokenlabel.kernels
+    imported: for their ``sm90_resources`` (ahead-of-time sm_90 builds by Triton's bundled ptxas, no GPU needed).
+    Returns the value through JSON (dict keys become strings; each build is [registers, spilled stack bytes, shared
+    bytes, cp.async copies])."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json\nfrom tokenlabel.kernels import add_layernorm, batchnorm, bias_gelu, conv_wgrad\n"
+    code = ("import json\n"
+            "from tokenlabel.kernels import add_layernorm, batchnorm, bias_gelu, conv_wgrad, linear_gelu\n"
             f"print(json.dumps({expr}))\n")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

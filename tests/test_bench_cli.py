@@ -56,6 +56,21 @@ def test_bench_blocks_quick_end_to_end(tmp_path):
         assert len(errs) >= 10 and max(errs) <= 1e-4, errs
 
 
+def test_bench_mlp_quick_end_to_end(tmp_path):
+    """bench mlp: every provider checked against float64 (output and the four gradients) and timed forward and
+    forward + backward, with TFLOP/s from the three Linears' GEMMs."""
+    out = tmp_path / "res"
+    assert main(["bench", "mlp", "--quick", "--out", str(out), "--reps", "1", "--warmup", "0", "--no-plot"]) == 0
+    rows = results.read_rows(out / "mlp.csv")
+    assert not [r for r in rows if r["metric"] == "status"], rows
+    by = {(r["provider"], r["mode"], r["metric"]): r["p50"] for r in rows}
+    for prov in ("ours", "fused", "eager"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert by[(prov, mode, "ms")] > 0 and by[(prov, mode, "TFLOP/s")] > 0, (prov, mode)
+        errs = [r["p50"] for r in rows if r["provider"] == prov and r["metric"].startswith("err_")]
+        assert len(errs) == 5 and max(errs) <= 1e-4, errs
+
+
 def test_bench_run_cut_short_keeps_the_providers_that_ran(tmp_path, monkeypatch):
     """A run stopped during its second provider (as a device call's time limit stops it) leaves the first
     provider's rows in the hidden partial file, and no half-written results CSV."""

@@ -1,0 +1,231 @@
+"""The MLP's fc1 + bias + GELU as one GEMM with a GELU epilogue, and GELU's backward as the epilogue of fc2's input
+gradient: Triton.
+
+Why (models/NOTES.md, thirteenth and fourteenth sessions): on the H100 the step's row kernels already run at 79-87% of
+their byte rate, so the 7,500 img/s goal needs fewer passes over memory, not faster passes. Per transformer block at
+LV-ViT-S/224, B 128 (M = 25,216 token rows, C = 384, hidden 1,152), the MLP's hidden activation today costs:
+forward, fc1's GEMM writes h (58 MB), `_bias_gelu_fwd` reads it back and writes g (116 MB, 41.4 us on the H100);
+backward, fc2's input-gradient GEMM writes dg (58 MB), `_bias_gelu_bwd` reads dg and h and writes dh (174 MB, 65.5
+us). Here both GEMMs (each [M, 384] x [384, 1152], 22.3 GFLOP) keep their output tile in registers and finish the
+GELU there: forward, z = x W1^T + b1 and g = GELU(z) are both written from the accumulator (h is never read back);
+backward, dh = (dy W2) * GELU'(z) is written instead of dg (dg never exists), with fc1's bias gradient summed per
+row block from the same registers. What goes away per block: one read of h (58 MB) forward, one write and one read
+of dg (116 MB) backward, and two launches: ~52 us of bytes at 3.35 TB/s, if the GEMMs themselves keep cuBLAS's
+rate (`tokenlabel bench mlp` measures the block's MLP each way).
+
+Measured (H100, 2026-12-05): they do not. The MLP forward + backward takes 0.470 ms this way against 0.402 ms for
+cuBLAS's GEMMs with bias_gelu's kernels (the step's path), so the model does not use this module. The same K loop
+with a plain epilogue runs 58.9 us against cuBLAS's 44.9 us (76% of its rate), and the GELU epilogue then adds ~37 us
+to the forward: about what bias_gelu's separate pass costs (43 us), because in a non-persistent kernel a tile's
+epilogue does not overlap any tile's matmul. What it would take is in kernels/NOTES.md (fourteenth session).
+
+Semantics are those of ``F.gelu(F.linear(x, W1, b1))`` (exact, erf GELU): z is the fp32 accumulator plus the bias,
+stored in the compute dtype (saved for the backward); g = GELU(z) from the fp32 z, stored in the compute dtype;
+backward dh = dg * (Phi(z) + z phi(z)) with dg the fp32 accumulator of dy @ W2 (cuBLAS rounds dg to the compute
+dtype first; here it is not rounded), db1 = sum over rows of dh in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, compute_dtype, dispatch
+from .bias_gelu import _phi
+
+_INTERP = tl.constexpr(INTERPRET)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Tiling of each GEMM: (BLOCK_M, BLOCK_N, BLOCK_K), warps, pipeline stages, row blocks per group (the launch order
+# that keeps a group's A rows in L2 while it walks the column blocks), and how Phi is computed (bias_gelu.CDFS).
+# The fastest of 20 tilings each in scripts/sweep_mlp_gemm.py (H100, 2026-12-05, LV-ViT-S/224 B 128:
+# bench/results/mlp-gemm-h100/): forward 96.1 us, backward 114.4 us, against 84.7 and 112.3 us for cuBLAS's GEMM +
+# bias_gelu's kernel, which they were built to replace. Their sm_90 builds spill 8 and 24 bytes (the epilogue's
+# temporaries beside 64 fp32 accumulators per thread); the spill-free 128 x 128 x 32 tiling ran 108.6 and 152.3 us.
+FWD = dict(bm=64, bn=128, bk=64, warps=4, stages=3, group=8, cdf="erfcx")
+BWD = dict(bm=128, bn=64, bk=64, warps=4, stages=3, group=8, cdf="erfcx")
+
+
+@triton.jit
+def _dot(a, b, acc):
+    if _INTERP:
+        # Triton 3.6's interpreter returns garbage for bf16 dots; the products of bf16 / fp16 values are exact in
+        # fp32 and the GPU accumulates in fp32, so fp32 operands give the same sums up to the order of addition
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def tile_of_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(row block, rows, cols) of this program's output tile, in grouped order: GROUP row blocks walk all column
+    blocks before the next group starts, so a group's rows of A stay in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP
+    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _mm_gelu(A, B, BIAS, Z, OUT, PART, M, N, stride_bk, stride_bn, K: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+             STAGES: tl.constexpr, BACKWARD: tl.constexpr, CDF: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc = A[M, K] @ B (B[k, n] at B + k * stride_bk + n * stride_bn), then per output tile
+    forward (BACKWARD False): z = acc + BIAS -> Z, GELU(z) -> OUT;
+    backward: z <- Z, acc * GELU'(z) -> OUT, its column sums over the tile's rows -> PART[row block] (fp32)."""
+    pid_m, rows, cols = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    a_ptr = A + rows.to(tl.int64)[:, None] * K + rk[None, :]
+    b_ptr = B + rk[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        if EVEN_K:
+            a = tl.load(a_ptr, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptr, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = (k0 + rk) < K
+            a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc)
+        a_ptr += BLOCK_K
+        b_ptr += BLOCK_K * stride_bk
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    if BACKWARD:
+        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        cdf, e = _phi(z, CDF)
+        dh = tl.where(mask, acc * (cdf + z * (e * 0.3989422804014327)), 0.0)
+        tl.store(OUT + offs, dh.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(PART + pid_m.to(tl.int64) * N + cols, tl.sum(dh, 0), mask=col_ok)
+    else:
+        z = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        cdf, _ = _phi(z, CDF)
+        tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
+        tl.store(OUT + offs, (z * cdf).to(OUT.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _launch(cfg, a, b, stride_bk, stride_bn, N, bias, z, out, part, backward):
+    M, K = a.shape
+    bm, bn, bk = cfg["bm"], cfg["bn"], cfg["bk"]
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _mm_gelu[grid](a, b, bias, z, out, part, M, N, stride_bk, stride_bn, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                   GROUP=cfg["group"], STAGES=cfg["stages"], BACKWARD=backward, CDF=cfg["cdf"], EVEN_K=K % bk == 0,
+                   num_warps=cfg["warps"])
+
+
+def linear_gelu_forward(x, w1, b1):
+    """(z, g) for x [M, K], w1 [N, K], b1 [N], all of one dtype: z = x @ w1^T + b1 and g = GELU(z), both [M, N]."""
+    M, _ = x.shape
+    N = w1.shape[0]
+    z = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    g = torch.empty_like(z)
+    _launch(FWD, x, w1, w1.stride(1), w1.stride(0), N, b1, z, g, z, backward=False)
+    return z, g
+
+
+def linear_gelu_backward(dy, w2, z):
+    """(dh, db1) for dy [M, C], w2 [C, N] (fc2's weight), z [M, N] from the forward: dh = (dy @ w2) * GELU'(z) in
+    z's dtype, db1 = the column sums of dh in fp32."""
+    M, N = z.shape
+    dh = torch.empty_like(z)
+    part = torch.empty(triton.cdiv(M, BWD["bm"]), N, device=z.device, dtype=torch.float32)
+    _launch(BWD, dy, w2, w2.stride(0), w2.stride(1), N, z, z, dh, part, backward=True)
+    return dh, part.sum(0)
+
+
+def sm90_resources(M: int = 128 * 197, C: int = 384, N: int = 1152, dtype=torch.bfloat16) -> dict:
+    """The two GEMMs' sm_90 builds at LV-ViT-S's MLP shape, without a GPU (run without TRITON_INTERPRET):
+    {"fwd" | "bwd": (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
+    from ._common import aot_sm90
+
+    x = torch.empty(M, C, device="meta", dtype=dtype)
+    w = torch.empty(N, C, device="meta", dtype=dtype)
+    zt = torch.empty(M, N, device="meta", dtype=dtype)
+    part = torch.empty(M // 64, N, device="meta", dtype=torch.float32)
+    out = {}
+    for name, cfg, backward, sbk, sbn in (("fwd", FWD, False, 1, C), ("bwd", BWD, True, N, 1)):
+        const = dict(K=C, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"], GROUP=cfg["group"],
+                     STAGES=cfg["stages"], BACKWARD=backward, CDF=cfg["cdf"], EVEN_K=C % cfg["bk"] == 0)
+        bias = w if backward else torch.empty(N, device="meta", dtype=dtype)
+        out[name] = aot_sm90((_mm_gelu, None, [x, w, bias, zt, zt, part, M, N, sbk, sbn], const,
+                              dict(num_warps=cfg["warps"])))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops (torch.compile sees fakes) and the autograd glue
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("tokenlabel::linear_gelu_fwd", mutates_args=())
+def linear_gelu_fwd_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear_gelu_forward(x, w1, b1)
+
+
+@linear_gelu_fwd_op.register_fake
+def _(x, w1, b1):
+    z = x.new_empty(x.shape[0], w1.shape[0])
+    return z, torch.empty_like(z)
+
+
+@torch.library.custom_op("tokenlabel::linear_gelu_bwd", mutates_args=())
+def linear_gelu_bwd_op(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear_gelu_backward(dy, w2, z)
+
+
+@linear_gelu_bwd_op.register_fake
+def _(dy, w2, z):
+    return torch.empty_like(z), z.new_empty(z.shape[1], dtype=torch.float32)
+
+
+class _Mlp(torch.autograd.Function):
+    """y = GELU(x W1^T + b1) W2^T for x [M, C] and weights already in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2):
+        z, g = dispatch(torch.ops.tokenlabel.linear_gelu_fwd, linear_gelu_forward, x, w1, b1, check=(x,))
+        ctx.save_for_backward(x, w1, w2, z, g)
+        ctx.b1_dtype = b1.dtype
+        return g @ w2.t()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w1, w2, z, g = ctx.saved_tensors
+        dy = dy.contiguous()
+        dh, db1 = dispatch(torch.ops.tokenlabel.linear_gelu_bwd, linear_gelu_backward, dy, w2, z, check=(dy, z))
+        return dh @ w1, dh.t() @ x, db1.to(ctx.b1_dtype), dy.t() @ g
+
+
+def mlp_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2)`` (exact GELU; fc2's bias left to the caller, who folds it into
+    the residual add) with fc1's bias + GELU in fc1's GEMM epilogue and GELU's backward in the epilogue of fc2's
+    input-gradient GEMM. x: [..., C]; w1: [N, C]; b1: [N]; w2: [C_out, N]. Under autocast everything computes in
+    autocast's dtype (the weights cast as autocast would; fc1's bias is added in fp32 and gets an fp32 gradient);
+    the result has the compute dtype."""
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"mlp_gelu: x must be a non-empty [..., C] tensor, got shape {tuple(x.shape)}")
+    if w1.dim() != 2 or w1.shape[1] != x.shape[-1]:
+        raise ValueError(f"mlp_gelu: w1 must be [N, {x.shape[-1]}] (fc1's weight), got {tuple(w1.shape)}")
+    if b1.shape != (w1.shape[0],):
+        raise ValueError(f"mlp_gelu: b1 must be [{w1.shape[0]}], got {tuple(b1.shape)}")
+    if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"mlp_gelu: w2 must be [C_out, {w1.shape[0]}] (fc2's weight), got {tuple(w2.shape)}")
+    dt = compute_dtype(x)
+    for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2)):
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"mlp_gelu: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (x.is_cuda or INTERPRET):
+        raise RuntimeError(f"mlp_gelu (Triton) needs CUDA tensors, got {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dt).contiguous()
+    with torch.autocast(x.device.type, enabled=False):
+        y = _Mlp.apply(x2, w1.to(dt).contiguous(), b1, w2.to(dt).contiguous())
+    return y.reshape(*lead, w2.shape[0])
