@@ -3,7 +3,8 @@ LV-ViT shapes, forward and forward + backward, bf16 autocast with fp32 parameter
 
 Providers: "ours" (the baseline: what the step runs today, cuBLAS's fc1 without its bias, kernels/bias_gelu.py's
 bias + GELU kernel each way, cuBLAS's fc2), "fused" (kernels/linear_gelu.py: fc1's bias + GELU in fc1's GEMM
-epilogue, GELU's backward in the epilogue of fc2's input-gradient GEMM), "eager" (the modules as written, torch's
+epilogue, GELU's backward in the epilogue of fc2's input-gradient GEMM; "fused_tma": the same with persistent
+programs loading by TMA), "eager" (the modules as written, torch's
 GELU). FLOPs: the three GEMMs of each Linear (2 M C H per GEMM), GELU's elementwise work not counted. Bytes: what the
 fused path must move at least (x, z, g, y forward; dy, z, g, dh, dx and the weight gradients' inputs backward are
 already in the GEMMs' operands, so no separate floor is given: the rows are time and TFLOP/s).
@@ -15,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .registry import Case, CheckFailed, Prepared, Skip, register
+from .registry import Case, CheckFailed, Prepared, Skip, register, within
 
 SHAPES = {
     "S224": (dict(B=128, N=197, C=384, H=1152), ("bf16",)),   # LV-ViT-S at 224: 25,216 token rows
@@ -102,6 +103,14 @@ def ours(case: Case) -> Prepared:
 def fused(case: Case) -> Prepared:
     """kernels/linear_gelu.py: bias + GELU in fc1's GEMM epilogue, GELU's backward in fc2's input-gradient GEMM."""
     return _prepare(case, _fused)
+
+
+@register("mlp", "fused_tma")
+def fused_tma(case: Case) -> Prepared:
+    """"fused" with both GEMMs as persistent programs loading their operands by TMA (linear_gelu impl="tma")."""
+    from tokenlabel.kernels import linear_gelu as lg
+
+    return within(_prepare(case, _fused), lambda: lg.use_impl("tma"), "linear_gelu impl: tma")
 
 
 @register("mlp", "eager")

@@ -2,6 +2,7 @@
 the ahead-of-time sm_90 build that reports a kernel's registers and spills without a GPU."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -121,3 +122,19 @@ def compile_sm90(launch):
     signature.update({n: "constexpr" for n in const})
     src = ASTSource(fn=kernel, signature=signature, constexprs=dict(const), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(opts))
+
+
+@contextlib.contextmanager
+def overriding(tables, key: str, value, choices, default):
+    """Within the block every dict of ``tables`` (a kernel module's tilings, e.g. FWD and BWD) has ``key`` =
+    ``value`` (one of ``choices``); the old values (``default`` where missing) come back afterwards."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    old = [t.get(key, default) for t in tables]
+    for t in tables:
+        t[key] = value
+    try:
+        yield
+    finally:
+        for t, v in zip(tables, old):
+            t[key] = v

@@ -23,13 +23,11 @@ the two in Phi's tail, where 0.5 * (1 + erf) cancels (tests/test_kernels_bias_ge
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dispatch, sm_count
+from ._common import INTERPRET, dispatch, overriding, sm_count
 from .batchnorm import sum_partials
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -53,17 +51,10 @@ ERFCX = (0.2820863375, 0.2823769392, 0.243090075, 0.2027488716, -0.02679174406, 
          0.284714135, -0.05910004169)
 
 
-@contextlib.contextmanager
 def use_cdf(cdf: str):
-    """Within the block both kernels compute Phi by ``cdf`` (one of CDFS), whatever FWD / BWD say."""
-    if cdf not in CDFS:
-        raise ValueError(f"cdf must be one of {', '.join(CDFS)}, got {cdf!r}")
-    old = FWD.get("cdf", "erf"), BWD.get("cdf", "erf")
-    FWD["cdf"] = BWD["cdf"] = cdf
-    try:
-        yield
-    finally:
-        FWD["cdf"], BWD["cdf"] = old
+    """Within the block (``with use_cdf(...)``) both kernels compute Phi by ``cdf`` (one of CDFS), whatever FWD /
+    BWD say."""
+    return overriding((FWD, BWD), "cdf", cdf, CDFS, "erf")
 
 
 @triton.jit

@@ -18,6 +18,9 @@ cuBLAS's GEMMs with bias_gelu's kernels (the step's path), so the model does not
 with a plain epilogue runs 58.9 us against cuBLAS's 44.9 us (76% of its rate), and the GELU epilogue then adds ~37 us
 to the forward: about what bias_gelu's separate pass costs (43 us), because in a non-persistent kernel a tile's
 epilogue does not overlap any tile's matmul. What it would take is in kernels/NOTES.md (fourteenth session).
+``impl="tma"`` (_mm_gelu_tma: persistent programs, operands by TMA; 164 / 192 registers and no spills at the
+defaults, against the pointer kernel's 255 with 8 / 24 bytes spilled) is the first step toward that, built and
+CPU-checked, not yet timed.
 
 Semantics are those of ``F.gelu(F.linear(x, W1, b1))`` (exact, erf GELU): z is the fp32 accumulator plus the bias,
 stored in the compute dtype (saved for the backward); g = GELU(z) from the fp32 z, stored in the compute dtype;
@@ -30,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, dispatch
+from ._common import INTERPRET, compute_dtype, dispatch, overriding, sm_count
 from .bias_gelu import _phi
 
 _INTERP = tl.constexpr(INTERPRET)
@@ -41,8 +44,18 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # bench/results/mlp-gemm-h100/): forward 96.1 us, backward 114.4 us, against 84.7 and 112.3 us for cuBLAS's GEMM +
 # bias_gelu's kernel, which they were built to replace. Their sm_90 builds spill 8 and 24 bytes (the epilogue's
 # temporaries beside 64 fp32 accumulators per thread); the spill-free 128 x 128 x 32 tiling ran 108.6 and 152.3 us.
-FWD = dict(bm=64, bn=128, bk=64, warps=4, stages=3, group=8, cdf="erfcx")
-BWD = dict(bm=128, bn=64, bk=64, warps=4, stages=3, group=8, cdf="erfcx")
+# ``impl``: "ptr" (_mm_gelu: one program per tile, operands by pointer loads, cp.async-pipelined; the swept one) or
+# "tma" (_mm_gelu_tma: ``per_sm`` persistent programs per SM, operands by TMA; built and CPU-checked on 2026-12-05,
+# not yet timed: no device time was left); "tma" falls back to "ptr" where TMA's alignment rules do not hold.
+FWD = dict(bm=64, bn=128, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2)
+BWD = dict(bm=128, bn=64, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2)
+IMPLS = ("ptr", "tma")
+
+
+def use_impl(impl: str):
+    """Within the block (``with use_impl(...)``) both GEMMs run as ``impl`` (one of IMPLS), whatever FWD / BWD
+    say."""
+    return overriding((FWD, BWD), "impl", impl, IMPLS, "ptr")
 
 
 @triton.jit
@@ -58,26 +71,45 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def tile_of_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """(row block, rows, cols) of this program's output tile, in grouped order: GROUP row blocks walk all column
+def tile_ids(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(row block, column block) of output tile number ``tile`` in grouped order: GROUP row blocks walk all column
     blocks before the next group starts, so a group's rows of A stay in L2."""
-    pid = tl.program_id(0)
     per_group = GROUP * tl.cdiv(N, BLOCK_N)
-    first_m = (pid // per_group) * GROUP
+    first_m = (tile // per_group) * GROUP
     group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    return pid_m, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+
+
+@triton.jit
+def _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD: tl.constexpr, CDF: tl.constexpr):
+    """Forward: z = acc + BIAS -> Z, GELU(z) -> OUT. Backward: z <- Z, acc * GELU'(z) -> OUT, its column sums over
+    the tile's rows -> PART[pid_m] (fp32)."""
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    if BACKWARD:
+        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        cdf, e = _phi(z, CDF)
+        dh = tl.where(mask, acc * (cdf + z * (e * 0.3989422804014327)), 0.0)
+        tl.store(OUT + offs, dh.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(PART + pid_m.to(tl.int64) * N + cols, tl.sum(dh, 0), mask=col_ok)
+    else:
+        z = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        cdf, _ = _phi(z, CDF)
+        tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
+        tl.store(OUT + offs, (z * cdf).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _mm_gelu(A, B, BIAS, Z, OUT, PART, M, N, stride_bk, stride_bn, K: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
              STAGES: tl.constexpr, BACKWARD: tl.constexpr, CDF: tl.constexpr, EVEN_K: tl.constexpr):
-    """acc = A[M, K] @ B (B[k, n] at B + k * stride_bk + n * stride_bn), then per output tile
-    forward (BACKWARD False): z = acc + BIAS -> Z, GELU(z) -> OUT;
-    backward: z <- Z, acc * GELU'(z) -> OUT, its column sums over the tile's rows -> PART[row block] (fp32)."""
-    pid_m, rows, cols = tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP)
+    """acc = A[M, K] @ B (B[k, n] at B + k * stride_bk + n * stride_bn) for one output tile per program, then
+    _epilogue."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
@@ -95,31 +127,78 @@ def _mm_gelu(A, B, BIAS, Z, OUT, PART, M, N, stride_bk, stride_bn, K: tl.constex
         acc = _dot(a, b, acc)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K * stride_bk
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    if BACKWARD:
-        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-        cdf, e = _phi(z, CDF)
-        dh = tl.where(mask, acc * (cdf + z * (e * 0.3989422804014327)), 0.0)
-        tl.store(OUT + offs, dh.to(OUT.dtype.element_ty), mask=mask)
-        tl.store(PART + pid_m.to(tl.int64) * N + cols, tl.sum(dh, 0), mask=col_ok)
+    _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD, CDF)
+
+
+@triton.jit
+def _mm_gelu_tma(A, B, BIAS, Z, OUT, PART, M, N, K: tl.constexpr, B_NK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
+                 BACKWARD: tl.constexpr, CDF: tl.constexpr, PROGS: tl.constexpr, PER: tl.constexpr):
+    """_mm_gelu's GEMM and epilogues with the operands loaded by TMA (tensor descriptors made on the device; rows
+    and columns past the edges read as 0) and PROGS persistent programs, each taking every PROGS-th output tile (at
+    most PER of them). B is [N, K] (B_NK: fc1's weight, K contiguous) or [K, N] (fc2's weight), contiguous."""
+    a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_NK:
+        b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:
-        z = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        cdf, _ = _phi(z, CDF)
-        tl.store(Z + offs, z.to(Z.dtype.element_ty), mask=mask)
-        tl.store(OUT + offs, (z * cdf).to(OUT.dtype.element_ty), mask=mask)
+        b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N])
+    n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for i in tl.range(0, PER):
+        tile = tl.program_id(0) + i * PROGS
+        if tile < n_tiles:
+            pid_m, pid_n = tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+                if B_NK:
+                    b = b_desc.load([pid_n * BLOCK_N, k0]).T
+                else:
+                    b = b_desc.load([k0, pid_n * BLOCK_N])
+                acc = _dot(a, b, acc)
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD, CDF)
 
 
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _launch(cfg, a, b, stride_bk, stride_bn, N, bias, z, out, part, backward):
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch for the descriptors _mm_gelu_tma makes on the device (128 bytes per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else torch.cuda.current_device())
+
+
+def _ensure_allocator() -> None:
+    """Triton's allocator lives in a ContextVar, so each thread that launches (autograd runs CUDA backwards in a
+    thread of its own) needs it set; an allocator someone else set is kept."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
+
+
+def _tma_ok(*ts) -> bool:
+    """TMA needs 16-byte-aligned bases and row strides, contiguous rows."""
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+               for t in ts)
+
+
+def _launch(cfg, a, b, b_nk, N, bias, z, out, part, backward):
+    """b_nk: b is [N, K] (fc1's weight); else [K, N] (fc2's)."""
     M, K = a.shape
     bm, bn, bk = cfg["bm"], cfg["bn"], cfg["bk"]
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _mm_gelu[grid](a, b, bias, z, out, part, M, N, stride_bk, stride_bn, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                   GROUP=cfg["group"], STAGES=cfg["stages"], BACKWARD=backward, CDF=cfg["cdf"], EVEN_K=K % bk == 0,
-                   num_warps=cfg["warps"])
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=cfg["group"], STAGES=cfg["stages"], BACKWARD=backward,
+                  CDF=cfg["cdf"], num_warps=cfg["warps"])
+    if cfg.get("impl", "ptr") == "tma" and _tma_ok(a, b):
+        _ensure_allocator()
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        progs = min(tiles, cfg["per_sm"] * sm_count(a.device))
+        _mm_gelu_tma[(progs,)](a, b, bias, z, out, part, M, N, K=K, B_NK=b_nk, PROGS=progs,
+                               PER=triton.cdiv(tiles, progs), **common)
+    else:
+        sbk, sbn = (b.stride(1), b.stride(0)) if b_nk else (b.stride(0), b.stride(1))
+        _mm_gelu[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](a, b, bias, z, out, part, M, N, sbk, sbn, K=K,
+                                                              EVEN_K=K % bk == 0, **common)
 
 
 def linear_gelu_forward(x, w1, b1):
@@ -128,7 +207,7 @@ def linear_gelu_forward(x, w1, b1):
     N = w1.shape[0]
     z = torch.empty(M, N, device=x.device, dtype=x.dtype)
     g = torch.empty_like(z)
-    _launch(FWD, x, w1, w1.stride(1), w1.stride(0), N, b1, z, g, z, backward=False)
+    _launch(FWD, x, w1, True, N, b1, z, g, z, backward=False)
     return z, g
 
 
@@ -138,26 +217,40 @@ def linear_gelu_backward(dy, w2, z):
     M, N = z.shape
     dh = torch.empty_like(z)
     part = torch.empty(triton.cdiv(M, BWD["bm"]), N, device=z.device, dtype=torch.float32)
-    _launch(BWD, dy, w2, w2.stride(0), w2.stride(1), N, z, z, dh, part, backward=True)
+    _launch(BWD, dy, w2, False, N, z, z, dh, part, backward=True)
     return dh, part.sum(0)
 
 
-def sm90_resources(M: int = 128 * 197, C: int = 384, N: int = 1152, dtype=torch.bfloat16) -> dict:
-    """The two GEMMs' sm_90 builds at LV-ViT-S's MLP shape, without a GPU (run without TRITON_INTERPRET):
-    {"fwd" | "bwd": (registers, spilled stack bytes, shared bytes, cp.async copies)}."""
-    from ._common import aot_sm90
+def sm90_resources(M: int = 128 * 197, C: int = 384, N: int = 1152, dtype=torch.bfloat16, sms: int = 132) -> dict:
+    """The two GEMMs' sm_90 builds at LV-ViT-S's MLP shape with FWD's and BWD's tilings, without a GPU (run
+    without TRITON_INTERPRET): {"fwd" | "bwd": (registers, spilled stack bytes, shared bytes, pipelined async
+    copies: cp.async for "ptr", TMA loads for "tma")}."""
+    import re
+
+    from ._common import aot_sm90, compile_sm90
 
     x = torch.empty(M, C, device="meta", dtype=dtype)
-    w = torch.empty(N, C, device="meta", dtype=dtype)
     zt = torch.empty(M, N, device="meta", dtype=dtype)
     part = torch.empty(M // 64, N, device="meta", dtype=torch.float32)
     out = {}
-    for name, cfg, backward, sbk, sbn in (("fwd", FWD, False, 1, C), ("bwd", BWD, True, N, 1)):
+    for name, cfg, backward in (("fwd", FWD, False), ("bwd", BWD, True)):
+        w = torch.empty((C, N) if backward else (N, C), device="meta", dtype=dtype)
+        bias = zt if backward else torch.empty(N, device="meta", dtype=dtype)
         const = dict(K=C, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"], GROUP=cfg["group"],
-                     STAGES=cfg["stages"], BACKWARD=backward, CDF=cfg["cdf"], EVEN_K=C % cfg["bk"] == 0)
-        bias = w if backward else torch.empty(N, device="meta", dtype=dtype)
-        out[name] = aot_sm90((_mm_gelu, None, [x, w, bias, zt, zt, part, M, N, sbk, sbn], const,
-                              dict(num_warps=cfg["warps"])))
+                     STAGES=cfg["stages"], BACKWARD=backward, CDF=cfg["cdf"])
+        if cfg.get("impl", "ptr") == "tma":
+            tiles = triton.cdiv(M, cfg["bm"]) * triton.cdiv(N, cfg["bn"])
+            progs = min(tiles, cfg["per_sm"] * sms)
+            const.update(B_NK=not backward, PROGS=progs, PER=triton.cdiv(tiles, progs))
+            launch = (_mm_gelu_tma, None, [x, w, bias, zt, zt, part, M, N], const, dict(num_warps=cfg["warps"]))
+            regs, stack, shared, _ = aot_sm90(launch)
+            tma = len(re.findall("async_tma_copy_global_to_local", compile_sm90(launch).asm["ttgir"]))
+            out[name] = (regs, stack, shared, tma)
+        else:
+            sbk, sbn = (N, 1) if backward else (1, C)
+            const.update(EVEN_K=C % cfg["bk"] == 0)
+            out[name] = aot_sm90((_mm_gelu, None, [x, w, bias, zt, zt, part, M, N, sbk, sbn], const,
+                                  dict(num_warps=cfg["warps"])))
     return out
 
 

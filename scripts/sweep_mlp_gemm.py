@@ -38,11 +38,21 @@ TILINGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (12
            (256, 128, 64, 8, 3), (64, 256, 32, 8, 4), (128, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
 
 
-def candidates(limit: int):
-    """The default tiling first, then TILINGS in order."""
-    out = [dict(lg.FWD)]
-    for bm, bn, bk, warps, stages in TILINGS:
-        c = dict(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, group=8, cdf=lg.FWD["cdf"])
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM) for impl="tma" (persistent programs): tilings whose
+# sm_90 builds fit per_sm programs per SM in registers and shared memory (the 128 x 128 x 64 build: 178 registers
+# at 8 warps, 96 KB shared: one per SM; 64 x 128 x 64 at 4 warps: 164 registers, 72 KB: two or three)
+TILINGS_TMA = [(64, 128, 64, 4, 3, 2), (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 4, 2),
+               (128, 128, 64, 8, 4, 1), (64, 128, 64, 4, 3, 3), (128, 256, 64, 8, 3, 1), (64, 256, 64, 8, 3, 1),
+               (128, 128, 32, 8, 4, 1), (64, 64, 64, 4, 3, 3), (128, 64, 64, 4, 4, 2), (64, 128, 32, 4, 4, 3)]
+
+
+def candidates(limit: int, impl: str = "ptr"):
+    """The default tiling first ("ptr"), then TILINGS (or TILINGS_TMA) in order."""
+    out = [dict(lg.FWD, impl=impl)] if impl == "ptr" else []
+    tilings = [(*t, lg.FWD["per_sm"]) for t in TILINGS] if impl == "ptr" else TILINGS_TMA  # per_sm: TMA only
+    for bm, bn, bk, warps, stages, per_sm in tilings:
+        c = dict(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, group=8, cdf=lg.FWD["cdf"], impl=impl,
+                 per_sm=per_sm)
         if c not in out:
             out.append(c)
     return out[:limit]
@@ -53,7 +63,9 @@ def _mm_plain(A, B, C, M, N, stride_bk, stride_bn, K: tl.constexpr, BLOCK_M: tl.
               BLOCK_K: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr):
     """linear_gelu._mm_gelu's loop and launch order with a plain epilogue (the accumulator stored in C's dtype): how
     far the GEMM itself is from cuBLAS's, apart from what the GELU epilogues cost (the "gemm" rows)."""
-    _, rows, cols = lg.tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP)
+    pid_m, pid_n = lg.tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     a_ptr = A + rows.to(tl.int64)[:, None] * K + rk[None, :]
     b_ptr = B + rk[:, None] * stride_bk + cols[None, :] * stride_bn
@@ -88,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=sorted(SHAPES), default="s")
     ap.add_argument("--kinds", default="fwd,bwd,gemm",
                     help="fwd, bwd (the two kernels), gemm (their loop with a plain epilogue, against cuBLAS's fc1)")
+    ap.add_argument("--impls", default="ptr,tma", help="linear_gelu.IMPLS to sweep (the gemm kind is ptr only)")
     ap.add_argument("--limit", type=int, default=len(TILINGS) + 1, help="at most this many tilings per kernel")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -114,8 +127,8 @@ def main(argv=None) -> int:
     rows, best = [], {}
     print(f"M {M} C {C} N {N}: cuBLAS + bias_gelu fwd {base['fwd']:.1f} us, bwd {base['bwd']:.1f} us; "
           + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
-    for kind in a.kinds.split(","):
-        for cfg in candidates(a.limit):
+    for kind, impl in [(k, i) for k in a.kinds.split(",") for i in a.impls.split(",") if k != "gemm" or i == "ptr"]:
+        for cfg in candidates(a.limit, impl):
             table = lg.FWD if kind == "fwd" else lg.BWD
             saved = dict(table)
             table.clear()
@@ -144,8 +157,9 @@ def main(argv=None) -> int:
                 table.update(saved)
             rows.append(dict(kind=kind, **cfg, us=us, err=err, status=status))
             print(f"{kind} {cfg} {us:.1f} us ({status})", flush=True)
-            if us == us and (kind not in best or us < best[kind]["us"]):
-                best[kind] = dict(cfg=cfg, us=us)
+            key = kind if kind == "gemm" else f"{kind} {impl}"
+            if us == us and (key not in best or us < best[key]["us"]):
+                best[key] = dict(cfg=cfg, us=us)
     with open(os.path.join(a.out, "sweep.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -153,8 +167,9 @@ def main(argv=None) -> int:
     summary = dict(gpu=torch.cuda.get_device_name(), shape=dict(M=M, C=C, N=N), replaced=base, parts=parts, best=best)
     with open(os.path.join(a.out, "best.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    for kind in best:
-        print(f"best {kind}: {best[kind]['us']:.1f} us against {base[kind]:.1f} us replaced ({best[kind]['cfg']})")
+    for key in best:
+        kind = key.split()[0]
+        print(f"best {key}: {best[key]['us']:.1f} us against {base[kind]:.1f} us replaced ({best[key]['cfg']})")
     return 0
 
 

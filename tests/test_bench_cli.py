@@ -64,7 +64,7 @@ def test_bench_mlp_quick_end_to_end(tmp_path):
     rows = results.read_rows(out / "mlp.csv")
     assert not [r for r in rows if r["metric"] == "status"], rows
     by = {(r["provider"], r["mode"], r["metric"]): r["p50"] for r in rows}
-    for prov in ("ours", "fused", "eager"):
+    for prov in ("ours", "fused", "fused_tma", "eager"):
         for mode in ("fwd", "fwd+bwd"):
             assert by[(prov, mode, "ms")] > 0 and by[(prov, mode, "TFLOP/s")] > 0, (prov, mode)
         errs = [r["p50"] for r in rows if r["provider"] == prov and r["metric"].startswith("err_")]

@@ -9,12 +9,14 @@ from tokenlabel.kernels import bias_gelu as bg
 from tokenlabel.kernels import linear_gelu as lg
 
 
-@pytest.fixture(params=bg.CDFS)
+@pytest.fixture(params=[(c, i) for c in bg.CDFS for i in lg.IMPLS], ids=lambda p: f"{p[0]}-{p[1]}")
 def cdf(request, monkeypatch):
-    """Each way Phi is computed (bias_gelu.CDFS), in both GEMMs' epilogues."""
-    monkeypatch.setattr(lg, "FWD", {**lg.FWD, "cdf": request.param})
-    monkeypatch.setattr(lg, "BWD", {**lg.BWD, "cdf": request.param})
-    return request.param
+    """Each way Phi is computed (bias_gelu.CDFS) in both GEMMs' epilogues, with each GEMM (lg.IMPLS: pointer loads,
+    TMA and persistent programs)."""
+    cdf, impl = request.param
+    monkeypatch.setattr(lg, "FWD", {**lg.FWD, "cdf": cdf, "impl": impl})
+    monkeypatch.setattr(lg, "BWD", {**lg.BWD, "cdf": cdf, "impl": impl})
+    return cdf
 
 
 def make(gen, M, C, N, device, dtype=torch.float32):
@@ -59,13 +61,15 @@ def test_fp32_matches_float64(gen, device, shape, cdf):
         assert rel(g, w) < 2e-5, (name, rel(g, w))
 
 
-def test_small_tiles_walk_groups_and_k_steps(gen, device, monkeypatch):
+@pytest.mark.parametrize("impl", lg.IMPLS)
+def test_small_tiles_walk_groups_and_k_steps(gen, device, monkeypatch, impl):
     """Tiles much smaller than the problem: several K steps, grouped launch order with a short last group, masked
-    edge tiles in both directions; the forward's z and g and the backward's dh and db1 checked directly."""
-    small = dict(bm=16, bn=32, bk=16, warps=4, stages=2, group=3, cdf="erf")
+    edge tiles in both directions, and (TMA) persistent programs taking several tiles each, the last ones fewer;
+    the forward's z and g and the backward's dh and db1 checked directly."""
+    small = dict(bm=16, bn=32, bk=16, warps=4, stages=2, group=3, cdf="erf", impl=impl, per_sm=5)
     monkeypatch.setattr(lg, "FWD", small)
     monkeypatch.setattr(lg, "BWD", small)
-    M, C, N = 83, 56, 100
+    M, C, N = 83, 56, 100  # 6 x 4 tiles: with TMA, 10 programs (2 "SMs" under the interpreter) take 2 or 3 each
     x = torch.randn(M, C, generator=gen).to(device)
     w1 = torch.randn(N, C, generator=gen).to(device) / 4
     b1 = torch.randn(N, generator=gen).to(device)
@@ -81,11 +85,14 @@ def test_small_tiles_walk_groups_and_k_steps(gen, device, monkeypatch):
     assert db1.dtype == torch.float32 and db1.shape == (N,)
 
 
+@pytest.mark.parametrize("impl", lg.IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_autocast_within_twice_torch_error(gen, device, dtype):
+def test_autocast_within_twice_torch_error(gen, device, dtype, impl, monkeypatch):
     """Under autocast (x in the half dtype from the LayerNorm, fp32 parameters): every output within 2x the error
     of torch's own autocast MLP against float64 (plus one ulp of the dtype); the gradients keep the parameters'
     dtypes."""
+    monkeypatch.setattr(lg, "FWD", {**lg.FWD, "impl": impl})
+    monkeypatch.setattr(lg, "BWD", {**lg.BWD, "impl": impl})
     x, w1, b1, w2, dy = make(gen, 394, 384, 1152, device, dtype)
     with torch.autocast(device.type, dtype=dtype):
         y = lg.mlp_gelu(x, w1, b1, w2)
@@ -119,13 +126,26 @@ def test_leading_dims_and_bad_input(device):
         lg.mlp_gelu(x.double(), w1, b1, w2)
 
 
-def test_sm90_builds_are_pipelined_and_spill_little():
+@pytest.mark.parametrize("impl", lg.IMPLS)
+def test_sm90_builds_are_pipelined_and_spill_little(impl, monkeypatch):
     """Both GEMMs compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at LV-ViT-S's MLP shape with the
-    default tilings: the K loop software-pipelined (cp.async copies), at most 64 bytes spilled (the swept best
-    tilings spill 8 and 24 bytes in the epilogue; a tiling that spills in the loop spills hundreds: 128 x 256 x 64
-    at 8 warps spills 656)."""
-    r = sm90_builds("linear_gelu.sm90_resources()")
+    default tilings: the K loop software-pipelined (cp.async copies; TMA loads for "tma"), at most 64 bytes spilled
+    (the swept best "ptr" tilings spill 8 and 24 bytes in the epilogue; a tiling that spills in the loop spills
+    hundreds: 128 x 256 x 64 at 8 warps spills 656)."""
+    r = sm90_builds(f"linear_gelu.FWD.update(impl={impl!r}) or linear_gelu.BWD.update(impl={impl!r}) or "
+                    "linear_gelu.sm90_resources()")
     for name in ("fwd", "bwd"):
         regs, stack, _, copies = r[name]
         assert stack <= 64 and regs <= 255, (name, r)
         assert copies > 0, f"{name} K loop not software-pipelined: {r}"
+
+
+def test_use_impl_switches_both_and_restores():
+    before = lg.FWD["impl"], lg.BWD["impl"]
+    with lg.use_impl("tma"):
+        assert lg.FWD["impl"] == lg.BWD["impl"] == "tma"
+    assert (lg.FWD["impl"], lg.BWD["impl"]) == before
+    with pytest.raises(ValueError, match="impl must be one of ptr, tma"):
+        with lg.use_impl("wgmma"):
+            pass
+    assert (lg.FWD["impl"], lg.BWD["impl"]) == before
