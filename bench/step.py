@@ -289,6 +289,20 @@ register("step", "compile_graphs_ours_combo")(_backend_provider("triton", True, 
 register("step", "compile_graphs_ours_cudnn_wgrad")(_backend_provider(
     "triton", True, "reduce-overhead", **{**OUR_BLOCK_KERNELS, "conv1_wgrad": "cudnn"}))
 
+# ... and with fc1's bias + GELU in the epilogue of fc1's GEMM and GELU's backward in the epilogue of fc2's
+# input-gradient GEMM (kernels/linear_gelu.py, gelu="gemm"): pointer-load GEMMs (the MLP alone on an H100,
+# 2026-12-05: 0.470 ms against 0.402 with cuBLAS + bias_gelu, so not expected to win), and the persistent TMA GEMMs
+# (linear_gelu impl "tma"; not measured)
+_MLP_GEMM = _backend_provider("triton", True, "reduce-overhead", **{**OUR_BLOCK_KERNELS, "gelu": "gemm"})
+register("step", "compile_graphs_ours_mlp_gemm")(_MLP_GEMM)
+
+
+@register("step", "compile_graphs_ours_mlp_tma")
+def compile_graphs_ours_mlp_tma(case: Case) -> Prepared:
+    """compile_graphs_ours_mlp_gemm with linear_gelu's persistent TMA GEMMs (impl "tma")."""
+    from tokenlabel.kernels import linear_gelu as lg
+
+    return within(_MLP_GEMM(case), lambda: lg.use_impl("tma"), "linear_gelu impl: tma")
 
 def _timm(case: Case, compile_: bool) -> Prepared:
     if case.device.type != "cuda":

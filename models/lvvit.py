@@ -157,7 +157,7 @@ def conv_stride2_s2d(x: torch.Tensor, weight: torch.Tensor, padding: int, channe
 STEM_IMPLS = {"conv1": ("auto", "conv", "s2d"), "proj": ("gemm", "conv"), "bn": ("torch", "triton"),
               "conv1_wgrad": ("cudnn", "triton")}
 # how the blocks' residual adds with the LayerNorms after them, and the MLPs' bias + GELU, run (LVViT.set_impl)
-BLOCK_IMPLS = {"residual_norm": ("torch", "triton"), "gelu": ("torch", "triton")}
+BLOCK_IMPLS = {"residual_norm": ("torch", "triton"), "gelu": ("torch", "triton", "gemm")}
 
 
 class PatchEmbed4_2(nn.Module):
@@ -296,7 +296,9 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2. ``gelu_impl`` "triton" (on CUDA or under TRITON_INTERPRET=1) runs fc1 without its bias
     and adds the bias inside one Triton GELU kernel each way (``tokenlabel.kernels.bias_gelu``), so fc1's bias
-    gradient comes out of GELU's backward pass; "torch" runs the modules as written."""
+    gradient comes out of GELU's backward pass; "gemm" computes fc1's bias + GELU in fc1's GEMM epilogue and GELU's
+    backward in the epilogue of fc2's input-gradient GEMM (``tokenlabel.kernels.linear_gelu``; slower than
+    "triton" on an H100 on 2026-12-05, kept to measure its TMA form); "torch" runs the modules as written."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -306,10 +308,29 @@ class Mlp(nn.Module):
         self.gelu_impl = "torch"
 
     def forward(self, x):
+        if self._gemm_epilogues(x):
+            b = self.branch(x)
+            return b + self.fc2.bias.to(b.dtype)
         return self.fc2(self.hidden(x))
 
+    def _gemm_epilogues(self, x) -> bool:
+        if self.gelu_impl != "gemm":
+            return False
+        from tokenlabel.kernels.linear_gelu import INTERPRET  # noqa: PLC0415 (imports triton: only when asked for)
+
+        return x.is_cuda or INTERPRET
+
+    def branch(self, x):
+        """fc2's output without fc2's bias (which the fused residual add takes)."""
+        if self._gemm_epilogues(x):
+            from tokenlabel.kernels.linear_gelu import mlp_gelu  # noqa: PLC0415
+
+            return mlp_gelu(x, self.fc1.weight, self.fc1.bias, self.fc2.weight)
+        return F.linear(self.hidden(x), self.fc2.weight)
+
     def hidden(self, x):
-        if self.gelu_impl == "triton":
+        """GELU(fc1(x)) (with "gemm" as with "triton": the GELU alone is not a separate step there)."""
+        if self.gelu_impl in ("triton", "gemm"):
             from tokenlabel.kernels import bias_gelu as bg  # noqa: PLC0415 (imports triton: only when asked for)
 
             if x.is_cuda or bg.INTERPRET:
@@ -382,7 +403,7 @@ class Block(nn.Module):
         x, n = add_layer_norm(x, F.linear(self.attn.heads(n), proj.weight), self.norm2, self._branch_scale(x),
                               out_dtype, branch_bias=proj.bias)
         # the final norm's output keeps the stream's dtype, as nn.LayerNorm's under autocast
-        out = add_layer_norm(x, F.linear(self.mlp.hidden(n), fc2.weight), next_norm, self._branch_scale(x),
+        out = add_layer_norm(x, self.mlp.branch(n), next_norm, self._branch_scale(x),
                              None if last else out_dtype, return_stream=not last, branch_bias=fc2.bias)
         return (None, out) if last else out
 
@@ -478,8 +499,9 @@ class LVViT(nn.Module):
         ``residual_norm``: each residual add (drop path, 1 / skip_lam and the bias of attn.proj or mlp.fc2 folded in)
         and the LayerNorm after it: "torch" (the default: the modules as written, which torch.compile fuses its own
         way) or "triton" (one kernel per add + LayerNorm each way, ``tokenlabel.kernels.add_layernorm``).
-        ``gelu``: each MLP's fc1 bias + GELU: "torch" or "triton" (``tokenlabel.kernels.bias_gelu``). The
-        "triton" paths run on CUDA or under TRITON_INTERPRET=1; elsewhere the torch path runs.
+        ``gelu``: each MLP's fc1 bias + GELU: "torch", "triton" (``tokenlabel.kernels.bias_gelu``) or "gemm" (in
+        the epilogues of fc1's GEMM and of fc2's input-gradient GEMM: ``tokenlabel.kernels.linear_gelu``). The
+        Triton paths run on CUDA or under TRITON_INTERPRET=1; elsewhere the torch path runs.
         """
         for name, value in (("residual_norm", residual_norm), ("gelu", gelu)):
             if value is not None and value not in BLOCK_IMPLS[name]:
@@ -489,6 +511,8 @@ class LVViT(nn.Module):
             import tokenlabel.kernels.add_layernorm  # noqa: F401, PLC0415
         if gelu == "triton":
             import tokenlabel.kernels.bias_gelu  # noqa: F401, PLC0415
+        if gelu == "gemm":
+            import tokenlabel.kernels.linear_gelu  # noqa: F401, PLC0415
         self.residual_norm_impl = residual_norm or self.residual_norm_impl
         if gelu is not None:
             for blk in self.blocks:

@@ -149,3 +149,19 @@ def test_use_impl_switches_both_and_restores():
         with lg.use_impl("wgmma"):
             pass
     assert (lg.FWD["impl"], lg.BWD["impl"]) == before
+
+
+def test_custom_ops_under_compile_fullgraph(gen, device):
+    """torch.compile(fullgraph=True) goes through the torch.library ops (their fakes give the shapes): the same
+    output and gradients as eager, no graph break; torch.library.opcheck passes for both ops."""
+    torch._dynamo.reset()
+    x, w1, b1, w2, dy = make(gen, 37, 24, 40, device)
+    eager = grads(lg.mlp_gelu(x, w1, b1, w2), (x, w1, b1, w2), dy)
+    compiled = torch.compile(lambda *a: lg.mlp_gelu(*a), fullgraph=True, backend="aot_eager")
+    got = grads(compiled(x, w1, b1, w2), (x, w1, b1, w2), dy)
+    for name, g, e in zip(NAMES, got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6, msg=name)
+    xd, w1d, b1d, w2d = (t.detach() for t in (x, w1, b1, w2))
+    torch.library.opcheck(torch.ops.tokenlabel.linear_gelu_fwd, (xd, w1d, b1d))
+    z, _ = lg.linear_gelu_forward(xd, w1d, b1d)
+    torch.library.opcheck(torch.ops.tokenlabel.linear_gelu_bwd, (dy, w2d, z))

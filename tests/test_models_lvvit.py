@@ -217,7 +217,8 @@ def _loss_grads(m, x, seed, autocast=False):
 
 # the blocks' Triton paths (LVViT.set_impl): each alone and both
 BLOCK_KERNELS = {"residual_norm": dict(residual_norm="triton"), "gelu": dict(gelu="triton"),
-                 "both": dict(residual_norm="triton", gelu="triton")}
+                 "both": dict(residual_norm="triton", gelu="triton"), "gemm": dict(gelu="gemm"),
+                 "both_gemm": dict(residual_norm="triton", gelu="gemm")}
 TORCH_BLOCKS = dict(residual_norm="torch", gelu="torch")
 
 
@@ -225,9 +226,9 @@ TORCH_BLOCKS = dict(residual_norm="torch", gelu="torch")
 @pytest.mark.parametrize("kernels", list(BLOCK_KERNELS))
 def test_block_kernels_match_torch(gen, kernels, ckpt):
     """set_impl(residual_norm="triton") (each residual add with drop path, 1 / skip_lam and the proj / fc2 bias
-    fused with the LayerNorm after it) and set_impl(gelu="triton") (fc1's bias + GELU), interpreted on the CPU: the
-    torch path's loss and every gradient (fp32, drop path on, the same draws), with and without activation
-    checkpointing; eval too."""
+    fused with the LayerNorm after it) and set_impl(gelu="triton" | "gemm") (fc1's bias + GELU, in its own kernel or
+    in the GEMMs' epilogues), interpreted on the CPU: the torch path's loss and every gradient (fp32, drop path on,
+    the same draws), with and without activation checkpointing; eval too."""
     m = tiny(gen, drop_path_rate=0.3, depth=3)
     x = torch.randn(4, 3, 64, 64, generator=gen)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -281,7 +282,7 @@ def test_fused_blocks_hand_bf16_to_the_linears_under_autocast(gen):
     assert seen == want
 
 
-@pytest.mark.parametrize("kernels", ["residual_norm", "gelu"])
+@pytest.mark.parametrize("kernels", ["residual_norm", "gelu", "both_gemm"])
 def test_block_kernels_bf16_autocast(gen, kernels):
     """Under bf16 autocast (bf16 normalised tokens straight from the kernel, the stream in fp32; GELU's input and
     output in bf16, fc1's bias added in fp32): every gradient within 2x the torch path's distance from the fp32 run,

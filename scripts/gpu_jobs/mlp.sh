@@ -6,3 +6,7 @@ source scripts/gpu_jobs/common.sh
 step 120 tests.txt python -m pytest -q -p no:cacheprovider -p no:logging -W ignore -rf tests/test_kernels_linear_gelu.py
 step 240 sweep.txt python scripts/sweep_mlp_gemm.py --out "$OUT/sweep" --kinds fwd,bwd --impls "${IMPLS:-ptr,tma}"
 step 120 bench.txt python -m tokenlabel bench mlp --shapes S224,M224 --out "$OUT/bench" --no-plot
+# the whole step with gelu="gemm" (pointer / TMA GEMMs) beside ours, when the MLP rows say it may win: STEP=1
+[ -n "$STEP" ] && step 220 step.txt python -m tokenlabel bench step --out "$OUT/step" --no-plot \
+  --providers compile_graphs_ours,compile_graphs_ours_mlp_gemm,compile_graphs_ours_mlp_tma
+true
