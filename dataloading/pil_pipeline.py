@@ -104,3 +104,19 @@ class PilBackend:
         for batch in self._dl:
             images = batch.pop("images").to(self.device, non_blocking=True)
             yield images, batch
+
+    def close(self):
+        """Stop the persistent DataLoader workers now and wait for them and their queues' feeder threads: left to
+        the interpreter's exit, a feeder thread raced the closing of its pipe ("Exception in thread
+        QueueFeederThread ... Bad file descriptor" after the GPU train tests, H100, 2026-12-05). A later epoch
+        starts new workers."""
+        dl, self._dl = self._dl, None
+        it = getattr(dl, "_iterator", None) if dl is not None else None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is None:
+            return
+        shutdown()  # torch's own: joins the workers, closes the index queues without waiting for their feeders
+        for q in getattr(it, "_index_queues", ()):
+            feeder = getattr(q, "_thread", None)  # multiprocessing.Queue's feeder thread, once it has been fed
+            if feeder is not None:
+                feeder.join(timeout=30)

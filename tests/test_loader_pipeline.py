@@ -722,6 +722,28 @@ def test_close_waits_for_the_worker_processes(folder):
 
 
 
+def test_torch_close_stops_the_persistent_workers(folder):
+    """The PIL DataLoader's persistent workers stop at close(), their queue-feeder threads with them (not at the
+    interpreter's exit, where a feeder thread raced its closing pipe); a later epoch starts new ones and the loader
+    gives the same batches as before."""
+    import multiprocessing
+    import threading
+
+    root, _ = folder
+    loader = _build(root, "torch", batch_size=4, image_size=16, num_workers=2)
+    before = {p.pid for p in multiprocessing.active_children()}
+    first = _epoch(loader, 0)
+    spawned = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(spawned) == 2
+    loader.close()
+    assert not spawned & {p.pid for p in multiprocessing.active_children()}
+    assert not [t for t in threading.enumerate() if t.name == "QueueFeederThread" and t.is_alive()]
+    again = _epoch(loader, 0)
+    assert [b["classes"].tolist() for b in again] == [b["classes"].tolist() for b in first]
+    loader.close()
+    loader.close()  # twice is fine
+
+
 # ---------------------------------------------------------------------------------------------- lanes
 LANES = dict(hw_decoder_load=(1.0, 0.0), dali_threads=(1, 2))  # on the CPU the loads are unused: two pipelines
 
