@@ -47,8 +47,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ``impl``: "ptr" (_mm_gelu: one program per tile, operands by pointer loads, cp.async-pipelined; the swept one) or
 # "tma" (_mm_gelu_tma: ``per_sm`` persistent programs per SM, operands by TMA; built and CPU-checked on 2026-12-05,
 # not yet timed: no device time was left); "tma" falls back to "ptr" where TMA's alignment rules do not hold.
-FWD = dict(bm=64, bn=128, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2)
-BWD = dict(bm=128, bn=64, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2)
+# ``flatten`` ("tma" only): fuse the tile loop with the K loop (tl.range(flatten=True)), so that the next tile's
+# loads are in flight during this tile's epilogue.
+FWD = dict(bm=64, bn=128, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2, flatten=False)
+BWD = dict(bm=128, bn=64, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2, flatten=False)
 IMPLS = ("ptr", "tma")
 
 
@@ -133,7 +135,8 @@ def _mm_gelu(A, B, BIAS, Z, OUT, PART, M, N, stride_bk, stride_bn, K: tl.constex
 @triton.jit
 def _mm_gelu_tma(A, B, BIAS, Z, OUT, PART, M, N, K: tl.constexpr, B_NK: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
-                 BACKWARD: tl.constexpr, CDF: tl.constexpr, PROGS: tl.constexpr, PER: tl.constexpr):
+                 BACKWARD: tl.constexpr, CDF: tl.constexpr, PROGS: tl.constexpr, PER: tl.constexpr,
+                 FLATTEN: tl.constexpr = False):
     """_mm_gelu's GEMM and epilogues with the operands loaded by TMA (tensor descriptors made on the device; rows
     and columns past the edges read as 0) and PROGS persistent programs, each taking every PROGS-th output tile (at
     most PER of them). B is [N, K] (B_NK: fc1's weight, K contiguous) or [K, N] (fc2's weight), contiguous."""
@@ -143,21 +146,23 @@ def _mm_gelu_tma(A, B, BIAS, Z, OUT, PART, M, N, K: tl.constexpr, B_NK: tl.const
     else:
         b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N])
     n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for i in tl.range(0, PER):
-        tile = tl.program_id(0) + i * PROGS
-        if tile < n_tiles:
-            pid_m, pid_n = tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-                a = a_desc.load([pid_m * BLOCK_M, k0])
-                if B_NK:
-                    b = b_desc.load([pid_n * BLOCK_N, k0]).T
-                else:
-                    b = b_desc.load([k0, pid_n * BLOCK_N])
-                acc = _dot(a, b, acc)
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD, CDF)
+    for i in tl.range(0, PER, flatten=FLATTEN):
+        # a program past the last tile redoes the last one (the same values to the same places: no branch around
+        # the K loop, which FLATTEN needs to fuse the tile loop with the K loop, so that the next tile's loads are
+        # issued during this tile's epilogue); the launcher sizes PROGS so that few do
+        tile = tl.minimum(tl.program_id(0) + i * PROGS, n_tiles - 1)
+        pid_m, pid_n = tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            if B_NK:
+                b = b_desc.load([pid_n * BLOCK_N, k0]).T
+            else:
+                b = b_desc.load([k0, pid_n * BLOCK_N])
+            acc = _dot(a, b, acc)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD, CDF)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +188,13 @@ def _tma_ok(*ts) -> bool:
                for t in ts)
 
 
+def _persistent_grid(tiles: int, slots: int):
+    """(programs, tiles per program) for ``tiles`` output tiles on at most ``slots`` resident programs: the fewest
+    rounds, then the fewest programs for them, so that at most programs - 1 tile slots redo the last tile."""
+    per = triton.cdiv(tiles, max(1, min(tiles, slots)))
+    return triton.cdiv(tiles, per), per
+
+
 def _launch(cfg, a, b, b_nk, N, bias, z, out, part, backward):
     """b_nk: b is [N, K] (fc1's weight); else [K, N] (fc2's)."""
     M, K = a.shape
@@ -191,10 +203,9 @@ def _launch(cfg, a, b, b_nk, N, bias, z, out, part, backward):
                   CDF=cfg["cdf"], num_warps=cfg["warps"])
     if cfg.get("impl", "ptr") == "tma" and _tma_ok(a, b):
         _ensure_allocator()
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        progs = min(tiles, cfg["per_sm"] * sm_count(a.device))
-        _mm_gelu_tma[(progs,)](a, b, bias, z, out, part, M, N, K=K, B_NK=b_nk, PROGS=progs,
-                               PER=triton.cdiv(tiles, progs), **common)
+        progs, per = _persistent_grid(triton.cdiv(M, bm) * triton.cdiv(N, bn), cfg["per_sm"] * sm_count(a.device))
+        _mm_gelu_tma[(progs,)](a, b, bias, z, out, part, M, N, K=K, B_NK=b_nk, PROGS=progs, PER=per,
+                               FLATTEN=cfg.get("flatten", False), **common)
     else:
         sbk, sbn = (b.stride(1), b.stride(0)) if b_nk else (b.stride(0), b.stride(1))
         _mm_gelu[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](a, b, bias, z, out, part, M, N, sbk, sbn, K=K,
@@ -239,9 +250,8 @@ def sm90_resources(M: int = 128 * 197, C: int = 384, N: int = 1152, dtype=torch.
         const = dict(K=C, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"], GROUP=cfg["group"],
                      STAGES=cfg["stages"], BACKWARD=backward, CDF=cfg["cdf"])
         if cfg.get("impl", "ptr") == "tma":
-            tiles = triton.cdiv(M, cfg["bm"]) * triton.cdiv(N, cfg["bn"])
-            progs = min(tiles, cfg["per_sm"] * sms)
-            const.update(B_NK=not backward, PROGS=progs, PER=triton.cdiv(tiles, progs))
+            progs, per = _persistent_grid(triton.cdiv(M, cfg["bm"]) * triton.cdiv(N, cfg["bn"]), cfg["per_sm"] * sms)
+            const.update(B_NK=not backward, PROGS=progs, PER=per, FLATTEN=cfg.get("flatten", False))
             launch = (_mm_gelu_tma, None, [x, w, bias, zt, zt, part, M, N], const, dict(num_warps=cfg["warps"]))
             regs, stack, shared, _ = aot_sm90(launch)
             tma = len(re.findall("async_tma_copy_global_to_local", compile_sm90(launch).asm["ttgir"]))

@@ -48,11 +48,14 @@ TILINGS_TMA = [(64, 128, 64, 4, 3, 2), (128, 128, 64, 8, 3, 1), (128, 64, 64, 4,
 
 def candidates(limit: int, impl: str = "ptr"):
     """The default tiling first ("ptr"), then TILINGS (or TILINGS_TMA) in order."""
-    out = [dict(lg.FWD, impl=impl)] if impl == "ptr" else []
-    tilings = [(*t, lg.FWD["per_sm"]) for t in TILINGS] if impl == "ptr" else TILINGS_TMA  # per_sm: TMA only
-    for bm, bn, bk, warps, stages, per_sm in tilings:
+    out = [dict(lg.FWD, impl=impl, flatten=False)] if impl == "ptr" else []
+    if impl == "ptr":  # per_sm and flatten: TMA only
+        tilings = [(*t, lg.FWD["per_sm"], False) for t in TILINGS]
+    else:  # each TMA tiling plain, and the first six also with the tile loop flattened into the K loop
+        tilings = [(*t, f) for i, t in enumerate(TILINGS_TMA) for f in ((False, True) if i < 6 else (False,))]
+    for bm, bn, bk, warps, stages, per_sm, flatten in tilings:
         c = dict(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, group=8, cdf=lg.FWD["cdf"], impl=impl,
-                 per_sm=per_sm)
+                 per_sm=per_sm, flatten=flatten)
         if c not in out:
             out.append(c)
     return out[:limit]
