@@ -139,7 +139,9 @@ def _mm_gelu_tma(A, B, BIAS, Z, OUT, PART, M, N, K: tl.constexpr, B_NK: tl.const
                  FLATTEN: tl.constexpr = False):
     """_mm_gelu's GEMM and epilogues with the operands loaded by TMA (tensor descriptors made on the device; rows
     and columns past the edges read as 0) and PROGS persistent programs, each taking every PROGS-th output tile (at
-    most PER of them). B is [N, K] (B_NK: fc1's weight, K contiguous) or [K, N] (fc2's weight), contiguous."""
+    most PER of them). B is [N, K] (B_NK: fc1's weight, K contiguous) or [K, N] (fc2's weight), contiguous.
+    PROGS and PER are compile-time constants (a runtime loop bound breaks Triton 3.6's interpreter), so each number
+    of token rows builds once: once for training's fixed batch, once more for an eval batch of another size."""
     a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     if B_NK:
         b_desc = tl.make_tensor_descriptor(B, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
