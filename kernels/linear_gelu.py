@@ -180,7 +180,8 @@ def _ensure_allocator() -> None:
     thread of its own) needs it set; an allocator someone else set is kept."""
     from triton.runtime import _allocation
 
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+    current = getattr(_allocation, "_allocator", None)  # Triton 3.6's names; elsewhere set ours each time
+    if current is None or current.get() is getattr(_allocation, "_NULL_ALLOCATOR", None):
         triton.set_allocator(_scratch)
 
 

@@ -167,3 +167,38 @@ def test_custom_ops_under_compile_fullgraph(gen, device):
     torch.library.opcheck(torch.ops.tokenlabel.linear_gelu_fwd, (xd, w1d, b1d))
     z, _ = lg.linear_gelu_forward(xd, w1d, b1d)
     torch.library.opcheck(torch.ops.tokenlabel.linear_gelu_bwd, (dy, w2d, z))
+
+
+def test_tma_launch_keeps_an_allocator_someone_set(gen, device):
+    """The TMA path sets Triton's scratch allocator only where none is set (it lives in a ContextVar: autograd's
+    backward thread starts without one) and leaves a caller's own allocator in place."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    calls = []
+
+    def mine(size, alignment, stream):
+        calls.append(size)
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    x, w1, b1, w2, dy = make(gen, 40, 16, 32, device)
+    with lg.use_impl("tma"):
+        token = _allocation._allocator.set(mine)
+        try:
+            lg.linear_gelu_forward(x.detach(), w1.detach(), b1.detach())
+            assert _allocation._allocator.get() is mine
+        finally:
+            _allocation._allocator.reset(token)
+        seen = []
+
+        def fresh_thread():  # a thread starts with Triton's null allocator, as autograd's does
+            seen.append(_allocation._allocator.get() is _allocation._NULL_ALLOCATOR)
+            lg.linear_gelu_forward(x.detach(), w1.detach(), b1.detach())
+            seen.append(_allocation._allocator.get() is lg._scratch)
+
+        t = threading.Thread(target=fresh_thread)
+        t.start()
+        t.join()
+    assert seen == [True, True]
+    assert calls or device.type != "cuda"  # the interpreter makes descriptors without scratch
