@@ -304,6 +304,7 @@ def compile_graphs_ours_mlp_tma(case: Case) -> Prepared:
 
     return within(_MLP_GEMM(case), lambda: lg.use_impl("tma"), "linear_gelu impl: tma")
 
+
 def _timm(case: Case, compile_: bool) -> Prepared:
     if case.device.type != "cuda":
         raise Skip("timm ViT-S step runs on CUDA only")

@@ -329,7 +329,8 @@ class Mlp(nn.Module):
         return F.linear(self.hidden(x), self.fc2.weight)
 
     def hidden(self, x):
-        """GELU(fc1(x)) (with "gemm" as with "triton": the GELU alone is not a separate step there)."""
+        """GELU(fc1(x)) alone: bias_gelu's kernel for "triton", and for "gemm" too (whose fused path never
+        materialises it; ``branch`` is what the blocks call); torch's modules otherwise."""
         if self.gelu_impl in ("triton", "gemm"):
             from tokenlabel.kernels import bias_gelu as bg  # noqa: PLC0415 (imports triton: only when asked for)
 
