@@ -69,6 +69,29 @@ def rel(a, b):
 
 
 NAMES = ("y", "n", "dx", "dbranch", "dweight", "dbias", "dbranch_bias")
+SUMS = ("dweight", "dbias", "dbranch_bias")  # sums over every row: may cancel
+
+
+def sum_terms(want, dn, eps):
+    """For each column-sum gradient, the float64 sum over rows of its terms' magnitudes: the scale of its fp32
+    rounding. A column whose terms cancel has an exact sum far below that scale (dbias of one channel is the sum of
+    12 dn values: -0.0059 from terms summing to 13.2 in absolute value, seed 1238281545 of the CI of 0f1c343), so a
+    bound relative to the largest exact value alone fails on rounding that is ~1e-2 of fp32's own bound."""
+    y, dbranch = want[0].detach(), want[3].detach()
+    rows = tuple(range(y.dim() - 1))
+    xhat = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + eps)
+    dn = dn.double()
+    return {"dweight": (dn * xhat).abs().sum(rows), "dbias": dn.abs().sum(rows),
+            "dbranch_bias": dbranch.abs().sum(rows)}
+
+
+def close64(name, g, w, terms):
+    """fp32 ``g`` against float64 ``w``: within 1e-5 of the largest |w| (rel), or, for a column sum, elementwise
+    within that plus 4 fp32 units of its terms' magnitudes."""
+    if name not in SUMS:
+        return rel(g, w) < 1e-5
+    err = (g.detach().double() - w.detach().double()).abs()
+    return bool((err <= 1e-5 * w.detach().double().abs().max().clamp_min(1e-6) + 4 * 2.0 ** -24 * terms[name]).all())
 # realistic (LV-ViT-S's 197 tokens of 384; -T's 240 channels, -L's 768) and awkward (7 channels, one channel, one
 # row, a 2-D input whose rows are the samples, the 4096-channel limit, more programs than rows per block)
 SHAPES = [(2, 197, 384), (3, 5, 240), (2, 3, 768), (3, 7, 7), (4, 3, 1), (1, 1, 50), (37, 100), (2, 2, 4096)]
@@ -82,9 +105,10 @@ def test_fp32_matches_float64(gen, device, shape, scale_kind, bias):
     got = run_ours(x, br, norm, s, dy, dn, bb)
     want = run_torch(x, br, norm, s, dy, dn, bb, torch.float64)
     assert len(got) == len(want) == 6 + bias
+    terms = sum_terms(want, dn, norm.eps)
     for name, g, w in zip(NAMES, got, want):
         assert g.shape == w.shape and g.dtype == torch.float32, name
-        assert rel(g, w) < 1e-5, name
+        assert close64(name, g, w, terms), (name, rel(g, w))
 
 
 # every tiling option the backward's sweep may choose (scripts/sweep_rowkernels.py), on one awkward shape each
@@ -99,8 +123,9 @@ def test_backward_tilings_match_float64(gen, device, monkeypatch, tiling, shape)
     x, br, norm, s, dy, dn, bb = make(gen, shape, torch.float32, torch.float32, device, bias=True)
     got = run_ours(x, br, norm, s, dy, dn, bb)
     want = run_torch(x, br, norm, s, dy, dn, bb, torch.float64)
+    terms = sum_terms(want, dn, norm.eps)
     for name, g, w in zip(NAMES, got, want):
-        assert rel(g, w) < 1e-5, name
+        assert close64(name, g, w, terms), (name, rel(g, w))
 
 
 @pytest.mark.parametrize("case", ["autocast", "half-stream"])
