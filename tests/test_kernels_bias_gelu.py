@@ -45,6 +45,18 @@ def rel(a, b):
 
 
 NAMES = ("g", "dh", "dbias")
+
+
+def close64(name, g, w):
+    """fp32 ``g`` against float64 ``w`` = (g, dh, dbias): within 1e-5 of the largest |w|, and dbias (a sum over every
+    row, which may cancel: one column's 12 terms, 2 of 300 draws per cdf over that bound) elementwise within that
+    plus 4 fp32 units of the sum of its terms' magnitudes |dh|."""
+    if name != "dbias":
+        return rel(g, w[NAMES.index(name)]) < 1e-5
+    dh, db = w[1].detach(), w[2].detach()
+    terms = dh.abs().reshape(-1, dh.shape[-1]).sum(0)
+    err = (g.detach().double() - db).abs()
+    return bool((err <= 1e-5 * db.abs().max().clamp_min(1e-6) + 4 * 2.0 ** -24 * terms).all())
 # realistic (LV-ViT-S's hidden 1152 over 2 x 197 tokens, -T's 720) and awkward (one column past a block, a
 # single row, one column, 2-D, rows that leave the last row program short)
 SHAPES = [(2, 197, 1152), (3, 5, 720), (1, 1, 129), (4, 3, 1), (37, 100), (300, 16)]
@@ -57,7 +69,7 @@ def test_fp32_matches_float64(gen, device, shape, cdf):
     want = run_torch(h, b, dg, torch.float64)
     for name, g, w in zip(NAMES, got, want):
         assert g.shape == w.shape and g.dtype == (h.dtype if name != "dbias" else b.dtype), name
-        assert rel(g, w) < 1e-5, name
+        assert close64(name, g, want), (name, rel(g, w))
 
 
 # tilings the sweep may choose (scripts/sweep_rowkernels.py)
@@ -70,8 +82,9 @@ TILINGS = [dict(rows=8, cols=128, warps=4, per_sm=8, stages=1, acc2d=True), dict
 def test_backward_tilings_match_float64(gen, device, monkeypatch, tiling, shape, cdf):
     monkeypatch.setattr(bg, "BWD", {**bg.BWD, **tiling})
     h, b, dg = make(gen, shape, torch.float32, device)
-    for name, g, w in zip(NAMES, run_ours(h, b, dg), run_torch(h, b, dg, torch.float64)):
-        assert rel(g, w) < 1e-5, name
+    want = run_torch(h, b, dg, torch.float64)
+    for name, g, w in zip(NAMES, run_ours(h, b, dg), want):
+        assert close64(name, g, want), (name, rel(g, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
