@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, compute_dtype, dispatch, overriding, sm_count
+from .batchnorm import sum_partials
 from .bias_gelu import _phi
 
 _INTERP = tl.constexpr(INTERPRET)
@@ -83,9 +84,11 @@ def tile_ids(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl
 
 
 @triton.jit
-def _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD: tl.constexpr, CDF: tl.constexpr):
+def _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BLOCK_N: tl.constexpr, BACKWARD: tl.constexpr,
+              CDF: tl.constexpr):
     """Forward: z = acc + BIAS -> Z, GELU(z) -> OUT. Backward: z <- Z, acc * GELU'(z) -> OUT, its column sums over
-    the tile's rows -> PART[pid_m] (fp32)."""
+    the tile's rows -> PART[pid_m] (fp32; rows of N padded to whole column blocks, as batchnorm.sum_partials
+    reads them)."""
     row_ok = rows < M
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
@@ -95,7 +98,7 @@ def _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD: tl.con
         cdf, e = _phi(z, CDF)
         dh = tl.where(mask, acc * (cdf + z * (e * 0.3989422804014327)), 0.0)
         tl.store(OUT + offs, dh.to(OUT.dtype.element_ty), mask=mask)
-        tl.store(PART + pid_m.to(tl.int64) * N + cols, tl.sum(dh, 0), mask=col_ok)
+        tl.store(PART + pid_m.to(tl.int64) * (tl.cdiv(N, BLOCK_N) * BLOCK_N) + cols, tl.sum(dh, 0), mask=col_ok)
     else:
         z = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         cdf, _ = _phi(z, CDF)
@@ -129,7 +132,7 @@ def _mm_gelu(A, B, BIAS, Z, OUT, PART, M, N, stride_bk, stride_bn, K: tl.constex
         acc = _dot(a, b, acc)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K * stride_bk
-    _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD, CDF)
+    _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BLOCK_N, BACKWARD, CDF)
 
 
 @triton.jit
@@ -164,7 +167,7 @@ def _mm_gelu_tma(A, B, BIAS, Z, OUT, PART, M, N, K: tl.constexpr, B_NK: tl.const
             acc = _dot(a, b, acc)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BACKWARD, CDF)
+        _epilogue(acc, BIAS, Z, OUT, PART, pid_m, rows, cols, M, N, BLOCK_N, BACKWARD, CDF)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,9 +233,12 @@ def linear_gelu_backward(dy, w2, z):
     z's dtype, db1 = the column sums of dh in fp32."""
     M, N = z.shape
     dh = torch.empty_like(z)
-    part = torch.empty(triton.cdiv(M, BWD["bm"]), N, device=z.device, dtype=torch.float32)
+    bn = BWD["bn"]
+    part = torch.empty(triton.cdiv(M, BWD["bm"]), 1, triton.cdiv(N, bn) * bn, device=z.device, dtype=torch.float32)
     _launch(BWD, dy, w2, False, N, z, z, dh, part, backward=True)
-    return dh, part.sum(0)
+    db1 = torch.empty(N, device=z.device, dtype=torch.float32)
+    sum_partials(part, (db1,), N)  # one Triton pass over the row blocks' partials, as bias_gelu's backward
+    return dh, db1
 
 
 def sm90_resources(M: int = 128 * 197, C: int = 384, N: int = 1152, dtype=torch.bfloat16, sms: int = 132) -> dict:
