@@ -53,12 +53,17 @@ SHAPES = [(394, 384, 1152), (197, 240, 720), (1, 8, 1), (130, 72, 129), (5, 24, 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_fp32_matches_float64(gen, device, shape, cdf):
+    """Within 2e-5 of float64, or within 2x torch's own fp32 error where that is larger: with one hidden unit and
+    one row every output scales one GELU value, and in GELU's negative tail 0.5 z (1 + erf(z / sqrt 2)) cancels in
+    fp32 (cdf "erf", as torch computes it: at z = -4.37 both are 1.2e-3 off, seed 2376229715 of the CI of
+    98db224)."""
     x, w1, b1, w2, dy = make(gen, *shape, device)
     got = grads(lg.mlp_gelu(x, w1, b1, w2), (x, w1, b1, w2), dy)
     want = reference(x, w1, b1, w2, dy)
-    for name, g, w, t in zip(NAMES, got, want, (x, x, w1, b1, w2)):
+    base = reference(x, w1, b1, w2, dy, torch.float32)
+    for name, g, w, b, t in zip(NAMES, got, want, base, (x, x, w1, b1, w2)):
         assert g.shape == w.shape and g.dtype == t.dtype, name
-        assert rel(g, w) < 2e-5, (name, rel(g, w))
+        assert rel(g, w) < max(2e-5, 2 * rel(b, w)), (name, rel(g, w), rel(b, w))
 
 
 @pytest.mark.parametrize("impl,flatten", [("ptr", False), ("tma", False), ("tma", True)])
