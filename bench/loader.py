@@ -100,6 +100,12 @@ CPU_DECODE_GPU_RESIZE = dict(decode_device="cpu", resize_device="gpu")  # the CI
 HW_LANES = dict(hw_decoder_load=(1.0, 0.0), dali_threads=(4, 12))
 # the fallback if the hybrid lane slows beside the step: two engine pipelines (more images in flight on the engines)
 HW_LANES3 = dict(hw_decoder_load=(1.0, 1.0, 0.0), dali_threads=(2, 2, 12))
+# More batches in flight, for the step's data wait (fifteenth session, dataloading/NOTES.md): beside the step the
+# decoders deliver ~15% less than they do alone (H100, 2026-12-05), the signature of CPU threads waiting on GPU work
+# queued behind the step's kernels, which more work in flight can hide where more threads cannot.
+HYBRID_DEEP = dict(hw_decoder_load=0.0, prefetch=4)   # one hybrid pipeline, 4 batches prepared ahead instead of 2
+HYBRID_LANES = dict(hw_decoder_load=(0.0, 0.0), dali_threads=(8, 8))  # two hybrid pipelines, 8 threads each
+HW_LANES_DEEP = dict(HW_LANES, prefetch=4)
 
 
 def _dali_what(backend) -> str:
@@ -239,6 +245,13 @@ def dali_lanes3(case: Case) -> Prepared:
     if case.device.type != "cuda" and not case.quick:
         raise Skip("the hardware JPEG decoder needs CUDA")
     return _prepare(case, "dali", **HW_LANES3)
+
+
+@register("loader", "dali_hybrid_lanes")
+def dali_hybrid_lanes(case: Case) -> Prepared:
+    """Two DALI pipelines, both on nvJPEG's hybrid path with 8 threads each, sharing the batches by what each
+    delivers (``hw_decoder_load=(0.0, 0.0)``): while one waits on its GPU work, the other's threads decode."""
+    return _prepare(case, "dali", **HYBRID_LANES)
 
 
 @register("loader", "dali_cpu_decode")

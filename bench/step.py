@@ -391,6 +391,16 @@ register("step", "loader_fed_lanes3")(_fed_provider(
 register("step", "loader_fed_lanes3_ours")(_fed_provider(
     "HW_LANES3", "loader_fed_lanes3 feeding the step with our kernels, as loader_fed_lanes_ours (H200, 2026-12-05: "
     "GPU idle 5.6 / 6.1% against the two lanes' 4.0 / 5.9%).", kernels=True, cuda_only=_HW))
+register("step", "loader_fed_ours_deep")(_fed_provider(
+    "HYBRID_DEEP", "loader_fed_ours with DALI preparing 4 batches ahead instead of 2 (H100, 2026-11-25, 40 steps "
+    "against the torch step: 1.8 / 2.1% GPU idle at 4 against 5.3 / 4.8% at 2 in one call, 5.1 / 4.0% in another).",
+    kernels=True))
+register("step", "loader_fed_hybrid_lanes_ours")(_fed_provider(
+    "HYBRID_LANES", "two hybrid pipelines (8 threads each, the loader bench's dali_hybrid_lanes) feeding the step "
+    "with our kernels: while one pipeline's threads wait on its GPU work, the other's decode.", kernels=True))
+register("step", "loader_fed_lanes_ours_deep")(_fed_provider(
+    "HW_LANES_DEEP", "loader_fed_lanes_ours (the default lanes) with 4 batches prepared ahead per pipeline instead "
+    "of 2.", kernels=True, cuda_only=_HW))
 register("step", "loader_fed_cpu_decode")(_fed_provider(
     "CPU_DECODE_GPU_RESIZE", "loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU "
     "(the loader bench's dali_cpu_decode_gpu_resize): no per-image decoder work on the GPU beside the step; the "

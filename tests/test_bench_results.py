@@ -280,6 +280,30 @@ def test_loader_lanes_provider_reports_each_pipelines_share(tmp_path):
         assert [r[1] for r in prep.extra_rows()] == ["lane0_share", "lane1_share", "lane2_share"]
     finally:
         prep.cleanup()
+    prep = loader.dali_hybrid_lanes(case)  # two hybrid pipelines of 8 threads: runs on the CPU too (no engines)
+    try:
+        assert "load 0 with 8 threads + load 0 with 8 threads" in prep.notes
+        prep.timer(prep.modes["epoch"], 0, 1)
+        assert sum(r[2] for r in prep.extra_rows()) == pytest.approx(100.0)
+    finally:
+        prep.cleanup()
+
+
+def test_deeper_fed_settings_are_loader_arguments():
+    """The fed providers' new settings (prefetch 4, two hybrid pipelines) are arguments build_loader takes: a
+    misspelt key would only fail on the GPU, after the device time was spent."""
+    import inspect
+
+    from tokenlabel.bench import loader
+    from tokenlabel.bench.registry import providers
+    from tokenlabel.dataloading import build_loader
+
+    params = inspect.signature(build_loader).parameters
+    for setting in (loader.HYBRID_DEEP, loader.HYBRID_LANES, loader.HW_LANES_DEEP):
+        assert set(setting) <= set(params), set(setting) - set(params)
+    assert loader.HW_LANES_DEEP["prefetch"] == 4 and loader.HW_LANES_DEEP["hw_decoder_load"] == (1.0, 0.0)
+    names = {p.name for p in providers("step")}
+    assert {"loader_fed_ours_deep", "loader_fed_hybrid_lanes_ours", "loader_fed_lanes_ours_deep"} <= names
 
 
 @pytest.mark.parametrize("name", ["cdtune", "combo"])
