@@ -113,6 +113,15 @@ def fused_tma(case: Case) -> Prepared:
     return within(_prepare(case, _fused), lambda: lg.use_impl("tma"), "linear_gelu impl: tma")
 
 
+@register("mlp", "fused_tma_ws")
+def fused_tma_ws(case: Case) -> Prepared:
+    """"fused_tma" warp-specialised (linear_gelu.use_ws: a producer warp group loading by TMA, two consumer warp
+    groups computing and running the epilogue)."""
+    from tokenlabel.kernels import linear_gelu as lg
+
+    return within(_prepare(case, _fused), lg.use_ws, f"linear_gelu warp-specialised: {lg.WS_TILING}")
+
+
 @register("mlp", "eager")
 def eager(case: Case) -> Prepared:
     """The modules as written (F.linear with bias, F.gelu, F.linear), eager."""

@@ -305,6 +305,14 @@ def compile_graphs_ours_mlp_tma(case: Case) -> Prepared:
     return within(_MLP_GEMM(case), lambda: lg.use_impl("tma"), "linear_gelu impl: tma")
 
 
+@register("step", "compile_graphs_ours_mlp_tma_ws")
+def compile_graphs_ours_mlp_tma_ws(case: Case) -> Prepared:
+    """compile_graphs_ours_mlp_tma with the TMA GEMMs warp-specialised (linear_gelu.use_ws; not measured)."""
+    from tokenlabel.kernels import linear_gelu as lg
+
+    return within(_MLP_GEMM(case), lg.use_ws, f"linear_gelu warp-specialised: {lg.WS_TILING}")
+
+
 def _timm(case: Case, compile_: bool) -> Prepared:
     if case.device.type != "cuda":
         raise Skip("timm ViT-S step runs on CUDA only")

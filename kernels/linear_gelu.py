@@ -29,6 +29,8 @@ dtype first; here it is not rounded), db1 = sum over rows of dh in fp32.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -50,8 +52,15 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # not yet timed: no device time was left); "tma" falls back to "ptr" where TMA's alignment rules do not hold.
 # ``flatten`` ("tma" only): fuse the tile loop with the K loop (tl.range(flatten=True)), so that the next tile's
 # loads are in flight during this tile's epilogue.
-FWD = dict(bm=64, bn=128, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2, flatten=False)
-BWD = dict(bm=128, bn=64, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2, flatten=False)
+# ``ws`` ("tma" only, 4 warps, not with flatten): warp-specialise the tile loop (tl.range(warp_specialize=True)).
+# Triton 3.6 does this on sm_90 too (Meta's Hopper pass, not only on Blackwell as kernels/NOTES.md first said): one
+# producer warp group issues the TMA loads, two consumer warp groups split the tile between them for the wgmmas and
+# the epilogue (12 warps, 168 registers: one program per SM), so the next tile's loads run during this tile's
+# epilogue. CPU-checked; not yet timed.
+FWD = dict(bm=64, bn=128, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2, flatten=False,
+           ws=False)
+BWD = dict(bm=128, bn=64, bk=64, warps=4, stages=3, group=8, cdf="erfcx", impl="ptr", per_sm=2, flatten=False,
+           ws=False)
 IMPLS = ("ptr", "tma")
 
 
@@ -59,6 +68,25 @@ def use_impl(impl: str):
     """Within the block (``with use_impl(...)``) both GEMMs run as ``impl`` (one of IMPLS), whatever FWD / BWD
     say."""
     return overriding((FWD, BWD), "impl", impl, IMPLS, "ptr")
+
+
+# The warp-specialised tilings use_ws() runs (check_tiling's rules; one program per SM at 12 warps): 64 x 128 x 64
+# tiles, 3 stages, both ways (the backward's rows must be 64). Built on sm_90, not yet timed.
+WS_TILING = dict(bm=64, bn=128, bk=64, warps=4, stages=3, impl="tma", per_sm=1, flatten=False, ws=True)
+
+
+@contextlib.contextmanager
+def use_ws():
+    """Within the block both GEMMs run warp-specialised (WS_TILING; group and cdf as FWD / BWD say)."""
+    saved = dict(FWD), dict(BWD)
+    FWD.update(WS_TILING)
+    BWD.update(WS_TILING)
+    try:
+        yield
+    finally:
+        for table, old in zip((FWD, BWD), saved):
+            table.clear()
+            table.update(old)
 
 
 @triton.jit
@@ -139,7 +167,7 @@ def _mm_gelu(A, B, BIAS, Z, OUT, PART, M, N, stride_bk, stride_bn, K: tl.constex
 def _mm_gelu_tma(A, B, BIAS, Z, OUT, PART, M, N, K: tl.constexpr, B_NK: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, STAGES: tl.constexpr,
                  BACKWARD: tl.constexpr, CDF: tl.constexpr, PROGS: tl.constexpr, PER: tl.constexpr,
-                 FLATTEN: tl.constexpr = False):
+                 FLATTEN: tl.constexpr = False, WS: tl.constexpr = False):
     """_mm_gelu's GEMM and epilogues with the operands loaded by TMA (tensor descriptors made on the device; rows
     and columns past the edges read as 0) and PROGS persistent programs, each taking every PROGS-th output tile (at
     most PER of them). B is [N, K] (B_NK: fc1's weight, K contiguous) or [K, N] (fc2's weight), contiguous.
@@ -151,7 +179,7 @@ def _mm_gelu_tma(A, B, BIAS, Z, OUT, PART, M, N, K: tl.constexpr, B_NK: tl.const
     else:
         b_desc = tl.make_tensor_descriptor(B, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N])
     n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for i in tl.range(0, PER, flatten=FLATTEN):
+    for i in tl.range(0, PER, flatten=FLATTEN, warp_specialize=WS):
         # a program past the last tile redoes the last one (the same values to the same places: no branch around
         # the K loop, which FLATTEN needs to fuse the tile loop with the K loop, so that the next tile's loads are
         # issued during this tile's epilogue); the launcher sizes PROGS so that few do
@@ -201,8 +229,28 @@ def _persistent_grid(tiles: int, slots: int):
     return triton.cdiv(tiles, per), per
 
 
+def check_tiling(cfg, backward: bool) -> None:
+    """ValueError naming the problem for a tiling the kernels cannot build. ``ws`` needs Triton's Hopper warp
+    specialisation, which takes only the TMA kernel at 4 warps with an unflattened tile loop; and the backward's
+    column sums must not lie across the split between its two consumer warp groups (Triton 3.6 splits a 128-row
+    tile by rows, and its pass then aborts the whole process on an assertion, so a Python error here is the only
+    clear one)."""
+    if not cfg.get("ws", False):
+        return
+    problems = [why for bad, why in (
+        (cfg.get("impl", "ptr") != "tma", f"impl='tma' (got {cfg.get('impl', 'ptr')!r})"),
+        (cfg["warps"] != 4, f"warps=4 (got {cfg['warps']})"),
+        (cfg.get("flatten", False), "flatten=False"),
+        (backward and cfg["bm"] != 64, f"bm=64 in the backward (got {cfg['bm']})"),
+        (cfg["bn"] > 128, f"bn <= 128 (got {cfg['bn']}: Triton 3.6 aborts lowering a 256-wide tile's wgmmas)"))
+        if bad]
+    if problems:
+        raise ValueError(f"linear_gelu tiling {cfg}: ws=True (warp specialisation) needs " + ", ".join(problems))
+
+
 def _launch(cfg, a, b, b_nk, N, bias, z, out, part, backward):
     """b_nk: b is [N, K] (fc1's weight); else [K, N] (fc2's)."""
+    check_tiling(cfg, backward)
     M, K = a.shape
     bm, bn, bk = cfg["bm"], cfg["bn"], cfg["bk"]
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=cfg["group"], STAGES=cfg["stages"], BACKWARD=backward,
@@ -211,7 +259,7 @@ def _launch(cfg, a, b, b_nk, N, bias, z, out, part, backward):
         _ensure_allocator()
         progs, per = _persistent_grid(triton.cdiv(M, bm) * triton.cdiv(N, bn), cfg["per_sm"] * sm_count(a.device))
         _mm_gelu_tma[(progs,)](a, b, bias, z, out, part, M, N, K=K, B_NK=b_nk, PROGS=progs, PER=per,
-                               FLATTEN=cfg.get("flatten", False), **common)
+                               FLATTEN=cfg.get("flatten", False), WS=cfg.get("ws", False), **common)
     else:
         sbk, sbn = (b.stride(1), b.stride(0)) if b_nk else (b.stride(0), b.stride(1))
         _mm_gelu[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](a, b, bias, z, out, part, M, N, sbk, sbn, K=K,
@@ -244,7 +292,8 @@ def linear_gelu_backward(dy, w2, z):
 def sm90_resources(M: int = 128 * 197, C: int = 384, N: int = 1152, dtype=torch.bfloat16, sms: int = 132) -> dict:
     """The two GEMMs' sm_90 builds at LV-ViT-S's MLP shape with FWD's and BWD's tilings, without a GPU (run
     without TRITON_INTERPRET): {"fwd" | "bwd": (registers, spilled stack bytes, shared bytes, pipelined async
-    copies: cp.async for "ptr", TMA loads for "tma")}."""
+    copies: cp.async for "ptr", TMA loads for "tma", warps of the build: more than the tiling's where the
+    tile loop was warp-specialised)}."""
     import re
 
     from ._common import aot_sm90, compile_sm90
@@ -254,22 +303,25 @@ def sm90_resources(M: int = 128 * 197, C: int = 384, N: int = 1152, dtype=torch.
     part = torch.empty(M // 64, N, device="meta", dtype=torch.float32)
     out = {}
     for name, cfg, backward in (("fwd", FWD, False), ("bwd", BWD, True)):
+        check_tiling(cfg, backward)
         w = torch.empty((C, N) if backward else (N, C), device="meta", dtype=dtype)
         bias = zt if backward else torch.empty(N, device="meta", dtype=dtype)
         const = dict(K=C, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], BLOCK_K=cfg["bk"], GROUP=cfg["group"],
                      STAGES=cfg["stages"], BACKWARD=backward, CDF=cfg["cdf"])
         if cfg.get("impl", "ptr") == "tma":
             progs, per = _persistent_grid(triton.cdiv(M, cfg["bm"]) * triton.cdiv(N, cfg["bn"]), cfg["per_sm"] * sms)
-            const.update(B_NK=not backward, PROGS=progs, PER=per, FLATTEN=cfg.get("flatten", False))
+            const.update(B_NK=not backward, PROGS=progs, PER=per, FLATTEN=cfg.get("flatten", False),
+                         WS=cfg.get("ws", False))
             launch = (_mm_gelu_tma, None, [x, w, bias, zt, zt, part, M, N], const, dict(num_warps=cfg["warps"]))
             regs, stack, shared, _ = aot_sm90(launch)
-            tma = len(re.findall("async_tma_copy_global_to_local", compile_sm90(launch).asm["ttgir"]))
-            out[name] = (regs, stack, shared, tma)
+            built = compile_sm90(launch)
+            tma = len(re.findall("async_tma_copy_global_to_local", built.asm["ttgir"]))
+            out[name] = (regs, stack, shared, tma, built.metadata.num_warps)
         else:
             sbk, sbn = (N, 1) if backward else (1, C)
             const.update(EVEN_K=C % cfg["bk"] == 0)
-            out[name] = aot_sm90((_mm_gelu, None, [x, w, bias, zt, zt, part, M, N, sbk, sbn], const,
-                                  dict(num_warps=cfg["warps"])))
+            out[name] = (*aot_sm90((_mm_gelu, None, [x, w, bias, zt, zt, part, M, N, sbk, sbn], const,
+                                    dict(num_warps=cfg["warps"]))), cfg["warps"])
     return out
 
 

@@ -46,16 +46,26 @@ TILINGS_TMA = [(64, 128, 64, 4, 3, 2), (128, 128, 64, 8, 3, 1), (128, 64, 64, 4,
                (128, 128, 32, 8, 4, 1), (64, 64, 64, 4, 3, 3), (128, 64, 64, 4, 4, 2), (64, 128, 32, 4, 4, 3)]
 
 
+# ... and for "tma_ws" (the TMA kernel warp-specialised: 4 warps per warp group, one program per SM; tilings that
+# linear_gelu.check_tiling accepts and that build for sm_90 with Triton 3.6, checked on the CPU box; the backward
+# refuses those with 128-row tiles, which the sweep reports as not building)
+TILINGS_WS = [(64, 128, 64, 4, 3, 1), (64, 128, 64, 4, 4, 1), (128, 128, 64, 4, 3, 1), (64, 64, 64, 4, 3, 1),
+              (128, 128, 64, 4, 4, 1), (64, 128, 32, 4, 4, 1), (128, 64, 64, 4, 3, 1), (64, 128, 128, 4, 2, 1),
+              (64, 128, 64, 4, 2, 1), (64, 128, 64, 4, 3, 2)]
+
+
 def candidates(limit: int, impl: str = "ptr"):
-    """The default tiling first ("ptr"), then TILINGS (or TILINGS_TMA) in order."""
-    out = [dict(lg.FWD, impl=impl, flatten=False)] if impl == "ptr" else []
+    """The default tiling first ("ptr"), then TILINGS (or TILINGS_TMA, TILINGS_WS) in order."""
+    out = [dict(lg.FWD, impl=impl, flatten=False, ws=False)] if impl == "ptr" else []
     if impl == "ptr":  # per_sm and flatten: TMA only
         tilings = [(*t, lg.FWD["per_sm"], False) for t in TILINGS]
+    elif impl == "tma_ws":
+        tilings = [(*t, False) for t in TILINGS_WS]
     else:  # each TMA tiling plain, and the first six also with the tile loop flattened into the K loop
         tilings = [(*t, f) for i, t in enumerate(TILINGS_TMA) for f in ((False, True) if i < 6 else (False,))]
     for bm, bn, bk, warps, stages, per_sm, flatten in tilings:
-        c = dict(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, group=8, cdf=lg.FWD["cdf"], impl=impl,
-                 per_sm=per_sm, flatten=flatten)
+        c = dict(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, group=8, cdf=lg.FWD["cdf"],
+                 impl="tma" if impl == "tma_ws" else impl, per_sm=per_sm, flatten=flatten, ws=impl == "tma_ws")
         if c not in out:
             out.append(c)
     return out[:limit]
@@ -103,7 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=sorted(SHAPES), default="s")
     ap.add_argument("--kinds", default="fwd,bwd,gemm",
                     help="fwd, bwd (the two kernels), gemm (their loop with a plain epilogue, against cuBLAS's fc1)")
-    ap.add_argument("--impls", default="ptr,tma", help="linear_gelu.IMPLS to sweep (the gemm kind is ptr only)")
+    ap.add_argument("--impls", default="ptr,tma,tma_ws",
+                    help="linear_gelu.IMPLS to sweep, and tma_ws (the TMA kernel warp-specialised); gemm: ptr only")
     ap.add_argument("--limit", type=int, default=len(TILINGS) + 1, help="at most this many tilings per kernel")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)

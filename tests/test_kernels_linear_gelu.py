@@ -66,17 +66,21 @@ def test_fp32_matches_float64(gen, device, shape, cdf):
         assert rel(g, w) < max(2e-5, 2 * rel(b, w)), (name, rel(g, w), rel(b, w))
 
 
-@pytest.mark.parametrize("impl,flatten", [("ptr", False), ("tma", False), ("tma", True)])
-def test_small_tiles_walk_groups_and_k_steps(gen, device, monkeypatch, impl, flatten):
+@pytest.mark.parametrize("impl,flatten,ws", [("ptr", False, False), ("tma", False, False), ("tma", True, False),
+                                             ("tma", False, True)])
+def test_small_tiles_walk_groups_and_k_steps(gen, device, monkeypatch, impl, flatten, ws):
     """Tiles much smaller than the problem: several K steps, grouped launch order with a short last group, masked
     edge tiles in both directions, and (TMA) persistent programs taking several tiles each, two of them redoing the
-    last tile; the forward's z and g and the backward's dh and db1 checked directly."""
-    small = dict(bm=16, bn=32, bk=16, warps=4, stages=2, group=3, cdf="erf", impl=impl, per_sm=5, flatten=flatten)
+    last tile; the forward's z and g and the backward's dh and db1 checked directly. ws: the warp-specialised tile
+    loop, with the 64-row tiles it needs in the backward (2 x 4 tiles: 4 programs x 2 tiles)."""
+    small = dict(bm=64 if ws else 16, bn=32, bk=16, warps=4, stages=2, group=3, cdf="erf", impl=impl,
+                 per_sm=3 if ws else 5, flatten=flatten, ws=ws)
     monkeypatch.setattr(lg, "FWD", small)
     monkeypatch.setattr(lg, "BWD", small)
     M, C, N = 100, 56, 100  # 7 x 4 tiles; TMA: 10 programs (2 "SMs" under the interpreter) x 3 tiles, 2 repeats
     if impl == "tma" and device.type != "cuda":
-        assert lg._persistent_grid(28, 5 * lg.sm_count(device)) == (10, 3)
+        slots = small["per_sm"] * lg.sm_count(device)
+        assert lg._persistent_grid(8 if ws else 28, slots) == ((4, 2) if ws else (10, 3))
     x = torch.randn(M, C, generator=gen).to(device)
     w1 = torch.randn(N, C, generator=gen).to(device) / 4
     b1 = torch.randn(N, generator=gen).to(device)
@@ -92,14 +96,16 @@ def test_small_tiles_walk_groups_and_k_steps(gen, device, monkeypatch, impl, fla
     assert db1.dtype == torch.float32 and db1.shape == (N,)
 
 
-@pytest.mark.parametrize("impl", lg.IMPLS)
+@pytest.mark.parametrize("impl", [*lg.IMPLS, "tma_ws"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast_within_twice_torch_error(gen, device, dtype, impl, monkeypatch):
     """Under autocast (x in the half dtype from the LayerNorm, fp32 parameters): every output within 2x the error
     of torch's own autocast MLP against float64 (plus one ulp of the dtype); the gradients keep the parameters'
-    dtypes."""
-    monkeypatch.setattr(lg, "FWD", {**lg.FWD, "impl": impl})
-    monkeypatch.setattr(lg, "BWD", {**lg.BWD, "impl": impl})
+    dtypes. "tma_ws": the TMA kernels warp-specialised (on a GPU, the half-precision builds are; 64-row backward
+    tiles)."""
+    ws = impl == "tma_ws"
+    monkeypatch.setattr(lg, "FWD", {**lg.FWD, "impl": "tma" if ws else impl, "ws": ws})
+    monkeypatch.setattr(lg, "BWD", {**lg.BWD, "impl": "tma" if ws else impl, "ws": ws, **({"bm": 64} if ws else {})})
     x, w1, b1, w2, dy = make(gen, 394, 384, 1152, device, dtype)
     with torch.autocast(device.type, dtype=dtype):
         y = lg.mlp_gelu(x, w1, b1, w2)
@@ -133,18 +139,47 @@ def test_leading_dims_and_bad_input(device):
         lg.mlp_gelu(x.double(), w1, b1, w2)
 
 
-@pytest.mark.parametrize("impl,flatten", [("ptr", False), ("tma", False), ("tma", True)])
-def test_sm90_builds_are_pipelined_and_spill_little(impl, flatten):
+@pytest.mark.parametrize("impl,flatten,ws", [("ptr", False, False), ("tma", False, False), ("tma", True, False),
+                                             ("tma", False, True)])
+def test_sm90_builds_are_pipelined_and_spill_little(impl, flatten, ws):
     """Both GEMMs compiled ahead of time for sm_90 (Triton's bundled ptxas, no GPU) at LV-ViT-S's MLP shape with the
     default tilings: the K loop software-pipelined (cp.async copies; TMA loads for "tma"), at most 64 bytes spilled
     (the swept best "ptr" tilings spill 8 and 24 bytes in the epilogue; a tiling that spills in the loop spills
-    hundreds: 128 x 256 x 64 at 8 warps spills 656)."""
-    r = sm90_builds(f"linear_gelu.FWD.update(impl={impl!r}, flatten={flatten}) or "
-                    f"linear_gelu.BWD.update(impl={impl!r}, flatten={flatten}) or linear_gelu.sm90_resources()")
+    hundreds: 128 x 256 x 64 at 8 warps spills 656). ws (backward with 64-row tiles): the build is warp-specialised
+    (a producer and two consumer warp groups: 12 warps from the tiling's 4), and the others are not."""
+    bwd_rows = ", bm=64" if ws else ""
+    r = sm90_builds(f"linear_gelu.FWD.update(impl={impl!r}, flatten={flatten}, ws={ws}) or "
+                    f"linear_gelu.BWD.update(impl={impl!r}, flatten={flatten}, ws={ws}{bwd_rows}) or "
+                    "linear_gelu.sm90_resources()")
     for name in ("fwd", "bwd"):
-        regs, stack, _, copies = r[name]
+        regs, stack, _, copies, warps = r[name]
         assert stack <= 64 and regs <= 255, (name, r)
         assert copies > 0, f"{name} K loop not software-pipelined: {r}"
+        assert warps == (12 if ws else 4), (name, r)
+
+
+def test_ws_tilings_the_pass_cannot_build_are_refused(monkeypatch):
+    """ws=True only where Triton's Hopper warp specialisation builds: a clear ValueError naming each unmet need,
+    before a launch (a 128-row backward tile aborts the process inside Triton 3.6's pass)."""
+    ok = dict(lg.FWD, impl="tma", ws=True, warps=4, flatten=False, bm=64)
+    lg.check_tiling(ok, backward=True)
+    lg.check_tiling({**ok, "bm": 128}, backward=False)
+    with pytest.raises(ValueError, match=r"bm=64 in the backward \(got 128\)"):
+        lg.check_tiling({**ok, "bm": 128}, backward=True)
+    with pytest.raises(ValueError, match=r"impl='tma' \(got 'ptr'\), warps=4 \(got 8\), flatten=False"):
+        lg.check_tiling({**ok, "impl": "ptr", "warps": 8, "flatten": True}, backward=False)
+    lg.check_tiling({**ok, "ws": False, "bm": 128, "warps": 8}, backward=True)  # without ws: anything goes
+    with pytest.raises(ValueError, match=r"bn <= 128 \(got 256"):
+        lg.check_tiling({**ok, "bn": 256}, backward=False)
+    before = dict(lg.FWD), dict(lg.BWD)
+    with lg.use_ws():
+        for table, backward in ((lg.FWD, False), (lg.BWD, True)):
+            assert table["ws"] and table["impl"] == "tma" and table["bm"] == 64
+            lg.check_tiling(table, backward)
+    assert (dict(lg.FWD), dict(lg.BWD)) == before
+    monkeypatch.setattr(lg, "FWD", {**ok, "warps": 8})  # the launcher checks before it launches
+    with pytest.raises(ValueError, match=r"needs warps=4 \(got 8\)"):
+        lg.linear_gelu_forward(torch.randn(4, 8), torch.randn(16, 8), torch.randn(16))
 
 
 def test_use_impl_switches_both_and_restores():
