@@ -139,6 +139,35 @@ def triton_split2(case: Case) -> Prepared:
     return within(prep, lambda: fa.use_bwd_impl("split2"), "attention backward: split2")
 
 
+def _tma_case(case: Case) -> None:
+    """Skip where flash_attention.tma_ready would refuse the case's inputs ("split" would run: its rows are
+    triton's)."""
+    if case.dtype not in (torch.float16, torch.bfloat16) or case.params["Dh"] not in (16, 32, 64, 128):
+        raise Skip(f"the tma backward takes half-precision heads of 16-128 (here {case.dtype}, "
+                   f"Dh {case.params['Dh']}: split runs, as in triton's rows)")
+
+
+@register("attention", "triton_tma")
+def triton_tma(case: Case) -> Prepared:
+    """The same forward; the backward as two persistent launches loading by TMA (dq with the row sums, then dk dv;
+    half-precision heads of 16-128 only)."""
+    _tma_case(case)
+    prep = _prepare(case, "triton")
+    from tokenlabel.kernels import flash_attention as fa
+
+    return within(prep, lambda: fa.use_bwd_impl("tma"), "attention backward: tma")
+
+
+@register("attention", "triton_tma_ws")
+def triton_tma_ws(case: Case) -> Prepared:
+    """triton_tma with its dk dv launch warp-specialised (a producer warp group loading, consumers computing)."""
+    _tma_case(case)
+    prep = _prepare(case, "triton")
+    from tokenlabel.kernels import flash_attention as fa
+
+    return within(prep, lambda: fa.use_tma_bwd(fa.TMA_WS), f"attention backward: tma, {fa.TMA_WS}")
+
+
 @register("attention", "auto")
 def auto(case: Case) -> Prepared:
     """The model's "auto": fastest backend measured once per shape and cached."""

@@ -14,7 +14,9 @@ the same qkv tensor (the model's path, the stack of dq, dk, dv into the qkv grad
 
 Kinds: ``fwd``; the backwards ``bwd`` ("split", both program kinds in one launch), ``bwd_head`` ("head"), and
 ``bwd_dq`` / ``bwd_dkdv``, the two launches of "split2" (its time is the sum of the two; ``time`` ends with a
-``best`` row per kind and one for split2).
+``best`` row per kind and one for split2); ``bwd_tma_dq`` / ``bwd_tma_dkdv``, the two persistent TMA launches of
+"tma" (configs are flash_attention.TMA_BWD dicts; the dk dv launch reads the row sums the dq launch wrote, so its
+rows run the default dq launch once first; a ``best`` row for their sum too).
 """
 from __future__ import annotations
 
@@ -34,7 +36,26 @@ SHAPES = {"S224": (128, 197, 6, 64), "M224": (128, 197, 8, 64), "S384": (128, 57
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-KINDS = ("fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv")
+KINDS = ("fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv", "bwd_tma_dq", "bwd_tma_dkdv")
+TMA_KINDS = {"bwd_tma_dq": "dq", "bwd_tma_dkdv": "dkdv"}
+# "tma" tilings as (rows of the kernel's own blocks, rows of the loop's steps, warps, stages, programs per SM, ws):
+# the default first, then those whose sm_90 builds (fifteenth session, S224 bf16) have no spills; ws=True builds for
+# the dk dv kernel only (Triton 3.6's pass fails on the dq kernel: "PassManager::run failed", reported as an error)
+TMA_TILINGS = [(64, 64, 4, 2, 1, True), (128, 64, 4, 2, 1, True), (64, 64, 4, 3, 2, False), (64, 32, 4, 2, 3, False),
+               (128, 64, 8, 2, 1, False), (128, 32, 4, 2, 1, True), (64, 32, 4, 3, 1, True), (64, 64, 4, 3, 1, True),
+               (64, 64, 4, 2, 1, False), (64, 64, 4, 2, 3, False)]
+
+
+def tma_candidates(kind):
+    """TMA_BWD's config for the kind, then TMA_TILINGS (as TMA_BWD dicts)."""
+    own_kind = TMA_KINDS[kind]
+    out = [dict(fa.TMA_BWD[own_kind])]
+    for own, step, warps, stages, per_sm, ws in TMA_TILINGS:
+        bm, bn = (own, step) if own_kind == "dq" else (step, own)
+        cfg = dict(bm=bm, bn=bn, warps=warps, stages=stages, per_sm=per_sm, ws=ws)
+        if cfg not in out:
+            out.append(cfg)
+    return out
 
 
 def candidates(dtype):
@@ -54,7 +75,10 @@ def _tensors(B, N, H, D, dtype, device):
     return qkv, (q, k, v), o, lse, dqkv
 
 
-def _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg):
+def _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg, sms=None):
+    if kind in TMA_KINDS:  # the dq launch, or the dk dv launch (whose row sums the dq launch of the pair writes)
+        launches = fa.tma_bwd_launches(do, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, {TMA_KINDS[kind]: cfg}, sms)
+        return launches[0] if kind == "bwd_tma_dq" else launches
     if kind == "fwd":
         return fa.fwd_launch(q, k, v, o, lse, D ** -0.5, cfg)
     if kind == "bwd_head":
@@ -68,16 +92,27 @@ def resources(shape, dtype, defaults_only=False):
     _, (q, k, v), o, lse, dqkv = _tensors(B, N, H, D, dtype, "meta")
     rows = []
     for kind in KINDS:
-        default = fa._unpack(fa._config(D, kind, dtype))
-        for cfg in [default] if defaults_only else candidates(dtype):
-            launch = _launch(kind, q, k, v, o, lse, o, dqkv, D, cfg)
+        tma = kind in TMA_KINDS
+        if tma and dtype == torch.float32:
+            continue  # "tma" is for half precision ("split" runs for fp32)
+        default = dict(fa.TMA_BWD[TMA_KINDS[kind]]) if tma else fa._unpack(fa._config(D, kind, dtype))
+        configs = tma_candidates(kind) if tma else candidates(dtype)
+        for cfg in [default] if defaults_only else configs:
+            launch = _launch(kind, q, k, v, o, lse, o, dqkv, D, cfg, sms=132)
+            if kind == "bwd_tma_dkdv":
+                launch = launch[1]
             try:
                 regs, stack, smem, copies = _aot(launch)
             except Exception as e:  # noqa: BLE001 (a config the compiler refuses is a result too)
                 rows.append(dict(kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}"))
                 continue
-            rows.append(dict(kind=kind, config=cfg, regs=regs, stack=stack, smem=smem, async_copies=copies,
-                             default=fa._unpack(cfg) == default))
+            if tma:  # TMA loads instead of cp.async copies
+                from ._common import compile_sm90
+
+                copies = compile_sm90(launch).asm["ttgir"].count("async_tma_copy_global_to_local")
+            rows.append(dict(kind=kind, config=str(cfg).replace(" ", "") if tma else cfg, regs=regs, stack=stack,
+                             smem=smem, async_copies=copies, default=(cfg == default) if tma else
+                             fa._unpack(cfg) == default))
     return rows
 
 
@@ -166,11 +201,15 @@ def time_configs(shape, dtype, device="cuda", kinds=KINDS, limit=None):
     o, lse = fa.attention_forward(q, k, v, D ** -0.5)
     want_bwd = fa.attention_backward(do, q, k, v, o, lse, D ** -0.5, impl="split")
     dqkv = torch.empty_like(want_bwd)
-    parts = {"bwd_dq": slice(0, 1), "bwd_dkdv": slice(1, 3)}  # which of q, k, v a kind's launch writes
+    # which of q, k, v a kind's launch writes
+    parts = {"bwd_dq": slice(0, 1), "bwd_dkdv": slice(1, 3), "bwd_tma_dq": slice(0, 1), "bwd_tma_dkdv": slice(1, 3)}
     best = {}
     for kind in kinds:
-        default = fa._unpack(fa._config(D, kind, dtype))
-        for cfg in itertools.islice(time_candidates(kind), limit):
+        tma = kind in TMA_KINDS
+        if tma and dtype == torch.float32:
+            continue
+        default = dict(fa.TMA_BWD[TMA_KINDS[kind]]) if tma else fa._unpack(fa._config(D, kind, dtype))
+        for cfg in itertools.islice(tma_candidates(kind) if tma else time_candidates(kind), limit):
             if kind == "fwd":
                 got = torch.empty_like(o)
                 launch = fa.fwd_launch(q, k, v, got, torch.empty_like(lse), D ** -0.5, cfg)
@@ -178,29 +217,39 @@ def time_configs(shape, dtype, device="cuda", kinds=KINDS, limit=None):
                 dqkv.fill_(float("nan"))  # what a launch does not write fails the check
                 got = dqkv[:, :, parts.get(kind, slice(0, 3))]
                 launch = _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg)
-            kernel, grid, args, const, opts = launch
             try:
+                if kind == "bwd_tma_dkdv":  # the dq launch of the pair writes the row sums it reads
+                    fa._ensure_allocator()
+                    fa._run(launch[0])
+                    launch = launch[1]
+                elif tma:
+                    fa._ensure_allocator()
+                kernel, grid, args, const, opts = launch
                 compiled = kernel[grid](*args, **const, **opts)
                 if got.is_cuda:
                     torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001 (out of shared memory, ...: a result too)
                 yield dict(kind=kind, config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
                 continue
-            row = dict(kind=kind, config=cfg, regs=getattr(compiled, "n_regs", None),
-                       spills=getattr(compiled, "n_spills", None), default=fa._unpack(cfg) == default)
+            row = dict(kind=kind, config=str(cfg).replace(" ", "") if tma else cfg,
+                       regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
+                       default=(cfg == default) if tma else fa._unpack(cfg) == default)
             want = ref if kind == "fwd" else want_bwd[:, :, parts.get(kind, slice(0, 3))]
             row["max_abs_err"] = float((got.float() - want.float()).abs().nan_to_num(float("inf")).max())
             if not row["spills"]:
                 row["ms"] = _graph_ms(lambda: kernel[grid](*args, **const, **opts))
                 tol = 1e-5 if dtype == torch.float32 else 0.05 * float(want.float().abs().max())
                 if row["max_abs_err"] <= tol and row["ms"] < best.get(kind, (None, float("inf")))[1]:
-                    best[kind] = (cfg, row["ms"])
+                    best[kind] = (row["config"], row["ms"])
             yield row
     for kind, (cfg, ms) in best.items():
         yield dict(kind="best", config=f"{kind} {cfg}", ms=ms)
     if "bwd_dq" in best and "bwd_dkdv" in best:
         yield dict(kind="best", config=f"split2 {best['bwd_dq'][0]} + {best['bwd_dkdv'][0]}",
                    ms=best["bwd_dq"][1] + best["bwd_dkdv"][1])
+    if "bwd_tma_dq" in best and "bwd_tma_dkdv" in best:
+        yield dict(kind="best", config=f"tma {best['bwd_tma_dq'][0]} + {best['bwd_tma_dkdv'][0]}",
+                   ms=best["bwd_tma_dq"][1] + best["bwd_tma_dkdv"][1])
 
 
 def main(argv=None):

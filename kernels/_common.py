@@ -138,3 +138,34 @@ def overriding(tables, key: str, value, choices, default):
     finally:
         for t, v in zip(tables, old):
             t[key] = v
+
+
+# TMA: the helpers of the kernels that load by tensor descriptors made on the device
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch for the tensor descriptors kernels make on the device (linear_gelu's and flash_attention's TMA
+    kernels: 128 bytes per descriptor and program)."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else torch.cuda.current_device())
+
+
+def _ensure_allocator() -> None:
+    """Triton's allocator lives in a ContextVar, so each thread that launches (autograd runs CUDA backwards in a
+    thread of its own) needs it set; an allocator someone else set is kept."""
+    import triton
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)  # Triton 3.6's names; elsewhere set ours each time
+    if current is None or current.get() is getattr(_allocation, "_NULL_ALLOCATOR", None):
+        triton.set_allocator(_scratch)
+
+
+def _tma_ok(*ts) -> bool:
+    """TMA needs 16-byte-aligned bases and row strides, contiguous rows."""
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+               for t in ts)
+
+
+def _persistent_grid(tiles: int, slots: int):
+    """(programs, tiles per program) for ``tiles`` output tiles on at most ``slots`` resident programs: the fewest
+    rounds, then the fewest programs for them, so that at most programs - 1 tile slots redo the last tile."""
+    per = -(-tiles // max(1, min(tiles, slots)))
+    return -(-tiles // per), per

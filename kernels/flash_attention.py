@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dispatch
+from ._common import INTERPRET, _ensure_allocator, _persistent_grid, dispatch, sm_count
 
 _INTERPRET = INTERPRET
 _INTERP = tl.constexpr(_INTERPRET)
@@ -52,8 +52,9 @@ _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 # Which backward the autograd paths launch: "split" (query-block and key-block programs, 7 matmuls per block pair)
 # or "head" (one program per head, 5 matmuls, dq in fp32 scratch), or "split2" (split's two program kinds as two
-# launches, each with its own tiling and registers). Not yet timed against each other on a GPU.
-BWD_IMPLS = ("split", "head", "split2")
+# launches, each with its own tiling and registers), or "tma" (two persistent launches loading by TMA, dq with the
+# row sums first, then dk dv; half-precision heads of 16-128 in packed layouts, else "split" runs).
+BWD_IMPLS = ("split", "head", "split2", "tma")
 # The ones the model's attn="auto" times (and may pick without checking results): those whose GPU tests have run.
 # "split2" is new (2026-12-05, ninth session) and joins once `pytest -m gpu` has passed with it on a GPU.
 AUTO_BWD_IMPLS = ("split", "head")
@@ -398,6 +399,139 @@ def _attn_bwd_head(Q, K, V, O, DO, DQ, DK, DV, LSE, DQACC, s_b, s_n, s_h, o_b, o
 
 
 # --------------------------------------------------------------------------------------------
+# "tma": the backward as two persistent launches loading by TMA (fifteenth session; built, CPU-checked, not timed)
+# --------------------------------------------------------------------------------------------
+# Why: the split kernel's dk dv programs hold 255 registers (two programs of 4 warps per SM), loop over only four
+# query blocks (so each program's first loads are exposed) and recompute the row sums delta_i = do_i.o_i at every
+# step. Here the operands arrive by TMA (no registers on the way to shared memory; the sm_90 build of the dk dv
+# kernel needs 223 instead of 255), each program walks many (head, block) items in turn, so the next item's loads
+# overlap this one's work, and the dq launch writes delta once for the dk dv launch, which then reads no o at all.
+# Optionally (``ws``) the item loop is warp-specialised: a producer warp group issues the TMA loads, consumer warp
+# groups compute (Triton 3.6's Hopper pass; 12 warps, one program per SM).
+#
+# Layout: q, k, v, o, do are read as [B * N, H * D] matrices (row stride s_n, head h at column h * D), so one
+# descriptor serves every head of every sample. A block of rows that runs past a sample's N reads the next sample's
+# first rows (zeros past the last sample): those rows are made harmless, never stored: queries past N get
+# lse = +inf (p = 0) in both kernels; keys past N are masked out of p where they would reach a stored row (the dq
+# kernel); in the dk dv kernel a key row only reaches its own rows of dk and dv, which are not stored.
+# N is cut into full blocks and one partial block of TAIL rows (the pow2 rule of the split kernel) in the loop
+# direction; the items are whole blocks (the last block of a head holds N % BLOCK valid rows).
+
+
+@triton.jit
+def _rows(P, ROWS: tl.constexpr, HD, s_n, BLOCK: tl.constexpr, D: tl.constexpr):
+    """A TMA descriptor over P as a [ROWS, HD] matrix (row stride s_n) in [BLOCK, D] boxes: one head's block."""
+    return tl.make_tensor_descriptor(P, shape=[ROWS, HD], strides=[s_n, 1], block_shape=[BLOCK, D])
+
+
+@triton.jit
+def _item(i, PROGS: tl.constexpr, ITEMS: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, H, N: tl.constexpr,
+          D: tl.constexpr):
+    """This program's i-th item (past the last one: the last one again, the same values to the same places): (head
+    bh, first row of its block, sample b, the sample's first row, the head's first column)."""
+    item = tl.minimum(tl.program_id(0) + i * PROGS, ITEMS - 1)
+    bh = item // NB
+    b = bh // H
+    return bh, (item % NB) * BLOCK, b, b * N, (bh % H) * D
+
+
+@triton.jit
+def _bwd_dq_tma(Q, K, V, O, DO, DQ, LSE, DELTA, s_n, o_n, do_n, g_b, g_n, g_h, H, sm_scale, qk_scale,
+                ROWS: tl.constexpr, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                TAIL_N: tl.constexpr, STAGES: tl.constexpr, PROGS: tl.constexpr, PER: tl.constexpr,
+                ITEMS: tl.constexpr, WS: tl.constexpr):
+    """Items (head bh, query block mb), bh-major: dq of the block's rows, and delta_i = do_i.o_i into DELTA [B * H,
+    N] (fp32) for the dk dv launch. ROWS = B * N; the constexprs PROGS, PER, ITEMS as linear_gelu's TMA kernel."""
+    HD = H * D
+    q_desc = _rows(Q, ROWS, HD, s_n, BLOCK_M, D)
+    o_desc = _rows(O, ROWS, HD, o_n, BLOCK_M, D)
+    do_desc = _rows(DO, ROWS, HD, do_n, BLOCK_M, D)
+    k_desc = _rows(K, ROWS, HD, s_n, BLOCK_N, D)
+    v_desc = _rows(V, ROWS, HD, s_n, BLOCK_N, D)
+    if TAIL_N > 0:
+        kt_desc = _rows(K, ROWS, HD, s_n, TAIL_N, D)
+        vt_desc = _rows(V, ROWS, HD, s_n, TAIL_N, D)
+    NQB: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    FULL_N: tl.constexpr = N - N % BLOCK_N
+    offs_d = tl.arange(0, D)
+    for i in tl.range(0, PER, warp_specialize=WS):
+        bh, qs, b, row0, col = _item(i, PROGS, ITEMS, NQB, BLOCK_M, H, N, D)
+        qm = qs + tl.arange(0, BLOCK_M)
+        q = q_desc.load([row0 + qs, col])
+        do = do_desc.load([row0 + qs, col])
+        o = o_desc.load([row0 + qs, col])
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse = tl.load(LSE + bh * N + qm, mask=qm < N, other=float("inf"))
+        tl.store(DELTA + bh * N + qm, delta, mask=qm < N)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        for ks in tl.range(0, FULL_N, BLOCK_N, num_stages=STAGES):
+            k = k_desc.load([row0 + ks, col])
+            v = v_desc.load([row0 + ks, col])
+            p = tl.exp2(_dot(q, tl.trans(k), False) * qk_scale - lse[:, None])
+            ds = p * (_dot(do, tl.trans(v), False) - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, False)
+        if TAIL_N > 0:
+            k = kt_desc.load([row0 + FULL_N, col])
+            v = vt_desc.load([row0 + FULL_N, col])
+            kn = FULL_N + tl.arange(0, TAIL_N)
+            p = tl.exp2(_dot(q, tl.trans(k), False) * qk_scale - lse[:, None])
+            p = tl.where(kn[None, :] < N, p, 0.0)  # the next sample's rows are no keys of this head
+            ds = p * (_dot(do, tl.trans(v), False) - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, False)
+        ptrs = DQ + b.to(tl.int64) * g_b + qm.to(tl.int64)[:, None] * g_n + (col // D) * g_h + offs_d[None, :]
+        tl.store(ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(qm < N)[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_tma(Q, K, V, DO, DK, DV, LSE, DELTA, s_n, do_n, g_b, g_n, g_h, H, sm_scale, qk_scale,
+                  ROWS: tl.constexpr, N: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, TAIL_M: tl.constexpr, STAGES: tl.constexpr, PROGS: tl.constexpr,
+                  PER: tl.constexpr, ITEMS: tl.constexpr, WS: tl.constexpr):
+    """Items (head bh, key block jb), bh-major: dk, dv of the block's keys over all queries, with the DELTA the dq
+    launch wrote."""
+    HD = H * D
+    k_desc = _rows(K, ROWS, HD, s_n, BLOCK_N, D)
+    v_desc = _rows(V, ROWS, HD, s_n, BLOCK_N, D)
+    q_desc = _rows(Q, ROWS, HD, s_n, BLOCK_M, D)
+    do_desc = _rows(DO, ROWS, HD, do_n, BLOCK_M, D)
+    if TAIL_M > 0:
+        qt_desc = _rows(Q, ROWS, HD, s_n, TAIL_M, D)
+        dot_desc = _rows(DO, ROWS, HD, do_n, TAIL_M, D)
+    NKB: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    FULL_M: tl.constexpr = N - N % BLOCK_M
+    offs_d = tl.arange(0, D)
+    for i in tl.range(0, PER, warp_specialize=WS):
+        bh, ks, b, row0, col = _item(i, PROGS, ITEMS, NKB, BLOCK_N, H, N, D)
+        k = k_desc.load([row0 + ks, col])
+        v = v_desc.load([row0 + ks, col])
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        for qs in tl.range(0, FULL_M, BLOCK_M, num_stages=STAGES):
+            q = q_desc.load([row0 + qs, col])
+            do = do_desc.load([row0 + qs, col])
+            lse = tl.load(LSE + bh * N + qs + tl.arange(0, BLOCK_M))
+            delta = tl.load(DELTA + bh * N + qs + tl.arange(0, BLOCK_M))
+            pT = tl.exp2(_dot(k, tl.trans(q), False) * qk_scale - lse[None, :])
+            dv += _dot(pT.to(do.dtype), do, False)
+            dsT = pT * (_dot(v, tl.trans(do), False) - delta[None, :])
+            dk += _dot(dsT.to(q.dtype), q, False)
+        if TAIL_M > 0:
+            qm = FULL_M + tl.arange(0, TAIL_M)
+            q = qt_desc.load([row0 + FULL_M, col])
+            do = dot_desc.load([row0 + FULL_M, col])
+            lse = tl.load(LSE + bh * N + qm, mask=qm < N, other=float("inf"))  # rows past N: p = 0
+            delta = tl.load(DELTA + bh * N + qm, mask=qm < N, other=0.0)
+            pT = tl.exp2(_dot(k, tl.trans(q), False) * qk_scale - lse[None, :])
+            dv += _dot(pT.to(do.dtype), do, False)
+            dsT = pT * (_dot(v, tl.trans(do), False) - delta[None, :])
+            dk += _dot(dsT.to(q.dtype), q, False)
+        kn = ks + tl.arange(0, BLOCK_N)
+        offs = b.to(tl.int64) * g_b + kn.to(tl.int64)[:, None] * g_n + (col // D) * g_h + offs_d[None, :]
+        tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=(kn < N)[:, None])
+        tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=(kn < N)[:, None])
+
+
+# --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
 def _block_d(D):
@@ -559,14 +693,65 @@ def bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split"
 
 def bwd_launches(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="split", dq_acc=None):
     """The backward as a list of launches: one for "split" and "head"; for "split2" the dq kernel, then the dk, dv
-    kernel, ``config`` then a pair (dq's, dk dv's) or None for the defaults."""
-    if _check_impl(impl) != "split2":
+    kernel, ``config`` then a pair (dq's, dk dv's) or None for the defaults; for "tma" its two launches
+    (``config``: tma_bwd_launches's ``configs``) where tma_ready, else "split"'s."""
+    if _check_impl(impl) == "tma":
+        if tma_ready(q, k, v, o, do):
+            return tma_bwd_launches(do, q, k, v, o, lse, dq, dk, dv, scale, config)
+        impl, config = "split", None
+    if impl != "split2":
         return [bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, config, impl, dq_acc)]
     if config is not None and (len(config) != 2 or not all(c is None or isinstance(c, tuple) for c in config)):
         raise ValueError(f'impl "split2" takes a pair of configs (dq kernel, dk dv kernel), got {config!r}')
     cq, ckv = config if config is not None else (None, None)
     return [bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, cq, "split", kind="dq"),
             bwd_launch(do, q, k, v, o, lse, dq, dk, dv, scale, ckv, "split", kind="dkdv")]
+
+
+# "tma"'s two launches (the dq kernel, which also writes the row sums delta; the dk dv kernel): tile rows of each
+# direction, warps, pipeline stages of the inner loop, programs per SM, and ``ws``, the item loop warp-specialised
+# (4 warps; a producer and two consumer warp groups, one program per SM). From the sm_90 builds of the fifteenth
+# session (dk dv at 64 x 64, 4 warps, 2 stages: 223 registers, no spills; with ws: 12 warps, 168), not yet timed.
+TMA_BWD = {"dq": dict(bm=64, bn=64, warps=4, stages=2, per_sm=2, ws=False),
+           "dkdv": dict(bm=64, bn=64, warps=4, stages=2, per_sm=2, ws=False)}
+
+
+def tma_ready(q, k, v, o, do) -> bool:
+    """Whether "tma" takes these tensors (else "split" runs): half precision, a power-of-two head dim of 16-128,
+    each of q, k, v, o, do a [B, N, H, D] view whose (sample, token) rows lie at one stride (as views of the qkv
+    Linear's output and of o do) with the heads packed along a row, 16-byte-aligned bases and row strides."""
+    B, N, H, D = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16) or D not in (16, 32, 64, 128):
+        return False
+    return all(t.stride(3) == 1 and t.stride(2) == D and t.stride(0) == N * t.stride(1) and t.data_ptr() % 16 == 0
+               and (t.stride(1) * t.element_size()) % 16 == 0 for t in (q, k, v, o, do))
+
+
+def tma_bwd_launches(do, q, k, v, o, lse, dq, dk, dv, scale, configs=None, sms=None):
+    """"tma"'s two launches, as bwd_launch's tuples; ``configs``: {"dq" | "dkdv": TMA_BWD entries to override};
+    ``sms``: the SM count the persistent grids are sized for (default: q's device's)."""
+    B, N, H, D = q.shape
+    delta = torch.empty(B * H * N, device=q.device, dtype=torch.float32)  # the dq kernel writes, dk dv reads
+    launches = []
+    for kind, kernel in (("dq", _bwd_dq_tma), ("dkdv", _bwd_dkdv_tma)):
+        cfg = {**TMA_BWD[kind], **((configs or {}).get(kind) or {})}
+        if cfg["ws"] and cfg["warps"] != 4:
+            raise ValueError(f"attention tma backward {kind} config {cfg}: ws=True (warp specialisation) needs "
+                             f"warps=4 (got {cfg['warps']})")
+        bm, bn = cfg["bm"], cfg["bn"]
+        items = B * H * triton.cdiv(N, bm if kind == "dq" else bn)
+        progs, per = _persistent_grid(items, cfg["per_sm"] * (sms or sm_count(q.device)))
+        const = dict(ROWS=B * N, N=N, D=D, BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["stages"], PROGS=progs, PER=per,
+                     ITEMS=items, WS=bool(cfg["ws"]))
+        if kind == "dq":
+            args = (q, k, v, o, do, dq, lse, delta, q.stride(1), o.stride(1), do.stride(1))
+            const["TAIL_N"] = _tail(N, bn)
+        else:
+            args = (q, k, v, do, dk, dv, lse, delta, q.stride(1), do.stride(1))
+            const["TAIL_M"] = _tail(N, bm)
+        args += (dq.stride(0), dq.stride(1), dq.stride(2), H, float(scale), float(scale) * _LOG2E)
+        launches.append((kernel, (progs,), args, const, dict(num_warps=cfg["warps"], num_stages=cfg["stages"])))
+    return launches
 
 
 def _run(launch):
@@ -594,6 +779,28 @@ def use_bwd_impl(impl):
         _BWD_OVERRIDE.pop()
 
 
+# the dk dv launch warp-specialised (Triton 3.6 does not build the dq kernel that way)
+TMA_WS = {"dkdv": dict(ws=True, per_sm=1)}
+
+
+@contextlib.contextmanager
+def use_tma_bwd(configs=None):
+    """Within the block the autograd paths launch the "tma" backward, TMA_BWD updated by ``configs`` ({"dq" |
+    "dkdv": entries}, e.g. TMA_WS)."""
+    saved = {kind: dict(cfg) for kind, cfg in TMA_BWD.items()}
+    for kind, update in (configs or {}).items():
+        if kind not in TMA_BWD:
+            raise ValueError(f"tma backward configs: kinds are {', '.join(TMA_BWD)}, got {kind!r}")
+        TMA_BWD[kind].update(update)
+    try:
+        with use_bwd_impl("tma"):
+            yield
+    finally:
+        for kind, cfg in saved.items():
+            TMA_BWD[kind].clear()
+            TMA_BWD[kind].update(cfg)
+
+
 def bwd_impl_for(q):
     """The backward the autograd paths launch for q [B, N, H, D]: use_bwd_impl's if inside one, else the one
     measured faster for this shape (BWD_BY_SHAPE, filled by the model's "auto"), else BWD_IMPL."""
@@ -617,6 +824,8 @@ def attention_backward(do, q, k, v, o, lse, scale, config=None, impl=None):
     dqkv = torch.empty(B, N, 3, H, D, device=q.device, dtype=q.dtype)
     impl = impl or bwd_impl_for(q)
     scratch = bwd_scratch(q) if impl == "head" else None
+    if impl == "tma":
+        _ensure_allocator()  # the TMA kernels make their descriptors on the device
     for launch in bwd_launches(do, q, k, v, o, lse, *dqkv.unbind(2), scale, config, impl, scratch):
         _run(launch)
     return dqkv

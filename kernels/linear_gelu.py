@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, compute_dtype, dispatch, overriding, sm_count
+from ._common import (INTERPRET, _ensure_allocator, _persistent_grid, _tma_ok, compute_dtype, dispatch, overriding,
+                      sm_count)
 from .batchnorm import sum_partials
 from .bias_gelu import _phi
 
@@ -201,34 +202,6 @@ def _mm_gelu_tma(A, B, BIAS, Z, OUT, PART, M, N, K: tl.constexpr, B_NK: tl.const
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _scratch(size: int, alignment: int, stream):
-    """Global scratch for the descriptors _mm_gelu_tma makes on the device (128 bytes per program)."""
-    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else torch.cuda.current_device())
-
-
-def _ensure_allocator() -> None:
-    """Triton's allocator lives in a ContextVar, so each thread that launches (autograd runs CUDA backwards in a
-    thread of its own) needs it set; an allocator someone else set is kept."""
-    from triton.runtime import _allocation
-
-    current = getattr(_allocation, "_allocator", None)  # Triton 3.6's names; elsewhere set ours each time
-    if current is None or current.get() is getattr(_allocation, "_NULL_ALLOCATOR", None):
-        triton.set_allocator(_scratch)
-
-
-def _tma_ok(*ts) -> bool:
-    """TMA needs 16-byte-aligned bases and row strides, contiguous rows."""
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
-               for t in ts)
-
-
-def _persistent_grid(tiles: int, slots: int):
-    """(programs, tiles per program) for ``tiles`` output tiles on at most ``slots`` resident programs: the fewest
-    rounds, then the fewest programs for them, so that at most programs - 1 tile slots redo the last tile."""
-    per = triton.cdiv(tiles, max(1, min(tiles, slots)))
-    return triton.cdiv(tiles, per), per
-
-
 def check_tiling(cfg, backward: bool) -> None:
     """ValueError naming the problem for a tiling the kernels cannot build. ``ws`` needs Triton's Hopper warp
     specialisation, which takes only the TMA kernel at 4 warps with an unflattened tile loop; and the backward's

@@ -76,10 +76,11 @@ FP32_SHAPES = [(2, 197, 3, 64), (3, 17, 2, 60), (1, 1, 1, 64), (2, 65, 2, 32), (
                (1, 128, 2, 64)]
 
 
-@pytest.fixture(params=["split", "head", "split2"])
+@pytest.fixture(params=["split", "head", "split2", "tma"])
 def bwd_impl(request, monkeypatch):
     """Every backward: query- and key-block programs in one launch ("split"), one program per head ("head"), the
-    two program kinds as two launches ("split2")."""
+    two program kinds as two launches ("split2"), two persistent launches loading by TMA ("tma": half-precision
+    heads of 16-128 in packed layouts; elsewhere it runs "split")."""
     monkeypatch.setattr(fa, "BWD_IMPL", request.param)
     return request.param
 
@@ -184,6 +185,94 @@ def test_tilings_match_float64(gen, device, shape, tiling):
     floor = 2e-6 * float(ref_g.abs().max()) + cancellation_bound(q64, k64, v64, ref, do, scale)
     for got, want, bound in zip(g.unbind(2), ref_g.unbind(2), floor.unbind(2)):
         assert ((got.double() - want).abs() < 1e-5 * float(want.abs().max()) + bound).all()
+
+
+# "tma" against float64 in half precision: packed samples (a block past N reads the next sample's rows, which must
+# not leak into any stored gradient), partial blocks both ways, N = 1, no partial blocks, a 128-wide head; tilings
+# with many items per program (and the last item redone), smaller tiles than the default, the warp-specialised
+# flag on the dk dv kernel (ignored by the interpreter; on a GPU the half-precision build of 6x197x6x64 is
+# warp-specialised: its 144 items give each of 132 programs a loop of two, where a loop of one has nothing to split;
+# Triton 3.6 does not build the dq kernel warp-specialised)
+TMA_CONFIGS = {
+    "default": None,
+    "ws": {"dkdv": dict(ws=True, per_sm=1)},
+    "small-tiles-many-items": {"dq": dict(bm=16, bn=32, per_sm=1), "dkdv": dict(bm=32, bn=16, per_sm=1)},
+}
+
+
+TMA_CASES = [(shape, config) for shape in [(3, 197, 2, 64), (3, 17, 1, 32), (3, 1, 1, 16), (2, 128, 2, 64),
+                                           (2, 65, 1, 128)] for config in sorted(TMA_CONFIGS)]
+TMA_CASES += [((6, 197, 6, 64), "default"), ((6, 197, 6, 64), "ws")]  # items enough for two per program on a GPU
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,config", TMA_CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)
+def test_tma_backward_within_twice_plain_torch(gen, device, shape, dtype, config, monkeypatch):
+    B, N, H, D = shape
+    qkv, gout = packed_inputs(gen, B, N, H, D, dtype, device, spread=2.0)
+    q, k, v = qkv.detach().view(B, N, 3, H, D).unbind(2)
+    o, lse = fa.attention_forward(q, k, v, D ** -0.5)
+    do = gout.view(B, N, H, D)
+    assert fa.tma_ready(q, k, v, o, do)
+    g = torch.full((B, N, 3, H, D), float("nan"), device=device, dtype=dtype)  # unwritten rows fail
+    launches = fa.bwd_launches(do, q, k, v, o, lse, *g.unbind(2), D ** -0.5, TMA_CONFIGS[config], "tma")
+    assert [launch[0] for launch in launches] == [fa._bwd_dq_tma, fa._bwd_dkdv_tma]
+    fa._ensure_allocator()
+    for launch in launches:
+        fa._run(launch)
+    _, ref_g = run_reference(qkv, gout, H, D ** -0.5)
+    _, base_g = plain_torch(qkv, gout, H, D ** -0.5)
+    got = g.reshape(B, N, 3 * H * D)
+    assert torch.isfinite(got).all()
+    # each of dq, dk, dv: within 2x plain torch's largest error on it, plus 1e-3 of the whole gradient (at N = 1 the
+    # exact dq and dk are 0, which plain torch's softmax backward hits and the row sums' cancellation does not)
+    floor = 1e-3 * float(ref_g.abs().max())
+    for part in range(3):
+        pick = (slice(None), slice(None), part)
+        want, base = ref_g.view(B, N, 3, H, D)[pick], base_g.view(B, N, 3, H, D)[pick]
+        err, base_err = (float((t.double() - want).abs().max()) for t in (g[pick], base))
+        assert err <= 2 * base_err + floor, (part, err, base_err, floor)
+    if TMA_CONFIGS[config] is None:  # the autograd path takes "tma" too, through the same launches
+        monkeypatch.setattr(fa, "BWD_IMPL", "tma")
+        _, g_auto = run_packed(qkv, gout, H)
+        torch.testing.assert_close(g_auto, got, rtol=0, atol=0)
+
+
+def test_use_tma_bwd_sets_and_restores(gen, device):
+    before = {kind: dict(cfg) for kind, cfg in fa.TMA_BWD.items()}
+    with fa.use_tma_bwd(fa.TMA_WS):
+        assert fa.TMA_BWD["dkdv"]["ws"] and not fa.TMA_BWD["dq"]["ws"]
+        assert fa.bwd_impl_for(torch.empty(1, 2, 1, 16)) == "tma"
+    assert fa.TMA_BWD == before and fa.bwd_impl_for(torch.empty(1, 2, 1, 16)) == fa.BWD_IMPL
+    with pytest.raises(ValueError, match="kinds are dq, dkdv, got 'dk'"):
+        with fa.use_tma_bwd({"dk": {}}):
+            pass
+    assert fa.TMA_BWD == before
+
+
+def test_tma_ready_and_the_fallback(gen, device):
+    """"tma" takes half-precision [B, N, H, D] views with (sample, token) rows at one stride and packed heads;
+    anything else (fp32, a head of 60, a head-major layout, an unaligned base) runs "split" instead."""
+    B, N, H, D = 2, 20, 2, 32
+    x = torch.randn(B, N, 3, H, D, generator=gen).to(device, torch.bfloat16)
+    q, k, v = x.unbind(2)
+    o = torch.randn(B, N, H, D, generator=gen).to(device, torch.bfloat16)
+    assert fa.tma_ready(q, k, v, o, o)
+    assert not fa.tma_ready(*(t.float() for t in (q, k, v, o, o)))
+    assert not fa.tma_ready(q[..., :30], k[..., :30], v[..., :30], o[..., :30], o[..., :30])  # D = 30
+    head_major = o.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not fa.tma_ready(q, k, v, head_major, o)
+    flat = torch.randn(B * N * H * D + 8, generator=gen).to(device, torch.bfloat16)
+    shifted = flat[1:1 + B * N * H * D].view(B, N, H, D)  # 2 bytes past a 16-byte boundary
+    assert not fa.tma_ready(q, k, v, shifted, o)
+    lse = torch.zeros(B, H, N, device=device)
+    g = torch.empty(B, N, 3, H, D, device=device, dtype=torch.float32)
+    qf, kf, vf = x.float().unbind(2)
+    launches = fa.bwd_launches(o.float(), qf, kf, vf, o.float(), lse, *g.unbind(2), D ** -0.5, None, "tma")
+    assert [launch[0] for launch in launches] == [fa._attn_bwd]
+    with pytest.raises(ValueError, match=r"ws=True \(warp specialisation\) needs warps=4 \(got 8\)"):
+        fa.tma_bwd_launches(o, q, k, v, o, lse, *g.to(torch.bfloat16).unbind(2), 0.1,
+                            {"dkdv": dict(ws=True, warps=8)})
 
 
 def test_separate_inputs_any_strides_and_scale(gen, device):
@@ -368,13 +457,46 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [dict(kv.split("=", 1) for kv in line.split(" ") if "=" in kv) for line in run.stdout.splitlines()
             if line.startswith("kind=")]
-    assert sorted(r["kind"] for r in rows) == ["bwd", "bwd_dkdv", "bwd_dq", "bwd_head", "fwd"], run.stdout
+    tma = ["bwd_tma_dkdv", "bwd_tma_dq"] if dtype == "bf16" else []  # "tma" is for half precision
+    assert sorted(r["kind"] for r in rows) == ["bwd", "bwd_dkdv", "bwd_dq", "bwd_head"] + tma + ["fwd"], run.stdout
     for r in rows:
         assert "error" not in r, r
         assert int(r["stack"]) == 0, r
         assert int(r["regs"]) <= 255 and int(r["smem"]) <= 227 * 1024, r
         if dtype == "bf16":
             assert int(r["async_copies"]) > 0, f"key loop not pipelined: {r}"
+
+
+def test_sm90_build_of_the_tma_pair_warp_specialises_the_dkdv_kernel():
+    """"tma" at LV-ViT-S/224 bf16 compiled for sm_90 (no GPU): with ws the dk dv kernel comes out warp-specialised
+    (12 warps from 4: a producer and two consumer warp groups) without spills; the default pair has no spills, and
+    its dk dv kernel needs fewer registers than the split kernel's 255."""
+    code = """
+import json, torch
+from tokenlabel.kernels import flash_attention as fa
+from tokenlabel.kernels._common import aot_sm90, compile_sm90
+B, N, H, D = 128, 197, 6, 64
+qkv = torch.empty(B, N, 3, H, D, device="meta", dtype=torch.bfloat16)
+q, k, v = qkv.unbind(2)
+o = torch.empty(B, N, H, D, device="meta", dtype=torch.bfloat16)
+lse = torch.empty(B, H, N, device="meta")
+out = {}
+for name, cfg in (("default", None), ("ws", {"dkdv": dict(ws=True, per_sm=1)})):
+    for kind, launch in zip(("dq", "dkdv"), fa.tma_bwd_launches(o, q, k, v, o, lse, *torch.empty_like(qkv).unbind(2),
+                                                                0.125, cfg, sms=132)):
+        out[name + " " + kind] = [*aot_sm90(launch)[:2], compile_sm90(launch).metadata.num_warps]
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    builds = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, (regs, stack, warps) in builds.items():
+        assert stack == 0, builds
+        assert warps == (12 if name == "ws dkdv" else 4), builds
+    assert builds["default dkdv"][0] < 255, builds
 
 
 def test_attn_tune_time_rows_check_every_config(monkeypatch):
@@ -398,6 +520,24 @@ def test_attn_tune_time_rows_check_every_config(monkeypatch):
     rows = list(_attn_tune.time_configs("tiny", torch.float32, device="cpu", kinds=("bwd_dq",)))
     assert [r["kind"] for r in rows] == ["sdpa", "sdpa", "bwd_dq"]
     assert rows[2]["max_abs_err"] == float("inf")
+
+
+def test_attn_tune_times_the_tma_pair(monkeypatch):
+    """The "tma" kinds in _attn_tune's timing loop (interpreted, bf16, a stand-in timer): the dq launch checked on
+    dq, the dk dv launch (after its pair's dq launch wrote the row sums) on dk and dv, a best row for their sum;
+    in fp32 they are left out ("split" runs there)."""
+    from tokenlabel.kernels import _attn_tune
+
+    monkeypatch.setattr(_attn_tune, "_graph_ms", lambda fn, **kw: (fn(), 1.0)[1])
+    rows = list(_attn_tune.time_configs("tiny", torch.bfloat16, device="cpu", kinds=tuple(_attn_tune.TMA_KINDS),
+                                        limit=2))
+    assert [r["kind"] for r in rows] == ["sdpa", "sdpa"] + ["bwd_tma_dq"] * 2 + ["bwd_tma_dkdv"] * 2 + ["best"] * 3
+    for r in rows[2:6]:
+        assert "error" not in r and r["ms"] == 1.0 and r["max_abs_err"] < 0.05, r
+    assert rows[2]["default"] and "'ws':True" in rows[3]["config"]
+    assert rows[-1]["config"].startswith("tma ") and rows[-1]["ms"] == 2.0
+    fp32 = list(_attn_tune.time_configs("tiny", torch.float32, device="cpu", kinds=tuple(_attn_tune.TMA_KINDS)))
+    assert [r["kind"] for r in fp32] == ["sdpa", "sdpa"]
 
 
 class _NoOpKernel:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from script_helpers import sm90_builds
+from tokenlabel.kernels import _common
 from tokenlabel.kernels import bias_gelu as bg
 from tokenlabel.kernels import linear_gelu as lg
 
@@ -235,7 +236,7 @@ def test_tma_launch_keeps_an_allocator_someone_set(gen, device):
         def fresh_thread():  # a thread starts with Triton's null allocator, as autograd's does
             seen.append(_allocation._allocator.get() is _allocation._NULL_ALLOCATOR)
             lg.linear_gelu_forward(x.detach(), w1.detach(), b1.detach())
-            seen.append(_allocation._allocator.get() is lg._scratch)
+            seen.append(_allocation._allocator.get() is _common._scratch)
 
         t = threading.Thread(target=fresh_thread)
         t.start()
