@@ -149,23 +149,24 @@ def _tma_case(case: Case) -> None:
 
 @register("attention", "triton_tma")
 def triton_tma(case: Case) -> Prepared:
-    """The same forward; the backward as two persistent launches loading by TMA (dq with the row sums, then dk dv;
-    half-precision heads of 16-128 only)."""
+    """Our attention's TMA kernels: the forward and the backward (two launches: dq with the row sums, then dk dv)
+    as persistent programs loading by TMA (half-precision heads of 16-128 only)."""
     _tma_case(case)
     prep = _prepare(case, "triton")
     from tokenlabel.kernels import flash_attention as fa
 
-    return within(prep, lambda: fa.use_bwd_impl("tma"), "attention backward: tma")
+    return within(prep, fa.use_tma, "attention forward and backward: tma")
 
 
 @register("attention", "triton_tma_ws")
 def triton_tma_ws(case: Case) -> Prepared:
-    """triton_tma with its dk dv launch warp-specialised (a producer warp group loading, consumers computing)."""
+    """triton_tma warp-specialised where Triton builds it (the forward, the dk dv launch: a producer warp group
+    loading, consumer warp groups computing)."""
     _tma_case(case)
     prep = _prepare(case, "triton")
     from tokenlabel.kernels import flash_attention as fa
 
-    return within(prep, lambda: fa.use_tma_bwd(fa.TMA_WS), f"attention backward: tma, {fa.TMA_WS}")
+    return within(prep, lambda: fa.use_tma(fa.TMA_WS), f"attention forward and backward: tma, {fa.TMA_WS}")
 
 
 @register("attention", "auto")

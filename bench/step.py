@@ -275,18 +275,25 @@ register("step", "compile_graphs_ours")(_backend_provider("triton", True, "reduc
 # through SDPA instead of ours (how much our attention adds or takes in the whole step)
 register("step", "compile_graphs_ours_split2")(_backend_provider("triton", True, "reduce-overhead", bwd_impl="split2",
                                                                  **OUR_BLOCK_KERNELS))
-# ... and with the attention backward as "tma"'s two persistent TMA launches (fifteenth session; not measured), plain
-# and with the dk dv launch warp-specialised
+# ... and with our attention's TMA kernels both ways ("tma": persistent programs loading by TMA; fifteenth session,
+# not measured), plain and warp-specialised where Triton builds it
 _ATTN_TMA = _backend_provider("triton", True, "reduce-overhead", bwd_impl="tma", **OUR_BLOCK_KERNELS)
-register("step", "compile_graphs_ours_attn_tma")(_ATTN_TMA)
+
+
+@register("step", "compile_graphs_ours_attn_tma")
+def compile_graphs_ours_attn_tma(case: Case) -> Prepared:
+    """compile_graphs_ours with the attention forward and backward as flash_attention's "tma" kernels."""
+    from tokenlabel.kernels import flash_attention as fa
+
+    return within(_ATTN_TMA(case), fa.use_tma, "attention forward and backward: tma")
 
 
 @register("step", "compile_graphs_ours_attn_tma_ws")
 def compile_graphs_ours_attn_tma_ws(case: Case) -> Prepared:
-    """compile_graphs_ours_attn_tma with the dk dv launch warp-specialised (flash_attention.TMA_WS)."""
+    """compile_graphs_ours_attn_tma warp-specialised where Triton builds it (flash_attention.TMA_WS)."""
     from tokenlabel.kernels import flash_attention as fa
 
-    return within(_ATTN_TMA(case), lambda: fa.use_tma_bwd(fa.TMA_WS), f"attention backward: tma, {fa.TMA_WS}")
+    return within(_ATTN_TMA(case), lambda: fa.use_tma(fa.TMA_WS), f"attention: tma, {fa.TMA_WS}")
 
 
 register("step", "compile_graphs_ours_sdpa")(_backend_provider("sdpa", True, "reduce-overhead", **OUR_BLOCK_KERNELS))

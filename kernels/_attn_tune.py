@@ -36,22 +36,27 @@ SHAPES = {"S224": (128, 197, 6, 64), "M224": (128, 197, 8, 64), "S384": (128, 57
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-KINDS = ("fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv", "bwd_tma_dq", "bwd_tma_dkdv")
-TMA_KINDS = {"bwd_tma_dq": "dq", "bwd_tma_dkdv": "dkdv"}
+KINDS = ("fwd", "bwd", "bwd_head", "bwd_dq", "bwd_dkdv", "fwd_tma", "bwd_tma_dq", "bwd_tma_dkdv")
+TMA_KINDS = {"fwd_tma": "fwd", "bwd_tma_dq": "dq", "bwd_tma_dkdv": "dkdv"}
 # "tma" tilings as (rows of the kernel's own blocks, rows of the loop's steps, warps, stages, programs per SM, ws):
 # the default first, then those whose sm_90 builds (fifteenth session, S224 bf16) have no spills; ws=True builds for
-# the dk dv kernel only (Triton 3.6's pass fails on the dq kernel: "PassManager::run failed", reported as an error)
+# the forward at 64 rows and the dk dv kernel (Triton 3.6's pass fails on the dq kernel and on 128-row forward
+# blocks: "PassManager::run failed", reported as an error)
 TMA_TILINGS = [(64, 64, 4, 2, 1, True), (128, 64, 4, 2, 1, True), (64, 64, 4, 3, 2, False), (64, 32, 4, 2, 3, False),
                (128, 64, 8, 2, 1, False), (128, 32, 4, 2, 1, True), (64, 32, 4, 3, 1, True), (64, 64, 4, 3, 1, True),
                (64, 64, 4, 2, 1, False), (64, 64, 4, 2, 3, False)]
 
 
+def _tma_default(kind):
+    return dict(fa.TMA_FWD) if kind == "fwd_tma" else dict(fa.TMA_BWD[TMA_KINDS[kind]])
+
+
 def tma_candidates(kind):
-    """TMA_BWD's config for the kind, then TMA_TILINGS (as TMA_BWD dicts)."""
+    """TMA_FWD's / TMA_BWD's config for the kind, then TMA_TILINGS (as their dicts)."""
     own_kind = TMA_KINDS[kind]
-    out = [dict(fa.TMA_BWD[own_kind])]
+    out = [_tma_default(kind)]
     for own, step, warps, stages, per_sm, ws in TMA_TILINGS:
-        bm, bn = (own, step) if own_kind == "dq" else (step, own)
+        bm, bn = (step, own) if own_kind == "dkdv" else (own, step)
         cfg = dict(bm=bm, bn=bn, warps=warps, stages=stages, per_sm=per_sm, ws=ws)
         if cfg not in out:
             out.append(cfg)
@@ -76,6 +81,8 @@ def _tensors(B, N, H, D, dtype, device):
 
 
 def _launch(kind, q, k, v, o, lse, do, dqkv, D, cfg, sms=None):
+    if kind == "fwd_tma":
+        return fa.tma_fwd_launch(q, k, v, o, lse, D ** -0.5, cfg, sms)
     if kind in TMA_KINDS:  # the dq launch, or the dk dv launch (whose row sums the dq launch of the pair writes)
         launches = fa.tma_bwd_launches(do, q, k, v, o, lse, *dqkv.unbind(2), D ** -0.5, {TMA_KINDS[kind]: cfg}, sms)
         return launches[0] if kind == "bwd_tma_dq" else launches
@@ -95,7 +102,7 @@ def resources(shape, dtype, defaults_only=False):
         tma = kind in TMA_KINDS
         if tma and dtype == torch.float32:
             continue  # "tma" is for half precision ("split" runs for fp32)
-        default = dict(fa.TMA_BWD[TMA_KINDS[kind]]) if tma else fa._unpack(fa._config(D, kind, dtype))
+        default = _tma_default(kind) if tma else fa._unpack(fa._config(D, kind, dtype))
         configs = tma_candidates(kind) if tma else candidates(dtype)
         for cfg in [default] if defaults_only else configs:
             launch = _launch(kind, q, k, v, o, lse, o, dqkv, D, cfg, sms=132)
@@ -208,11 +215,11 @@ def time_configs(shape, dtype, device="cuda", kinds=KINDS, limit=None):
         tma = kind in TMA_KINDS
         if tma and dtype == torch.float32:
             continue
-        default = dict(fa.TMA_BWD[TMA_KINDS[kind]]) if tma else fa._unpack(fa._config(D, kind, dtype))
+        default = _tma_default(kind) if tma else fa._unpack(fa._config(D, kind, dtype))
         for cfg in itertools.islice(tma_candidates(kind) if tma else time_candidates(kind), limit):
-            if kind == "fwd":
-                got = torch.empty_like(o)
-                launch = fa.fwd_launch(q, k, v, got, torch.empty_like(lse), D ** -0.5, cfg)
+            if kind in ("fwd", "fwd_tma"):
+                got = torch.full_like(o, float("nan"))
+                launch = _launch(kind, q, k, v, got, torch.empty_like(lse), do, dqkv, D, cfg)
             else:
                 dqkv.fill_(float("nan"))  # what a launch does not write fails the check
                 got = dqkv[:, :, parts.get(kind, slice(0, 3))]
@@ -234,7 +241,7 @@ def time_configs(shape, dtype, device="cuda", kinds=KINDS, limit=None):
             row = dict(kind=kind, config=str(cfg).replace(" ", "") if tma else cfg,
                        regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
                        default=(cfg == default) if tma else fa._unpack(cfg) == default)
-            want = ref if kind == "fwd" else want_bwd[:, :, parts.get(kind, slice(0, 3))]
+            want = ref if kind in ("fwd", "fwd_tma") else want_bwd[:, :, parts.get(kind, slice(0, 3))]
             row["max_abs_err"] = float((got.float() - want.float()).abs().nan_to_num(float("inf")).max())
             if not row["spills"]:
                 row["ms"] = _graph_ms(lambda: kernel[grid](*args, **const, **opts))
@@ -247,7 +254,7 @@ def time_configs(shape, dtype, device="cuda", kinds=KINDS, limit=None):
     if "bwd_dq" in best and "bwd_dkdv" in best:
         yield dict(kind="best", config=f"split2 {best['bwd_dq'][0]} + {best['bwd_dkdv'][0]}",
                    ms=best["bwd_dq"][1] + best["bwd_dkdv"][1])
-    if "bwd_tma_dq" in best and "bwd_tma_dkdv" in best:
+    if "bwd_tma_dq" in best and "bwd_tma_dkdv" in best:  # the tma backward's two launches
         yield dict(kind="best", config=f"tma {best['bwd_tma_dq'][0]} + {best['bwd_tma_dkdv'][0]}",
                    ms=best["bwd_tma_dq"][1] + best["bwd_tma_dkdv"][1])
 

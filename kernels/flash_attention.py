@@ -122,6 +122,12 @@ def _fwd_keys(q, K, V, base, start, s_n, offs_d, m_i, l_i, acc, qk_scale, N, D: 
     kn = start + tl.arange(0, ROWS)
     k = _tile(K, base, kn, s_n, offs_d, N, D, BLOCK_D, TAIL)
     v = _tile(V, base, kn, s_n, offs_d, N, D, BLOCK_D, TAIL)
+    return _online_step(q, k, v, kn, m_i, l_i, acc, qk_scale, N, TAIL, IEEE)
+
+
+@triton.jit
+def _online_step(q, k, v, kn, m_i, l_i, acc, qk_scale, N, TAIL: tl.constexpr, IEEE: tl.constexpr):
+    """The online-softmax state (m_i, l_i, acc) of q's rows after the keys kn (rows of k and v; TAIL: some past N)."""
     # 1. scores in log2 units; keys past N drop out of max and sum
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if TAIL:
@@ -425,6 +431,18 @@ def _rows(P, ROWS: tl.constexpr, HD, s_n, BLOCK: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _key_descs(K, V, ROWS: tl.constexpr, HD, s_n, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, D: tl.constexpr):
+    """Descriptors of a head's key and value blocks: BLOCK_N rows, and TAIL_N rows for the last, partial block (the
+    full ones again where N has none)."""
+    k_desc = _rows(K, ROWS, HD, s_n, BLOCK_N, D)
+    v_desc = _rows(V, ROWS, HD, s_n, BLOCK_N, D)
+    if TAIL_N > 0:
+        return k_desc, v_desc, _rows(K, ROWS, HD, s_n, TAIL_N, D), _rows(V, ROWS, HD, s_n, TAIL_N, D)
+    else:
+        return k_desc, v_desc, k_desc, v_desc
+
+
+@triton.jit
 def _item(i, PROGS: tl.constexpr, ITEMS: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr, H, N: tl.constexpr,
           D: tl.constexpr):
     """This program's i-th item (past the last one: the last one again, the same values to the same places): (head
@@ -433,6 +451,37 @@ def _item(i, PROGS: tl.constexpr, ITEMS: tl.constexpr, NB: tl.constexpr, BLOCK: 
     bh = item // NB
     b = bh // H
     return bh, (item % NB) * BLOCK, b, b * N, (bh % H) * D
+
+
+@triton.jit
+def _attn_fwd_tma(Q, K, V, O, LSE, s_n, o_b, o_n, o_h, H, qk_scale, ROWS: tl.constexpr, N: tl.constexpr,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+                  STAGES: tl.constexpr, PROGS: tl.constexpr, PER: tl.constexpr, ITEMS: tl.constexpr,
+                  WS: tl.constexpr):
+    """The forward's items (head bh, query block), bh-major: o and lse of the block's rows, as _attn_fwd computes
+    them (keys past N, the next sample's rows here, masked out of the softmax)."""
+    HD = H * D
+    q_desc = _rows(Q, ROWS, HD, s_n, BLOCK_M, D)
+    k_desc, v_desc, kt_desc, vt_desc = _key_descs(K, V, ROWS, HD, s_n, BLOCK_N, TAIL_N, D)
+    NQB: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+    FULL_N: tl.constexpr = N - N % BLOCK_N
+    offs_d = tl.arange(0, D)
+    for i in tl.range(0, PER, warp_specialize=WS):
+        bh, qs, b, row0, col = _item(i, PROGS, ITEMS, NQB, BLOCK_M, H, N, D)
+        qm = qs + tl.arange(0, BLOCK_M)
+        q = q_desc.load([row0 + qs, col])
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for ks in tl.range(0, FULL_N, BLOCK_N, num_stages=STAGES):
+            m_i, l_i, acc = _online_step(q, k_desc.load([row0 + ks, col]), v_desc.load([row0 + ks, col]),
+                                         ks + tl.arange(0, BLOCK_N), m_i, l_i, acc, qk_scale, N, False, False)
+        if TAIL_N > 0:
+            m_i, l_i, acc = _online_step(q, kt_desc.load([row0 + FULL_N, col]), vt_desc.load([row0 + FULL_N, col]),
+                                         FULL_N + tl.arange(0, TAIL_N), m_i, l_i, acc, qk_scale, N, True, False)
+        ptrs = O + b.to(tl.int64) * o_b + qm.to(tl.int64)[:, None] * o_n + (col // D) * o_h + offs_d[None, :]
+        tl.store(ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=(qm < N)[:, None])
+        tl.store(LSE + bh * N + qm, m_i + tl.log2(l_i), mask=qm < N)
 
 
 @triton.jit
@@ -446,11 +495,7 @@ def _bwd_dq_tma(Q, K, V, O, DO, DQ, LSE, DELTA, s_n, o_n, do_n, g_b, g_n, g_h, H
     q_desc = _rows(Q, ROWS, HD, s_n, BLOCK_M, D)
     o_desc = _rows(O, ROWS, HD, o_n, BLOCK_M, D)
     do_desc = _rows(DO, ROWS, HD, do_n, BLOCK_M, D)
-    k_desc = _rows(K, ROWS, HD, s_n, BLOCK_N, D)
-    v_desc = _rows(V, ROWS, HD, s_n, BLOCK_N, D)
-    if TAIL_N > 0:
-        kt_desc = _rows(K, ROWS, HD, s_n, TAIL_N, D)
-        vt_desc = _rows(V, ROWS, HD, s_n, TAIL_N, D)
+    k_desc, v_desc, kt_desc, vt_desc = _key_descs(K, V, ROWS, HD, s_n, BLOCK_N, TAIL_N, D)
     NQB: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     FULL_N: tl.constexpr = N - N % BLOCK_N
     offs_d = tl.arange(0, D)
@@ -716,6 +761,46 @@ TMA_BWD = {"dq": dict(bm=64, bn=64, warps=4, stages=2, per_sm=2, ws=False),
            "dkdv": dict(bm=64, bn=64, warps=4, stages=2, per_sm=2, ws=False)}
 
 
+# The forward: "ptr" (_attn_fwd, one program per query block, pointer loads; the default) or "tma" (_attn_fwd_tma:
+# persistent programs walking (head, query block) items, operands by TMA; where tma_ready, else "ptr"); TMA_FWD as
+# TMA_BWD's entries. Built and CPU-checked in the fifteenth session, not yet timed.
+FWD_IMPLS = ("ptr", "tma")
+FWD_IMPL = "ptr"
+_FWD_OVERRIDE: list[str] = []
+TMA_FWD = dict(bm=64, bn=64, warps=4, stages=2, per_sm=2, ws=False)
+
+
+@contextlib.contextmanager
+def use_fwd_impl(impl):
+    """Within the block the forward runs as ``impl`` (FWD_IMPLS)."""
+    if impl not in FWD_IMPLS:
+        raise ValueError(f"flash attention forward impl={impl!r}; valid: {', '.join(FWD_IMPLS)}")
+    _FWD_OVERRIDE.append(impl)
+    try:
+        yield
+    finally:
+        _FWD_OVERRIDE.pop()
+
+
+def tma_fwd_launch(q, k, v, o, lse, scale, config=None, sms=None):
+    """The "tma" forward's launch, as fwd_launch's tuple; ``config``: TMA_FWD entries to override."""
+    B, N, H, D = q.shape
+    cfg = {**TMA_FWD, **(config or {})}
+    _check_ws(cfg, "forward")
+    items = B * H * triton.cdiv(N, cfg["bm"])
+    progs, per = _persistent_grid(items, cfg["per_sm"] * (sms or sm_count(q.device)))
+    args = (q, k, v, o, lse, q.stride(1), o.stride(0), o.stride(1), o.stride(2), H, float(scale) * _LOG2E)
+    const = dict(ROWS=B * N, N=N, D=D, BLOCK_M=cfg["bm"], BLOCK_N=cfg["bn"], TAIL_N=_tail(N, cfg["bn"]),
+                 STAGES=cfg["stages"], PROGS=progs, PER=per, ITEMS=items, WS=bool(cfg["ws"]))
+    return _attn_fwd_tma, (progs,), args, const, dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
+
+
+def _check_ws(cfg, what):
+    if cfg["ws"] and cfg["warps"] != 4:
+        raise ValueError(f"attention tma {what} config {cfg}: ws=True (warp specialisation) needs warps=4 "
+                         f"(got {cfg['warps']})")
+
+
 def tma_ready(q, k, v, o, do) -> bool:
     """Whether "tma" takes these tensors (else "split" runs): half precision, a power-of-two head dim of 16-128,
     each of q, k, v, o, do a [B, N, H, D] view whose (sample, token) rows lie at one stride (as views of the qkv
@@ -735,9 +820,7 @@ def tma_bwd_launches(do, q, k, v, o, lse, dq, dk, dv, scale, configs=None, sms=N
     launches = []
     for kind, kernel in (("dq", _bwd_dq_tma), ("dkdv", _bwd_dkdv_tma)):
         cfg = {**TMA_BWD[kind], **((configs or {}).get(kind) or {})}
-        if cfg["ws"] and cfg["warps"] != 4:
-            raise ValueError(f"attention tma backward {kind} config {cfg}: ws=True (warp specialisation) needs "
-                             f"warps=4 (got {cfg['warps']})")
+        _check_ws(cfg, f"backward {kind}")
         bm, bn = cfg["bm"], cfg["bn"]
         items = B * H * triton.cdiv(N, bm if kind == "dq" else bn)
         progs, per = _persistent_grid(items, cfg["per_sm"] * (sms or sm_count(q.device)))
@@ -765,7 +848,12 @@ def attention_forward(q, k, v, scale, config=None):
     B, N, H, D = q.shape
     o = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    _run(fwd_launch(q, k, v, o, lse, scale, config))
+    impl = _FWD_OVERRIDE[-1] if _FWD_OVERRIDE else FWD_IMPL
+    if impl == "tma" and config is None and tma_ready(q, k, v, o, o):
+        _ensure_allocator()  # the TMA kernel makes its descriptors on the device
+        _run(tma_fwd_launch(q, k, v, o, lse, scale))
+    else:
+        _run(fwd_launch(q, k, v, o, lse, scale, config))
     return o, lse
 
 
@@ -779,26 +867,28 @@ def use_bwd_impl(impl):
         _BWD_OVERRIDE.pop()
 
 
-# the dk dv launch warp-specialised (Triton 3.6 does not build the dq kernel that way)
-TMA_WS = {"dkdv": dict(ws=True, per_sm=1)}
+# the TMA kernels warp-specialised where Triton 3.6 builds them so (the forward and the dk dv launch; its pass fails
+# on the dq kernel)
+TMA_WS = {"fwd": dict(ws=True, per_sm=1), "dkdv": dict(ws=True, per_sm=1)}
 
 
 @contextlib.contextmanager
-def use_tma_bwd(configs=None):
-    """Within the block the autograd paths launch the "tma" backward, TMA_BWD updated by ``configs`` ({"dq" |
-    "dkdv": entries}, e.g. TMA_WS)."""
-    saved = {kind: dict(cfg) for kind, cfg in TMA_BWD.items()}
+def use_tma(configs=None):
+    """Within the block the forward and the autograd paths' backward run the "tma" kernels, TMA_FWD / TMA_BWD
+    updated by ``configs`` ({"fwd" | "dq" | "dkdv": entries}, e.g. TMA_WS)."""
+    tables = {"fwd": TMA_FWD, **TMA_BWD}
+    saved = {kind: dict(cfg) for kind, cfg in tables.items()}
     for kind, update in (configs or {}).items():
-        if kind not in TMA_BWD:
-            raise ValueError(f"tma backward configs: kinds are {', '.join(TMA_BWD)}, got {kind!r}")
-        TMA_BWD[kind].update(update)
+        if kind not in tables:
+            raise ValueError(f"tma configs: kinds are {', '.join(tables)}, got {kind!r}")
+        tables[kind].update(update)
     try:
-        with use_bwd_impl("tma"):
+        with use_fwd_impl("tma"), use_bwd_impl("tma"):
             yield
     finally:
         for kind, cfg in saved.items():
-            TMA_BWD[kind].clear()
-            TMA_BWD[kind].update(cfg)
+            tables[kind].clear()
+            tables[kind].update(cfg)
 
 
 def bwd_impl_for(q):

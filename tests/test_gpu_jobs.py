@@ -41,17 +41,22 @@ def test_jobs_need_an_output_folder(tmp_path):
 
 
 def test_jobs_name_registered_providers():
-    """Every bench provider a job script names (--providers a,b / --provider a / FED="a b") is registered: a renamed
-    provider would otherwise surface only on the GPU, as a lost call."""
+    """Every bench provider a job script names (`bench OP ... --providers a,b` / `--provider a` / FED="a b", the
+    latter two step providers) is registered for that op: a renamed provider would otherwise surface only on the GPU,
+    as a lost call."""
     from tokenlabel.bench.registry import providers
 
-    known = {p.name for p in providers("step")}
-    named = set()
+    named = set()  # (op, provider)
     for script in JOBS.glob("*.sh"):
-        text = script.read_text()
-        for m in re.finditer(r"--providers?\s+\"?([\w,$]+)", text):
-            named.update(n for n in m.group(1).split(",") if not n.startswith("$"))
+        text = script.read_text().replace("\\\n", " ")  # one line per command
+        for line in text.splitlines():
+            op = re.search(r"\bbench\s+(\w+)", line)
+            for m in re.finditer(r"--providers?\s+\"?([\w,$]+)", line):
+                named.update((op.group(1) if op else "step", n) for n in m.group(1).split(",")
+                             if not n.startswith("$"))
         for m in re.finditer(r"\$\{FED:-([^}]+)\}", text):
-            named.update(m.group(1).split())
+            named.update(("step", n) for n in m.group(1).split())
     assert named, "no provider found in the job scripts"
+    known = {(op, p.name) for op in {op for op, _ in named} for p in providers(op)}
     assert named <= known, sorted(named - known)
+    assert ("attention", "triton_tma") in named and ("step", "compile_graphs_ours") in named

@@ -1,5 +1,6 @@
 """Triton flash attention (kernels/flash_attention.py) against a float64 reference written from the definition,
 softmax(q k^T * scale) v: output and the gradients of q, k, v, on fresh random inputs (CPU: interpreted)."""
+import math
 import os
 import subprocess
 import sys
@@ -80,8 +81,9 @@ FP32_SHAPES = [(2, 197, 3, 64), (3, 17, 2, 60), (1, 1, 1, 64), (2, 65, 2, 32), (
 def bwd_impl(request, monkeypatch):
     """Every backward: query- and key-block programs in one launch ("split"), one program per head ("head"), the
     two program kinds as two launches ("split2"), two persistent launches loading by TMA ("tma": half-precision
-    heads of 16-128 in packed layouts; elsewhere it runs "split")."""
+    heads of 16-128 in packed layouts; elsewhere it runs "split"; with it the forward's "tma" kernel too)."""
     monkeypatch.setattr(fa, "BWD_IMPL", request.param)
+    monkeypatch.setattr(fa, "FWD_IMPL", "tma" if request.param == "tma" else "ptr")
     return request.param
 
 
@@ -238,16 +240,64 @@ def test_tma_backward_within_twice_plain_torch(gen, device, shape, dtype, config
         torch.testing.assert_close(g_auto, got, rtol=0, atol=0)
 
 
-def test_use_tma_bwd_sets_and_restores(gen, device):
-    before = {kind: dict(cfg) for kind, cfg in fa.TMA_BWD.items()}
-    with fa.use_tma_bwd(fa.TMA_WS):
-        assert fa.TMA_BWD["dkdv"]["ws"] and not fa.TMA_BWD["dq"]["ws"]
-        assert fa.bwd_impl_for(torch.empty(1, 2, 1, 16)) == "tma"
-    assert fa.TMA_BWD == before and fa.bwd_impl_for(torch.empty(1, 2, 1, 16)) == fa.BWD_IMPL
-    with pytest.raises(ValueError, match="kinds are dq, dkdv, got 'dk'"):
-        with fa.use_tma_bwd({"dk": {}}):
+TMA_FWD_CONFIGS = {"default": None, "ws": dict(ws=True, per_sm=1), "small-tiles-many-items": dict(bm=16, bn=32,
+                                                                                                   per_sm=1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,config", TMA_CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)
+def test_tma_forward_within_twice_plain_torch(gen, device, shape, dtype, config):
+    """The "tma" forward (persistent items, TMA loads, keys past a sample's N being the next sample's rows):
+    o within 2x plain torch's error against float64, lse against float64's log-sum-exp of the same half inputs;
+    every row written (buffers start as NaN), none past N (the next sample's rows would be overwritten)."""
+    B, N, H, D = shape
+    qkv, _ = packed_inputs(gen, B, N, H, D, dtype, device, spread=2.0)
+    q, k, v = qkv.detach().view(B, N, 3, H, D).unbind(2)
+    o = torch.full((B, N, H, D), float("nan"), device=device, dtype=dtype)
+    lse = torch.full((B, H, N), float("nan"), device=device)
+    fa._ensure_allocator()
+    fa._run(fa.tma_fwd_launch(q, k, v, o, lse, D ** -0.5, TMA_FWD_CONFIGS[config]))
+    ref = reference(q, k, v, D ** -0.5)
+    base = plain_torch(qkv, torch.zeros(B, N, H * D, device=device, dtype=dtype), H, D ** -0.5)[0].view(B, N, H, D)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    assert rel(o, ref) <= 2 * rel(base, ref) + torch.finfo(dtype).eps, (rel(o, ref), rel(base, ref))
+    q64, k64 = q.double(), k.double()
+    want_lse = torch.logsumexp(torch.einsum("bihd,bjhd->bhij", q64, k64) * D ** -0.5, -1) / math.log(2)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=1e-4)
+    if TMA_FWD_CONFIGS[config] is None:  # the autograd path's forward, inside use_fwd_impl
+        with fa.use_fwd_impl("tma"):
+            o2, lse2 = fa.attention_forward(q, k, v, D ** -0.5)
+        torch.testing.assert_close(o2, o, rtol=0, atol=0)
+        torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+
+
+def test_use_fwd_impl_and_its_fallback(gen, device):
+    """use_fwd_impl("tma") inside its block only; where tma_ready refuses (fp32 here) the "ptr" kernel runs, with
+    the same result as outside the block; an unknown impl names the valid ones."""
+    x = torch.randn(2, 9, 3, 1, 16, generator=gen).to(device)
+    q, k, v = x.unbind(2)
+    want = fa.attention_forward(q, k, v, 0.25)
+    with fa.use_fwd_impl("tma"):
+        assert fa._FWD_OVERRIDE[-1] == "tma"
+        got = fa.attention_forward(q, k, v, 0.25)
+    assert not fa._FWD_OVERRIDE
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="forward impl='pad'; valid: ptr, tma"):
+        with fa.use_fwd_impl("pad"):
             pass
-    assert fa.TMA_BWD == before
+
+
+def test_use_tma_sets_and_restores(gen, device):
+    before = {"fwd": dict(fa.TMA_FWD), **{kind: dict(cfg) for kind, cfg in fa.TMA_BWD.items()}}
+    with fa.use_tma(fa.TMA_WS):
+        assert fa.TMA_FWD["ws"] and fa.TMA_BWD["dkdv"]["ws"] and not fa.TMA_BWD["dq"]["ws"]
+        assert fa.bwd_impl_for(torch.empty(1, 2, 1, 16)) == "tma" and fa._FWD_OVERRIDE[-1] == "tma"
+    assert {"fwd": fa.TMA_FWD, **fa.TMA_BWD} == before and not fa._FWD_OVERRIDE
+    assert fa.bwd_impl_for(torch.empty(1, 2, 1, 16)) == fa.BWD_IMPL
+    with pytest.raises(ValueError, match="kinds are fwd, dq, dkdv, got 'dk'"):
+        with fa.use_tma({"dk": {}}):
+            pass
+    assert {"fwd": fa.TMA_FWD, **fa.TMA_BWD} == before
 
 
 def test_tma_ready_and_the_fallback(gen, device):
@@ -458,7 +508,8 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
     rows = [dict(kv.split("=", 1) for kv in line.split(" ") if "=" in kv) for line in run.stdout.splitlines()
             if line.startswith("kind=")]
     tma = ["bwd_tma_dkdv", "bwd_tma_dq"] if dtype == "bf16" else []  # "tma" is for half precision
-    assert sorted(r["kind"] for r in rows) == ["bwd", "bwd_dkdv", "bwd_dq", "bwd_head"] + tma + ["fwd"], run.stdout
+    want = ["bwd", "bwd_dkdv", "bwd_dq", "bwd_head"] + tma + ["fwd"] + (["fwd_tma"] if tma else [])
+    assert sorted(r["kind"] for r in rows) == want, run.stdout
     for r in rows:
         assert "error" not in r, r
         assert int(r["stack"]) == 0, r
@@ -467,10 +518,10 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
             assert int(r["async_copies"]) > 0, f"key loop not pipelined: {r}"
 
 
-def test_sm90_build_of_the_tma_pair_warp_specialises_the_dkdv_kernel():
-    """"tma" at LV-ViT-S/224 bf16 compiled for sm_90 (no GPU): with ws the dk dv kernel comes out warp-specialised
-    (12 warps from 4: a producer and two consumer warp groups) without spills; the default pair has no spills, and
-    its dk dv kernel needs fewer registers than the split kernel's 255."""
+def test_sm90_builds_of_the_tma_kernels_warp_specialise_with_ws():
+    """"tma" at LV-ViT-S/224 bf16 compiled for sm_90 (no GPU): with TMA_WS the forward and the dk dv kernel come out
+    warp-specialised (12 warps from 4: a producer and two consumer warp groups) without spills; the default builds
+    have no spills, and the dk dv kernel needs fewer registers than the split kernel's 255."""
     code = """
 import json, torch
 from tokenlabel.kernels import flash_attention as fa
@@ -481,9 +532,10 @@ q, k, v = qkv.unbind(2)
 o = torch.empty(B, N, H, D, device="meta", dtype=torch.bfloat16)
 lse = torch.empty(B, H, N, device="meta")
 out = {}
-for name, cfg in (("default", None), ("ws", {"dkdv": dict(ws=True, per_sm=1)})):
-    for kind, launch in zip(("dq", "dkdv"), fa.tma_bwd_launches(o, q, k, v, o, lse, *torch.empty_like(qkv).unbind(2),
-                                                                0.125, cfg, sms=132)):
+for name, cfg in (("default", {}), ("ws", fa.TMA_WS)):
+    launches = [fa.tma_fwd_launch(q, k, v, o, lse, 0.125, cfg.get("fwd"), sms=132)]
+    launches += fa.tma_bwd_launches(o, q, k, v, o, lse, *torch.empty_like(qkv).unbind(2), 0.125, cfg, sms=132)
+    for kind, launch in zip(("fwd", "dq", "dkdv"), launches):
         out[name + " " + kind] = [*aot_sm90(launch)[:2], compile_sm90(launch).metadata.num_warps]
 print(json.dumps(out))
 """
@@ -495,7 +547,7 @@ print(json.dumps(out))
     builds = json.loads(run.stdout.strip().splitlines()[-1])
     for name, (regs, stack, warps) in builds.items():
         assert stack == 0, builds
-        assert warps == (12 if name == "ws dkdv" else 4), builds
+        assert warps == (12 if name in ("ws fwd", "ws dkdv") else 4), builds
     assert builds["default dkdv"][0] < 255, builds
 
 
@@ -523,16 +575,17 @@ def test_attn_tune_time_rows_check_every_config(monkeypatch):
 
 
 def test_attn_tune_times_the_tma_pair(monkeypatch):
-    """The "tma" kinds in _attn_tune's timing loop (interpreted, bf16, a stand-in timer): the dq launch checked on
-    dq, the dk dv launch (after its pair's dq launch wrote the row sums) on dk and dv, a best row for their sum;
-    in fp32 they are left out ("split" runs there)."""
+    """The "tma" kinds in _attn_tune's timing loop (interpreted, bf16, a stand-in timer): the forward checked
+    against SDPA, the dq launch on dq, the dk dv launch (after its pair's dq launch wrote the row sums) on dk and
+    dv, a best row for each and for the backward pair's sum; in fp32 they are left out ("split" runs there)."""
     from tokenlabel.kernels import _attn_tune
 
     monkeypatch.setattr(_attn_tune, "_graph_ms", lambda fn, **kw: (fn(), 1.0)[1])
     rows = list(_attn_tune.time_configs("tiny", torch.bfloat16, device="cpu", kinds=tuple(_attn_tune.TMA_KINDS),
                                         limit=2))
-    assert [r["kind"] for r in rows] == ["sdpa", "sdpa"] + ["bwd_tma_dq"] * 2 + ["bwd_tma_dkdv"] * 2 + ["best"] * 3
-    for r in rows[2:6]:
+    assert [r["kind"] for r in rows] == (["sdpa", "sdpa"] + ["fwd_tma"] * 2 + ["bwd_tma_dq"] * 2
+                                         + ["bwd_tma_dkdv"] * 2 + ["best"] * 4)
+    for r in rows[2:8]:
         assert "error" not in r and r["ms"] == 1.0 and r["max_abs_err"] < 0.05, r
     assert rows[2]["default"] and "'ws':True" in rows[3]["config"]
     assert rows[-1]["config"].startswith("tma ") and rows[-1]["ms"] == 2.0
