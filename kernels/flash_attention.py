@@ -25,7 +25,9 @@ for dk and dv. Each computes the delta_i it needs from o and do, so neither wait
 pre-pass); the price is reading o once more per (key block, query block) pair, from L2 at these sizes, and S, P
 computed by both kinds (7 matmuls per block pair). The "head" backward runs one program per head over the key
 blocks in order and keeps dq in fp32 scratch rows instead (5 matmuls). "split2" launches the split kernel's two
-program kinds as two kernels (dq, then dk dv), so each has its own tiling and registers. Which one runs:
+program kinds as two kernels (dq, then dk dv), so each has its own tiling and registers. "tma" (forward too, with
+``use_fwd_impl`` / ``use_tma``) runs persistent programs that load by TMA and walk (head, block) items; its dq
+launch writes the row sums once for its dk dv launch (see the section above _attn_fwd_tma). Which one runs:
 ``use_bwd_impl`` inside its block, else the one the model's attn="auto" measured faster for the shape on this GPU,
 else "split".
 
@@ -405,12 +407,13 @@ def _attn_bwd_head(Q, K, V, O, DO, DQ, DK, DV, LSE, DQACC, s_b, s_n, s_h, o_b, o
 
 
 # --------------------------------------------------------------------------------------------
-# "tma": the backward as two persistent launches loading by TMA (fifteenth session; built, CPU-checked, not timed)
+# "tma": persistent kernels loading by TMA, the forward and the backward's two launches (fifteenth session; built,
+# CPU-checked, not timed)
 # --------------------------------------------------------------------------------------------
 # Why: the split kernel's dk dv programs hold 255 registers (two programs of 4 warps per SM), loop over only four
 # query blocks (so each program's first loads are exposed) and recompute the row sums delta_i = do_i.o_i at every
 # step. Here the operands arrive by TMA (no registers on the way to shared memory; the sm_90 build of the dk dv
-# kernel needs 223 instead of 255), each program walks many (head, block) items in turn, so the next item's loads
+# kernel needs 216 instead of 255), each program walks many (head, block) items in turn, so the next item's loads
 # overlap this one's work, and the dq launch writes delta once for the dk dv launch, which then reads no o at all.
 # Optionally (``ws``) the item loop is warp-specialised: a producer warp group issues the TMA loads, consumer warp
 # groups compute (Triton 3.6's Hopper pass; 12 warps, one program per SM).
