@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from script_helpers import sm90_builds
+from script_helpers import load_script, sm90_builds
 from tokenlabel.kernels import _common
 from tokenlabel.kernels import bias_gelu as bg
 from tokenlabel.kernels import linear_gelu as lg
@@ -243,3 +243,21 @@ def test_tma_launch_keeps_an_allocator_someone_set(gen, device):
         t.join()
     assert seen == [True, True]
     assert calls or device.type != "cuda"  # the interpreter makes descriptors without scratch
+
+
+def test_sweep_candidates_and_plain_tma_gemm(gen, device):
+    """scripts/sweep_mlp_gemm.py: its candidate lists (tma_ws: warp-specialised TMA tilings, one program per SM),
+    and its plain persistent TMA GEMM (the "gemm" rows of impls tma / tma_ws) against torch, masked edges in both
+    directions and K not a multiple of the K block (TMA zero-fills), several tiles per program."""
+    sw = load_script("sweep_mlp_gemm")
+    ws = sw.candidates(100, "tma_ws")
+    assert ws and all(c["ws"] and c["impl"] == "tma" and c["warps"] == 4 for c in ws)
+    assert not any(c["ws"] for impl in ("ptr", "tma") for c in sw.candidates(100, impl))
+    x = torch.randn(100, 56, generator=gen).to(device)
+    w = torch.randn(70, 56, generator=gen).to(device)
+    for cfg in (ws[0], sw.candidates(1, "tma")[0]):
+        cfg = dict(cfg, bm=32, bn=32, bk=16, per_sm=1)
+        out = sw.plain_gemm(x, w, cfg)
+        # the diagnostic's dot takes Triton's default precision: TF32 for fp32 operands on a GPU
+        assert rel(out, x.double() @ w.double().t()) < (1e-5 if device.type == "cpu" else 5e-3), cfg
+
