@@ -799,9 +799,17 @@ def tma_fwd_launch(q, k, v, o, lse, scale, config=None, sms=None):
 
 
 def _check_ws(cfg, what):
-    if cfg["ws"] and cfg["warps"] != 4:
-        raise ValueError(f"attention tma {what} config {cfg}: ws=True (warp specialisation) needs warps=4 "
-                         f"(got {cfg['warps']})")
+    """ValueError naming the problem for ws=True where Triton 3.6's Hopper pass does not build the kernel (it fails
+    there with an opaque "PassManager::run failed"): 4 warps; not the dq kernel; 64-row forward blocks."""
+    if not cfg["ws"]:
+        return
+    problems = [why for bad, why in (
+        (cfg["warps"] != 4, f"warps=4 (got {cfg['warps']})"),
+        (what == "backward dq", "a kernel other than dq (Triton 3.6 does not build the dq kernel warp-specialised)"),
+        (what == "forward" and cfg["bm"] != 64, f"bm=64 in the forward (got {cfg['bm']})")) if bad]
+    if problems:
+        raise ValueError(f"attention tma {what} config {cfg}: ws=True (warp specialisation) needs "
+                         + ", ".join(problems))
 
 
 def tma_ready(q, k, v, o, do) -> bool:

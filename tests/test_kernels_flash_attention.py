@@ -323,6 +323,10 @@ def test_tma_ready_and_the_fallback(gen, device):
     with pytest.raises(ValueError, match=r"ws=True \(warp specialisation\) needs warps=4 \(got 8\)"):
         fa.tma_bwd_launches(o, q, k, v, o, lse, *g.to(torch.bfloat16).unbind(2), 0.1,
                             {"dkdv": dict(ws=True, warps=8)})
+    with pytest.raises(ValueError, match="does not build the dq kernel warp-specialised"):
+        fa.tma_bwd_launches(o, q, k, v, o, lse, *g.to(torch.bfloat16).unbind(2), 0.1, {"dq": dict(ws=True)})
+    with pytest.raises(ValueError, match=r"needs bm=64 in the forward \(got 128\)"):
+        fa.tma_fwd_launch(q, k, v, o, lse.view(B, H, N), 0.1, dict(ws=True, bm=128))
 
 
 def test_separate_inputs_any_strides_and_scale(gen, device):
