@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from script_helpers import sm90_builds
+from script_helpers import sm90_builds, within_sum_bound
 from tokenlabel.kernels import batchnorm as bk
 
 
@@ -280,11 +280,14 @@ def test_sm90_builds_do_not_spill_and_pipeline(overrides, patch):
 @pytest.mark.parametrize("slots", [1, 2, 3])
 def test_sum_partials_tilings(gen, device, monkeypatch, tiling, slots):
     """sum_partials (the partial sums of the BatchNorm, LayerNorm and GELU backwards) under each tiling the sweep may
-    choose, against float64: partial counts that are not a multiple of the block, channels not of the slice."""
+    choose, against float64: partial counts that are not a multiple of the block, channels not of the slice. Each
+    column within 1e-6 of the largest plus 4 fp32 units of its terms' magnitudes (within_sum_bound): a flat 1e-6
+    failed once in CI (1.07e-6 over 300 rows, a correct fp32 sum in another order)."""
     monkeypatch.setattr(bk, "SUM", tiling)
     for progs, C, block_c in ((37, 5, 16), (300, 100, 128), (1, 64, 64)):
         part = torch.randn(progs, slots, block_c, generator=gen).to(device)
         outs = [torch.full((C,), float("nan"), device=device) for _ in range(slots)]
         bk.sum_partials(part, outs, C)
         for s, out in enumerate(outs):
-            assert rel(out, part[:, s, :C].double().sum(0)) < 1e-6, (progs, C, s)
+            terms = part[:, s, :C].double()
+            assert within_sum_bound(out, terms.sum(0), terms.abs().sum(0), rel=1e-6), (progs, C, s)
