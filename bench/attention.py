@@ -140,11 +140,16 @@ def triton_split2(case: Case) -> Prepared:
 
 
 def _tma_case(case: Case) -> None:
-    """Skip where flash_attention.tma_ready would refuse the case's inputs ("split" would run: its rows are
+    """Skip where flash_attention.tma_ready refuses the case's inputs (the pointer kernels would run: their rows are
     triton's)."""
-    if case.dtype not in (torch.float16, torch.bfloat16) or case.params["Dh"] not in (16, 32, 64, 128):
-        raise Skip(f"the tma backward takes half-precision heads of 16-128 (here {case.dtype}, "
-                   f"Dh {case.params['Dh']}: split runs, as in triton's rows)")
+    from tokenlabel.kernels import flash_attention as fa
+
+    B, N, H, Dh = (case.params[k] for k in ("B", "N", "H", "Dh"))
+    q, k, v = torch.empty(B, N, 3, H, Dh, device="meta", dtype=case.dtype).unbind(2)  # the model's packed qkv
+    o = torch.empty(B, N, H, Dh, device="meta", dtype=case.dtype)
+    if not fa.tma_ready(q, k, v, o, o):
+        raise Skip(f"the tma kernels take half-precision heads of 16-128 (here {case.dtype}, Dh {Dh}: the pointer "
+                   "kernels run, as in triton's rows)")
 
 
 @register("attention", "triton_tma")

@@ -4,7 +4,7 @@ LV-ViT shapes, forward and forward + backward, bf16 autocast with fp32 parameter
 Providers: "ours" (the baseline: what the step runs today, cuBLAS's fc1 without its bias, kernels/bias_gelu.py's
 bias + GELU kernel each way, cuBLAS's fc2), "fused" (kernels/linear_gelu.py: fc1's bias + GELU in fc1's GEMM
 epilogue, GELU's backward in the epilogue of fc2's input-gradient GEMM; "fused_tma": the same with persistent
-programs loading by TMA), "eager" (the modules as written, torch's
+programs loading by TMA; "fused_tma_ws": those warp-specialised), "eager" (the modules as written, torch's
 GELU). FLOPs: the three GEMMs of each Linear (2 M C H per GEMM), GELU's elementwise work not counted. Bytes: what the
 fused path must move at least (x, z, g, y forward; dy, z, g, dh, dx and the weight gradients' inputs backward are
 already in the GEMMs' operands, so no separate floor is given: the rows are time and TFLOP/s).

@@ -477,11 +477,9 @@ def test_gpu_realistic_shapes(gen, dtype, shape, bwd_impl):
     assert rel(g[:n], ref_g) <= 2 * rel(base_g, ref_g) + floor
 
 
-@pytest.mark.gpu
-def test_gpu_cuda_graph_capture_matches_eager(gen, bwd_impl):
-    """Captured into a CUDA graph (as reduce-overhead does) and replayed on new inputs: the eager result."""
-    B, N, H, D = 32, 197, 6, 64
-    qkv, gout = packed_inputs(gen, B, N, H, D, torch.bfloat16, "cuda")
+def replayed_and_eager(qkv, gout, H):
+    """((out, grad) of run_packed captured into a CUDA graph on other inputs, then replayed on qkv; the same run
+    eagerly on qkv): what reduce-overhead does, and what it must equal."""
     static = qkv.detach().clone().requires_grad_()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -495,7 +493,15 @@ def test_gpu_cuda_graph_capture_matches_eager(gen, bwd_impl):
     with torch.no_grad():
         static.copy_(qkv)
     graph.replay()
-    want_out, want_g = run_packed(qkv, gout, H)
+    return (out, g), run_packed(qkv, gout, H)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_matches_eager(gen, bwd_impl):
+    """Captured into a CUDA graph (as reduce-overhead does) and replayed on new inputs: the eager result."""
+    B, N, H, D = 32, 197, 6, 64
+    qkv, gout = packed_inputs(gen, B, N, H, D, torch.bfloat16, "cuda")
+    (out, g), (want_out, want_g) = replayed_and_eager(qkv, gout, H)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     torch.testing.assert_close(g, want_g, rtol=0, atol=0)
 
@@ -508,20 +514,7 @@ def test_gpu_tma_warp_specialised_against_the_pointer_kernels(gen):
     B, N, H, D = 32, 197, 6, 64
     qkv, gout = packed_inputs(gen, B, N, H, D, torch.bfloat16, "cuda")
     with fa.use_tma(fa.TMA_WS):
-        static = qkv.detach().clone().requires_grad_()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                run_packed(static, gout, H)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, g = run_packed(static, gout, H)
-        with torch.no_grad():
-            static.copy_(qkv)
-        graph.replay()
-        want_out, want_g = run_packed(qkv, gout, H)
+        (out, g), (want_out, want_g) = replayed_and_eager(qkv, gout, H)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     torch.testing.assert_close(g, want_g, rtol=0, atol=0)
     with fa.use_bwd_impl("split"):
