@@ -165,8 +165,8 @@ def triton_tma(case: Case) -> Prepared:
 
 @register("attention", "triton_tma_ws")
 def triton_tma_ws(case: Case) -> Prepared:
-    """triton_tma warp-specialised where Triton builds it (the forward, the dk dv launch: a producer warp group
-    loading, consumer warp groups computing)."""
+    """triton_tma with flash_attention.TMA_WS: the forward warp-specialised (a producer warp group loading, consumer
+    warp groups computing), the backward plain (Triton 3.6 builds neither backward kernel right that way)."""
     _tma_case(case)
     prep = _prepare(case, "triton")
     from tokenlabel.kernels import flash_attention as fa

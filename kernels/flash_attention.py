@@ -758,19 +758,21 @@ def bwd_launches(do, q, k, v, o, lse, dq, dk, dv, scale, config=None, impl="spli
 
 # "tma"'s two launches (the dq kernel, which also writes the row sums delta; the dk dv kernel): tile rows of each
 # direction, warps, pipeline stages of the inner loop, programs per SM, and ``ws``, the item loop warp-specialised
-# (4 warps; a producer and two consumer warp groups, one program per SM). From the sm_90 builds of the fifteenth
-# session (dk dv at 64 x 64, 4 warps, 2 stages: 223 registers, no spills; with ws: 12 warps, 168), not yet timed.
-TMA_BWD = {"dq": dict(bm=64, bn=64, warps=4, stages=2, per_sm=2, ws=False),
-           "dkdv": dict(bm=64, bn=64, warps=4, stages=2, per_sm=2, ws=False)}
+# (4 warps; a producer and two consumer warp groups, one program per SM; the forward only, see _check_ws). Timed on
+# an H100 (2026-12-05, S224 bf16, _attn_tune, bench/results/attn-tma-h100): the fastest tilings were these, dq
+# 98.7 us + dk dv 105.1 us = 204 us against the split kernel's 169.5 us, so "tma" is not the default.
+TMA_BWD = {"dq": dict(bm=64, bn=64, warps=4, stages=3, per_sm=2, ws=False),
+           "dkdv": dict(bm=64, bn=64, warps=4, stages=3, per_sm=2, ws=False)}
 
 
 # The forward: "ptr" (_attn_fwd, one program per query block, pointer loads; the default) or "tma" (_attn_fwd_tma:
 # persistent programs walking (head, query block) items, operands by TMA; where tma_ready, else "ptr"); TMA_FWD as
-# TMA_BWD's entries. Built and CPU-checked in the fifteenth session, not yet timed.
+# TMA_BWD's entries. On an H100 (2026-12-05, S224 bf16) the fastest "tma" forward (this tiling) took 76.8 us against
+# "ptr"'s 50.6 us (warp-specialised: 87.5 us), so "ptr" stays the default.
 FWD_IMPLS = ("ptr", "tma")
 FWD_IMPL = "ptr"
 _FWD_OVERRIDE: list[str] = []
-TMA_FWD = dict(bm=64, bn=64, warps=4, stages=2, per_sm=2, ws=False)
+TMA_FWD = dict(bm=64, bn=64, warps=4, stages=3, per_sm=2, ws=False)
 
 
 @contextlib.contextmanager
@@ -800,12 +802,16 @@ def tma_fwd_launch(q, k, v, o, lse, scale, config=None, sms=None):
 
 def _check_ws(cfg, what):
     """ValueError naming the problem for ws=True where Triton 3.6's Hopper pass does not build the kernel (it fails
-    there with an opaque "PassManager::run failed"): 4 warps; not the dq kernel; 64-row forward blocks."""
+    there with an opaque "PassManager::run failed": 4 warps; not the dq kernel; 64-row forward blocks) or builds it
+    wrong: the dk dv kernel built warp-specialised left dk / dv rows unwritten (NaN) on an H100 (2026-12-05, every
+    tiling tried; bench/results/attn-tma-h100), while its plain build matched the split kernel exactly."""
     if not cfg["ws"]:
         return
     problems = [why for bad, why in (
         (cfg["warps"] != 4, f"warps=4 (got {cfg['warps']})"),
         (what == "backward dq", "a kernel other than dq (Triton 3.6 does not build the dq kernel warp-specialised)"),
+        (what == "backward dkdv", "a kernel other than dk dv (Triton 3.6's warp-specialised dk dv kernel leaves "
+                                  "dk / dv rows unwritten on an H100)"),
         (what == "forward" and cfg["bm"] != 64, f"bm=64 in the forward (got {cfg['bm']})")) if bad]
     if problems:
         raise ValueError(f"attention tma {what} config {cfg}: ws=True (warp specialisation) needs "
@@ -878,9 +884,9 @@ def use_bwd_impl(impl):
         _BWD_OVERRIDE.pop()
 
 
-# the TMA kernels warp-specialised where Triton 3.6 builds them so (the forward and the dk dv launch; its pass fails
-# on the dq kernel)
-TMA_WS = {"fwd": dict(ws=True, per_sm=1), "dkdv": dict(ws=True, per_sm=1)}
+# the TMA kernels warp-specialised where Triton 3.6 builds them so correctly: the forward only (its pass fails on the
+# dq kernel; its dk dv kernel came out wrong on an H100, see _check_ws)
+TMA_WS = {"fwd": dict(ws=True, per_sm=1)}
 
 
 @contextlib.contextmanager

@@ -191,20 +191,18 @@ def test_tilings_match_float64(gen, device, shape, tiling):
 
 # "tma" against float64 in half precision: packed samples (a block past N reads the next sample's rows, which must
 # not leak into any stored gradient), partial blocks both ways, N = 1, no partial blocks, a 128-wide head; tilings
-# with many items per program (and the last item redone), smaller tiles than the default, the warp-specialised
-# flag on the dk dv kernel (ignored by the interpreter; on a GPU the half-precision build of 6x197x6x64 is
-# warp-specialised: its 144 items give each of 132 programs a loop of two, where a loop of one has nothing to split;
-# Triton 3.6 does not build the dq kernel warp-specialised)
+# with many items per program (and the last item redone), smaller tiles than the default; 6x197x6x64 at one program
+# per SM gives each of 132 programs a loop of two items on a GPU (neither backward kernel takes ws=True: _check_ws)
 TMA_CONFIGS = {
     "default": None,
-    "ws": {"dkdv": dict(ws=True, per_sm=1)},
+    "one-per-sm": {"dq": dict(per_sm=1), "dkdv": dict(per_sm=1)},
     "small-tiles-many-items": {"dq": dict(bm=16, bn=32, per_sm=1), "dkdv": dict(bm=32, bn=16, per_sm=1)},
 }
 
 
-TMA_CASES = [(shape, config) for shape in [(3, 197, 2, 64), (3, 17, 1, 32), (3, 1, 1, 16), (2, 128, 2, 64),
-                                           (2, 65, 1, 128)] for config in sorted(TMA_CONFIGS)]
-TMA_CASES += [((6, 197, 6, 64), "default"), ((6, 197, 6, 64), "ws")]  # items enough for two per program on a GPU
+TMA_SHAPES = [(3, 197, 2, 64), (3, 17, 1, 32), (3, 1, 1, 16), (2, 128, 2, 64), (2, 65, 1, 128)]
+TMA_CASES = [(shape, config) for shape in TMA_SHAPES for config in sorted(TMA_CONFIGS)]
+TMA_CASES += [((6, 197, 6, 64), "default"), ((6, 197, 6, 64), "one-per-sm")]  # two items per program on a GPU
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -240,12 +238,17 @@ def test_tma_backward_within_twice_plain_torch(gen, device, shape, dtype, config
         torch.testing.assert_close(g_auto, got, rtol=0, atol=0)
 
 
+# the forward's tilings: as the backward's, and warp-specialised (on a GPU, 6x197x6x64's 144 items at one program per
+# SM give a loop of two to warp-specialise)
 TMA_FWD_CONFIGS = {"default": None, "ws": dict(ws=True, per_sm=1), "small-tiles-many-items": dict(bm=16, bn=32,
                                                                                                    per_sm=1)}
+TMA_FWD_CASES = [(shape, config) for shape in TMA_SHAPES for config in sorted(TMA_FWD_CONFIGS)]
+TMA_FWD_CASES += [((6, 197, 6, 64), "default"), ((6, 197, 6, 64), "ws")]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape,config", TMA_CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)
+@pytest.mark.parametrize("shape,config", TMA_FWD_CASES,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)
 def test_tma_forward_within_twice_plain_torch(gen, device, shape, dtype, config):
     """The "tma" forward (persistent items, TMA loads, keys past a sample's N being the next sample's rows):
     o within 2x plain torch's error against float64, lse against float64's log-sum-exp of the same half inputs;
@@ -290,7 +293,7 @@ def test_use_fwd_impl_and_its_fallback(gen, device):
 def test_use_tma_sets_and_restores(gen, device):
     before = {"fwd": dict(fa.TMA_FWD), **{kind: dict(cfg) for kind, cfg in fa.TMA_BWD.items()}}
     with fa.use_tma(fa.TMA_WS):
-        assert fa.TMA_FWD["ws"] and fa.TMA_BWD["dkdv"]["ws"] and not fa.TMA_BWD["dq"]["ws"]
+        assert fa.TMA_FWD["ws"] and not fa.TMA_BWD["dkdv"]["ws"] and not fa.TMA_BWD["dq"]["ws"]
         assert fa.bwd_impl_for(torch.empty(1, 2, 1, 16)) == "tma" and fa._FWD_OVERRIDE[-1] == "tma"
     assert {"fwd": fa.TMA_FWD, **fa.TMA_BWD} == before and not fa._FWD_OVERRIDE
     assert fa.bwd_impl_for(torch.empty(1, 2, 1, 16)) == fa.BWD_IMPL
@@ -323,6 +326,8 @@ def test_tma_ready_and_the_fallback(gen, device):
     with pytest.raises(ValueError, match=r"ws=True \(warp specialisation\) needs warps=4 \(got 8\)"):
         fa.tma_bwd_launches(o, q, k, v, o, lse, *g.to(torch.bfloat16).unbind(2), 0.1,
                             {"dkdv": dict(ws=True, warps=8)})
+    with pytest.raises(ValueError, match="dk dv kernel leaves dk / dv rows unwritten on an H100"):
+        fa.tma_bwd_launches(o, q, k, v, o, lse, *g.to(torch.bfloat16).unbind(2), 0.1, {"dkdv": dict(ws=True)})
     with pytest.raises(ValueError, match="does not build the dq kernel warp-specialised"):
         fa.tma_bwd_launches(o, q, k, v, o, lse, *g.to(torch.bfloat16).unbind(2), 0.1, {"dq": dict(ws=True)})
     with pytest.raises(ValueError, match=r"needs bm=64 in the forward \(got 128\)"):
@@ -508,8 +513,8 @@ def test_gpu_cuda_graph_capture_matches_eager(gen, bwd_impl):
 
 @pytest.mark.gpu
 def test_gpu_tma_warp_specialised_against_the_pointer_kernels(gen):
-    """The warp-specialised "tma" kernels (TMA_WS: the forward and the dk dv launch) at an LV-ViT-S shape with several
-    items per program, captured in a CUDA graph and replayed on new inputs: the eager result exactly, and the
+    """The "tma" kernels with TMA_WS (the forward warp-specialised, the backward plain) at an LV-ViT-S shape with
+    several items per program, captured in a CUDA graph and replayed on new inputs: the eager result exactly, and the
     pointer kernels' ("ptr" forward, "split" backward) within bf16 rounding of the float64 reference."""
     B, N, H, D = 32, 197, 6, 64
     qkv, gout = packed_inputs(gen, B, N, H, D, torch.bfloat16, "cuda")
@@ -548,9 +553,9 @@ def test_sm90_build_of_the_default_configs_does_not_spill(dtype):
 
 
 def test_sm90_builds_of_the_tma_kernels_warp_specialise_with_ws():
-    """"tma" at LV-ViT-S/224 bf16 compiled for sm_90 (no GPU): with TMA_WS the forward and the dk dv kernel come out
-    warp-specialised (12 warps from 4: a producer and two consumer warp groups) without spills; the default builds
-    have no spills, and the dk dv kernel needs fewer registers than the split kernel's 255."""
+    """"tma" at LV-ViT-S/224 bf16 compiled for sm_90 (no GPU): with TMA_WS the forward comes out warp-specialised
+    (12 warps from 4: a producer and two consumer warp groups) and the backward's two kernels plain, without spills;
+    the default builds have no spills, and the dk dv kernel needs fewer registers than the split kernel's 255."""
     code = """
 import json, torch
 from tokenlabel.kernels import flash_attention as fa
@@ -576,7 +581,7 @@ print(json.dumps(out))
     builds = json.loads(run.stdout.strip().splitlines()[-1])
     for name, (regs, stack, warps) in builds.items():
         assert stack == 0, builds
-        assert warps == (12 if name in ("ws fwd", "ws dkdv") else 4), builds
+        assert warps == (12 if name == "ws fwd" else 4), builds
     assert builds["default dkdv"][0] < 255, builds
 
 
