@@ -56,10 +56,12 @@ def tma_candidates(kind):
     own_kind = TMA_KINDS[kind]
     out = [_tma_default(kind)]
     for own, step, warps, stages, per_sm, ws in TMA_TILINGS:
-        if ws and (own_kind != "fwd" or own != 64):
-            continue  # flash_attention._check_ws refuses them: Triton 3.6's pass does not build them, or wrongly
         bm, bn = (step, own) if own_kind == "dkdv" else (own, step)
         cfg = dict(bm=bm, bn=bn, warps=warps, stages=stages, per_sm=per_sm, ws=ws)
+        try:
+            fa._check_ws(cfg, "forward" if own_kind == "fwd" else f"backward {own_kind}")
+        except ValueError:
+            continue  # Triton 3.6's pass does not build it, or builds it wrong
         if cfg not in out:
             out.append(cfg)
     return out
