@@ -7,12 +7,13 @@
 source scripts/gpu_jobs/common.sh
 D=data/imagenet-sample-334.tar
 fed() {  # fed N PROVIDER: the step fed by that loader setting, 600 timed steps, results in $OUT/fed-N-PROVIDER
-  step 150 fed.txt python -m tokenlabel bench step --providers "$2" --data $D --reps ${REPS:-600} --out "$OUT/fed-$1-$2" \
-    --no-plot
+  step 150 fed.txt python -m tokenlabel bench step --providers "$2" --data $D --reps ${REPS:-600} \
+    --out "$OUT/fed-$1-$2" --no-plot
 }
 fed 1 loader_fed_ours_deep
 fed 2 loader_fed_lanes_ours
-step 150 loader.txt python -m tokenlabel bench loader --providers pil,dali,dali_lanes --data $D --out "$OUT/loader" --no-plot
+step 150 loader.txt python -m tokenlabel bench loader --providers pil,dali,dali_lanes --data $D \
+  --out "$OUT/loader" --no-plot
 fed 3 loader_fed_ours_deep
 step 150 step.txt python -m tokenlabel bench step --providers compile_graphs_ours --out "$OUT/step" --no-plot
 true
