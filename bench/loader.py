@@ -89,11 +89,12 @@ def _check_batch(batch, B, img, device, k, S):
         raise CheckFailed("boxes must be (top, left, height, width) inside [0, 1]")
 
 
-# one DALI pipeline on nvJPEG's hybrid path, 12 threads: the CUDA default until lanes measured faster alone and fed
-# (H200, 2026-12-05, dataloading/NOTES.md); kept as the rows "dali" / "loader_fed" so results stay comparable
-HYBRID = dict(hw_decoder_load=0.0)
+# one DALI pipeline on nvJPEG's hybrid path, 12 threads, 2 batches ahead: the CUDA default until lanes measured
+# faster alone and fed (H200, 2026-12-05, dataloading/NOTES.md); kept as the rows "dali" / "loader_fed" so results
+# stay comparable (the default since 2026-12-06 is this pipeline 4 ahead: HYBRID_DEEP)
+HYBRID = dict(hw_decoder_load=0.0, prefetch=2)
 # the one-pipeline DALI configuration fastest alone: most JPEGs on nvJPEG's hardware decoder, 8 threads
-HW_DECODER = dict(hw_decoder_load=0.9, dali_threads=8)
+HW_DECODER = dict(hw_decoder_load=0.9, dali_threads=8, prefetch=2)
 CPU_DECODE_GPU_RESIZE = dict(decode_device="cpu", resize_device="gpu")  # the CIFAR configs' setting
 # two DALI pipelines sharing the batches by what each delivers: all JPEGs on the hardware engines (4 threads), and
 # all on the hybrid path (12 threads)
@@ -103,7 +104,9 @@ HW_LANES3 = dict(hw_decoder_load=(1.0, 1.0, 0.0), dali_threads=(2, 2, 12))
 # More batches in flight, for the step's data wait (fifteenth session, dataloading/NOTES.md): beside the step the
 # decoders deliver ~15% less than they do alone (H100, 2026-12-05), the signature of CPU threads waiting on GPU work
 # queued behind the step's kernels, which more work in flight can hide where more threads cannot.
-HYBRID_DEEP = dict(hw_decoder_load=0.0, prefetch=4)   # one hybrid pipeline, 4 batches prepared ahead instead of 2
+# one hybrid pipeline, 4 batches prepared ahead instead of 2: build_loader's default on CUDA since it fed the step
+# best (H100, 2026-12-06: 2.6% GPU idle against the lanes' 5.4%)
+HYBRID_DEEP = dict(hw_decoder_load=0.0, prefetch=4)
 HYBRID_LANES = dict(hw_decoder_load=(0.0, 0.0), dali_threads=(8, 8))  # two hybrid pipelines, 8 threads each
 HW_LANES_DEEP = dict(HW_LANES, prefetch=4)
 

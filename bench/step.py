@@ -412,7 +412,7 @@ register("step", "loader_fed_lanes")(_fed_provider(
     "hardware engines and one on the hybrid path (the loader bench's dali_lanes).", cuda_only=_HW))
 register("step", "loader_fed_lanes_ours")(_fed_provider(
     "HW_LANES", "loader_fed_lanes feeding the step as `tokenlabel train` runs it by default (attn auto and "
-    "OUR_BLOCK_KERNELS): the faster step asks more of the loader.",
+    "OUR_BLOCK_KERNELS): the faster step asks more of the loader. The default loader from 2026-12-05 to 2026-12-06.",
     kernels=True, cuda_only=_HW))
 register("step", "loader_fed_lanes3")(_fed_provider(
     "HW_LANES3", "loader_fed_lanes with two hardware-engine pipelines beside the hybrid one (the loader bench's "
@@ -421,8 +421,9 @@ register("step", "loader_fed_lanes3_ours")(_fed_provider(
     "HW_LANES3", "loader_fed_lanes3 feeding the step with our kernels, as loader_fed_lanes_ours (H200, 2026-12-05: "
     "GPU idle 5.6 / 6.1% against the two lanes' 4.0 / 5.9%).", kernels=True, cuda_only=_HW))
 register("step", "loader_fed_ours_deep")(_fed_provider(
-    "HYBRID_DEEP", "loader_fed_ours with DALI preparing 4 batches ahead instead of 2 (H100, 2026-11-25, 40 steps "
-    "against the torch step: 1.8 / 2.1% GPU idle at 4 against 5.3 / 4.8% at 2 in one call, 5.1 / 4.0% in another).",
+    "HYBRID_DEEP", "loader_fed_ours with DALI preparing 4 batches ahead instead of 2, the default loader on CUDA "
+    "since 2026-12-06 (H100: 2.6% GPU idle against the lanes' 5.4% in the same call; 2026-11-25, 40 steps against "
+    "the torch step: 1.8 / 2.1% at 4 against 5.3 / 4.8% at 2 in one call, 5.1 / 4.0% in another).",
     kernels=True))
 register("step", "loader_fed_hybrid_lanes_ours")(_fed_provider(
     "HYBRID_LANES", "two hybrid pipelines (8 threads each, the loader bench's dali_hybrid_lanes) feeding the step "

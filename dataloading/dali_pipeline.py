@@ -61,11 +61,14 @@ import numpy as np
 import torch
 
 MAX_LANES = 4  # DALI pipelines one loader may run side by side (hw_decoder_load as a sequence)
-# hw_decoder_load's default when nvJPEG decodes on a CUDA device: two lanes, the hardware engines (4 threads) and the
-# hybrid path (12). H200, imagenet334, B 128 (2026-12-05, bench/results/loader.csv, step.csv): alone 16,044 img/s
-# against 6,237 for the hybrid path alone; beside the LV-ViT-S CUDA-graph step 22.26 ms per step (GPU idle 5.1%)
-# against 22.93 ms (2.3%) for the hybrid path and 21.52 ms synthetic. Elsewhere (CPU decoding, no CUDA): 0.0.
-DEFAULT_GPU_LOADS = (1.0, 0.0)
+# The defaults where nvJPEG decodes on a CUDA device: one pipeline on nvJPEG's hybrid path (12 threads) preparing
+# DEFAULT_GPU_PREFETCH batches ahead. H100, imagenet334, B 128, beside the LV-ViT-S CUDA-graph step with our kernels
+# (2026-12-06, bench/results/step.csv, dataloading/NOTES.md): GPU idle 2.6% and 5,612 img/s delivered, against 5.4%
+# and 5,289 img/s for the lanes (1.0, 0.0) in the same call, and 7.3% for this pipeline 2 ahead (2026-12-05). The
+# lanes stay the fastest alone (16,044 img/s on an H200 against the hybrid pipeline's 6,237), for loader-bound work.
+# Elsewhere (CPU decoding, no CUDA): load 0.0, 2 ahead; lanes: 2 ahead (4 left the step idle 6.7%, H100 2026-12-06).
+DEFAULT_GPU_LOADS = 0.0
+DEFAULT_GPU_PREFETCH = 4
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'tokenlabel[dali-cu13]' (CUDA 13) or "
                 "'tokenlabel[dali-cu12]' (CUDA 12), i.e. nvidia-dali-cuda130 / nvidia-dali-cuda120; "
@@ -204,8 +207,9 @@ class DaliBackend:
         # session). A sequence of loads builds one DALI pipeline per entry ("lanes", e.g. (1.0, 0.0): the engines
         # and the hybrid path side by side); the batches go, in order, to whichever pipeline asks for its next
         # one, so each decoder takes the share it can deliver (fifth session); the default where nvJPEG decodes
-        # since the H200 measured it (DEFAULT_GPU_LOADS).
-        if hw_decoder_load is None:  # lanes where nvJPEG decodes (see DEFAULT_GPU_LOADS), else the CPU's decoder
+        # from 2026-12-05 to 2026-12-06, when one hybrid pipeline 4 batches ahead fed the step better
+        # (DEFAULT_GPU_LOADS).
+        if hw_decoder_load is None:  # the hybrid path (see DEFAULT_GPU_LOADS), and the CPU's decoder without CUDA
             gpu_decode = self.gpu and decode_device in (None, "gpu")
             hw_decoder_load = DEFAULT_GPU_LOADS if gpu_decode else 0.0
         loads = tuple(hw_decoder_load) if isinstance(hw_decoder_load, (list, tuple)) else (hw_decoder_load,)
@@ -264,7 +268,8 @@ class DaliBackend:
         self.lanes_spec = tuple(zip(loads, (int(t) for t in threads)))
         self.num_threads = threads[0] if len(threads) == 1 else threads
         self.io_workers = io_workers or min(16, max(2, cpus))
-        prefetch = 2 if prefetch is None else prefetch  # batches DALI prepares ahead
+        if prefetch is None:  # batches DALI prepares ahead: deeper for one pipeline on the GPU (DEFAULT_GPU_PREFETCH)
+            prefetch = DEFAULT_GPU_PREFETCH if self.decode_device == "gpu" and len(loads) == 1 else 2
         if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1 (batches DALI prepares ahead), got {prefetch!r}")
         self.prefetch = int(prefetch)

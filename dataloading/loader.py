@@ -29,7 +29,6 @@ class probability 1 - (C-1)e^-20 (one-hot up to 2e-6 at C=1000) before smoothing
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -258,11 +257,13 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     share they can deliver, alone or beside a training step. The samples, boxes, flips and label maps are exactly the
     one-pipeline batches; which decoder decodes a batch depends on timing, so with different loads per lane the
     pixels of a run can differ from another run's by the decoders' rounding (chroma upsampling: a fraction of a grey
-    level on average). Default: (1.0, 0.0) where nvJPEG decodes on CUDA (H200: 16.0k img/s alone against the single
-    hybrid pipeline's 6.2k, and the faster of the two beside an LV-ViT-S step; dataloading/NOTES.md), 0.0 otherwise.
+    level on average). Default: 0.0, one pipeline on the hybrid path (beside an LV-ViT-S step on an H100, 4 batches
+    ahead, it left the GPU idle 2.6% against 5.4% for the lanes; dataloading/NOTES.md). The lanes (1.0, 0.0) are the
+    fastest alone (H200: 16.0k img/s against the hybrid pipeline's 6.2k), for work the loader limits.
     dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
-    (default with lanes: 4 for a lane with load > 0.5, 12 for the others). prefetch (DALI only):
-    batches DALI prepares ahead (default 2). decode_device (DALI only): "gpu" (default on CUDA: nvJPEG) or
+    (default with lanes: 4 for a lane with load > 0.5, 12 for the others). prefetch (DALI only): batches DALI
+    prepares ahead per pipeline (default 4 for one pipeline decoding on the GPU, else 2). decode_device (DALI
+    only): "gpu" (default on CUDA: nvJPEG) or
     "cpu" (DALI's CPU threads decode and resize, one copy per batch to the GPU; for small images, where the
     GPU decoder's kernels would queue behind the training step's). resize_device (DALI only): where the decoded
     crop is resized, "gpu" or "cpu" (default: where it was decoded); "gpu" with decode_device="cpu" decodes in

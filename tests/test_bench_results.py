@@ -290,8 +290,9 @@ def test_loader_lanes_provider_reports_each_pipelines_share(tmp_path):
 
 
 def test_deeper_fed_settings_are_loader_arguments():
-    """The fed providers' new settings (prefetch 4, two hybrid pipelines) are arguments build_loader takes: a
-    misspelt key would only fail on the GPU, after the device time was spent."""
+    """The fed providers' settings (prefetch 2 or 4, two hybrid pipelines) are arguments build_loader takes: a
+    misspelt key would only fail on the GPU, after the device time was spent. The older one-pipeline rows keep 2
+    batches ahead now that the default on CUDA is 4."""
     import inspect
 
     from tokenlabel.bench import loader
@@ -299,8 +300,9 @@ def test_deeper_fed_settings_are_loader_arguments():
     from tokenlabel.dataloading import build_loader
 
     params = inspect.signature(build_loader).parameters
-    for setting in (loader.HYBRID_DEEP, loader.HYBRID_LANES, loader.HW_LANES_DEEP):
+    for setting in (loader.HYBRID, loader.HW_DECODER, loader.HYBRID_DEEP, loader.HYBRID_LANES, loader.HW_LANES_DEEP):
         assert set(setting) <= set(params), set(setting) - set(params)
+    assert loader.HYBRID["prefetch"] == loader.HW_DECODER["prefetch"] == 2 and loader.HYBRID_DEEP["prefetch"] == 4
     assert loader.HW_LANES_DEEP["prefetch"] == 4 and loader.HW_LANES_DEEP["hw_decoder_load"] == (1.0, 0.0)
     names = {p.name for p in providers("step")}
     assert {"loader_fed_ours_deep", "loader_fed_hybrid_lanes_ours", "loader_fed_lanes_ours_deep"} <= names

@@ -62,14 +62,13 @@ DEVICES = [("torch", "cpu"), ("dali", "cpu"), pytest.param("torch", "cuda", mark
 
 @pytest.mark.parametrize("backend,device", DEVICES)
 def test_same_epoch_same_batches_and_exact_resume(folder, backend, device):
-    """An epoch repeated, and resumed at batch 2, gives the same batches bit for bit. On CUDA DALI's default is two
-    lanes (the hardware engines and the hybrid path), and which lane decodes a batch depends on timing; the two
-    decoders round differently (chroma upsampling), so bit-equal images need one decoder: hw_decoder_load=0.0 here.
-    The default lanes keep everything but the pixels exact and the pixels within the decoders' rounding (a repeat
-    differed on 1 run in 5 on an H100, 2026-12-05, before this test said so)."""
+    """An epoch repeated, and resumed at batch 2, gives the same batches bit for bit, with the default loader (on
+    CUDA one DALI pipeline on nvJPEG's hybrid path, 4 batches ahead). Lanes of different decoders (the hardware
+    engines and the hybrid path) keep everything but the pixels exact: which lane decodes a batch depends on timing
+    and the two round differently (chroma upsampling), so there the pixels are within the decoders' rounding (a
+    repeat differed on 1 run in 5 on an H100, 2026-12-05, when the lanes were the default)."""
     root, rel = folder
-    one = dict(hw_decoder_load=0.0) if (backend, device) == ("dali", "cuda") else {}
-    loader = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device, **one)
+    loader = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device)
     full = _epoch(loader, 5)
     again = _epoch(loader, 5)
     resumed = _epoch(loader, 5, start_batch=2)
@@ -77,9 +76,10 @@ def test_same_epoch_same_batches_and_exact_resume(folder, backend, device):
     assert len(resumed) == len(full) - 2
     _same(again, full)
     _same(resumed, full[2:])
-    if one:  # the default lanes, twice, against the one decoder
+    if (backend, device) == ("dali", "cuda"):  # the lanes, twice, against the one decoder
         for _ in range(2):
-            lanes = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device)
+            lanes = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device,
+                           hw_decoder_load=(1.0, 0.0))
             got = _epoch(lanes, 5) + _epoch(lanes, 5, start_batch=2)
             lanes.close()
             _same_up_to_decoding(got, full + full[2:])
@@ -646,17 +646,23 @@ def test_dali_worker_processes_survive_inherited_garbage(folder):
 
 
 @pytest.mark.gpu
-def test_gpu_default_decoder_loads_are_lanes(folder):
-    """On CUDA with nvJPEG decoding the default is two lanes, the hardware engines (4 threads) and the hybrid path
-    (12, capped by the cores); with CPU decoding, one pipeline and no hardware share; an explicit load is kept."""
+def test_gpu_default_decoder_settings(folder):
+    """On CUDA with nvJPEG decoding the default is one pipeline on the hybrid path (12 threads, capped by the cores),
+    4 batches ahead; with CPU decoding, no hardware share and 2 ahead; lanes asked for get 4 threads for the engines'
+    lane, 12 for the hybrid one, 2 ahead each; explicit settings are kept."""
     dali_or_skip()
     root, _ = folder
     kw = dict(batch_size=4, image_size=16, device="cuda")
     b = _build(root, "dali", **kw).backend
-    assert b.hw_decoder_load == (1.0, 0.0) and b.num_threads == (min(4, os.cpu_count()), min(12, os.cpu_count()))
-    assert _build(root, "dali", decode_device="cpu", **kw).backend.hw_decoder_load == 0.0
-    assert _build(root, "dali", hw_decoder_load=0.0, **kw).backend.hw_decoder_load == 0.0
-    loader = _build(root, "dali", **kw)
+    assert (b.hw_decoder_load, b.num_threads, b.prefetch) == (0.0, min(12, os.cpu_count()), 4)
+    b = _build(root, "dali", decode_device="cpu", **kw).backend
+    assert (b.hw_decoder_load, b.prefetch) == (0.0, 2)
+    b = _build(root, "dali", hw_decoder_load=(1.0, 0.0), **kw).backend
+    assert (b.hw_decoder_load, b.prefetch) == ((1.0, 0.0), 2)
+    assert b.num_threads == (min(4, os.cpu_count()), min(12, os.cpu_count()))
+    b = _build(root, "dali", hw_decoder_load=0.9, prefetch=3, **kw).backend
+    assert (b.hw_decoder_load, b.prefetch) == (0.9, 3)
+    loader = _build(root, "dali", hw_decoder_load=(1.0, 0.0), **kw)
     batches = _epoch(loader, 0)
     assert batches and all(b["images"].is_cuda for b in batches)
     # the lanes' stream runs on past the epoch (into the next, up to the reorder window) while the consumer reads
@@ -692,6 +698,7 @@ def test_prefetch_depth(folder):
     assert sum(b["images"].shape[0] for b in _epoch(loader, 0)) > 0
     loader.close()
     assert _build(root, "dali", batch_size=4, image_size=16, prefetch=np.int64(3)).backend.prefetch == 3
+    assert _build(root, "dali", batch_size=4, image_size=16).backend.prefetch == 2  # CPU decoding's default
     for bad in (0, -1, 2.5, True, "2"):
         with pytest.raises(ValueError, match="prefetch must be an integer >= 1"):
             _build(root, "dali", batch_size=4, image_size=16, prefetch=bad)

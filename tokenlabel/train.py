@@ -29,7 +29,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -85,7 +84,7 @@ DEFAULTS: dict = {
     "amp": None,                # bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler
     "loader": None,             # dali when importable and on CUDA, else torch
     "workers": None,
-    "prefetch": None,           # DALI: batches prepared ahead (None: the loader's 2)
+    "prefetch": None,           # DALI: batches prepared ahead (None: the loader's default, 4 or 2)
     "hw_decoder_load": None,    # DALI: share of JPEGs on nvJPEG's hardware decoder (None: the loader's default)
     "decode_device": None,      # DALI: "gpu" | "cpu" decoding and resizing (None: the loader's "gpu" on CUDA)
     "resize_device": None,      # DALI: "gpu" | "cpu" resizing (None: where the images were decoded)
@@ -169,18 +168,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (__doc__ or "").splitlines()[0]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "\n".join((__doc__ or "").splitlines()[2:])
-    a = parser.add_argument
     g = parser.add_argument_group("data")
     g.add_argument("--data", help="ImageFolder root with train/ and val/ (omit: generate a small synthetic set)")
     g.add_argument("--labels", help="label-map store for token labeling (omit: class labels only, the baseline)")
     g.add_argument("--loader", choices=["dali", "torch"], help="default: dali if importable and on CUDA, else torch")
     g.add_argument("--workers", type=int, help="loader worker processes/threads per process")
-    g.add_argument("--prefetch", type=int, help="DALI loader: batches prepared ahead (default 2)")
+    g.add_argument("--prefetch", type=int, help="DALI loader: batches prepared ahead (default 4 for one pipeline "
+                   "decoding on the GPU, else 2)")
     g.add_argument("--hw-decoder-load", type=_parse_loads,
                    help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1]; several loads, "
                         "comma-separated (e.g. 1,0), run one DALI pipeline each, sharing the batches by what each "
-                        "delivers (default 1,0 where nvJPEG decodes on CUDA, the fastest alone and beside an "
-                        "LV-ViT-S step on an H200; 0 otherwise; see dataloading/NOTES.md)")
+                        "delivers (default 0: one pipeline on the hybrid path, which fed an LV-ViT-S step best on an "
+                        "H100; 1,0 is the fastest alone; see dataloading/NOTES.md)")
     g.add_argument("--decode-device", choices=["gpu", "cpu"],
                    help="DALI loader: decode and resize on the GPU (nvJPEG, default) or in DALI's CPU threads (small "
                         "images such as CIFAR's: keeps the loader's kernels off the GPU the step runs on)")

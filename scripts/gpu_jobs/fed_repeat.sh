@@ -12,6 +12,8 @@ fed() {  # fed N PROVIDER: the step fed by that loader setting, 600 timed steps,
 }
 fed 1 loader_fed_ours_deep
 fed 2 loader_fed_lanes_ours
+# the loader's GPU tests, with build_loader's new CUDA default (one hybrid pipeline, 4 ahead) in them
+step 90 tests.txt python -m pytest -q -m gpu -p no:cacheprovider -p no:logging -rf tests/test_loader_pipeline.py
 step 150 loader.txt python -m tokenlabel bench loader --providers pil,dali,dali_lanes --data $D \
   --out "$OUT/loader" --no-plot
 fed 3 loader_fed_ours_deep
