@@ -83,10 +83,14 @@ TILINGS = [dict(stats=dict(acc2d=True), bwd_sums=dict(acc2d=True), apply=dict(pe
 @pytest.mark.parametrize("shape", [(4, 16, 30, 30), (3, 5, 7, 9), (1, 64, 33, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_tilings_match_float64(gen, device, monkeypatch, tiling, shape):
     """Each tiling is as accurate as the default one (tested against float64 above) or PyTorch's fp32 BatchNorm,
-    whichever is less, on the same draw: the output and the three gradients within 1.5x that error against float64,
-    plus 1e-6 (the default's own tiling may be the most accurate one, so it alone is no bound for the others); the
-    running variance within 1e-5 of float64's at a mean of 50 with a spread of 0.5, where a sum of squares would lose
-    ~1e-3."""
+    whichever is less, on the same draw: the output and dx within 1.5x that error against float64, plus 1e-6 (the
+    default's own tiling may be the most accurate one, so it alone is no bound for the others). dweight and dbias
+    are sums over the B·H·W rows, whose error is the luck of the summation order (a tiling once measured 1.9x the
+    others' on one draw, CI 2026-12-06, seed 460013116): each within the fp32 rounding of its terms against float64
+    (within_sum_bound), where dweight's terms carry xhat's rounding, ~|mean| / std units of eps at a mean of 50
+    with a spread of 0.5 (12 draws x 3 shapes x 4 tilings, CPU: every tiling within 0.47 of that bound with one unit
+    for the mean, PyTorch's fp32 BatchNorm 36x over it at 3,600 rows). The running variance within 1e-5 of
+    float64's, where a sum of squares would lose ~1e-3."""
     x, bn, gout = make(gen, *shape, torch.float32, device, scale=0.5, offset=50.0)
     with torch.no_grad():
         bn.bias.add_(3.0)  # y > 0 away from the ReLU's threshold (xhat > -4)
@@ -99,8 +103,16 @@ def test_tilings_match_float64(gen, device, monkeypatch, tiling, shape):
         monkeypatch.setattr(bk, attr, {**getattr(bk, attr), **over})
     bn.load_state_dict(state)
     got = run_ours(x, bn, gout)
-    for name, g, d, t, w in zip(("out", "dx", "dweight", "dbias"), got, default, fp32, want):
+    for name, g, d, t, w in zip(("out", "dx"), got, default, fp32, want):
         assert rel(g, w) <= 1.5 * max(rel(d, w), rel(t, w)) + 1e-6, name
+    x64 = x.detach().double()
+    mean = x64.mean((0, 2, 3), keepdim=True)
+    std = (x64.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps).sqrt()
+    g64 = gout.double() * (want[0] > 0)  # the gradient through the ReLU
+    # xhat's rounding: its own, plus the fp32 mean's (the value's representation and its sum's rounding: 2 units)
+    w_terms = (g64.abs() * ((x64 - mean).abs() + 2 * mean.abs()) / std).sum((0, 2, 3))
+    assert within_sum_bound(got[2], want[2], w_terms, rel=1e-6), ("dweight", rel(got[2], want[2]))
+    assert within_sum_bound(got[3], want[3], g64.abs().sum((0, 2, 3)), rel=1e-6), ("dbias", rel(got[3], want[3]))
     assert rel(bn.running_mean, ref_bn.running_mean) < 1e-6
     assert rel(bn.running_var, ref_bn.running_var) < 1e-5
 
