@@ -221,7 +221,8 @@ def pil(case: Case) -> Prepared:
 @register("loader", "dali")
 def dali(case: Case) -> Prepared:
     """One DALI pipeline on nvJPEG's hybrid decode (12 threads), augmentation batched on the GPU, label maps with
-    the batch (the default before lanes; dali_lanes is the default now)."""
+    the batch, 2 batches ahead (build_loader's CUDA default is this pipeline 4 ahead since 2026-12-06; the lanes
+    were the default from 2026-12-05)."""
     return _prepare(case, "dali", **HYBRID)
 
 
