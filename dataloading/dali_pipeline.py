@@ -61,13 +61,14 @@ import numpy as np
 import torch
 
 MAX_LANES = 4  # DALI pipelines one loader may run side by side (hw_decoder_load as a sequence)
-# The defaults where nvJPEG decodes on a CUDA device: one pipeline on nvJPEG's hybrid path (12 threads) preparing
-# DEFAULT_GPU_PREFETCH batches ahead. H100, imagenet334, B 128, beside the LV-ViT-S CUDA-graph step with our kernels
-# (2026-12-06, bench/results/step.csv, dataloading/NOTES.md): GPU idle 2.6% and 5,612 img/s delivered, against 5.4%
-# and 5,289 img/s for the lanes (1.0, 0.0) in the same call, and 7.3% for this pipeline 2 ahead (2026-12-05). The
-# lanes stay the fastest alone (16,044 img/s on an H200 against the hybrid pipeline's 6,237), for loader-bound work.
-# Elsewhere (CPU decoding, no CUDA): load 0.0, 2 ahead; lanes: 2 ahead (4 left the step idle 6.7%, H100 2026-12-06).
-DEFAULT_GPU_LOADS = 0.0
+# The defaults: one pipeline with no hardware-decoder share (where nvJPEG decodes on CUDA: its hybrid path, 12
+# threads), DEFAULT_GPU_PREFETCH batches ahead when it decodes on the GPU. H100, imagenet334, B 128, beside the
+# LV-ViT-S CUDA-graph step with our kernels (2026-12-06, bench/results/step.csv, dataloading/NOTES.md): GPU idle
+# 2.6 / 2.4 / 2.4% over three runs on two boxes, against 5.4 / 4.8% for the lanes (1.0, 0.0) in the same calls, and
+# 7.3% for this pipeline 2 ahead (2026-12-05). The lanes stay the fastest alone (H100, same day: 13,123 img/s against
+# the hybrid pipeline's 6,749), for loader-bound work. CPU decoding and lanes: 2 ahead (the lanes 4 ahead left the
+# step idle 6.7%, H100 2026-12-06).
+DEFAULT_LOADS = 0.0
 DEFAULT_GPU_PREFETCH = 4
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'tokenlabel[dali-cu13]' (CUDA 13) or "
@@ -208,10 +209,9 @@ class DaliBackend:
         # and the hybrid path side by side); the batches go, in order, to whichever pipeline asks for its next
         # one, so each decoder takes the share it can deliver (fifth session); the default where nvJPEG decodes
         # from 2026-12-05 to 2026-12-06, when one hybrid pipeline 4 batches ahead fed the step better
-        # (DEFAULT_GPU_LOADS).
-        if hw_decoder_load is None:  # the hybrid path (see DEFAULT_GPU_LOADS), and the CPU's decoder without CUDA
-            gpu_decode = self.gpu and decode_device in (None, "gpu")
-            hw_decoder_load = DEFAULT_GPU_LOADS if gpu_decode else 0.0
+        # (DEFAULT_LOADS).
+        if hw_decoder_load is None:
+            hw_decoder_load = DEFAULT_LOADS
         loads = tuple(hw_decoder_load) if isinstance(hw_decoder_load, (list, tuple)) else (hw_decoder_load,)
         if not 1 <= len(loads) <= MAX_LANES:
             raise ValueError(f"hw_decoder_load: give one load or 2..{MAX_LANES} (one DALI pipeline each), "
