@@ -109,12 +109,21 @@ HW_LANES3 = dict(hw_decoder_load=(1.0, 1.0, 0.0), dali_threads=(2, 2, 12))
 HYBRID_DEEP = dict(hw_decoder_load=0.0, prefetch=4)
 HYBRID_LANES = dict(hw_decoder_load=(0.0, 0.0), dali_threads=(8, 8))  # two hybrid pipelines, 8 threads each
 HW_LANES_DEEP = dict(HW_LANES, prefetch=4)
+# the lanes with the engines' pipeline switched off while it delivers few batches (beside a step), the hybrid one 4
+# ahead (dataloading/dali_pipeline.py _Assist): meant to be the lanes alone and the deep hybrid pipeline when fed
+HW_AUTO = dict(hw_decoder_load="auto")
 
 
 def _dali_what(backend) -> str:
     """Where this DALI loader decodes and resizes, for the rows' notes."""
     if len(backend.lanes_spec) > 1:
-        lanes = " + ".join(f"load {load:g} with {t} threads" for load, t in backend.lanes_spec)
+        lanes = " + ".join(f"load {load:g} with {t} threads, {d} ahead"
+                           for (load, t), d in zip(backend.lanes_spec, backend.lane_prefetch))
+        if getattr(backend, "assist", None) is not None:
+            a = backend.assist
+            lanes += (f"; 'auto': the load-{backend.lanes_spec[a.lane][0]:g} pipeline paused while it delivers under "
+                      f"{a.min_share:.0%} of a window of {a.window} batches, tried again after {a.probe_first}..."
+                      f"{a.probe_max} batches")
         where = "on the 'mixed' device (nvJPEG)" if backend.decode_device == "gpu" else "in DALI's CPU threads"
         dec = (f"decode {where} in {len(backend.lanes_spec)} DALI pipelines sharing the batches by what each "
                f"delivers (hardware decoder {lanes}; at most {backend.reorder_limit} batches ahead)")
@@ -184,9 +193,9 @@ def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
         return times
 
     def timer(fn, warmup, reps, _timer=timer):
-        before = list(getattr(loader.backend, "lane_batches", ()))
+        before = lane_snapshot(loader.backend)
         out = _timer(fn, warmup, reps)
-        lane_counts[:] = [a - b for a, b in zip(getattr(loader.backend, "lane_batches", ()), before)]
+        lane_counts[:] = [a - b for a, b in zip(lane_snapshot(loader.backend), before)]
         return out
 
     lane_counts = []
@@ -201,15 +210,33 @@ def _prepare(case: Case, backend: str, **loader_kw) -> Prepared:
                     cleanup=lambda: getattr(loader, "close", lambda: None)())
 
 
+def lane_snapshot(backend) -> list:
+    """The counters lane_rows reads, before and after the timed part: the batches each lane delivered, then with
+    hw_decoder_load="auto" the switch's deliveries, deliveries while on, and switches."""
+    a = getattr(backend, "assist", None)
+    return list(getattr(backend, "lane_batches", ())) + ([a.delivered, a.on_batches, a.switches] if a else [])
+
+
 def lane_rows(backend, counts, mode) -> list:
-    """With several DALI pipelines (lanes): the share of the timed batches each one delivered."""
+    """With several DALI pipelines (lanes): the share of the timed batches each one delivered; with "auto", the
+    share delivered while the engines' pipeline was on, and its switches (``counts``: lane_snapshot differences)."""
     spec = getattr(backend, "lanes_spec", ())
-    if len(spec) < 2 or not sum(counts):
+    lanes, auto = counts[:len(spec)], counts[len(spec):]
+    if len(spec) < 2 or not sum(lanes):
         return []
-    return [(mode, f"lane{i}_share", 100.0 * c / sum(counts), None, None, "%",
+    rows = [(mode, f"lane{i}_share", 100.0 * c / sum(lanes), None, None, "%",
              f"batches the pipeline with hw_decoder_load {spec[i][0]:g} ({spec[i][1]} threads) delivered: {c} of "
-             f"{sum(counts)} in the timed part (the rest of the epochs ran ahead, as training does)")
-            for i, c in enumerate(counts)]
+             f"{sum(lanes)} in the timed part (the rest of the epochs ran ahead, as training does)")
+            for i, c in enumerate(lanes)]
+    if auto and auto[0]:
+        delivered, on, switches = auto
+        rows += [(mode, "auto_on_share", 100.0 * on / delivered, None, None, "%",
+                  f"'auto': batches delivered while the engines' pipeline was switched on, {on} of {delivered} in "
+                  "the timed part"),
+                 (mode, "auto_switches", float(switches), None, None, "count",
+                  f"'auto': times the engines' pipeline was switched off or on in the timed part ({delivered} "
+                  f"batches; shares of its last windows: {', '.join(f'{x:.2f}' for x in backend.assist.shares[-6:])})")]
+    return rows
 
 
 @register("loader", "pil", baseline=True)
@@ -241,6 +268,15 @@ def dali_lanes(case: Case) -> Prepared:
     if case.device.type != "cuda" and not case.quick:
         raise Skip("the hardware JPEG decoder needs CUDA")
     return _prepare(case, "dali", **HW_LANES)
+
+
+@register("loader", "dali_auto")
+def dali_auto(case: Case) -> Prepared:
+    """dali_lanes with ``hw_decoder_load="auto"``: the hybrid pipeline 4 ahead, the engines' pipeline switched off
+    while it delivers under its share (beside a step) and tried again later; alone it should stay on."""
+    if case.device.type != "cuda" and not case.quick:
+        raise Skip("the hardware JPEG decoder needs CUDA")
+    return _prepare(case, "dali", **HW_AUTO)
 
 
 @register("loader", "dali_lanes3")

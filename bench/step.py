@@ -431,6 +431,10 @@ register("step", "loader_fed_hybrid_lanes_ours")(_fed_provider(
 register("step", "loader_fed_lanes_ours_deep")(_fed_provider(
     "HW_LANES_DEEP", "loader_fed_lanes_ours (the default lanes) with 4 batches prepared ahead per pipeline instead "
     "of 2.", kernels=True, cuda_only=_HW))
+register("step", "loader_fed_auto_ours")(_fed_provider(
+    "HW_AUTO", "the lanes with hw_decoder_load='auto' feeding the step with our kernels: the engines' pipeline is "
+    "switched off while it delivers under its share of the batches (beside the step: ~30% on an H100), leaving the "
+    "hybrid pipeline 4 ahead, as loader_fed_ours_deep.", kernels=True, cuda_only=_HW))
 register("step", "loader_fed_cpu_decode")(_fed_provider(
     "CPU_DECODE_GPU_RESIZE", "loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU "
     "(the loader bench's dali_cpu_decode_gpu_resize): no per-image decoder work on the GPU beside the step; the "
@@ -508,7 +512,7 @@ def _attach_loader(prep: Prepared, step, loader, device, whole_epochs: bool) -> 
             step(next(it))
         sync(device)
         gaps = StepGaps(device)
-        lanes_before[:] = list(getattr(loader.backend, "lane_batches", ()))
+        lanes_before[:] = lane_snapshot(loader.backend)
         waits, per_step = [], []
         t_start = time.perf_counter()
         last = t_start
@@ -529,14 +533,14 @@ def _attach_loader(prep: Prepared, step, loader, device, whole_epochs: bool) -> 
         stats["gpu_wait"] = 100.0 * idle_ms / max(span_ms, 1e-9)
         stats["n"] = reps
         stats["ms_run"] = 1e3 * total / reps
-        lane_counts[:] = [a - b for a, b in zip(getattr(loader.backend, "lane_batches", ()), lanes_before)]
+        lane_counts[:] = [a - b for a, b in zip(lane_snapshot(loader.backend), lanes_before)]
         return block_means(per_step)
 
     prep.timer = timer
     prep.check = None   # the same step is checked by the synthetic-input providers
     prep.notes += ("; fed by the real loader (data_wait_gpu = the step stream's idle time between steps / the "
                    "steps' span; data_wait = host time blocked in next(loader) / wall time)")
-    from .loader import lane_rows
+    from .loader import lane_rows, lane_snapshot
 
     lanes_before, lane_counts = [], []
     prep.extra_rows = lambda: lane_rows(loader.backend, lane_counts, "train_step") + [

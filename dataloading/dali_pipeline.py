@@ -37,6 +37,13 @@ Division of labour (why it is built this way):
   Which lane decodes a batch depends on timing, and nvJPEG's hardware engines and its hybrid path round the
   pixels differently (chroma upsampling), so a repeat of an epoch is bit-equal in everything but the pixels;
   bit-equal pixels need one decoder (a single load, or the same load on every lane).
+* ``hw_decoder_load="auto"``: the lanes (1.0, 0.0), the hybrid lane ``DEFAULT_GPU_PREFETCH`` batches ahead, and the
+  hardware engines' lane switched on and off by what it delivers (``_Assist``). Alone the engines deliver more than
+  half of the batches and double the rate (H100: 13,123 against 6,749 img/s); beside a training step they slow ~3x,
+  deliver ~30% of the batches, and the step waits for their late batches (GPU idle 4.8-5.4% against 2.4-2.6% with
+  the hybrid pipeline alone, H100 2026-12-06). So the engines' lane stays on while its share of the batches is at
+  least ``min_share`` over a window, is paused otherwise (its pipeline finishes what it holds), and is tried again
+  after a number of batches that doubles while the tries fail.
 
 Sample ids travel through the pipeline with the images, and each output batch is checked against
 the metadata queued for it, so label maps always belong to the images they arrive with.
@@ -61,15 +68,20 @@ import numpy as np
 import torch
 
 MAX_LANES = 4  # DALI pipelines one loader may run side by side (hw_decoder_load as a sequence)
-# The defaults: one pipeline with no hardware-decoder share (where nvJPEG decodes on CUDA: its hybrid path, 12
-# threads), DEFAULT_GPU_PREFETCH batches ahead when it decodes on the GPU. H100, imagenet334, B 128, beside the
-# LV-ViT-S CUDA-graph step with our kernels (2026-12-06, bench/results/step.csv, dataloading/NOTES.md): GPU idle
-# 2.6 / 2.4 / 2.4% over three runs on two boxes, against 5.4 / 4.8% for the lanes (1.0, 0.0) in the same calls, and
-# 7.3% for this pipeline 2 ahead (2026-12-05). The lanes stay the fastest alone (H100, same day: 13,123 img/s against
-# the hybrid pipeline's 6,749), for loader-bound work. CPU decoding and lanes: 2 ahead (the lanes 4 ahead left the
-# step idle 6.7%, H100 2026-12-06).
-DEFAULT_LOADS = 0.0
+# The defaults. Where nvJPEG decodes on CUDA: "auto" (the engines' lane beside the hybrid one, switched by its share
+# of the batches; _Assist). Alone it is the lanes (1.0, 0.0), the fastest (H100 2026-12-06: 13,123 img/s against the
+# hybrid pipeline's 6,749); beside a training step the engines' lane is paused and the hybrid one, 4 ahead
+# (DEFAULT_GPU_PREFETCH), feeds the step as that pipeline alone did: H100, imagenet334, B 128, beside the LV-ViT-S
+# CUDA-graph step with our kernels, GPU idle 2.6 / 2.4 / 2.4% over three runs on two boxes, against 5.4 / 4.8% for
+# the lanes in the same calls (2026-12-06, bench/results/step.csv, dataloading/NOTES.md). CPU decoding: one
+# pipeline, 2 ahead; plain lanes: 2 ahead each (4 ahead left the step idle 6.7%, H100 2026-12-06).
+DEFAULT_GPU_LOADS = "auto"
 DEFAULT_GPU_PREFETCH = 4
+# hw_decoder_load="auto" (see _Assist): the engines' lane is kept while it delivers at least AUTO_MIN_SHARE of the
+# batches over AUTO_WINDOW deliveries (counted AUTO_SETTLE deliveries after it starts); paused, it is tried again
+# after AUTO_PROBE[0] batches, doubling up to AUTO_PROBE[1] while the tries fail. The engines' share measured on
+# H100 / H200 boxes: 56-60% of the batches alone, 29-37% beside the LV-ViT-S step (dataloading/NOTES.md).
+AUTO_SETTLE, AUTO_WINDOW, AUTO_MIN_SHARE, AUTO_PROBE = 4, 32, 0.42, (256, 4096)
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'tokenlabel[dali-cu13]' (CUDA 13) or "
                 "'tokenlabel[dali-cu12]' (CUDA 12), i.e. nvidia-dali-cuda130 / nvidia-dali-cuda120; "
@@ -208,18 +220,21 @@ class DaliBackend:
         # session). A sequence of loads builds one DALI pipeline per entry ("lanes", e.g. (1.0, 0.0): the engines
         # and the hybrid path side by side); the batches go, in order, to whichever pipeline asks for its next
         # one, so each decoder takes the share it can deliver (fifth session); the default where nvJPEG decodes
-        # from 2026-12-05 to 2026-12-06, when one hybrid pipeline 4 batches ahead fed the step better
-        # (DEFAULT_LOADS).
-        if hw_decoder_load is None:
-            hw_decoder_load = DEFAULT_LOADS
-        loads = tuple(hw_decoder_load) if isinstance(hw_decoder_load, (list, tuple)) else (hw_decoder_load,)
+        # from 2026-12-05 to 2026-12-06, when one hybrid pipeline 4 batches ahead fed the step better; "auto"
+        # pauses the engines' lane where it holds the step back (DEFAULT_GPU_LOADS).
+        if hw_decoder_load is None:  # "auto" where nvJPEG decodes on CUDA, else one pipeline
+            hw_decoder_load = DEFAULT_GPU_LOADS if self.gpu and decode_device in (None, "gpu") else 0.0
+        # "auto": the engines' lane beside the hybrid one, used while it pulls its weight (_Assist)
+        self.auto = isinstance(hw_decoder_load, str) and hw_decoder_load == "auto"
+        loads = ((1.0, 0.0) if self.auto else tuple(hw_decoder_load) if isinstance(hw_decoder_load, (list, tuple))
+                 else (hw_decoder_load,))
         if not 1 <= len(loads) <= MAX_LANES:
             raise ValueError(f"hw_decoder_load: give one load or 2..{MAX_LANES} (one DALI pipeline each), "
                              f"got {len(loads)}")
         for load in loads:
             if not isinstance(load, numbers.Real) or isinstance(load, bool) or not 0.0 <= float(load) <= 1.0:
-                raise ValueError(f"hw_decoder_load must be a number in [0, 1] (or a sequence of them), got "
-                                 f"{hw_decoder_load!r}")
+                raise ValueError(f"hw_decoder_load must be a number in [0, 1], a sequence of them, or 'auto', "
+                                 f"got {hw_decoder_load!r}")
         loads = tuple(float(x) for x in loads)
         # Where DALI decodes and resizes: "gpu" (device "mixed": nvJPEG, the default on CUDA) or "cpu"
         # (libjpeg-turbo and the resize in DALI's CPU threads; on CUDA only the finished crops are copied to
@@ -268,15 +283,24 @@ class DaliBackend:
         self.lanes_spec = tuple(zip(loads, (int(t) for t in threads)))
         self.num_threads = threads[0] if len(threads) == 1 else threads
         self.io_workers = io_workers or min(16, max(2, cpus))
-        if prefetch is None:  # batches DALI prepares ahead: deeper for one pipeline on the GPU (DEFAULT_GPU_PREFETCH)
+        # batches DALI prepares ahead: deeper for one pipeline on the GPU (DEFAULT_GPU_PREFETCH), and for the hybrid
+        # lane of "auto" (which feeds a training step alone while the engines' lane is paused)
+        self.lane_prefetch = None
+        if prefetch is None:
             prefetch = DEFAULT_GPU_PREFETCH if self.decode_device == "gpu" and len(loads) == 1 else 2
+            if self.auto and self.gpu:
+                self.lane_prefetch = (2, DEFAULT_GPU_PREFETCH)
         if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1 (batches DALI prepares ahead), got {prefetch!r}")
         self.prefetch = int(prefetch)
+        self.lane_prefetch = self.lane_prefetch or (self.prefetch,) * len(loads)
         # knobs of the DALI graph (read when the pipeline is built): the share of JPEGs the hardware
         # decoder takes (above), and whether fn.io.file.read maps files instead of reading them
         # (plain reads measured faster on the H100 box, 2026-11-24).
-        self.hw_decoder_load = loads[0] if len(loads) == 1 else loads
+        self.hw_decoder_load = "auto" if self.auto else loads[0] if len(loads) == 1 else loads
+        # "auto": the engines' lane's switch (its state carries over from stream to stream); its knobs can be set
+        # before the first stream (tests)
+        self.assist = _Assist(lane=0) if self.auto else None
         # lanes: batches handed out ahead of the consumer at most (decoding or finished, waiting their turn);
         # bounds the GPU memory (~19 MB per 128 x 224^2 batch) and lets a slow lane's batches arrive in time
         self.reorder_limit = 8 * len(loads) if len(loads) > 1 else None
@@ -326,7 +350,7 @@ class DaliBackend:
 
         @self.pipeline_def(batch_size=self.sampler.batch_size, num_threads=num_threads,
                            device_id=self.device.index if self.gpu else None,
-                           prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+                           prefetch_queue_depth=self.lane_prefetch[lane], exec_dynamic=True)
         def pipe():
             if train:
                 padded, lens, anchor, shape, interp, ids = fn.external_source(source=feeder, num_outputs=6, batch=True)
@@ -588,9 +612,9 @@ class DaliBackend:
             raise ValueError(f"reorder_limit must be an int >= 1 (batches out between the producer and the "
                              f"consumer), got {self.reorder_limit!r}")
         if lanes:
-            q = queue.Queue(maxsize=self.prefetch * len(self.lanes_spec) + 2)
+            q = queue.Queue(maxsize=sum(self.lane_prefetch) + 2)
             stop = threading.Event()
-            dispatch = _Dispatch(q, stop, self.reorder_limit, len(self.lanes_spec), self.lane_batches)
+            dispatch = _Dispatch(q, stop, self.reorder_limit, len(self.lanes_spec), self.lane_batches, self.assist)
             if self._lanes is None:
                 self._lanes = [_Lane(i) for i in range(len(self.lanes_spec))]
             for lane in self._lanes:
@@ -736,7 +760,7 @@ class _Lane:
 
     def __init__(self, index):
         self.index = index
-        self.feeder = _LaneFeeder()
+        self.feeder = _LaneFeeder(index)
         self.pipe = None
         self.clean = False   # drained and reset at the end of the last stream: reusable
         self.copy_stream = None
@@ -744,18 +768,79 @@ class _Lane:
 
 class _LaneFeeder(_Feeder):
     """A lane's external-source callable: takes the producer's next batch from the dispatch (whichever lane
-    asks first gets it); StopIteration ends this pipeline's "epoch" when the stream stops."""
+    asks first gets it); StopIteration ends this pipeline's "epoch" when the stream stops, or while the lane is
+    paused ("auto": the dispatch stays attached, and the pump restarts the pipeline when the lane is wanted)."""
 
-    def __init__(self):
+    def __init__(self, index=0):
         super().__init__()
+        self.index = index
         self.dispatch = None
 
     def _next(self):
         d = self.dispatch
-        item = None if d is None else d.take(self.pending)
+        item = None if d is None else d.take(self.pending, self.index)
+        if item is _PAUSED:
+            return None
         if item is None:
             self.dispatch = None
         return item
+
+
+_PAUSED = object()  # _Dispatch.take's answer to a paused lane
+
+
+class _Assist:
+    """hw_decoder_load="auto": whether the hardware engines' lane (index ``lane``) takes batches.
+
+    On, it is kept while it delivers at least ``min_share`` of the batches in each window of ``window``
+    deliveries (counted from ``settle`` deliveries after it was switched on: its pipeline starts empty). Off, it
+    takes nothing (its pipeline runs out what it holds), and after ``probe`` deliveries it is tried again; each try
+    that fails doubles ``probe`` up to ``probe_max``, a try that holds resets it. Called under the dispatch's lock,
+    from the lanes' pump threads; the state carries over from one stream to the next."""
+
+    def __init__(self, lane, settle=None, window=None, min_share=None, probe=None):
+        self.lane = lane
+        self.settle = AUTO_SETTLE if settle is None else settle
+        self.window = AUTO_WINDOW if window is None else window
+        self.min_share = AUTO_MIN_SHARE if min_share is None else min_share
+        self.probe_first, self.probe_max = AUTO_PROBE if probe is None else probe
+        self.probe = self.probe_first
+        self.on, self.trying = True, False
+        self.seen = self.counted = self.mine = self.off_for = 0
+        self.delivered = self.on_batches = self.switches = 0  # totals, for the benchmark's rows
+        self.shares = []  # the engines' share in each window that ended (the last 64)
+
+    def record(self, lane) -> bool:
+        """One batch delivered by ``lane``. True when the engines' lane was switched back on (wake its pump)."""
+        self.delivered += 1
+        if not self.on:
+            self.off_for += 1
+            if self.off_for < self.probe:
+                return False
+            self.on, self.trying, self.switches = True, True, self.switches + 1
+            self.seen = self.counted = self.mine = 0
+            return True
+        self.on_batches += 1
+        self.seen += 1
+        if self.seen <= self.settle:
+            return False
+        self.counted += 1
+        self.mine += lane == self.lane
+        if self.counted < self.window:
+            return False
+        share = self.mine / self.counted
+        self.shares = (self.shares + [share])[-64:]
+        self.counted = self.mine = 0
+        if share >= self.min_share:
+            self.trying, self.probe = False, self.probe_first
+            return False
+        self.probe = min(2 * self.probe, self.probe_max) if self.trying else self.probe_first
+        self.on, self.trying, self.off_for, self.switches = False, False, 0, self.switches + 1
+        return False
+
+    def stats(self) -> dict:
+        return dict(delivered=self.delivered, on_batches=self.on_batches, switches=self.switches, on=self.on,
+                    shares=list(self.shares))
 
 
 class _Dispatch:
@@ -765,8 +850,9 @@ class _Dispatch:
     decoding failure is kept for the positions it had in flight and raised when the consumer reaches one;
     a producer error is raised after the batches before it, a lane's metadata mismatch at once."""
 
-    def __init__(self, q, stop, limit, lanes, counts):
+    def __init__(self, q, stop, limit, lanes, counts, assist=None):
         self.q, self.stop, self.limit = q, stop, limit
+        self.assist = assist  # "auto": the engines' lane's switch (_Assist), or None
         self.cond = threading.Condition()
         self.issued = self.consumed = 0
         self.done = {}     # (epoch, b) -> (uint8 HWC images, meta)
@@ -786,19 +872,25 @@ class _Dispatch:
         with self.cond:
             self.cond.notify_all()
 
-    def take(self, pending):
-        """The next prepared batch for a lane whose batches in flight are ``pending``, or None once the stream
-        stops (or the producer failed).
+    def paused(self, lane):
+        return self.assist is not None and lane == self.assist.lane and not self.assist.on
+
+    def take(self, pending, lane=0):
+        """The next prepared batch for lane ``lane`` whose batches in flight are ``pending``, or None once the
+        stream stops (or the producer failed), or _PAUSED while the lane is switched off ("auto").
 
         A lane at the limit still takes one when it holds the batch the consumer waits for: DALI's run()
         schedules the next iteration (asking for its input) before it returns the oldest output, so a lane
-        refused here would hold that batch back forever."""
+        refused here would hold that batch back forever. A paused lane's pipeline gets StopIteration instead,
+        which also makes DALI hand out what it holds."""
         with self.cond:
-            while not self.ended() and self.issued - self.consumed >= self.limit and \
+            while not self.ended() and not self.paused(lane) and self.issued - self.consumed >= self.limit and \
                     not any(m["position"] == self.want for m in pending):
                 self.cond.wait(0.1)
             if self.ended():
                 return None
+            if self.paused(lane):
+                return _PAUSED
             self.issued += 1
         while not self.ended():  # after an error no lane gets more: each runs out what it holds, in order
             with self.qlock:  # the count of batches taken stays in queue order
@@ -819,7 +911,17 @@ class _Dispatch:
         with self.cond:
             self.done[position] = (images, meta)
             self.counts[lane] += 1
+            if self.assist is not None:
+                self.assist.record(lane)
             self.cond.notify_all()
+
+    def resume(self, lane):
+        """A paused lane's pump waits here (its pipeline run out and reset) until the lane is switched on again
+        (True) or the stream ends (False)."""
+        with self.cond:
+            while not self.ended() and self.paused(lane):
+                self.cond.wait(0.5)
+            return not self.ended()
 
     def fail(self, cause, in_flight=None):
         """in_flight: the metas of the failed lane's batches (a decoding failure); None: raise ``cause``."""
@@ -871,6 +973,8 @@ def _pump(lane, dispatch, device):
                     images, ids = pipe.run()
                 except StopIteration:
                     pipe.reset()
+                    if feeder.dispatch is not None and dispatch.resume(lane.index):  # was paused ("auto")
+                        continue
                     lane.clean = True
                     return
                 except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses

@@ -259,7 +259,10 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     pixels of a run can differ from another run's by the decoders' rounding (chroma upsampling: a fraction of a grey
     level on average). Default: 0.0, one pipeline on the hybrid path (beside an LV-ViT-S step on an H100, 4 batches
     ahead, it left the GPU idle 2.6% against 5.4% for the lanes; dataloading/NOTES.md). The lanes (1.0, 0.0) are the
-    fastest alone (H100: 13.1k img/s against the hybrid pipeline's 6.7k), for work the loader limits.
+    fastest alone (H100: 13.1k img/s against the hybrid pipeline's 6.7k), for work the loader limits. "auto": those
+    lanes with the hybrid one 4 batches ahead and the engines' lane paused while it delivers less than
+    AUTO_MIN_SHARE of the batches (beside a training step, where its late batches make the step wait), tried again
+    after a while (dali_pipeline._Assist); ``loader.backend.assist.stats()`` says how it went.
     dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
     (default with lanes: 4 for a lane with load > 0.5, 12 for the others). prefetch (DALI only): batches DALI
     prepares ahead per pipeline (default 4 for one pipeline decoding on the GPU, else 2). decode_device (DALI

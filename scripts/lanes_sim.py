@@ -89,16 +89,18 @@ class _Batch:
         return self.array
 
 
-def simulate(step_ms, lanes, limit, prefetch=2, steps=200, warmup=20, seed=0):
+def simulate(step_ms, lanes, limit, prefetch=2, steps=200, warmup=20, seed=0, auto=False):
     """lanes: [(service_ms, jitter)]. -> dict(wait share, per-step ms, each lane's share, the deepest window seen,
     every batch exactly once and in order)."""
-    from tokenlabel.dataloading.dali_pipeline import _Dispatch, _Lane, _pump
+    from tokenlabel.dataloading.dali_pipeline import _Assist, _Dispatch, _Lane, _pump
 
     total = warmup + steps
     q = queue.Queue(maxsize=prefetch * len(lanes) + 2)
     stop = threading.Event()
     counts = [0] * len(lanes)
-    dispatch = _Dispatch(q, stop, limit, len(lanes), counts)
+    # --auto: the first lane is the engines' one, switched by hw_decoder_load="auto"'s _Assist (its defaults)
+    assist = _Assist(lane=0) if auto else None
+    dispatch = _Dispatch(q, stop, limit, len(lanes), counts, assist)
 
     def produce():  # the loader's producer: prepared batches in order (instant here)
         for b in range(total + limit + 4 * len(lanes) * prefetch):
@@ -118,16 +120,19 @@ def simulate(step_ms, lanes, limit, prefetch=2, steps=200, warmup=20, seed=0):
     for i, (service_ms, jitter) in enumerate(lanes):
         lane = _Lane(i)
         lane.feeder.dispatch = dispatch
-        lane.pipe = StandInPipeline(lane.feeder, service_ms, jitter, prefetch, seed * 100 + i)
+        depth = (2 if i == 0 else 4) if auto else prefetch  # "auto" on the GPU: the engines 2 ahead, the hybrid 4
+        lane.pipe = StandInPipeline(lane.feeder, service_ms, jitter, depth, seed * 100 + i)
         pipes.append(lane.pipe)
         pumps.append(threading.Thread(target=_pump, args=(lane, dispatch, None), daemon=True))
         pumps[-1].start()
     deepest, order, waited = 0, [], 0.0
     before = None
     t_start = None
+    on_before = 0
     for b in range(total):
         if b == warmup:
             before, t_start, waited = list(counts), time.perf_counter(), 0.0
+            on_before = (assist.on_batches, assist.delivered, assist.switches) if auto else None
         t0 = time.perf_counter()
         images, meta = dispatch.wait((0, b))
         waited += time.perf_counter() - t0
@@ -143,7 +148,11 @@ def simulate(step_ms, lanes, limit, prefetch=2, steps=200, warmup=20, seed=0):
     for p in pipes:
         p.close()
     took = [a - b for a, b in zip(counts, before)]
-    return dict(wait=100.0 * waited / span, ms_per_step=1e3 * span / steps,
+    on = None
+    if auto:
+        d = [a - b for a, b in zip((assist.on_batches, assist.delivered, assist.switches), on_before)]
+        on = (100.0 * d[0] / max(d[1], 1), d[2])
+    return dict(wait=100.0 * waited / span, ms_per_step=1e3 * span / steps, on=on,
                 shares=[100.0 * c / max(sum(took), 1) for c in took], deepest=deepest,
                 in_order=order == list(range(total)))
 
@@ -167,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, action="append", help="reorder limit(s) to try (default 16)")
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--auto", action="store_true", help="switch the first lane (the engines) as hw_decoder_load="
+                    "'auto' does; the engines 2 ahead, the others 4 (--prefetch ignored)")
     args = ap.parse_args(argv)
     if args.step_ms is None:
         scenarios = DEFAULT_SCENARIOS
@@ -184,12 +195,14 @@ def main(argv=None) -> int:
     print(f"{'scenario':34s} {'limit':>5s} {'wait %':>7s} {'ms/step':>8s} {'deepest':>7s}  lane shares %")
     for label, step_ms, lanes, limits in scenarios:
         for limit in limits:
-            r = simulate(step_ms, lanes, limit, prefetch=args.prefetch, steps=args.steps)
+            r = simulate(step_ms, lanes, limit, prefetch=args.prefetch, steps=args.steps, auto=args.auto)
             if not r["in_order"]:
                 print(f"{label}: batches out of order or missing", file=sys.stderr)
                 return 1
             shares = " / ".join(f"{s:.0f}" for s in r["shares"])
-            print(f"{label:34s} {limit:5d} {r['wait']:7.1f} {r['ms_per_step']:8.2f} {r['deepest']:7d}  {shares}",
+            auto = (f"  (auto: engines on for {r['on'][0]:.0f}% of the batches, {r['on'][1]} switches)"
+                    if r["on"] else "")
+            print(f"{label:34s} {limit:5d} {r['wait']:7.1f} {r['ms_per_step']:8.2f} {r['deepest']:7d}  {shares}{auto}",
                   flush=True)
     return 0
 

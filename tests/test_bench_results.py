@@ -282,9 +282,19 @@ def test_loader_lanes_provider_reports_each_pipelines_share(tmp_path):
         prep.cleanup()
     prep = loader.dali_hybrid_lanes(case)  # two hybrid pipelines of 8 threads: runs on the CPU too (no engines)
     try:
-        assert "load 0 with 8 threads + load 0 with 8 threads" in prep.notes
+        assert "load 0 with 8 threads, 2 ahead + load 0 with 8 threads, 2 ahead" in prep.notes
         prep.timer(prep.modes["epoch"], 0, 1)
         assert sum(r[2] for r in prep.extra_rows()) == pytest.approx(100.0)
+    finally:
+        prep.cleanup()
+    prep = loader.dali_auto(case)  # "auto": the lanes' rows, then the switch's share of batches while on, switches
+    try:
+        assert "'auto': the load-1 pipeline paused while it delivers under 42%" in prep.notes
+        prep.timer(prep.modes["epoch"], 0, 1)
+        rows = {r[1]: r[2] for r in prep.extra_rows()}
+        assert set(rows) == {"lane0_share", "lane1_share", "auto_on_share", "auto_switches"}
+        assert rows["lane0_share"] + rows["lane1_share"] == pytest.approx(100.0)
+        assert 0.0 <= rows["auto_on_share"] <= 100.0 and rows["auto_switches"] >= 0
     finally:
         prep.cleanup()
 
@@ -300,12 +310,15 @@ def test_deeper_fed_settings_are_loader_arguments():
     from tokenlabel.dataloading import build_loader
 
     params = inspect.signature(build_loader).parameters
-    for setting in (loader.HYBRID, loader.HW_DECODER, loader.HYBRID_DEEP, loader.HYBRID_LANES, loader.HW_LANES_DEEP):
+    for setting in (loader.HYBRID, loader.HW_DECODER, loader.HYBRID_DEEP, loader.HYBRID_LANES, loader.HW_LANES_DEEP,
+                    loader.HW_AUTO):
         assert set(setting) <= set(params), set(setting) - set(params)
     assert loader.HYBRID["prefetch"] == loader.HW_DECODER["prefetch"] == 2 and loader.HYBRID_DEEP["prefetch"] == 4
     assert loader.HW_LANES_DEEP["prefetch"] == 4 and loader.HW_LANES_DEEP["hw_decoder_load"] == (1.0, 0.0)
     names = {p.name for p in providers("step")}
-    assert {"loader_fed_ours_deep", "loader_fed_hybrid_lanes_ours", "loader_fed_lanes_ours_deep"} <= names
+    assert {"loader_fed_ours_deep", "loader_fed_hybrid_lanes_ours", "loader_fed_lanes_ours_deep",
+            "loader_fed_auto_ours"} <= names
+    assert "dali_auto" in {p.name for p in providers("loader")}
 
 
 @pytest.mark.parametrize("name", ["cdtune", "combo"])

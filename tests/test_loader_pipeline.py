@@ -63,12 +63,13 @@ DEVICES = [("torch", "cpu"), ("dali", "cpu"), pytest.param("torch", "cuda", mark
 @pytest.mark.parametrize("backend,device", DEVICES)
 def test_same_epoch_same_batches_and_exact_resume(folder, backend, device):
     """An epoch repeated, and resumed at batch 2, gives the same batches bit for bit, with the default loader (on
-    CUDA one DALI pipeline on nvJPEG's hybrid path, 4 batches ahead). Lanes of different decoders (the hardware
-    engines and the hybrid path) keep everything but the pixels exact: which lane decodes a batch depends on timing
-    and the two round differently (chroma upsampling), so there the pixels are within the decoders' rounding (a
-    repeat differed on 1 run in 5 on an H100, 2026-12-05, when the lanes were the default)."""
+    CUDA, with one decoder: hw_decoder_load=0.0). Lanes of different decoders (the hardware engines and the hybrid
+    path: (1.0, 0.0), and "auto", the default on CUDA) keep everything but the pixels exact: which lane decodes a
+    batch depends on timing and the two round differently (chroma upsampling), so there the pixels are within the
+    decoders' rounding (a repeat differed on 1 run in 5 on an H100, 2026-12-05, when the lanes were the default)."""
     root, rel = folder
-    loader = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device)
+    one = dict(hw_decoder_load=0.0) if device == "cuda" else {}  # on CUDA one decoder (the default is "auto")
+    loader = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device, **one)
     full = _epoch(loader, 5)
     again = _epoch(loader, 5)
     resumed = _epoch(loader, 5, start_batch=2)
@@ -76,10 +77,9 @@ def test_same_epoch_same_batches_and_exact_resume(folder, backend, device):
     assert len(resumed) == len(full) - 2
     _same(again, full)
     _same(resumed, full[2:])
-    if (backend, device) == ("dali", "cuda"):  # the lanes, twice, against the one decoder
-        for _ in range(2):
-            lanes = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device,
-                           hw_decoder_load=(1.0, 0.0))
+    if (backend, device) == ("dali", "cuda"):  # the lanes and the default ("auto"), twice, against the one decoder
+        for kw in (dict(hw_decoder_load=(1.0, 0.0)), {}, {}):
+            lanes = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device, **kw)
             got = _epoch(lanes, 5) + _epoch(lanes, 5, start_batch=2)
             lanes.close()
             _same_up_to_decoding(got, full + full[2:])
@@ -647,14 +647,24 @@ def test_dali_worker_processes_survive_inherited_garbage(folder):
 
 @pytest.mark.gpu
 def test_gpu_default_decoder_settings(folder):
-    """On CUDA with nvJPEG decoding the default is one pipeline on the hybrid path (12 threads, capped by the cores),
-    4 batches ahead; with CPU decoding, no hardware share and 2 ahead; lanes asked for get 4 threads for the engines'
-    lane, 12 for the hybrid one, 2 ahead each; explicit settings are kept."""
+    """On CUDA with nvJPEG decoding the default is "auto": the engines' lane (4 threads, 2 ahead) beside the hybrid
+    one (12 threads, 4 ahead), switched by its share; one pipeline on the hybrid path is 4 ahead; with CPU decoding,
+    no hardware share and 2 ahead; lanes asked for get 4 threads for the engines' lane, 12 for the hybrid one, 2
+    ahead each; explicit settings are kept."""
     dali_or_skip()
     root, _ = folder
     kw = dict(batch_size=4, image_size=16, device="cuda")
-    b = _build(root, "dali", **kw).backend
-    assert (b.hw_decoder_load, b.num_threads, b.prefetch) == (0.0, min(12, os.cpu_count()), 4)
+    loader = _build(root, "dali", **kw)
+    b = loader.backend
+    cores = os.cpu_count()
+    assert (b.hw_decoder_load, b.num_threads, b.lane_prefetch) == ("auto", (min(4, cores), min(12, cores)), (2, 4))
+    assert b.assist.on and b.reorder_limit == 16
+    batches = _epoch(loader, 0) + _epoch(loader, 1)
+    assert batches and all(x["images"].is_cuda for x in batches)
+    assert b.assist.delivered >= len(batches) and sum(b.lane_batches) == b.assist.delivered
+    loader.close()
+    b = _build(root, "dali", hw_decoder_load=0.0, **kw).backend
+    assert (b.hw_decoder_load, b.num_threads, b.prefetch) == (0.0, min(12, cores), 4)
     b = _build(root, "dali", decode_device="cpu", **kw).backend
     assert (b.hw_decoder_load, b.prefetch) == (0.0, 2)
     b = _build(root, "dali", hw_decoder_load=(1.0, 0.0), **kw).backend
@@ -755,17 +765,23 @@ def test_torch_close_stops_the_persistent_workers(folder):
 LANES = dict(hw_decoder_load=(1.0, 0.0), dali_threads=(1, 2))  # on the CPU the loads are unused: two pipelines
 
 
+def _one_pipeline_epochs(root, rel, tmp_path, seed, epochs):
+    """(the loader arguments with a label store, {epoch: the batches of one DALI pipeline}) for the lanes tests."""
+    dali_or_skip()
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=2, size=6)
+    kw = dict(labels=str(tmp_path / "store"), batch_size=2, image_size=24, seed=seed)
+    one = _build(root, "dali", **kw)
+    want = {e: _epoch(one, e) for e in epochs}
+    one.close()
+    return kw, want
+
+
 def test_dali_lanes_give_the_one_pipeline_batches(folder, tmp_path):
     """Two DALI pipelines sharing the batches (whichever asks first) deliver exactly the batches of one
     pipeline, in order, epoch after epoch from one stream, on a resume and after an interrupted epoch; both
     pipelines took part, and the stream keeps their pipelines when it restarts."""
-    dali_or_skip()
     root, rel = folder
-    make_store(str(tmp_path / "store"), rel, num_classes=5, k=2, size=6)
-    kw = dict(labels=str(tmp_path / "store"), batch_size=2, image_size=24, seed=11)
-    one = _build(root, "dali", **kw)
-    want = {e: _epoch(one, e) for e in (0, 1, 3)}
-    one.close()
+    kw, want = _one_pipeline_epochs(root, rel, tmp_path, 11, (0, 1, 3))
     loader = _build(root, "dali", **kw, **LANES)
     be = loader.backend
     assert be.lanes_spec == ((1.0, 1), (0.0, 2)) and be.reorder_limit == 16
@@ -848,10 +864,100 @@ def test_dali_lanes_bad_settings(folder):
              (dict(hw_decoder_load=()), r"2\.\.4"),
              (dict(hw_decoder_load=(1.0, 1.5)), r"\[0, 1\].*\(1\.0, 1\.5\)"),
              (dict(hw_decoder_load=(1.0, 0.0), dali_threads=(4, 0)), r"positive int"),
-             (dict(hw_decoder_load=(0.0, 0.5), decode_device="cpu"), r"GPU decoder's knob")]
+             (dict(hw_decoder_load=(0.0, 0.5), decode_device="cpu"), r"GPU decoder's knob"),
+             (dict(hw_decoder_load="auto", decode_device="cpu"), r"auto is the GPU decoder's knob"),
+             (dict(hw_decoder_load="Auto"), r"a sequence of them, or 'auto', got 'Auto'"),
+             (dict(hw_decoder_load="auto", dali_threads=(4,)), r"one count per hw_decoder_load entry")]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             _build(root, "dali", batch_size=4, image_size=16, **kw)
+
+
+def test_assist_switches_the_engines_lane_by_its_share():
+    """hw_decoder_load="auto"'s switch: kept on while the engines' lane delivers >= min_share of each window
+    (counted after ``settle`` deliveries), off below it; tried again after ``probe`` deliveries, which double
+    while the tries fail (up to probe_max) and reset when one holds."""
+    from tokenlabel.dataloading.dali_pipeline import _Assist
+
+    a = _Assist(lane=0, settle=2, window=4, min_share=0.5, probe=(3, 12))
+    assert a.on and a.probe == 3
+    # settle: two deliveries by lane 0 are not counted; then a window of 4 with 1 from lane 0: 25% < 50%: off
+    assert [a.record(lane) for lane in (0, 0, 1, 0, 1, 1)] == [False] * 6
+    assert not a.on and a.shares == [0.25] and a.switches == 1 and a.probe == 3
+    assert [a.record(1) for _ in range(3)] == [False, False, True]  # back on after 3 (a try)
+    assert a.on and a.switches == 2
+    for lane in (1, 1, 1, 1, 0, 1):  # the try fails (1 of 4 after the settle): off, the next try after 6
+        a.record(lane)
+    assert not a.on and a.probe == 6 and a.shares[-1] == 0.25
+    assert [a.record(1) for _ in range(6)][-1] is True and a.on
+    for lane in (0, 0, 0, 1, 0, 1):  # this try holds: 2 of 4 (50%): on, and the interval is reset
+        a.record(lane)
+    assert a.on and a.probe == 3 and a.shares[-1] == 0.5
+    for lane in (0, 1, 0, 1) * 5:  # rolling windows at 50%: stays on
+        a.record(lane)
+    assert a.on and len(a.shares) == 8
+    for lane in (1, 1, 1, 1):  # a window at 0%: off, the next try after probe_first (it was not a try)
+        a.record(lane)
+    assert not a.on and a.probe == 3
+    # failed tries double the interval up to probe_max
+    for want in (6, 12, 12):
+        while not a.on:
+            a.record(1)
+        for _ in range(6):
+            a.record(1)
+        assert not a.on and a.probe == want
+    st = a.stats()
+    assert st["delivered"] == a.delivered and st["switches"] == a.switches and 0 < st["on_batches"] < st["delivered"]
+
+
+def test_dali_auto_lanes_pause_and_resume_with_the_one_pipeline_batches(folder, tmp_path):
+    """hw_decoder_load="auto" with its switch made to flip often (the engines' lane paused after every window and
+    tried again 3 deliveries later): the paused pipeline hands out what it holds and restarts, and the batches are
+    exactly the one-pipeline batches, across epochs of one stream, a resume and a restart; the pauses happened."""
+    root, rel = folder
+    kw, want = _one_pipeline_epochs(root, rel, tmp_path, 5, (0, 1, 2))
+    loader = _build(root, "dali", **kw, hw_decoder_load="auto", dali_threads=(1, 2))
+    be = loader.backend
+    assert be.hw_decoder_load == "auto" and be.lanes_spec == ((1.0, 1), (0.0, 2)) and be.lane_prefetch == (2, 2)
+    a = be.assist
+    a.settle, a.window, a.min_share, a.probe_first, a.probe_max = 1, 2, 1.0, 3, 3
+    a.probe = 3
+    got = [_epoch(loader, e) for e in (0, 1)]
+    assert be._generation == 1
+    _same(got[0], want[0])
+    _same(got[1], want[1])
+    _same(_epoch(loader, 2, start_batch=2), want[2][2:])  # a new stream: the switch's state carries over
+    _same(_epoch(loader, 0), want[0])
+    st = a.stats()
+    assert st["switches"] >= 6 and 0 < st["on_batches"] < st["delivered"], st
+    assert min(be.lane_batches) > 0, be.lane_batches
+    loader.close()
+    # the switch kept on (min_share 0): the plain lanes
+    loader = _build(root, "dali", **kw, hw_decoder_load="auto", dali_threads=(1, 2))
+    loader.backend.assist.min_share = 0.0
+    _same(_epoch(loader, 1), want[1])
+    assert loader.backend.assist.stats()["switches"] == 0
+    loader.close()
+
+
+def test_dali_auto_lanes_end_while_paused(folder):
+    """A loader whose engines' lane is paused (switched off for good) ends its threads when closed, and a
+    producer error still reaches the consumer."""
+    dali_or_skip()
+    root, rel = folder
+    loader = _build(root, "dali", batch_size=4, image_size=16, hw_decoder_load="auto", dali_threads=(1, 1))
+    a = loader.backend.assist
+    a.settle, a.window, a.min_share, a.probe_first, a.probe_max = 0, 1, 1.0, 10**9, 10**9
+    a.probe = 10**9
+    _epoch(loader, 0)
+    _epoch(loader, 1)
+    st = loader.backend._stream
+    threads = [st.thread, *st.pumps]
+    assert not a.on and a.switches == 1
+    loader.close()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive(), t.name
 
 
 @pytest.mark.gpu

@@ -421,6 +421,12 @@ def test_hw_decoder_lanes_from_the_command_line(tmp_path, data):
     with pytest.raises(SystemExit):
         main(tiny_args(data, tmp_path / "o2", "--loader", "dali", "--hw-decoder-load", "1,x"))
     assert not (tmp_path / "o2").exists()
+    # "auto": the same two pipelines with the engines' one switched by its share; refused on the PIL loader
+    assert main(tiny_args(data, tmp_path / "o3", "--loader", "dali", "--hw-decoder-load", "auto",
+                          "--max-steps", 2)) == 0
+    assert yaml.safe_load((tmp_path / "o3" / "config.yaml").read_text())["hw_decoder_load"] == "auto"
+    _fails(tiny_args(data, tmp_path / "o4", "--loader", "torch", "--hw-decoder-load", "auto"),
+           "--hw-decoder-load applies to the DALI loader only")
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])

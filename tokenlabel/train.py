@@ -126,11 +126,15 @@ CHECKPOINT_FORMAT = "tokenlabel-train"
 
 
 def _parse_loads(text: str):
-    """--hw-decoder-load: one number, or comma-separated numbers (one DALI pipeline each) -> float or list."""
+    """--hw-decoder-load: one number, comma-separated numbers (one DALI pipeline each) or "auto" -> float, list or
+    "auto"."""
+    if text.strip() == "auto":
+        return "auto"
     try:
         loads = [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number or comma-separated numbers in [0, 1], got {text!r}") \
+        raise argparse.ArgumentTypeError(f"expects a number or comma-separated numbers in [0, 1], or 'auto', got "
+                                         f"{text!r}") \
             from None
     return loads[0] if len(loads) == 1 else loads
 
@@ -179,7 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1]; several loads, "
                         "comma-separated (e.g. 1,0), run one DALI pipeline each, sharing the batches by what each "
                         "delivers (default 0: one pipeline on the hybrid path, which fed an LV-ViT-S step best on an "
-                        "H100; 1,0 is the fastest alone; see dataloading/NOTES.md)")
+                        "H100; 1,0 is the fastest alone; auto: 1,0 with the hardware engines' pipeline paused "
+                        "while it delivers few batches, as beside a training step; see dataloading/NOTES.md)")
     g.add_argument("--decode-device", choices=["gpu", "cpu"],
                    help="DALI loader: decode and resize on the GPU (nvJPEG, default) or in DALI's CPU threads (small "
                         "images such as CIFAR's: keeps the loader's kernels off the GPU the step runs on)")
