@@ -122,7 +122,7 @@ def _dali_what(backend) -> str:
         if getattr(backend, "assist", None) is not None:
             a = backend.assist
             lanes += (f"; 'auto': the load-{backend.lanes_spec[a.lane][0]:g} pipeline paused while it delivers under "
-                      f"{a.min_share:.0%} of a window of {a.window} batches, tried again after {a.probe_first}..."
+                      f"{a.min_share:.0%} of the last {a.window} batches, tried again after {a.probe_first}..."
                       f"{a.probe_max} batches")
         where = "on the 'mixed' device (nvJPEG)" if backend.decode_device == "gpu" else "in DALI's CPU threads"
         dec = (f"decode {where} in {len(backend.lanes_spec)} DALI pipelines sharing the batches by what each "

@@ -78,10 +78,10 @@ MAX_LANES = 4  # DALI pipelines one loader may run side by side (hw_decoder_load
 DEFAULT_GPU_LOADS = "auto"
 DEFAULT_GPU_PREFETCH = 4
 # hw_decoder_load="auto" (see _Assist): the engines' lane is kept while it delivers at least AUTO_MIN_SHARE of the
-# batches over AUTO_WINDOW deliveries (counted AUTO_SETTLE deliveries after it starts); paused, it is tried again
+# last AUTO_WINDOW batches (counted AUTO_SETTLE deliveries after it starts); paused, it is tried again
 # after AUTO_PROBE[0] batches, doubling up to AUTO_PROBE[1] while the tries fail. The engines' share measured on
 # H100 / H200 boxes: 56-60% of the batches alone, 29-37% beside the LV-ViT-S step (dataloading/NOTES.md).
-AUTO_SETTLE, AUTO_WINDOW, AUTO_MIN_SHARE, AUTO_PROBE = 4, 32, 0.42, (256, 4096)
+AUTO_SETTLE, AUTO_WINDOW, AUTO_MIN_SHARE, AUTO_PROBE = 4, 32, 0.40, (256, 4096)
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'tokenlabel[dali-cu13]' (CUDA 13) or "
                 "'tokenlabel[dali-cu12]' (CUDA 12), i.e. nvidia-dali-cuda130 / nvidia-dali-cuda120; "
@@ -792,11 +792,12 @@ _PAUSED = object()  # _Dispatch.take's answer to a paused lane
 class _Assist:
     """hw_decoder_load="auto": whether the hardware engines' lane (index ``lane``) takes batches.
 
-    On, it is kept while it delivers at least ``min_share`` of the batches in each window of ``window``
-    deliveries (counted from ``settle`` deliveries after it was switched on: its pipeline starts empty). Off, it
-    takes nothing (its pipeline runs out what it holds), and after ``probe`` deliveries it is tried again; each try
-    that fails doubles ``probe`` up to ``probe_max``, a try that holds resets it. Called under the dispatch's lock,
-    from the lanes' pump threads; the state carries over from one stream to the next."""
+    On, it is kept while it delivers at least ``min_share`` of the last ``window`` deliveries, checked every
+    ``window // 4`` deliveries once ``window`` were counted (counting starts ``settle`` deliveries after it was
+    switched on: its pipeline starts empty). Off, it takes nothing (its pipeline runs out what it holds), and after
+    ``probe`` deliveries it is tried again; each try that fails doubles ``probe`` up to ``probe_max``, a try that
+    holds resets it. Called under the dispatch's lock, from the lanes' pump threads; the state carries over from
+    one stream to the next."""
 
     def __init__(self, lane, settle=None, window=None, min_share=None, probe=None):
         self.lane = lane
@@ -806,9 +807,10 @@ class _Assist:
         self.probe_first, self.probe_max = AUTO_PROBE if probe is None else probe
         self.probe = self.probe_first
         self.on, self.trying = True, False
-        self.seen = self.counted = self.mine = self.off_for = 0
+        self.recent = collections.deque()  # whether each of the last ``window`` counted deliveries was the lane's
+        self.seen = self.unchecked = self.off_for = 0
         self.delivered = self.on_batches = self.switches = 0  # totals, for the benchmark's rows
-        self.shares = []  # the engines' share in each window that ended (the last 64)
+        self.shares = []  # the engines' share at each check (the last 64)
 
     def record(self, lane) -> bool:
         """One batch delivered by ``lane``. True when the engines' lane was switched back on (wake its pump)."""
@@ -818,19 +820,22 @@ class _Assist:
             if self.off_for < self.probe:
                 return False
             self.on, self.trying, self.switches = True, True, self.switches + 1
-            self.seen = self.counted = self.mine = 0
+            self.seen = self.unchecked = 0
+            self.recent.clear()
             return True
         self.on_batches += 1
         self.seen += 1
         if self.seen <= self.settle:
             return False
-        self.counted += 1
-        self.mine += lane == self.lane
-        if self.counted < self.window:
+        self.recent.append(lane == self.lane)
+        while len(self.recent) > self.window:
+            self.recent.popleft()
+        self.unchecked += 1
+        if len(self.recent) < self.window or self.unchecked < max(1, self.window // 4):
             return False
-        share = self.mine / self.counted
+        self.unchecked = 0
+        share = sum(self.recent) / len(self.recent)
         self.shares = (self.shares + [share])[-64:]
-        self.counted = self.mine = 0
         if share >= self.min_share:
             self.trying, self.probe = False, self.probe_first
             return False

@@ -874,14 +874,15 @@ def test_dali_lanes_bad_settings(folder):
 
 
 def test_assist_switches_the_engines_lane_by_its_share():
-    """hw_decoder_load="auto"'s switch: kept on while the engines' lane delivers >= min_share of each window
-    (counted after ``settle`` deliveries), off below it; tried again after ``probe`` deliveries, which double
-    while the tries fail (up to probe_max) and reset when one holds."""
+    """hw_decoder_load="auto"'s switch: kept on while the engines' lane delivers >= min_share of the last ``window``
+    deliveries (counted after ``settle`` deliveries; checked every window // 4 once the window is full), off below
+    it; tried again after ``probe`` deliveries, which double while the tries fail (up to probe_max) and reset when
+    one holds."""
     from tokenlabel.dataloading.dali_pipeline import _Assist
 
     a = _Assist(lane=0, settle=2, window=4, min_share=0.5, probe=(3, 12))
     assert a.on and a.probe == 3
-    # settle: two deliveries by lane 0 are not counted; then a window of 4 with 1 from lane 0: 25% < 50%: off
+    # settle: two deliveries by lane 0 are not counted; then 1 of 4 from lane 0: 25% < 50%: off
     assert [a.record(lane) for lane in (0, 0, 1, 0, 1, 1)] == [False] * 6
     assert not a.on and a.shares == [0.25] and a.switches == 1 and a.probe == 3
     assert [a.record(1) for _ in range(3)] == [False, False, True]  # back on after 3 (a try)
@@ -893,14 +894,12 @@ def test_assist_switches_the_engines_lane_by_its_share():
     for lane in (0, 0, 0, 1, 0, 1):  # this try holds: 2 of 4 (50%): on, and the interval is reset
         a.record(lane)
     assert a.on and a.probe == 3 and a.shares[-1] == 0.5
-    for lane in (0, 1, 0, 1) * 5:  # rolling windows at 50%: stays on
+    for lane in (0, 1) * 5:  # the last 4 checked after every delivery (window // 4 = 1): 50% each time, stays on
         a.record(lane)
-    assert a.on and len(a.shares) == 8
-    for lane in (1, 1, 1, 1):  # a window at 0%: off, the next try after probe_first (it was not a try)
-        a.record(lane)
-    assert not a.on and a.probe == 3
-    # failed tries double the interval up to probe_max
-    for want in (6, 12, 12):
+    assert a.on and a.shares[-10:] == [0.5] * 10
+    a.record(1)  # the last 4 now hold one delivery of lane 0: off, the next try after probe_first (not a try)
+    assert not a.on and a.shares[-1] == 0.25 and a.probe == 3
+    for want in (6, 12, 12):  # failed tries double the interval up to probe_max
         while not a.on:
             a.record(1)
         for _ in range(6):
@@ -908,6 +907,16 @@ def test_assist_switches_the_engines_lane_by_its_share():
         assert not a.on and a.probe == want
     st = a.stats()
     assert st["delivered"] == a.delivered and st["switches"] == a.switches and 0 < st["on_batches"] < st["delivered"]
+    b = _Assist(lane=1, settle=0, window=8, min_share=0.3, probe=(5, 5))  # checks every 2 once 8 are counted
+    for lane in (1, 1, 0, 0, 0, 0, 0, 0):  # 2 of 8: 25% < 30%
+        b.record(lane)
+    assert not b.on and b.shares == [0.25]
+    c = _Assist(lane=1, settle=0, window=8, min_share=0.3, probe=(5, 5))
+    for lane in (1, 1, 1, 0, 0, 0, 0, 0, 0):  # 3 of 8 at the check; the 9th delivery is not a check
+        c.record(lane)
+    assert c.on and c.shares == [0.375]
+    c.record(0)  # the check after two more: the last 8 hold 1 of lane 1
+    assert not c.on and c.shares == [0.375, 0.125]
 
 
 def test_dali_auto_lanes_pause_and_resume_with_the_one_pipeline_batches(folder, tmp_path):
