@@ -3,7 +3,8 @@
 # the hybrid one, paused while it delivers under its share of the batches; the default on CUDA in this tree) against
 # the one hybrid pipeline 4 ahead (the default before) beside the step with our kernels, the loaders alone (PIL with
 # 16 workers, "auto", the plain lanes), the loader's GPU tests, "auto" fed again, the synthetic step on the same
-# box, then train's GPU tests with the new default (in order of what a short budget should keep). All bench rows go to $OUT/b (few files come back).
+# box, then train's GPU tests with the new default (in order of what a short budget should keep). All bench rows
+# go to $OUT/b (few files come back).
 #   BUDGET=570 bash scripts/gpu_jobs/auto.sh   (after `source .device/env.sh`)
 source scripts/gpu_jobs/common.sh
 D=data/imagenet-sample-334.tar
