@@ -91,7 +91,7 @@ def _check_batch(batch, B, img, device, k, S):
 
 # one DALI pipeline on nvJPEG's hybrid path, 12 threads, 2 batches ahead: the CUDA default until lanes measured
 # faster alone and fed (H200, 2026-12-05, dataloading/NOTES.md); kept as the rows "dali" / "loader_fed" so results
-# stay comparable (the default since 2026-12-06 is this pipeline 4 ahead: HYBRID_DEEP)
+# stay comparable (the default was this pipeline 4 ahead on 2026-12-06, HYBRID_DEEP, then "auto": HW_AUTO)
 HYBRID = dict(hw_decoder_load=0.0, prefetch=2)
 # the one-pipeline DALI configuration fastest alone: most JPEGs on nvJPEG's hardware decoder, 8 threads
 HW_DECODER = dict(hw_decoder_load=0.9, dali_threads=8, prefetch=2)
@@ -104,13 +104,14 @@ HW_LANES3 = dict(hw_decoder_load=(1.0, 1.0, 0.0), dali_threads=(2, 2, 12))
 # More batches in flight, for the step's data wait (fifteenth session, dataloading/NOTES.md): beside the step the
 # decoders deliver ~15% less than they do alone (H100, 2026-12-05), the signature of CPU threads waiting on GPU work
 # queued behind the step's kernels, which more work in flight can hide where more threads cannot.
-# one hybrid pipeline, 4 batches prepared ahead instead of 2: build_loader's default on CUDA since it fed the step
+# one hybrid pipeline, 4 batches prepared ahead instead of 2: build_loader's default on CUDA on 2026-12-06, as it fed the step
 # best (H100, 2026-12-06: 2.6% GPU idle against the lanes' 5.4%)
 HYBRID_DEEP = dict(hw_decoder_load=0.0, prefetch=4)
 HYBRID_LANES = dict(hw_decoder_load=(0.0, 0.0), dali_threads=(8, 8))  # two hybrid pipelines, 8 threads each
 HW_LANES_DEEP = dict(HW_LANES, prefetch=4)
 # the lanes with the engines' pipeline switched off while it delivers few batches (beside a step), the hybrid one 4
-# ahead (dataloading/dali_pipeline.py _Assist): meant to be the lanes alone and the deep hybrid pipeline when fed
+# ahead (dataloading/dali_pipeline.py _Assist): the lanes alone and the deep hybrid pipeline when fed; build_loader's
+# default on CUDA since 2026-12-06 04:50 UTC (H100: 12,897 img/s alone, 2.89 / 3.01% GPU idle fed)
 HW_AUTO = dict(hw_decoder_load="auto")
 
 
@@ -248,8 +249,8 @@ def pil(case: Case) -> Prepared:
 @register("loader", "dali")
 def dali(case: Case) -> Prepared:
     """One DALI pipeline on nvJPEG's hybrid decode (12 threads), augmentation batched on the GPU, label maps with
-    the batch, 2 batches ahead (build_loader's CUDA default is this pipeline 4 ahead since 2026-12-06; the lanes
-    were the default from 2026-12-05)."""
+    the batch, 2 batches ahead (build_loader's CUDA default was this pipeline 4 ahead on 2026-12-06, and is "auto"
+    since; the lanes were the default on 2026-12-05)."""
     return _prepare(case, "dali", **HYBRID)
 
 

@@ -422,7 +422,7 @@ register("step", "loader_fed_lanes3_ours")(_fed_provider(
     "GPU idle 5.6 / 6.1% against the two lanes' 4.0 / 5.9%).", kernels=True, cuda_only=_HW))
 register("step", "loader_fed_ours_deep")(_fed_provider(
     "HYBRID_DEEP", "loader_fed_ours with DALI preparing 4 batches ahead instead of 2, the default loader on CUDA "
-    "since 2026-12-06 (H100: 2.6% GPU idle against the lanes' 5.4% in the same call; 2026-11-25, 40 steps against "
+    "before 'auto' (H100: 2.6% GPU idle against the lanes' 5.4% in the same call; 2026-11-25, 40 steps against "
     "the torch step: 1.8 / 2.1% at 4 against 5.3 / 4.8% at 2 in one call, 5.1 / 4.0% in another).",
     kernels=True))
 register("step", "loader_fed_hybrid_lanes_ours")(_fed_provider(

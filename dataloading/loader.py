@@ -257,15 +257,18 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     share they can deliver, alone or beside a training step. The samples, boxes, flips and label maps are exactly the
     one-pipeline batches; which decoder decodes a batch depends on timing, so with different loads per lane the
     pixels of a run can differ from another run's by the decoders' rounding (chroma upsampling: a fraction of a grey
-    level on average). Default: 0.0, one pipeline on the hybrid path (beside an LV-ViT-S step on an H100, 4 batches
-    ahead, it left the GPU idle 2.6% against 5.4% for the lanes; dataloading/NOTES.md). The lanes (1.0, 0.0) are the
-    fastest alone (H100: 13.1k img/s against the hybrid pipeline's 6.7k), for work the loader limits. "auto": those
-    lanes with the hybrid one 4 batches ahead and the engines' lane paused while it delivers less than
-    AUTO_MIN_SHARE of the batches (beside a training step, where its late batches make the step wait), tried again
-    after a while (dali_pipeline._Assist); ``loader.backend.assist.stats()`` says how it went.
+    level on average). 0.0: one pipeline on the hybrid path (beside an LV-ViT-S step on an H100, 4 batches ahead, it
+    left the GPU idle 2.4-2.6% against 4.8-5.4% for the lanes; dataloading/NOTES.md); bit-equal repeats. The lanes
+    (1.0, 0.0) are the fastest alone (H100: 13.4k img/s against the hybrid pipeline's 6.7k). "auto", the default
+    where nvJPEG decodes on CUDA (else 0.0): those lanes with the hybrid one 4 batches ahead and the engines' lane
+    paused while it delivers less than AUTO_MIN_SHARE of the last batches (beside a training step, where its late
+    batches make the step wait), tried again after a while (dali_pipeline._Assist); ``loader.backend.assist.stats()``
+    says how it went. H100, 2026-12-06: 12.9k img/s alone (4.7x the PIL DataLoader), 2.9 / 3.0% GPU idle beside the
+    LV-ViT-S step over 600 steps, against 2.5% for the one hybrid pipeline in the same call.
     dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
     (default with lanes: 4 for a lane with load > 0.5, 12 for the others). prefetch (DALI only): batches DALI
-    prepares ahead per pipeline (default 4 for one pipeline decoding on the GPU, else 2). decode_device (DALI
+    prepares ahead per pipeline (default 4 for one pipeline decoding on the GPU and for the hybrid lane of "auto",
+    else 2). decode_device (DALI
     only): "gpu" (default on CUDA: nvJPEG) or
     "cpu" (DALI's CPU threads decode and resize, one copy per batch to the GPU; for small images, where the
     GPU decoder's kernels would queue behind the training step's). resize_device (DALI only): where the decoded

@@ -68,7 +68,8 @@ def test_same_epoch_same_batches_and_exact_resume(folder, backend, device):
     batch depends on timing and the two round differently (chroma upsampling), so there the pixels are within the
     decoders' rounding (a repeat differed on 1 run in 5 on an H100, 2026-12-05, when the lanes were the default)."""
     root, rel = folder
-    one = dict(hw_decoder_load=0.0) if device == "cuda" else {}  # on CUDA one decoder (the default is "auto")
+    dali_cuda = (backend, device) == ("dali", "cuda")
+    one = dict(hw_decoder_load=0.0) if dali_cuda else {}  # DALI on CUDA: one decoder (the default is "auto")
     loader = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device, **one)
     full = _epoch(loader, 5)
     again = _epoch(loader, 5)
@@ -77,7 +78,7 @@ def test_same_epoch_same_batches_and_exact_resume(folder, backend, device):
     assert len(resumed) == len(full) - 2
     _same(again, full)
     _same(resumed, full[2:])
-    if (backend, device) == ("dali", "cuda"):  # the lanes and the default ("auto"), twice, against the one decoder
+    if dali_cuda:  # the lanes and the default ("auto"), twice, against the one decoder
         for kw in (dict(hw_decoder_load=(1.0, 0.0)), {}, {}):
             lanes = _build(root, backend, batch_size=4, image_size=24, seed=3, device=device, **kw)
             got = _epoch(lanes, 5) + _epoch(lanes, 5, start_batch=2)

@@ -177,14 +177,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", help="label-map store for token labeling (omit: class labels only, the baseline)")
     g.add_argument("--loader", choices=["dali", "torch"], help="default: dali if importable and on CUDA, else torch")
     g.add_argument("--workers", type=int, help="loader worker processes/threads per process")
-    g.add_argument("--prefetch", type=int, help="DALI loader: batches prepared ahead (default 4 for one pipeline "
-                   "decoding on the GPU, else 2)")
+    g.add_argument("--prefetch", type=int, help="DALI loader: batches prepared ahead per pipeline (default 4 for "
+                   "one pipeline decoding on the GPU and for auto's hybrid pipeline, else 2)")
     g.add_argument("--hw-decoder-load", type=_parse_loads,
                    help="DALI loader: share of JPEGs on nvJPEG's hardware decoder, in [0, 1]; several loads, "
                         "comma-separated (e.g. 1,0), run one DALI pipeline each, sharing the batches by what each "
-                        "delivers (default 0: one pipeline on the hybrid path, which fed an LV-ViT-S step best on an "
-                        "H100; 1,0 is the fastest alone; auto: 1,0 with the hardware engines' pipeline paused "
-                        "while it delivers few batches, as beside a training step; see dataloading/NOTES.md)")
+                        "delivers; auto (the default on CUDA): 1,0 with the hardware engines' pipeline paused "
+                        "while it delivers few batches, as beside a training step, where one pipeline on the hybrid "
+                        "path (0) feeds it best; 1,0 is the fastest alone; see dataloading/NOTES.md)")
     g.add_argument("--decode-device", choices=["gpu", "cpu"],
                    help="DALI loader: decode and resize on the GPU (nvJPEG, default) or in DALI's CPU threads (small "
                         "images such as CIFAR's: keeps the loader's kernels off the GPU the step runs on)")
