@@ -812,36 +812,35 @@ class _Assist:
         self.delivered = self.on_batches = self.switches = 0  # totals, for the benchmark's rows
         self.shares = []  # the engines' share at each check (the last 64)
 
-    def record(self, lane) -> bool:
-        """One batch delivered by ``lane``. True when the engines' lane was switched back on (wake its pump)."""
+    def record(self, lane):
+        """One batch delivered by ``lane`` (the dispatch then wakes the lanes: a paused one may be on again)."""
         self.delivered += 1
         if not self.on:
             self.off_for += 1
             if self.off_for < self.probe:
-                return False
+                return
             self.on, self.trying, self.switches = True, True, self.switches + 1
             self.seen = self.unchecked = 0
             self.recent.clear()
-            return True
+            return
         self.on_batches += 1
         self.seen += 1
         if self.seen <= self.settle:
-            return False
+            return
         self.recent.append(lane == self.lane)
         while len(self.recent) > self.window:
             self.recent.popleft()
         self.unchecked += 1
         if len(self.recent) < self.window or self.unchecked < max(1, self.window // 4):
-            return False
+            return
         self.unchecked = 0
         share = sum(self.recent) / len(self.recent)
         self.shares = (self.shares + [share])[-64:]
         if share >= self.min_share:
             self.trying, self.probe = False, self.probe_first
-            return False
+            return
         self.probe = min(2 * self.probe, self.probe_max) if self.trying else self.probe_first
         self.on, self.trying, self.off_for, self.switches = False, False, 0, self.switches + 1
-        return False
 
     def stats(self) -> dict:
         return dict(delivered=self.delivered, on_batches=self.on_batches, switches=self.switches, on=self.on,
