@@ -104,8 +104,8 @@ HW_LANES3 = dict(hw_decoder_load=(1.0, 1.0, 0.0), dali_threads=(2, 2, 12))
 # More batches in flight, for the step's data wait (fifteenth session, dataloading/NOTES.md): beside the step the
 # decoders deliver ~15% less than they do alone (H100, 2026-12-05), the signature of CPU threads waiting on GPU work
 # queued behind the step's kernels, which more work in flight can hide where more threads cannot.
-# one hybrid pipeline, 4 batches prepared ahead instead of 2: build_loader's default on CUDA on 2026-12-06, as it fed the step
-# best (H100, 2026-12-06: 2.6% GPU idle against the lanes' 5.4%)
+# one hybrid pipeline, 4 batches prepared ahead instead of 2: build_loader's default on CUDA on 2026-12-06, as it fed
+# the step best (H100, 2026-12-06: 2.6% GPU idle against the lanes' 5.4%)
 HYBRID_DEEP = dict(hw_decoder_load=0.0, prefetch=4)
 HYBRID_LANES = dict(hw_decoder_load=(0.0, 0.0), dali_threads=(8, 8))  # two hybrid pipelines, 8 threads each
 HW_LANES_DEEP = dict(HW_LANES, prefetch=4)
@@ -236,7 +236,7 @@ def lane_rows(backend, counts, mode) -> list:
                   "the timed part"),
                  (mode, "auto_switches", float(switches), None, None, "count",
                   f"'auto': times the engines' pipeline was switched off or on in the timed part ({delivered} "
-                  f"batches; shares of its last windows: {', '.join(f'{x:.2f}' for x in backend.assist.shares[-6:])})")]
+                  f"batches; the engines' share at its last checks: {', '.join(f'{x:.2f}' for x in backend.assist.shares[-6:])})")]
     return rows
 
 

@@ -285,15 +285,13 @@ class DaliBackend:
         self.io_workers = io_workers or min(16, max(2, cpus))
         # batches DALI prepares ahead: deeper for one pipeline on the GPU (DEFAULT_GPU_PREFETCH), and for the hybrid
         # lane of "auto" (which feeds a training step alone while the engines' lane is paused)
-        self.lane_prefetch = None
+        auto_depths = prefetch is None and self.auto and self.gpu
         if prefetch is None:
             prefetch = DEFAULT_GPU_PREFETCH if self.decode_device == "gpu" and len(loads) == 1 else 2
-            if self.auto and self.gpu:
-                self.lane_prefetch = (2, DEFAULT_GPU_PREFETCH)
         if not isinstance(prefetch, numbers.Integral) or isinstance(prefetch, bool) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1 (batches DALI prepares ahead), got {prefetch!r}")
         self.prefetch = int(prefetch)
-        self.lane_prefetch = self.lane_prefetch or (self.prefetch,) * len(loads)
+        self.lane_prefetch = (2, DEFAULT_GPU_PREFETCH) if auto_depths else (self.prefetch,) * len(loads)
         # knobs of the DALI graph (read when the pipeline is built): the share of JPEGs the hardware
         # decoder takes (above), and whether fn.io.file.read maps files instead of reading them
         # (plain reads measured faster on the H100 box, 2026-11-24).
