@@ -41,9 +41,9 @@ def test_jobs_need_an_output_folder(tmp_path):
 
 
 def test_jobs_name_registered_providers():
-    """Every bench provider a job script names (`bench OP ... --providers a,b` / `--provider a` / FED="a b", the
-    latter two step providers) is registered for that op: a renamed provider would otherwise surface only on the GPU,
-    as a lost call."""
+    """Every bench provider a job script names (`bench OP ... --providers a,b` / `--provider a` / FED="a b" /
+    `fed_b a`, the latter three step providers) is registered for that op: a renamed provider would otherwise
+    surface only on the GPU, as a lost call."""
     from tokenlabel.bench.registry import providers
 
     named = set()  # (op, provider)
@@ -58,7 +58,9 @@ def test_jobs_name_registered_providers():
                              if not n.startswith("$"))
         for m in re.finditer(r"\$\{FED:-([^}]+)\}", text):
             named.update(("step", n) for n in m.group(1).split())
+        named.update(("step", n) for n in re.findall(r"(?m)^\s*fed_b\s+(\w+)", text))  # common.sh's fed_b PROVIDER
     assert named, "no provider found in the job scripts"
     known = {(op, p.name) for op in {op for op, _ in named} for p in providers(op)}
     assert named <= known, sorted(named - known)
     assert ("attention", "triton_tma") in named and ("step", "compile_graphs_ours") in named
+    assert ("step", "loader_fed_auto_ours") in named

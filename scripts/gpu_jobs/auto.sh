@@ -7,17 +7,12 @@
 # go to $OUT/b (few files come back).
 #   BUDGET=570 bash scripts/gpu_jobs/auto.sh   (after `source .device/env.sh`)
 source scripts/gpu_jobs/common.sh
-D=data/imagenet-sample-334.tar
-R="$OUT/b"
-fed() {  # fed PROVIDER: the step fed by that loader setting, 600 timed steps
-  step 150 fed.txt python -m tokenlabel bench step --providers "$1" --data $D --reps ${REPS:-600} --out "$R" --no-plot
-}
-fed loader_fed_auto_ours
-fed loader_fed_ours_deep
-step 150 loader.txt python -m tokenlabel bench loader --providers pil,dali_auto,dali_lanes --data $D --out "$R" \
+fed_b loader_fed_auto_ours
+fed_b loader_fed_ours_deep
+step 150 loader.txt python -m tokenlabel bench loader --providers pil,dali_auto,dali_lanes --data $D --out "$OUT/b" \
   --no-plot
 step 100 tests.txt python -m pytest -q -m gpu -p no:cacheprovider -p no:logging -rf tests/test_loader_pipeline.py
-fed loader_fed_auto_ours
-step 60 step.txt python -m tokenlabel bench step --providers compile_graphs_ours --out "$R" --no-plot
+fed_b loader_fed_auto_ours
+step 60 step.txt python -m tokenlabel bench step --providers compile_graphs_ours --out "$OUT/b" --no-plot
 step 200 tests.txt python -m pytest -q -m gpu -p no:cacheprovider -p no:logging -rf tests/test_train_gpu.py
 true

@@ -14,3 +14,9 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the project itself, where setup.sh could not pip-install it
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv; date -u;
   python -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__)"; nproc; } > "$OUT/machine.txt" 2>&1
+D=data/imagenet-sample-334.tar  # the real JPEGs the loader jobs carry
+fed_b() {  # fed_b PROVIDER: the step fed by that loader setting, ${REPS:-600} timed steps, rows into $OUT/b;
+  # $FED_RUN: the command that takes bench step's arguments (default `python -m tokenlabel bench step`)
+  step 150 fed.txt ${FED_RUN:-python -m tokenlabel bench step} --providers "$1" --data $D --reps ${REPS:-600} \
+    --out "$OUT/b" --no-plot
+}
