@@ -433,8 +433,8 @@ register("step", "loader_fed_lanes_ours_deep")(_fed_provider(
     "of 2.", kernels=True, cuda_only=_HW))
 register("step", "loader_fed_auto_ours")(_fed_provider(
     "HW_AUTO", "the lanes with hw_decoder_load='auto' feeding the step with our kernels: the engines' pipeline is "
-    "switched off while it delivers under its share of the batches (beside the step: ~30% on an H100), leaving the "
-    "hybrid pipeline 4 ahead, as loader_fed_ours_deep.", kernels=True, cuda_only=_HW))
+    "switched off while it delivers under its share of the batches (beside the step: ~30-40% on an H100), leaving the "
+    "hybrid pipeline 4 ahead, run by the consumer itself as in loader_fed_ours_deep.", kernels=True, cuda_only=_HW))
 register("step", "loader_fed_cpu_decode")(_fed_provider(
     "CPU_DECODE_GPU_RESIZE", "loader_fed with DALI decoding in its CPU threads and resizing each batch on the GPU "
     "(the loader bench's dali_cpu_decode_gpu_resize): no per-image decoder work on the GPU beside the step; the "

@@ -70,18 +70,21 @@ import torch
 MAX_LANES = 4  # DALI pipelines one loader may run side by side (hw_decoder_load as a sequence)
 # The defaults. Where nvJPEG decodes on CUDA: "auto" (the engines' lane beside the hybrid one, switched by its share
 # of the batches; _Assist). Alone it is the lanes (1.0, 0.0), the fastest (H100 2026-12-06: 13,123 img/s against the
-# hybrid pipeline's 6,749); beside a training step the engines' lane is paused and the hybrid one, 4 ahead
-# (DEFAULT_GPU_PREFETCH), feeds the step as that pipeline alone did: H100, imagenet334, B 128, beside the LV-ViT-S
-# CUDA-graph step with our kernels, GPU idle 2.6 / 2.4 / 2.4% over three runs on two boxes, against 5.4 / 4.8% for
-# the lanes in the same calls (2026-12-06, bench/results/step.csv, dataloading/NOTES.md). CPU decoding: one
-# pipeline, 2 ahead; plain lanes: 2 ahead each (4 ahead left the step idle 6.7%, H100 2026-12-06).
+# hybrid pipeline's 6,749); beside a training step the engines' lane is paused and the consumer runs the hybrid
+# one, 4 ahead (DEFAULT_GPU_PREFETCH), itself, as that pipeline alone: H100, imagenet334, B 128, beside the LV-ViT-S
+# CUDA-graph step with our kernels, GPU idle 2.34 / 2.53% against 2.54% for the one hybrid pipeline in the same
+# call (2026-12-06 06:23 UTC; with the lanes' pump thread in between it had been 2.8-3.5%; bench/results/step.csv,
+# dataloading/NOTES.md). CPU decoding: one pipeline, 2 ahead; plain lanes: 2 ahead each (4 ahead left the step
+# idle 6.7%, H100 2026-12-06).
 DEFAULT_GPU_LOADS = "auto"
 DEFAULT_GPU_PREFETCH = 4
 # hw_decoder_load="auto" (see _Assist): the engines' lane is kept while it delivers at least AUTO_MIN_SHARE of the
 # last AUTO_WINDOW batches (counted AUTO_SETTLE deliveries after it starts); paused, it is tried again
-# after AUTO_PROBE[0] batches, doubling up to AUTO_PROBE[1] while the tries fail. The engines' share measured on
-# H100 / H200 boxes: 56-60% of the batches alone, 29-37% beside the LV-ViT-S step (dataloading/NOTES.md).
-AUTO_SETTLE, AUTO_WINDOW, AUTO_MIN_SHARE, AUTO_PROBE = 4, 32, 0.40, (256, 4096)
+# after AUTO_PROBE[0] batches, doubling up to AUTO_PROBE[1] while the tries fail; meanwhile the consumer runs the
+# hybrid pipeline itself (_run_direct). The engines' share measured on H100 / H200 boxes: 50-60% of the batches
+# alone, 29-41% beside the LV-ViT-S step. A try beside the step costs ~0.4 points of GPU idle in a 600-step run
+# (first try after 256 batches, H100 2026-12-06), so the first comes after 1,024 (dataloading/NOTES.md).
+AUTO_SETTLE, AUTO_WINDOW, AUTO_MIN_SHARE, AUTO_PROBE = 4, 32, 0.40, (1024, 4096)
 
 INSTALL_HINT = ("NVIDIA DALI is not installed: pip install 'tokenlabel[dali-cu13]' (CUDA 13) or "
                 "'tokenlabel[dali-cu12]' (CUDA 12), i.e. nvidia-dali-cuda130 / nvidia-dali-cuda120; "
@@ -619,9 +622,10 @@ class DaliBackend:
                 lane.feeder.dispatch = dispatch
                 lane.feeder.pending.clear()
                 if lane.pipe is None or not lane.clean:
-                    lane.pipe = None
+                    lane.pipe = lane.held = None
                     lane.pipe = self._build(lane.index, lane.feeder)
-                lane.clean = False
+                lane.clean = lane.dead = False
+            dispatch.lanes, dispatch.device = self._lanes, (self.device if self.gpu else None)
         else:
             if self.pipe is None or not self._clean:
                 self.pipe = None
@@ -762,6 +766,13 @@ class _Lane:
         self.pipe = None
         self.clean = False   # drained and reset at the end of the last stream: reusable
         self.copy_stream = None
+        # "auto": while the engines' lane is paused, the consumer runs this lane's pipeline itself (_run_direct),
+        # as the one-pipeline path does; whoever calls run() holds run_lock. held: the consumer's last copy out of
+        # DALI's buffers (the DALI tensor, the copy's event), waited for before the pipeline's next run(). dead:
+        # the pipeline failed in the consumer's hands (its pump leaves it to be rebuilt)
+        self.run_lock = threading.Lock()
+        self.held = None
+        self.dead = False
 
 
 class _LaneFeeder(_Feeder):
@@ -792,9 +803,9 @@ class _Assist:
 
     On, it is kept while it delivers at least ``min_share`` of the last ``window`` deliveries, checked every
     ``window // 4`` deliveries once ``window`` were counted (counting starts ``settle`` deliveries after it was
-    switched on: its pipeline starts empty). Off, it takes nothing (its pipeline runs out what it holds), and after
-    ``probe`` deliveries it is tried again; each try that fails doubles ``probe`` up to ``probe_max``, a try that
-    holds resets it. Called under the dispatch's lock, from the lanes' pump threads; the state carries over from
+    switched on: its pipeline starts empty). Off, it takes nothing (its pipeline runs out what it holds; the
+    consumer runs the other lane's pipeline itself, _Dispatch.direct), and after ``probe`` deliveries it is tried
+    again; each try that fails doubles ``probe`` up to ``probe_max``, a try that holds resets it. Called under the dispatch's lock, from the lanes' pump threads; the state carries over from
     one stream to the next."""
 
     def __init__(self, lane, settle=None, window=None, min_share=None, probe=None):
@@ -850,7 +861,10 @@ class _Dispatch:
     whichever lane asks for its next input, at most ``limit`` batches ahead of the consumer; the lanes' pump
     threads deposit the finished batches by (epoch, batch) and the consumer takes them in order. A lane's
     decoding failure is kept for the positions it had in flight and raised when the consumer reaches one;
-    a producer error is raised after the batches before it, a lane's metadata mismatch at once."""
+    a producer error is raised after the batches before it, a lane's metadata mismatch at once. "auto" with the
+    engines' lane paused: the consumer runs the other lane's pipeline itself (``direct``, _run_direct), its pump
+    thread parked, because a thread between the pipeline and the consumer left the step idle longer (H100: 2.8-3.5%
+    against 2.5% for one pipeline, dataloading/NOTES.md)."""
 
     def __init__(self, q, stop, limit, lanes, counts, assist=None):
         self.q, self.stop, self.limit = q, stop, limit
@@ -866,6 +880,8 @@ class _Dispatch:
         self.qlock = threading.Lock()
         self.taken = 0     # batches the lanes took from the producer's queue
         self.error_at = 0  # ... when ``error`` came: the consumer raises it after that many batches
+        self.lanes = None  # the _Lane objects, where the consumer may run a lane itself ("auto"; see direct)
+        self.device = None  # ... and the device its copies go to (None: the CPU)
 
     def ended(self):
         return self.stop.is_set() or self.error is not None
@@ -876,6 +892,19 @@ class _Dispatch:
 
     def paused(self, lane):
         return self.assist is not None and lane == self.assist.lane and not self.assist.on
+
+    def direct(self, lane):
+        """Whether the consumer runs lane ``lane``'s pipeline itself: "auto" with the engines' lane paused (then the
+        one other lane delivers alone, and a thread between it and the consumer only adds a hand-over)."""
+        return self.assist is not None and self.lanes is not None and lane != self.assist.lane and not self.assist.on
+
+    def pump_turn(self, lane):
+        """A lane's pump waits here while the consumer runs its pipeline; False once that pipeline failed there
+        (it is left to be rebuilt)."""
+        with self.cond:
+            while not self.ended() and self.direct(lane.index) and not lane.dead:
+                self.cond.wait(0.5)
+            return not lane.dead
 
     def take(self, pending, lane=0):
         """The next prepared batch for lane ``lane`` whose batches in flight are ``pending``, or None once the
@@ -942,25 +971,60 @@ class _Dispatch:
             self.alive -= 1
             self.cond.notify_all()
 
+    def _ready(self, position):
+        """Under the lock: the finished batch at ``position`` if a lane deposited it (then its slot is freed), the
+        error to raise for it, else None."""
+        got = self.done.pop(position, None)
+        if got is not None:
+            self.consumed += 1
+            self.cond.notify_all()
+            return got
+        if self.error is not None and self.consumed >= self.error_at:
+            raise self.error
+        if position in self.failed:
+            raise self.failed[position]
+        if self.alive == 0 or self.stop.is_set():
+            raise RuntimeError(f"the loader's DALI pipelines stopped before batch {position} (epoch, batch) arrived")
+        return None
+
     def wait(self, position):
-        """The finished batch at ``position`` (blocks); frees its slot for the lanes."""
+        """The finished batch at ``position`` (blocks); frees its slot for the lanes. While a lane is run by the
+        consumer (``direct``), runs it here when it holds that batch (or holds nothing yet)."""
         with self.cond:
             self.want = position
             self.cond.notify_all()
-            while True:
-                got = self.done.pop(position, None)
-                if got is not None:
-                    self.consumed += 1
-                    self.cond.notify_all()
-                    return got
-                if self.error is not None and self.consumed >= self.error_at:
-                    raise self.error
-                if position in self.failed:
-                    raise self.failed[position]
-                if self.alive == 0 or self.stop.is_set():
-                    raise RuntimeError(f"the loader's DALI pipelines stopped before batch {position} "
-                                       "(epoch, batch) arrived")
-                self.cond.wait(0.5)
+        while True:
+            with self.cond:
+                while True:
+                    got = self._ready(position)
+                    if got is not None:
+                        return got
+                    lane = next((x for x in self.lanes or () if self.direct(x.index)), None)
+                    if lane is not None:
+                        break
+                    self.cond.wait(0.5)
+            # the lane's pump may still be in a run() begun before the switch (it deposits what it gets): take the
+            # pipeline when it lets go, without blocking the lanes' deposits meanwhile
+            if not lane.run_lock.acquire(timeout=0.005):
+                continue
+            try:
+                with self.cond:
+                    got = self._ready(position)
+                    if got is not None:
+                        return got
+                    if not self.direct(lane.index):
+                        continue
+                pending = lane.feeder.pending
+                if not pending or pending[0]["position"] == position:
+                    got = _run_direct(lane, self, position)
+                    if got is not None:
+                        return got
+                    continue  # it failed or ended: the next check raises why
+            finally:
+                lane.run_lock.release()
+            with self.cond:  # another lane holds it (the engines' pipeline running out what it held)
+                if position not in self.done:
+                    self.cond.wait(0.05)
 
 
 def _pump(lane, dispatch, device):
@@ -971,31 +1035,88 @@ def _pump(lane, dispatch, device):
     try:
         with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
             while True:
-                try:
-                    images, ids = pipe.run()
-                except StopIteration:
-                    pipe.reset()
-                    if feeder.dispatch is not None and dispatch.resume(lane.index):  # was paused ("auto")
-                        continue
-                    lane.clean = True
+                if not dispatch.pump_turn(lane):  # the consumer runs it ("auto"); failed in its hands: dropped
+                    _release_held(lane)
                     return
-                except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
-                    dispatch.fail(e, list(feeder.pending))
-                    return
-                meta = feeder.pending.popleft()
-                if dispatch.stop.is_set():
-                    continue  # draining
-                got = np.asarray(ids.as_tensor()).reshape(-1)
-                if not np.array_equal(got, meta["sample_ids"]):
-                    dispatch.fail(RuntimeError(f"DALI output out of step with its metadata in lane {lane.index}: "
-                                               f"batch {meta['position']}, ids {got[:4]}... vs "
-                                               f"{meta['sample_ids'][:4]}..."))
-                    return
-                dispatch.put(lane.index, meta["position"], _copy_out(lane, images, device), meta)
+                with lane.run_lock:
+                    if dispatch.direct(lane.index) and not dispatch.ended():
+                        continue  # switched while this thread waited for the pipeline
+                    _release_held(lane)
+                    try:
+                        images, ids = pipe.run()
+                    except StopIteration:
+                        pipe.reset()
+                        if feeder.dispatch is not None and dispatch.resume(lane.index):  # was paused ("auto")
+                            continue
+                        lane.clean = True
+                        return
+                    except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
+                        dispatch.fail(e, list(feeder.pending))
+                        return
+                    meta = feeder.pending.popleft()
+                    if dispatch.stop.is_set():
+                        continue  # draining
+                    got = np.asarray(ids.as_tensor()).reshape(-1)
+                    if not np.array_equal(got, meta["sample_ids"]):
+                        dispatch.fail(RuntimeError(_out_of_step(lane, meta, got)))
+                        return
+                    dispatch.put(lane.index, meta["position"], _copy_out(lane, images, device), meta)
     except BaseException as e:  # noqa: BLE001 - whatever ends the thread reaches the consumer
         dispatch.fail(e)
     finally:
         dispatch.lane_ended()
+
+
+def _out_of_step(lane, meta, got):
+    return (f"DALI output out of step with its metadata in lane {lane.index}: batch {meta['position']}, ids "
+            f"{got[:4]}... vs {meta['sample_ids'][:4]}...")
+
+
+def _release_held(lane):
+    """The consumer's last copy out of the lane's DALI buffers is done (before the pipeline's next run())."""
+    if lane.held is not None:
+        lane.held[1].synchronize()
+        lane.held = None
+
+
+def _run_direct(lane, dispatch, position):
+    """The consumer's turn of a lane's pipeline ("auto" with the engines' lane paused; the caller holds
+    ``lane.run_lock`` and the lane's oldest batch in flight is ``position``, or it holds none yet): one run(), the
+    batch copied out on the lane's copy stream without waiting (the consumer's stream waits for the copy, the
+    pipeline's next run() waits for it on the host), as the one-pipeline path does."""
+    feeder, device = lane.feeder, dispatch.device
+    _release_held(lane)
+    try:
+        images, ids = lane.pipe.run()
+    except StopIteration:  # the stream ended or the producer failed: the wait loop raises why
+        lane.pipe.reset()
+        return None
+    except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
+        lane.dead = True
+        dispatch.fail(e, list(feeder.pending))
+        return None
+    meta = feeder.pending.popleft()
+    got = np.asarray(ids.as_tensor()).reshape(-1)
+    if meta["position"] != position or not np.array_equal(got, meta["sample_ids"]):
+        lane.dead = True
+        dispatch.fail(RuntimeError(_out_of_step(lane, meta, got)))
+        return None
+    if device is None:
+        out = _copy_to_torch(images, None, None)[0]
+    else:
+        if lane.copy_stream is None:
+            lane.copy_stream = torch.cuda.Stream(device, priority=-1)
+        out, t = _copy_to_torch(images, device, lane.copy_stream)
+        done = torch.cuda.Event()
+        done.record(lane.copy_stream)
+        lane.held = (t, done)
+        torch.cuda.current_stream(device).wait_event(done)
+    with dispatch.cond:
+        dispatch.consumed += 1
+        dispatch.counts[lane.index] += 1
+        dispatch.assist.record(lane.index)
+        dispatch.cond.notify_all()
+    return out, meta
 
 
 def _copy_out(lane, images, device):

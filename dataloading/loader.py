@@ -262,9 +262,10 @@ def build_loader(root, labels=None, batch_size=128, image_size=224, train=True, 
     (1.0, 0.0) are the fastest alone (H100: 13.4k img/s against the hybrid pipeline's 6.7k). "auto", the default
     where nvJPEG decodes on CUDA (else 0.0): those lanes with the hybrid one 4 batches ahead and the engines' lane
     paused while it delivers less than AUTO_MIN_SHARE of the last batches (beside a training step, where its late
-    batches make the step wait), tried again after a while (dali_pipeline._Assist); ``loader.backend.assist.stats()``
-    says how it went. H100, 2026-12-06: 12.9k img/s alone (4.7x the PIL DataLoader), 2.9 / 3.0% GPU idle beside the
-    LV-ViT-S step over 600 steps, against 2.5% for the one hybrid pipeline in the same call.
+    batches make the step wait), tried again after a while (dali_pipeline._Assist); while it is paused the consumer
+    runs the hybrid pipeline itself, as with one pipeline. ``loader.backend.assist.stats()`` says how it went. H100,
+    2026-12-06: 12.3-12.9k img/s alone (4.5-4.7x the PIL DataLoader), 2.3 / 2.5% GPU idle beside the LV-ViT-S step
+    over 600 steps, against 2.5% for the one hybrid pipeline in the same call.
     dali_threads: DALI's CPU threads (default 12 on CUDA, capped by the core count), or one count per lane
     (default with lanes: 4 for a lane with load > 0.5, 12 for the others). prefetch (DALI only): batches DALI
     prepares ahead per pipeline (default 4 for one pipeline decoding on the GPU and for the hybrid lane of "auto",

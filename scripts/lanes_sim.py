@@ -116,9 +116,12 @@ def simulate(step_ms, lanes, limit, prefetch=2, steps=200, warmup=20, seed=0, au
 
     prod = threading.Thread(target=produce, daemon=True)
     prod.start()
-    pipes, pumps = [], []
+    pipes, pumps, lane_objs = [], [], []
+    if auto:  # the consumer runs the hybrid lane itself while the engines' lane is paused, as the loader does
+        dispatch.lanes = lane_objs
     for i, (service_ms, jitter) in enumerate(lanes):
         lane = _Lane(i)
+        lane_objs.append(lane)
         lane.feeder.dispatch = dispatch
         depth = (2 if i == 0 else 4) if auto else prefetch  # "auto" on the GPU: the engines 2 ahead, the hybrid 4
         lane.pipe = StandInPipeline(lane.feeder, service_ms, jitter, depth, seed * 100 + i)

@@ -44,3 +44,29 @@ def test_custom_scenario_prints_a_row(capsys):
     assert _script().main(["--step-ms", "0.2", "--lane", "1", "--lane", "2,0.2", "--limit", "4", "--steps", "20"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["scenario", "limit", "wait"] and out[1].startswith("custom") and len(out) == 2
+
+
+def test_auto_switches_and_the_consumer_runs_the_hybrid_lane(monkeypatch):
+    """--auto with the engines' lane slow beside a fast consumer: it is switched off and tried again, the consumer
+    runs the other lane itself while it is off (the loader's _run_direct), and every batch still arrives once and in
+    order across the hand-overs."""
+    sim = _script()
+    from tokenlabel.dataloading import dali_pipeline as dp
+
+    monkeypatch.setattr(dp, "AUTO_SETTLE", 1)
+    monkeypatch.setattr(dp, "AUTO_WINDOW", 4)
+    monkeypatch.setattr(dp, "AUTO_MIN_SHARE", 0.9)
+    monkeypatch.setattr(dp, "AUTO_PROBE", (6, 12))
+    ran = []
+    real = dp._run_direct
+
+    def counted(lane, dispatch, position):
+        ran.append(lane.index)
+        return real(lane, dispatch, position)
+
+    monkeypatch.setattr(dp, "_run_direct", counted)
+    r = sim.simulate(0.2, [(3.0, 0.5), (0.5, 0.5)], 16, steps=120, warmup=4, seed=random.randrange(1000), auto=True)
+    assert r["in_order"]
+    on_share, switches = r["on"]
+    assert switches >= 2 and 0 < on_share < 100, r["on"]
+    assert ran and set(ran) == {1}, ran

@@ -576,10 +576,11 @@ def test_gpu_dali_cpu_decoding_matches_gpu_decoding(folder, tmp_path, resize_dev
     assert np.median(np.concatenate(d)) < 3.0
 
 
-@pytest.mark.parametrize("lanes", [False, True])
+@pytest.mark.parametrize("lanes", [False, True, "direct"])
 def test_dali_decoder_failure_recovers(folder, monkeypatch, lanes):
     """A file the header check lets through but DALI cannot decode: the batch is redone with the PIL
-    decoder (which skips the file with a warning) and the epoch completes with full batches."""
+    decoder (which skips the file with a warning) and the epoch completes with full batches. One pipeline, the
+    lanes, and "auto" with the engines' lane off (the consumer runs the failing pipeline itself)."""
     dali_or_skip()
     from tokenlabel.dataloading import sampling
 
@@ -595,7 +596,10 @@ def test_dali_decoder_failure_recovers(folder, monkeypatch, lanes):
             return 40, 40, "jpeg"
 
     monkeypatch.setattr(sampling, "probe_bytes", lenient)
-    loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False, **(LANES if lanes else {}))
+    kw = (dict(hw_decoder_load="auto", dali_threads=(1, 2)) if lanes == "direct" else LANES if lanes else {})
+    loader = _build(root, "dali", batch_size=4, image_size=16, drop_last=False, **kw)
+    if lanes == "direct":
+        _engines_off_for_good(loader.backend.assist)
     with pytest.warns(RuntimeWarning) as rec:
         batches = _epoch(loader, 0)
     msgs = " ".join(str(w.message) for w in rec)
@@ -607,6 +611,14 @@ def test_dali_decoder_failure_recovers(folder, monkeypatch, lanes):
     assert "c0/zz_bad.jpg" not in seen and len(seen) == len(names)
     again = _epoch(loader, 1)  # the loader stays usable
     assert sum(b["images"].shape[0] for b in again) == len(names)
+    if lanes == "direct":
+        assert loader.backend.lane_batches[0] == 0, loader.backend.lane_batches
+
+
+def _engines_off_for_good(a):
+    """Switch "auto"'s engines' lane off before the first stream, never to be tried again."""
+    a.on, a.probe = False, 10**9
+    a.probe_first = a.probe_max = 10**9
 
 
 class _DiesInAChild:
@@ -959,6 +971,45 @@ def test_dali_auto_lanes_pause_and_resume_with_the_one_pipeline_batches(folder, 
     loader.close()
 
 
+def test_dali_auto_engines_off_the_consumer_runs_the_hybrid_pipeline(folder, tmp_path, monkeypatch):
+    """"auto" with the engines' lane off: the consumer runs the other pipeline itself (as the one-pipeline path
+    does, no pump thread in between) and gets exactly the one-pipeline batches, across epochs of one stream, a
+    resume at a later batch (a new stream starting with the lane off) and a restart; switched on again mid-stream,
+    the lanes' pump threads take both pipelines over."""
+    from tokenlabel.dataloading import dali_pipeline as dp
+
+    root, rel = folder
+    kw, want = _one_pipeline_epochs(root, rel, tmp_path, 3, (0, 1, 2))
+    ran = []
+    real = dp._run_direct
+
+    def counted(lane, dispatch, position):
+        ran.append(position)
+        return real(lane, dispatch, position)
+
+    monkeypatch.setattr(dp, "_run_direct", counted)
+    loader = _build(root, "dali", **kw, hw_decoder_load="auto", dali_threads=(1, 2))
+    be = loader.backend
+    _engines_off_for_good(be.assist)
+    got = [_epoch(loader, e) for e in (0, 1)]
+    _same(got[0], want[0])
+    _same(got[1], want[1])
+    assert be._generation == 1 and be.lane_batches[0] == 0
+    n = len(loader)
+    assert ran[:2 * n] == [(e, b) for e in (0, 1) for b in range(n)], ran  # each batch by the consumer
+    _same(_epoch(loader, 2, start_batch=2), want[2][2:])
+    _same(_epoch(loader, 0), want[0])
+    assert be._generation == 3 and be.lane_batches[0] == 0
+    # on again after 3 more batches: the pumps take over (the engines' lane delivers some)
+    a = be.assist
+    a.settle, a.window, a.min_share, a.probe, a.probe_first, a.probe_max = 0, 10**6, 0.0, 3, 3, 3
+    a.off_for = 0
+    before = len(ran)
+    _same(_epoch(loader, 1), want[1])
+    assert a.on and len(ran) - before == 3 and be.lane_batches[0] > 0, (ran, be.lane_batches)
+    loader.close()
+
+
 def test_dali_auto_lanes_end_while_paused(folder):
     """A loader whose engines' lane is paused (switched off for good) ends its threads when closed, and a
     producer error still reaches the consumer."""
@@ -1011,3 +1062,31 @@ def test_gpu_dali_lanes(folder, tmp_path):
             assert torch.equal(x[k], y[k]), k
         d.append(np.abs(to_uint8(x["images"]) - to_uint8(y["images"])).mean(axis=(1, 2, 3)))
     assert np.median(np.concatenate(d)) < 3.0
+
+
+@pytest.mark.gpu
+def test_gpu_dali_auto_engines_off_is_the_hybrid_pipeline(folder, tmp_path):
+    """On CUDA, "auto" with the engines' lane off for good: the consumer runs the hybrid pipeline itself, copying
+    each batch out on the lane's stream without a host wait, and the batches equal one hybrid pipeline's bit for bit
+    (same threads, same depth), over two epochs, a resume and a restart; the images stay valid after the loader has
+    moved on and run the pipeline again (each copy is done before DALI reuses its buffers)."""
+    dali_or_skip()
+    root, rel = folder
+    make_store(str(tmp_path / "store"), rel, num_classes=5, k=3, size=8)
+    kw = dict(labels=str(tmp_path / "store"), batch_size=2, image_size=40, seed=4, device="cuda")
+    one = _build(root, "dali", hw_decoder_load=0.0, dali_threads=2, prefetch=4, **kw)
+    want = [_epoch(one, e) for e in (0, 1, 2)]
+    one.close()
+    auto = _build(root, "dali", hw_decoder_load="auto", dali_threads=(1, 2), **kw)
+    assert auto.backend.lane_prefetch == (2, 4)
+    _engines_off_for_good(auto.backend.assist)
+    got = [_epoch(auto, e) for e in (0, 1)]
+    got.append(_epoch(auto, 2, start_batch=1))
+    again = _epoch(auto, 0)
+    assert auto.backend.lane_batches[0] == 0, auto.backend.lane_batches
+    auto.close()
+    torch.cuda.synchronize()
+    _same(got[0], want[0])
+    _same(got[1], want[1])
+    _same(got[2], want[2][1:])
+    _same(again, want[0])
