@@ -110,8 +110,9 @@ HYBRID_DEEP = dict(hw_decoder_load=0.0, prefetch=4)
 HYBRID_LANES = dict(hw_decoder_load=(0.0, 0.0), dali_threads=(8, 8))  # two hybrid pipelines, 8 threads each
 HW_LANES_DEEP = dict(HW_LANES, prefetch=4)
 # the lanes with the engines' pipeline switched off while it delivers few batches (beside a step), the hybrid one 4
-# ahead (dataloading/dali_pipeline.py _Assist): the lanes alone and the deep hybrid pipeline when fed; build_loader's
-# default on CUDA since 2026-12-06 04:50 UTC (H100: 12,897 img/s alone, 2.89 / 3.01% GPU idle fed)
+# ahead (dataloading/dali_pipeline.py _Assist): the lanes alone and the deep hybrid pipeline, run by the consumer,
+# when fed; build_loader's default on CUDA since 2026-12-06 04:50 UTC (H100, 06:23-06:27 UTC: 12,294 img/s alone,
+# 2.34 / 2.53% GPU idle fed against the deep hybrid pipeline's 2.54%)
 HW_AUTO = dict(hw_decoder_load="auto")
 
 
@@ -231,12 +232,13 @@ def lane_rows(backend, counts, mode) -> list:
             for i, c in enumerate(lanes)]
     if auto and auto[0]:
         delivered, on, switches = auto
+        last = ", ".join(f"{x:.2f}" for x in backend.assist.shares[-6:])
         rows += [(mode, "auto_on_share", 100.0 * on / delivered, None, None, "%",
                   f"'auto': batches delivered while the engines' pipeline was switched on, {on} of {delivered} in "
                   "the timed part"),
                  (mode, "auto_switches", float(switches), None, None, "count",
                   f"'auto': times the engines' pipeline was switched off or on in the timed part ({delivered} "
-                  f"batches; the engines' share at its last checks: {', '.join(f'{x:.2f}' for x in backend.assist.shares[-6:])})")]
+                  f"batches; the engines' share at its last checks: {last})")]
     return rows
 
 

@@ -42,8 +42,9 @@ Division of labour (why it is built this way):
   half of the batches and double the rate (H100: 13,123 against 6,749 img/s); beside a training step they slow ~3x,
   deliver ~30% of the batches, and the step waits for their late batches (GPU idle 4.8-5.4% against 2.4-2.6% with
   the hybrid pipeline alone, H100 2026-12-06). So the engines' lane stays on while its share of the batches is at
-  least ``min_share`` over a window, is paused otherwise (its pipeline finishes what it holds), and is tried again
-  after a number of batches that doubles while the tries fail.
+  least ``min_share`` over a window, is paused otherwise (its pipeline finishes what it holds, and the consumer runs
+  the hybrid pipeline itself, with no thread in between, as with one pipeline), and is tried again after a number
+  of batches that doubles while the tries fail.
 
 Sample ids travel through the pipeline with the images, and each output batch is checked against
 the metadata queued for it, so label maps always belong to the images they arrive with.

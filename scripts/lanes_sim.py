@@ -130,8 +130,7 @@ def simulate(step_ms, lanes, limit, prefetch=2, steps=200, warmup=20, seed=0, au
         pumps[-1].start()
     deepest, order, waited = 0, [], 0.0
     before = None
-    t_start = None
-    on_before = 0
+    t_start = on_before = None
     for b in range(total):
         if b == warmup:
             before, t_start, waited = list(counts), time.perf_counter(), 0.0
