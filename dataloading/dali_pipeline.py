@@ -332,7 +332,7 @@ class DaliBackend:
         self._clean = False
         self._stream = None     # the running producer stream (_Stream) or None
         self._generation = 0    # bumps on every new stream: an older iteration must not read from it
-        self._copy_stream = self._copy_done = self._held = None
+        self._copy_stream = self._held = None  # _held: the last copy out of DALI's buffers (_copy_async)
 
     # -------------------------------------------------------------------------------- pipeline
     def _build(self, lane=0, feeder=None):
@@ -726,9 +726,9 @@ class DaliBackend:
 
     def _wait_copy(self):
         # DALI may reuse an output buffer once run() is called again: the copy out of it must be done
-        if self._copy_done is not None:
-            self._copy_done.synchronize()
-            self._copy_done = self._held = None
+        if self._held is not None:
+            self._held[0].synchronize()
+            self._held = None
 
     def _to_torch(self, images):
         """DALI's HWC batch -> a uint8 [B, 3, H, W] view (channels-last memory) that owns its copy."""
@@ -738,13 +738,8 @@ class DaliBackend:
         # the current stream), so _wait_copy never waits for training kernels
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device, priority=-1)  # above the default 0
-        out, t = _copy_to_torch(images, self.device, self._copy_stream)
-        self._copy_done = torch.cuda.Event()
-        self._copy_done.record(self._copy_stream)
-        self._held = (images, t)
-        cur = torch.cuda.current_stream(self.device)
-        cur.wait_stream(self._copy_stream)
-        out.record_stream(cur)
+        out, self._held = _copy_async(images, self.device, self._copy_stream)
+        out.record_stream(torch.cuda.current_stream(self.device))
         return out.permute(0, 3, 1, 2)
 
 
@@ -769,7 +764,7 @@ class _Lane:
         self.copy_stream = None
         # "auto": while the engines' lane is paused, the consumer runs this lane's pipeline itself (_run_direct),
         # as the one-pipeline path does; whoever calls run() holds run_lock. held: the consumer's last copy out of
-        # DALI's buffers (the DALI tensor, the copy's event), waited for before the pipeline's next run(). dead:
+        # DALI's buffers (_copy_async), waited for before the pipeline's next run(). dead:
         # the pipeline failed in the consumer's hands (its pump leaves it to be rebuilt)
         self.run_lock = threading.Lock()
         self.held = None
@@ -1074,10 +1069,21 @@ def _out_of_step(lane, meta, got):
             f"{got[:4]}... vs {meta['sample_ids'][:4]}...")
 
 
+def _copy_async(images, device, stream):
+    """DALI's batch copied out on ``stream`` without a host wait: (the copy, held), the consumer's current stream
+    made to wait for the copy. held = (the copy's event, what it reads): keep it until the event is done, which must
+    be before the pipeline's next run() (DALI may reuse its output buffers then)."""
+    out, t = _copy_to_torch(images, device, stream)
+    done = torch.cuda.Event()
+    done.record(stream)
+    torch.cuda.current_stream(device).wait_event(done)
+    return out, (done, images, t)
+
+
 def _release_held(lane):
     """The consumer's last copy out of the lane's DALI buffers is done (before the pipeline's next run())."""
     if lane.held is not None:
-        lane.held[1].synchronize()
+        lane.held[0].synchronize()
         lane.held = None
 
 
@@ -1108,11 +1114,7 @@ def _run_direct(lane, dispatch, position):
     else:
         if lane.copy_stream is None:
             lane.copy_stream = torch.cuda.Stream(device, priority=-1)
-        out, t = _copy_to_torch(images, device, lane.copy_stream)
-        done = torch.cuda.Event()
-        done.record(lane.copy_stream)
-        lane.held = (t, done)
-        torch.cuda.current_stream(device).wait_event(done)
+        out, lane.held = _copy_async(images, device, lane.copy_stream)
     with dispatch.cond:
         dispatch.consumed += 1
         dispatch.counts[lane.index] += 1
