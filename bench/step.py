@@ -300,7 +300,8 @@ register("step", "compile_graphs_ours_sdpa")(_backend_provider("sdpa", True, "re
 # ... and with inductor's combo kernels: the profile of compile_graphs_ours has 108 small pointwise kernels in the
 # forward (the Linears' weights cast to bf16, transposed: 48 `triton_poi_fused__to_copy_t_7` alone) and 73 in the
 # backward, 0.665 ms per step at ~3.7 us each; independent ones (the forward's casts read only parameters) can run
-# as one launch. Not measured.
+# as one launch. H100, against compile_graphs_ours in the same run: 21.50 / 21.74 ms (2026-12-05), 21.31 / 21.51
+# (2026-12-06); `tokenlabel train --combo-kernels` takes the same options.
 register("step", "compile_graphs_ours_combo")(_backend_provider("triton", True, options=COMBO_OPTIONS,
                                                                 **OUR_BLOCK_KERNELS))
 # ... and with cuDNN's weight gradient of the s2d conv1 instead of kernels/conv_wgrad.py (cuDNN's heuristics put it

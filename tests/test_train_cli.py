@@ -71,6 +71,22 @@ def test_config_errors(tmp_path):
         _cfg(["train", "--data", "d", "--config", str(tmp_path / "m.yaml")])
     cfg = _cfg(["train", "--data", "d", "--compile", "--compile-mode", "reduce-overhead"])
     assert cfg["compile"] is True and cfg["compile_mode"] == "reduce-overhead"
+    with pytest.raises(SystemExit, match="--combo-kernels needs --compile"):
+        _cfg(["train", "--data", "d", "--combo-kernels"])
+
+
+def test_compile_kwargs_mode_or_options_with_combo_kernels():
+    """torch.compile takes a mode or options, not both: with --combo-kernels the mode's own inductor options travel
+    with the combo kernels' (reduce-overhead's CUDA graphs stay on), without it the mode alone."""
+    cfg = _cfg(["train", "--data", "d", "--compile", "--compile-mode", "reduce-overhead"])
+    assert cfg["combo_kernels"] is False and T.compile_kwargs(cfg) == {"mode": "reduce-overhead"}
+    cfg = _cfg(["train", "--data", "d", "--compile", "--compile-mode", "reduce-overhead", "--combo-kernels"])
+    assert T.compile_kwargs(cfg) == {"options": {"triton.cudagraphs": True, "combo_kernels": True,
+                                                 "benchmark_combo_kernel": True}}
+    assert T.uses_cuda_graphs(cfg)
+    cfg = _cfg(["train", "--data", "d", "--compile", "--combo-kernels"])
+    assert T.compile_kwargs(cfg) == {"options": {"combo_kernels": True, "benchmark_combo_kernel": True}}
+    assert T.compile_kwargs(_cfg(["train", "--data", "d", "--compile"])) == {"mode": None}
 
 
 def test_gpu_only_attention_refused_without_cuda(monkeypatch):
