@@ -89,6 +89,15 @@ def test_compile_kwargs_mode_or_options_with_combo_kernels():
     assert T.compile_kwargs(_cfg(["train", "--data", "d", "--compile"])) == {"mode": None}
 
 
+@pytest.mark.parametrize("mode,graphs", [(None, False), ("default", False), ("reduce-overhead", True),
+                                         ("max-autotune", True), ("max-autotune-no-cudagraphs", False)])
+def test_uses_cuda_graphs_follows_the_compile_mode(mode, graphs):
+    """Every mode whose inductor options replay CUDA graphs makes each step start a new graph iteration."""
+    args = ["train", "--data", "d", "--compile"] + (["--compile-mode", mode] if mode else [])
+    assert T.uses_cuda_graphs(_cfg(args)) is graphs
+    assert T.uses_cuda_graphs(_cfg(["train", "--data", "d"])) is False
+
+
 def test_gpu_only_attention_refused_without_cuda(monkeypatch):
     """--attn triton / xformers on a machine without CUDA: refused at start-up, naming what runs instead (the
     interpreter lets triton through, for tests)."""

@@ -29,7 +29,7 @@ def test_gpu_token_label_run_bf16(tmp_path, loader):
     assert torch.backends.cudnn.benchmark is False  # on during the run (the default), the caller's value after
 
 
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune"])
 def test_gpu_compile_run(tmp_path, mode):
     data = make_data(tmp_path / "data")
     store = make_store(tmp_path / "store", train_relpaths(data), num_classes=4)

@@ -313,8 +313,13 @@ def compile_kwargs(cfg: dict) -> dict:
 
 
 def uses_cuda_graphs(cfg: dict) -> bool:
-    """The compiled model replays CUDA graphs: every step (and eval batch) must start a new graph iteration."""
-    return bool(cfg.get("compile")) and cfg.get("compile_mode") == "reduce-overhead"
+    """The compiled model replays CUDA graphs (modes reduce-overhead and max-autotune): every step (and eval batch)
+    must start a new graph iteration."""
+    if not cfg.get("compile"):
+        return False
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(cfg.get("compile_mode") or "default").get("triton.cudagraphs"))
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -772,7 +777,7 @@ class Trainer:
         self.ema = ModelEma(model, cfg["ema_decay"]) if cfg["ema_decay"] and cfg["ema_decay"] > 0 else None
         self.scaler = torch.amp.GradScaler(d.device.type) if cfg["amp"] == "fp16" else None
         net = model
-        # CUDA-graph replay (compile mode reduce-overhead): each step starts a new graph iteration
+        # CUDA-graph replay (compile modes reduce-overhead, max-autotune): each step starts a new graph iteration
         self.graphs = uses_cuda_graphs(cfg)
         if cfg["compile"]:
             if d.device.type == "cuda" and hasattr(model, "measure_attention"):
