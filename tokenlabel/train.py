@@ -301,25 +301,25 @@ def _load_config_file(path: str) -> dict:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def _mode_options(cfg: dict) -> dict:
+    """The inductor options that the run's compile mode stands for ({} for the default mode)."""
+    from torch._inductor import list_mode_options
+
+    return list_mode_options(cfg.get("compile_mode") or "default")
+
+
 def compile_kwargs(cfg: dict) -> dict:
     """torch.compile's arguments for the run: the mode, or (it takes one or the other) the mode's inductor options
     plus the combo kernels."""
-    mode = None if cfg.get("compile_mode") in (None, "default") else cfg["compile_mode"]
-    if not cfg.get("combo_kernels"):
-        return {"mode": mode}
-    from torch._inductor import list_mode_options
-
-    return {"options": {**list_mode_options(mode or "default"), "combo_kernels": True, "benchmark_combo_kernel": True}}
+    if cfg.get("combo_kernels"):
+        return {"options": {**_mode_options(cfg), "combo_kernels": True, "benchmark_combo_kernel": True}}
+    return {"mode": None if cfg.get("compile_mode") in (None, "default") else cfg["compile_mode"]}
 
 
 def uses_cuda_graphs(cfg: dict) -> bool:
     """The compiled model replays CUDA graphs (modes reduce-overhead and max-autotune): every step (and eval batch)
     must start a new graph iteration."""
-    if not cfg.get("compile"):
-        return False
-    from torch._inductor import list_mode_options
-
-    return bool(list_mode_options(cfg.get("compile_mode") or "default").get("triton.cudagraphs"))
+    return bool(cfg.get("compile")) and bool(_mode_options(cfg).get("triton.cudagraphs"))
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
